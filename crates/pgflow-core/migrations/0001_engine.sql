@@ -1,0 +1,1 @@
+-- placeholder: the engine schema is written in issue 3

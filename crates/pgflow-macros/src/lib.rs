@@ -1,0 +1,1 @@
+//! The `#[step]` attribute of pgflow. Use it through the `pgflow` crate.

@@ -1,0 +1,2 @@
+//! The `pgflow` command-line tool.
+fn main() {}

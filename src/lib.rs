@@ -1,0 +1,1 @@
+//! pgflow: a DAG workflow engine that runs inside PostgreSQL.
