@@ -1,0 +1,178 @@
+//! What a running task knows about itself: which run, step and attempt it is, a cancellation
+//! token, and the resources the application shares with its handlers.
+
+use std::any::Any;
+use std::fmt;
+use std::sync::Arc;
+
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+/// The context of one task attempt, passed to handlers that declare a `&StepContext` (or
+/// `StepContext`) parameter.
+///
+/// Cheap to clone. The worker builds one per task with [`StepContext::builder`]; tests use
+/// [`StepContext::for_test`].
+///
+/// ```
+/// use pgflow_core::StepContext;
+///
+/// let ctx = StepContext::builder(uuid::Uuid::nil(), "crawl", "fetch")
+///     .task_index(3)
+///     .attempt(2)
+///     .build();
+/// assert_eq!(ctx.step_slug(), "fetch");
+/// assert_eq!(ctx.task_index(), 3);
+/// assert!(!ctx.is_cancelled());
+/// ```
+#[derive(Clone)]
+pub struct StepContext {
+    run_id: Uuid,
+    flow_slug: Arc<str>,
+    step_slug: Arc<str>,
+    task_index: u32,
+    attempt: u32,
+    cancellation: CancellationToken,
+    resources: Option<Arc<dyn Any + Send + Sync>>,
+}
+
+impl StepContext {
+    /// Starts building the context of a task of `step_slug` in run `run_id` of `flow_slug`.
+    /// Unless set, the task index is 0, the attempt 1, the token never fires and there are no
+    /// resources.
+    pub fn builder(
+        run_id: Uuid,
+        flow_slug: impl Into<Arc<str>>,
+        step_slug: impl Into<Arc<str>>,
+    ) -> StepContextBuilder {
+        StepContextBuilder {
+            ctx: Self {
+                run_id,
+                flow_slug: flow_slug.into(),
+                step_slug: step_slug.into(),
+                task_index: 0,
+                attempt: 1,
+                cancellation: CancellationToken::new(),
+                resources: None,
+            },
+        }
+    }
+
+    /// A context for calling handlers in tests: a random run id, flow `test`, step `test`,
+    /// task 0, attempt 1. Adjust it with [`StepContext::builder`] when a test needs more.
+    pub fn for_test() -> Self {
+        Self::builder(Uuid::new_v4(), "test", "test").build()
+    }
+
+    /// The run this task belongs to.
+    pub fn run_id(&self) -> Uuid {
+        self.run_id
+    }
+
+    /// The flow's slug.
+    pub fn flow_slug(&self) -> &str {
+        &self.flow_slug
+    }
+
+    /// The step's slug.
+    pub fn step_slug(&self) -> &str {
+        &self.step_slug
+    }
+
+    /// The task's index: 0 for a single step, the element's position for a map step.
+    pub fn task_index(&self) -> u32 {
+        self.task_index
+    }
+
+    /// Which attempt this is, starting at 1.
+    pub fn attempt(&self) -> u32 {
+        self.attempt
+    }
+
+    /// Fires when the worker shuts down; long handlers should stop early when it does (the
+    /// task is then retried later).
+    pub fn cancellation_token(&self) -> &CancellationToken {
+        &self.cancellation
+    }
+
+    /// Whether the [cancellation token](Self::cancellation_token) has fired.
+    pub fn is_cancelled(&self) -> bool {
+        self.cancellation.is_cancelled()
+    }
+
+    /// The shared resource of type `T`, if the worker was given one of that type.
+    ///
+    /// The slot holds one value; to share several, store a struct holding them. Client crates
+    /// offer typed accessors on top (for example the database pool).
+    ///
+    /// ```
+    /// use std::sync::Arc;
+    /// use pgflow_core::StepContext;
+    ///
+    /// struct Config { greeting: &'static str }
+    ///
+    /// let ctx = StepContext::builder(uuid::Uuid::nil(), "f", "s")
+    ///     .resources(Arc::new(Config { greeting: "hi" }))
+    ///     .build();
+    /// assert_eq!(ctx.resource::<Config>().map(|c| c.greeting), Some("hi"));
+    /// assert!(ctx.resource::<String>().is_none());
+    /// ```
+    pub fn resource<T: Any + Send + Sync>(&self) -> Option<&T> {
+        self.resources.as_deref()?.downcast_ref::<T>()
+    }
+}
+
+impl fmt::Debug for StepContext {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("StepContext")
+            .field("run_id", &self.run_id)
+            .field("flow_slug", &self.flow_slug)
+            .field("step_slug", &self.step_slug)
+            .field("task_index", &self.task_index)
+            .field("attempt", &self.attempt)
+            .field("cancelled", &self.is_cancelled())
+            .field("resources", &self.resources.is_some())
+            .finish()
+    }
+}
+
+/// Builds a [`StepContext`]; see [`StepContext::builder`].
+#[derive(Debug)]
+pub struct StepContextBuilder {
+    ctx: StepContext,
+}
+
+impl StepContextBuilder {
+    /// The task's index within its step (the element's position for a map step).
+    #[must_use]
+    pub fn task_index(mut self, index: u32) -> Self {
+        self.ctx.task_index = index;
+        self
+    }
+
+    /// The attempt number, starting at 1.
+    #[must_use]
+    pub fn attempt(mut self, attempt: u32) -> Self {
+        self.ctx.attempt = attempt;
+        self
+    }
+
+    /// The token that fires when the task should stop (usually a child of the worker's).
+    #[must_use]
+    pub fn cancellation_token(mut self, token: CancellationToken) -> Self {
+        self.ctx.cancellation = token;
+        self
+    }
+
+    /// The shared resources handlers reach with [`StepContext::resource`].
+    #[must_use]
+    pub fn resources(mut self, resources: Arc<dyn Any + Send + Sync>) -> Self {
+        self.ctx.resources = Some(resources);
+        self
+    }
+
+    /// The context.
+    pub fn build(self) -> StepContext {
+        self.ctx
+    }
+}

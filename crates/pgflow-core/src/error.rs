@@ -1,0 +1,141 @@
+//! The one error type of `pgflow-core`: problems found in a flow definition before any SQL is
+//! sent.
+
+use std::fmt;
+
+/// A `Result` whose error defaults to this crate's [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// A problem found when validating a flow definition (see [`Flow::validate`](crate::Flow::validate)).
+///
+/// Every variant names the flow, the step when there is one, and the offending field, so the
+/// message alone tells what to change.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The flow slug breaks the slug rule (see [`is_valid_slug`](crate::is_valid_slug)).
+    #[error("invalid flow slug {slug:?}: {problem}")]
+    InvalidFlowSlug {
+        /// The slug as given.
+        slug: String,
+        /// What is wrong with it.
+        problem: SlugProblem,
+    },
+
+    /// A step slug breaks the slug rule (see [`is_valid_slug`](crate::is_valid_slug)).
+    #[error("invalid step slug {slug:?} in flow `{flow}`: {problem}")]
+    InvalidStepSlug {
+        /// The flow the step belongs to.
+        flow: String,
+        /// The slug as given.
+        slug: String,
+        /// What is wrong with it.
+        problem: SlugProblem,
+    },
+
+    /// Two steps of one flow have the same slug.
+    #[error("flow `{flow}` has more than one step with slug `{step}`; step slugs must be unique")]
+    DuplicateStep {
+        /// The flow.
+        flow: String,
+        /// The slug used twice.
+        step: String,
+    },
+
+    /// A step depends on a slug that is not a step added before it in the same flow.
+    ///
+    /// The typed builder rules this out at compile time; it can still happen when a helper
+    /// function builds several closure steps of the same type with different slugs.
+    #[error(
+        "step `{step}` of flow `{flow}` depends on `{dependency}`, which is not a step added before it"
+    )]
+    UnknownDependency {
+        /// The flow.
+        flow: String,
+        /// The dependent step.
+        step: String,
+        /// The missing dependency.
+        dependency: String,
+    },
+
+    /// A step lists the same dependency twice.
+    #[error("step `{step}` of flow `{flow}` lists dependency `{dependency}` more than once")]
+    DuplicateDependency {
+        /// The flow.
+        flow: String,
+        /// The dependent step.
+        step: String,
+        /// The repeated dependency.
+        dependency: String,
+    },
+
+    /// A flow-level option is out of range.
+    #[error("option `{option}` of flow `{flow}` is {value}, but it {requirement}")]
+    InvalidFlowOption {
+        /// The flow.
+        flow: String,
+        /// The option's name as in SQL: `max_attempts`, `base_delay` or `timeout`.
+        option: &'static str,
+        /// The value given.
+        value: u32,
+        /// The rule it breaks, e.g. "must be greater than 0".
+        requirement: &'static str,
+    },
+
+    /// A step-level option is out of range.
+    #[error("option `{option}` of step `{step}` in flow `{flow}` is {value}, but it {requirement}")]
+    InvalidStepOption {
+        /// The flow.
+        flow: String,
+        /// The step.
+        step: String,
+        /// The option's name as in SQL: `max_attempts`, `base_delay`, `timeout` or `start_delay`.
+        option: &'static str,
+        /// The value given.
+        value: u32,
+        /// The rule it breaks, e.g. "must be greater than 0".
+        requirement: &'static str,
+    },
+}
+
+/// Why a slug is invalid (see [`check_slug`](crate::check_slug)).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum SlugProblem {
+    /// The slug is empty.
+    Empty,
+    /// The slug has more than [`MAX_SLUG_LEN`](crate::MAX_SLUG_LEN) characters.
+    TooLong {
+        /// Its length in characters.
+        len: usize,
+    },
+    /// The first character is not an ASCII letter or `_`.
+    InvalidStart(char),
+    /// A character is not an ASCII letter, digit or `_`.
+    InvalidChar(char),
+    /// The slug is a reserved word (`run`, the key under which steps receive the flow input).
+    Reserved,
+}
+
+impl fmt::Display for SlugProblem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Empty => f.write_str("a slug cannot be empty"),
+            Self::TooLong { len } => write!(
+                f,
+                "a slug has at most {} characters, this one has {len}",
+                crate::MAX_SLUG_LEN
+            ),
+            Self::InvalidStart(c) => {
+                write!(f, "a slug starts with an ASCII letter or `_`, not {c:?}")
+            }
+            Self::InvalidChar(c) => write!(
+                f,
+                "a slug contains only ASCII letters, digits and `_`, not {c:?}"
+            ),
+            Self::Reserved => f.write_str(
+                "`run` is reserved: it is the key under which steps receive the flow input",
+            ),
+        }
+    }
+}

@@ -1,0 +1,168 @@
+//! What `#[step]`-generated code refers to, through `pgflow::__private`. Not a public API:
+//! anything here may change in any release.
+
+use std::any::type_name;
+use std::future::Future;
+
+use serde::de::DeserializeOwned;
+use serde_json::{Map, Value};
+
+pub use std::sync::Arc;
+pub use std::vec::Vec;
+
+pub use crate::{
+    ErasedHandler, MapOver, Step, StepContext, StepError, StepKind, StepOf, StepOptions, StepOutput,
+};
+
+/// The fields of a single step's task input: `run` and the outputs of dependencies.
+#[derive(Debug)]
+pub struct Fields {
+    map: Map<String, Value>,
+    /// Keys already taken out of `map`, for error messages.
+    taken: Vec<String>,
+}
+
+impl Fields {
+    /// Splits a single step's task input into its fields.
+    pub fn new(input: Value) -> Result<Self, StepError> {
+        match input {
+            Value::Object(map) => Ok(Self {
+                map,
+                taken: Vec::new(),
+            }),
+            other => Err(StepError::new(format!(
+                "the task input of a single step must be a JSON object with `run` and the outputs of its dependencies, not {}",
+                json_kind(&other)
+            ))
+            .no_retry()),
+        }
+    }
+
+    /// Decodes the flow input, under `run`.
+    pub fn flow_input<T: DeserializeOwned>(&mut self) -> Result<T, StepError> {
+        let value = self.take("run", "the flow input")?;
+        serde_json::from_value(value).map_err(|error| {
+            StepError::with_source(
+                format!(
+                    "cannot decode the flow input (`run`) as `{}`",
+                    type_name::<T>()
+                ),
+                error,
+            )
+            .no_retry()
+        })
+    }
+
+    /// Decodes the output of dependency `step`, under its slug.
+    pub fn dependency<S: Step>(&mut self, step: &S) -> Result<S::Output, StepError> {
+        self.dependency_by_slug(step.slug())
+    }
+
+    /// Decodes the output of the dependency with this slug.
+    pub(crate) fn dependency_by_slug<T: DeserializeOwned>(
+        &mut self,
+        slug: &str,
+    ) -> Result<T, StepError> {
+        let value = self.take(slug, "the output of a dependency")?;
+        serde_json::from_value(value).map_err(|error| {
+            StepError::with_source(
+                format!(
+                    "cannot decode the output of dependency `{slug}` as `{}`",
+                    type_name::<T>()
+                ),
+                error,
+            )
+            .no_retry()
+        })
+    }
+
+    fn take(&mut self, key: &str, what: &str) -> Result<Value, StepError> {
+        if let Some(value) = self.map.remove(key) {
+            self.taken.push(key.to_owned());
+            return Ok(value);
+        }
+        Err(StepError::new(format!(
+            "the task input has no `{key}` field ({what}); it has: {}",
+            self.keys()
+        ))
+        .no_retry())
+    }
+
+    fn keys(&self) -> String {
+        let mut keys: Vec<&String> = self.map.keys().chain(&self.taken).collect();
+        keys.sort();
+        let keys: Vec<String> = keys.into_iter().map(|k| format!("`{k}`")).collect();
+        if keys.is_empty() {
+            "no fields".to_owned()
+        } else {
+            keys.join(", ")
+        }
+    }
+}
+
+/// Decodes a map step's task input: one element.
+pub fn element<T: DeserializeOwned>(input: Value) -> Result<T, StepError> {
+    serde_json::from_value(input).map_err(|error| {
+        StepError::with_source(
+            format!("cannot decode the map element as `{}`", type_name::<T>()),
+            error,
+        )
+        .no_retry()
+    })
+}
+
+/// Encodes a single step's output.
+pub fn encode<T: StepOutput>(output: T) -> Result<Value, StepError> {
+    serde_json::to_value(output).map_err(|error| {
+        StepError::with_source(
+            format!("cannot serialize the step output `{}`", type_name::<T>()),
+            error,
+        )
+        .no_retry()
+    })
+}
+
+/// Encodes one output of a map step, whose [`Step::Output`] is `Vec<T>`. Bounded by that
+/// `Vec<T>` (not `T`) so that an output that is not serializable is reported once.
+pub fn encode_element<T>(output: T) -> Result<Value, StepError>
+where
+    Vec<T>: StepOutput,
+{
+    match encode(vec![output])? {
+        Value::Array(mut items) if items.len() == 1 => Ok(items.swap_remove(0)),
+        other => Err(StepError::new(format!(
+            "the step output `{}` serialized to {} instead of an array element",
+            type_name::<T>(),
+            json_kind(&other)
+        ))
+        .no_retry()),
+    }
+}
+
+/// Converts a handler's error into a [`StepError`].
+pub fn step_error<E: Into<StepError>>(error: E) -> StepError {
+    error.into()
+}
+
+/// Boxes a handler.
+pub fn erase<F, Fut>(handler: F) -> Arc<dyn ErasedHandler>
+where
+    F: Fn(Value, StepContext) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Result<Value, StepError>> + Send + 'static,
+{
+    Arc::new(handler)
+}
+
+/// Compiles only if a map step over `Source` may take `T` elements.
+pub fn assert_map_over<Source: MapOver<T>, T>() {}
+
+fn json_kind(value: &Value) -> &'static str {
+    match value {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}

@@ -1,0 +1,131 @@
+//! Steps as typed values, and the type-level lists that prove, at compile time, that a step's
+//! dependencies are in the flow before it.
+//!
+//! A step is a value whose type knows the step's output and dependencies: the unit struct that
+//! `#[step]` generates from an `async fn`, or a [`FnStep`](crate::FnStep) built around a closure
+//! with [`step_fn`](crate::step_fn). The flow builder keeps the types of the steps added so far
+//! in a list (`(Last, (..., (First, ())))`); adding a step requires each of its dependencies to
+//! be [`Contains`]-ed in that list, which the compiler proves by finding its index
+//! ([`Here`] or [`There`]).
+
+use std::marker::PhantomData;
+use std::sync::Arc;
+
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use crate::{ErasedHandler, StepKind, StepOptions, StepShape};
+
+/// A step of a flow, known by its type: its slug, kind, options, dependencies and output.
+///
+/// Implemented by the types `#[step]` generates and by [`FnStep`](crate::FnStep); there is
+/// rarely a reason to implement it by hand.
+#[diagnostic::on_unimplemented(
+    message = "`{Self}` is not a pgflow step",
+    label = "not a step",
+    note = "steps are `async fn`s marked `#[step]`, or closures wrapped with `step_fn(..)`"
+)]
+pub trait Step: Send + Sync + 'static {
+    /// What dependent steps receive from this step: the handler's output, or `Vec` of it for
+    /// a map step.
+    type Output: StepOutput;
+
+    /// The steps this one depends on, as a type-level list: `(A, (B, ()))` for `[A, B]`.
+    type Deps: Dependencies;
+
+    /// The step slug.
+    fn slug(&self) -> &str;
+
+    /// Single or map.
+    fn kind(&self) -> StepKind;
+
+    /// Options set on this step (unset ones are inherited from the flow).
+    fn options(&self) -> StepOptions;
+
+    /// The slugs of the dependencies, in the order of [`Step::Deps`].
+    fn dependencies(&self) -> Vec<String>;
+
+    /// The step's shape: slug, kind, dependencies and options.
+    fn shape(&self) -> StepShape {
+        StepShape {
+            slug: self.slug().to_owned(),
+            kind: self.kind(),
+            dependencies: self.dependencies(),
+            options: self.options(),
+        }
+    }
+}
+
+/// A [`Step`] that can run in a flow whose input is `I`: it has a handler for that input.
+///
+/// A step that takes the flow input is a step of flows with exactly that input type; a step
+/// that takes only dependency outputs fits any flow.
+#[diagnostic::on_unimplemented(
+    message = "`{Self}` cannot be a step of a flow whose input is `{I}`",
+    label = "this step takes a different flow input",
+    note = "a step's flow-input parameter must have the flow's input type `{I}` (or be `&{I}`); a root map step takes one element of it"
+)]
+pub trait StepOf<I>: Step {
+    /// The type-erased handler a worker calls for each task of this step.
+    fn handler(&self) -> Arc<dyn ErasedHandler>;
+}
+
+/// A type a step may output: stored as JSON by the engine and read back by dependent steps.
+#[diagnostic::on_unimplemented(
+    message = "the step output `{Self}` cannot be stored as JSON",
+    label = "`{Self}` must implement `Serialize` and `Deserialize`",
+    note = "step outputs are saved as JSON and decoded by the steps that depend on them: add `#[derive(Serialize, Deserialize)]` to the type"
+)]
+pub trait StepOutput: Serialize + DeserializeOwned + Send + 'static {}
+
+#[diagnostic::do_not_recommend]
+impl<T> StepOutput for T where T: Serialize + DeserializeOwned + Send + 'static {}
+
+/// A type-level list of steps: `()` or `(S, Rest)`.
+pub trait Dependencies: 'static {}
+
+impl Dependencies for () {}
+
+impl<S: Step, Rest: Dependencies> Dependencies for (S, Rest) {}
+
+/// Index of a list's head, in a [`Contains`] proof.
+#[derive(Debug)]
+pub struct Here;
+
+/// Index into a list's tail, in a [`Contains`] proof.
+#[derive(Debug)]
+pub struct There<Index>(PhantomData<Index>);
+
+/// Proof that the list of steps `Self` holds step `S`, at position `Index` (inferred).
+#[diagnostic::on_unimplemented(
+    message = "step `{S}` is not in this flow yet",
+    label = "a dependency of this step is missing from the flow",
+    note = "a step can only depend on steps added to the same flow before it: add `.step({S})` before this line"
+)]
+pub trait Contains<S, Index> {}
+
+impl<S, Rest> Contains<S, Here> for (S, Rest) {}
+
+impl<S, Head, Rest, Index> Contains<S, There<Index>> for (Head, Rest) where Rest: Contains<S, Index> {}
+
+/// Proof that every step of the list `Self` is in the list `Steps`.
+pub trait DependenciesIn<Steps, Indices> {}
+
+impl<Steps> DependenciesIn<Steps, ()> for () {}
+
+impl<S, Rest, Steps, Index, Indices> DependenciesIn<Steps, (Index, Indices)> for (S, Rest)
+where
+    Steps: Contains<S, Index>,
+    Rest: DependenciesIn<Steps, Indices>,
+{
+}
+
+/// What a map step can map over with elements of type `T`: `Vec<T>`.
+#[diagnostic::on_unimplemented(
+    message = "a map step cannot take `{T}` elements from `{Self}`",
+    label = "the map step's parameter must be the element type of its dependency's `Vec` output",
+    note = "a map step runs once per element of its dependency's `Vec<T>` output and takes one `T`; `{Self}` is not `Vec<{T}>`"
+)]
+pub trait MapOver<T> {}
+
+impl<T> MapOver<T> for Vec<T> {}
