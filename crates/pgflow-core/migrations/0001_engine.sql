@@ -1,1 +1,1456 @@
--- placeholder: the engine schema is written in issue 3
+-- =====================================================================================
+-- pgflow engine, migration 0001: schema `pgflow`, its seven tables and its functions.
+--
+-- The SQL surface (names, columns, defaults, constraint names, parameter names, return
+-- types, error texts, event names) is pgflow 0.8.1's, as ../../../shared/spec/sql-api.md
+-- states it; the implementation is this project's own. Requires schema `pgmq` (1.5+).
+-- Runs inside one transaction (our installer) or as a plain `psql -f` script.
+--
+-- LOCK ORDER
+-- ----------
+-- Every function takes row locks in this order and never goes back to an earlier level
+-- while holding a later one; that is what rules out deadlocks between workers that
+-- start, complete and fail tasks of one run at the same moment:
+--
+--   1. step_tasks rows being started / completed / failed,
+--        sorted by (run_id, step_slug, task_index);
+--   2. the step_states rows of those tasks,  sorted by (run_id, step_slug);
+--   3. runs rows,                            in run_id order;
+--        taken only when a step finishes, when a run fails, or by the internal
+--        follow-ups (cascade, start_ready_steps, maybe_complete_run) on their own run;
+--   4. step_states rows of *other* steps of a run (dependents, ready steps),
+--        only while holding that run's row lock;
+--   5. pgmq message rows, last of all, sorted by (queue, msg_id).
+--
+-- Completing a task that does not finish its step therefore locks only its task row
+-- and its step state (atomic decrement of remaining_tasks): map tasks and tasks of
+-- different steps never queue behind a run-wide lock. The run row is locked only by
+-- the task that actually finishes a step, and before that task changes anything, so
+-- a run that failed meanwhile is seen and left alone.
+--
+-- Row locks are FOR NO KEY UPDATE (what a plain UPDATE takes): they do not conflict with
+-- the KEY SHARE locks that foreign-key checks take on runs / step_states / flows.
+--
+-- EVENTS
+-- ------
+-- Every state change emits one event from pgflow._emit, in the transaction making it:
+--   * pg_notify on the single channel `pgflow`; the payload is the event's JSON object
+--     without `input` / `output` (NOTIFY payloads must stay under 8000 bytes; listeners
+--     read outputs from the tables) and with error_message cut to 1000 characters;
+--   * realtime.send(payload, event, 'pgflow:run:<run_id>', false) with the full payload
+--     when that function exists (Supabase), detected at call time.
+-- =====================================================================================
+
+CREATE SCHEMA pgflow;
+
+-- -------------------------------------------------------------------------------------
+-- Pure helpers (needed by the check constraints below)
+-- -------------------------------------------------------------------------------------
+
+CREATE FUNCTION pgflow.is_valid_slug(slug text)
+RETURNS boolean
+LANGUAGE sql
+IMMUTABLE
+SET search_path = ''
+AS $$
+  SELECT coalesce(
+    slug <> ''
+      AND length(slug) <= 128
+      AND slug ~ '^[a-zA-Z_][a-zA-Z0-9_]*$'
+      AND slug <> 'run',   -- `run` is the key of the flow input in every step input
+    false
+  )
+$$;
+
+CREATE FUNCTION pgflow.calculate_retry_delay(base_delay numeric, attempts_count integer)
+RETURNS integer
+LANGUAGE sql
+IMMUTABLE
+SET search_path = ''
+AS $$
+  SELECT floor(base_delay * power(2::numeric, attempts_count))::integer
+$$;
+
+-- -------------------------------------------------------------------------------------
+-- Definitions: flows, steps, deps
+-- -------------------------------------------------------------------------------------
+
+CREATE TABLE pgflow.flows (
+  flow_slug        text        NOT NULL,
+  opt_max_attempts integer     NOT NULL DEFAULT 3,
+  opt_base_delay   integer     NOT NULL DEFAULT 1,
+  opt_timeout      integer     NOT NULL DEFAULT 60,
+  created_at       timestamptz NOT NULL DEFAULT now(),
+  CONSTRAINT flows_pkey PRIMARY KEY (flow_slug),
+  CONSTRAINT slug_is_valid CHECK (pgflow.is_valid_slug(flow_slug)),
+  CONSTRAINT opt_max_attempts_is_nonnegative CHECK (opt_max_attempts >= 0),
+  CONSTRAINT opt_base_delay_is_nonnegative CHECK (opt_base_delay >= 0),
+  CONSTRAINT opt_timeout_is_positive CHECK (opt_timeout > 0)
+);
+
+CREATE TABLE pgflow.steps (
+  flow_slug        text        NOT NULL,
+  step_slug        text        NOT NULL,
+  step_type        text        NOT NULL DEFAULT 'single',
+  step_index       integer     NOT NULL DEFAULT 0,
+  deps_count       integer     NOT NULL DEFAULT 0,
+  opt_max_attempts integer,
+  opt_base_delay   integer,
+  opt_timeout      integer,
+  opt_start_delay  integer,
+  created_at       timestamptz NOT NULL DEFAULT now(),
+  CONSTRAINT steps_pkey PRIMARY KEY (flow_slug, step_slug),
+  CONSTRAINT steps_flow_slug_step_index_key UNIQUE (flow_slug, step_index),
+  CONSTRAINT steps_flow_slug_fkey FOREIGN KEY (flow_slug) REFERENCES pgflow.flows (flow_slug),
+  CONSTRAINT steps_step_slug_check CHECK (pgflow.is_valid_slug(step_slug)),
+  CONSTRAINT steps_step_type_check CHECK (step_type IN ('single', 'map')),
+  CONSTRAINT steps_deps_count_check CHECK (deps_count >= 0),
+  CONSTRAINT opt_max_attempts_is_nonnegative CHECK (opt_max_attempts IS NULL OR opt_max_attempts >= 0),
+  CONSTRAINT opt_base_delay_is_nonnegative CHECK (opt_base_delay IS NULL OR opt_base_delay >= 0),
+  CONSTRAINT opt_timeout_is_positive CHECK (opt_timeout IS NULL OR opt_timeout > 0),
+  CONSTRAINT opt_start_delay_is_nonnegative CHECK (opt_start_delay IS NULL OR opt_start_delay >= 0)
+);
+
+CREATE TABLE pgflow.deps (
+  flow_slug  text        NOT NULL,
+  dep_slug   text        NOT NULL,
+  step_slug  text        NOT NULL,
+  created_at timestamptz NOT NULL DEFAULT now(),
+  CONSTRAINT deps_pkey PRIMARY KEY (flow_slug, dep_slug, step_slug),
+  CONSTRAINT deps_flow_slug_fkey FOREIGN KEY (flow_slug) REFERENCES pgflow.flows (flow_slug),
+  CONSTRAINT deps_flow_slug_dep_slug_fkey FOREIGN KEY (flow_slug, dep_slug)
+    REFERENCES pgflow.steps (flow_slug, step_slug),
+  CONSTRAINT deps_flow_slug_step_slug_fkey FOREIGN KEY (flow_slug, step_slug)
+    REFERENCES pgflow.steps (flow_slug, step_slug),
+  CONSTRAINT deps_check CHECK (dep_slug <> step_slug)
+);
+
+-- The primary key serves "dependents of a step"; this one serves "dependencies of a step"
+-- (building a step's input).
+CREATE INDEX idx_deps_by_flow_step ON pgflow.deps (flow_slug, step_slug);
+
+-- -------------------------------------------------------------------------------------
+-- Workers
+-- -------------------------------------------------------------------------------------
+
+CREATE TABLE pgflow.workers (
+  worker_id         uuid        NOT NULL,
+  queue_name        text        NOT NULL,
+  function_name     text        NOT NULL,
+  started_at        timestamptz NOT NULL DEFAULT now(),
+  deprecated_at     timestamptz,
+  last_heartbeat_at timestamptz NOT NULL DEFAULT now(),
+  CONSTRAINT workers_pkey PRIMARY KEY (worker_id)
+);
+
+-- -------------------------------------------------------------------------------------
+-- Runtime state: runs, step_states, step_tasks
+-- -------------------------------------------------------------------------------------
+
+CREATE TABLE pgflow.runs (
+  run_id          uuid        NOT NULL DEFAULT gen_random_uuid(),
+  flow_slug       text        NOT NULL,
+  status          text        NOT NULL DEFAULT 'started',
+  input           jsonb       NOT NULL,
+  output          jsonb,
+  remaining_steps integer     NOT NULL DEFAULT 0,
+  started_at      timestamptz NOT NULL DEFAULT now(),
+  completed_at    timestamptz,
+  failed_at       timestamptz,
+  CONSTRAINT runs_pkey PRIMARY KEY (run_id),
+  CONSTRAINT runs_flow_slug_fkey FOREIGN KEY (flow_slug) REFERENCES pgflow.flows (flow_slug),
+  CONSTRAINT status_is_valid CHECK (status IN ('started', 'completed', 'failed')),
+  CONSTRAINT runs_remaining_steps_check CHECK (remaining_steps >= 0),
+  CONSTRAINT completed_at_or_failed_at CHECK (NOT (completed_at IS NOT NULL AND failed_at IS NOT NULL)),
+  CONSTRAINT completed_at_is_after_started_at CHECK (completed_at IS NULL OR completed_at >= started_at),
+  CONSTRAINT failed_at_is_after_started_at CHECK (failed_at IS NULL OR failed_at >= started_at)
+);
+
+-- For the monitoring queries users already run (runs per flow, per status).
+CREATE INDEX idx_runs_flow_slug ON pgflow.runs (flow_slug);
+CREATE INDEX idx_runs_status ON pgflow.runs (status);
+
+CREATE TABLE pgflow.step_states (
+  flow_slug       text        NOT NULL,
+  run_id          uuid        NOT NULL,
+  step_slug       text        NOT NULL,
+  status          text        NOT NULL DEFAULT 'created',
+  remaining_tasks integer,
+  initial_tasks   integer,
+  remaining_deps  integer     NOT NULL DEFAULT 0,
+  error_message   text,
+  created_at      timestamptz NOT NULL DEFAULT now(),
+  started_at      timestamptz,
+  completed_at    timestamptz,
+  failed_at       timestamptz,
+  CONSTRAINT step_states_pkey PRIMARY KEY (run_id, step_slug),
+  CONSTRAINT step_states_run_id_fkey FOREIGN KEY (run_id) REFERENCES pgflow.runs (run_id),
+  CONSTRAINT step_states_flow_slug_step_slug_fkey FOREIGN KEY (flow_slug, step_slug)
+    REFERENCES pgflow.steps (flow_slug, step_slug),
+  CONSTRAINT status_is_valid CHECK (status IN ('created', 'started', 'completed', 'failed')),
+  CONSTRAINT step_states_remaining_deps_check CHECK (remaining_deps >= 0),
+  CONSTRAINT step_states_initial_tasks_check CHECK (initial_tasks IS NULL OR initial_tasks >= 0),
+  CONSTRAINT initial_tasks_known_when_started CHECK (status <> 'started' OR initial_tasks IS NOT NULL),
+  CONSTRAINT remaining_tasks_state_consistency CHECK (remaining_tasks IS NULL OR status <> 'created'),
+  CONSTRAINT status_and_remaining_tasks_match CHECK (status <> 'completed' OR remaining_tasks = 0),
+  CONSTRAINT completed_at_or_failed_at CHECK (NOT (completed_at IS NOT NULL AND failed_at IS NOT NULL)),
+  CONSTRAINT started_at_is_after_created_at CHECK (started_at IS NULL OR started_at >= created_at),
+  CONSTRAINT completed_at_is_after_started_at CHECK (completed_at IS NULL OR completed_at >= started_at),
+  CONSTRAINT failed_at_is_after_started_at CHECK (failed_at IS NULL OR failed_at >= started_at)
+);
+
+-- Steps that may start now (start_ready_steps, cascade_complete_taskless_steps).
+CREATE INDEX idx_step_states_ready ON pgflow.step_states (run_id)
+  WHERE status = 'created' AND remaining_deps = 0;
+-- Failed states, for the failure-inspection queries of operators.
+CREATE INDEX idx_step_states_failed ON pgflow.step_states (run_id, step_slug)
+  WHERE status = 'failed';
+
+CREATE TABLE pgflow.step_tasks (
+  flow_slug      text        NOT NULL,
+  run_id         uuid        NOT NULL,
+  step_slug      text        NOT NULL,
+  message_id     bigint,
+  task_index     integer     NOT NULL DEFAULT 0,
+  status         text        NOT NULL DEFAULT 'queued',
+  attempts_count integer     NOT NULL DEFAULT 0,
+  error_message  text,
+  output         jsonb,
+  queued_at      timestamptz NOT NULL DEFAULT now(),
+  started_at     timestamptz,
+  completed_at   timestamptz,
+  failed_at      timestamptz,
+  last_worker_id uuid,
+  CONSTRAINT step_tasks_pkey PRIMARY KEY (run_id, step_slug, task_index),
+  CONSTRAINT step_tasks_run_id_step_slug_fkey FOREIGN KEY (run_id, step_slug)
+    REFERENCES pgflow.step_states (run_id, step_slug),
+  CONSTRAINT step_tasks_last_worker_id_fkey FOREIGN KEY (last_worker_id)
+    REFERENCES pgflow.workers (worker_id) ON DELETE SET NULL,
+  CONSTRAINT valid_status CHECK (status IN ('queued', 'started', 'completed', 'failed')),
+  CONSTRAINT output_valid_only_for_completed CHECK (output IS NULL OR status IN ('completed', 'failed')),
+  CONSTRAINT attempts_count_nonnegative CHECK (attempts_count >= 0),
+  CONSTRAINT completed_at_or_failed_at CHECK (NOT (completed_at IS NOT NULL AND failed_at IS NOT NULL)),
+  CONSTRAINT started_at_is_after_queued_at CHECK (started_at IS NULL OR started_at >= queued_at),
+  CONSTRAINT completed_at_is_after_started_at CHECK (completed_at IS NULL OR completed_at >= started_at),
+  CONSTRAINT failed_at_is_after_started_at CHECK (failed_at IS NULL OR failed_at >= started_at)
+);
+
+-- start_tasks finds tasks by the pgmq message ids a worker just read.
+CREATE INDEX idx_step_tasks_message_id ON pgflow.step_tasks (message_id);
+-- Tasks of a run / of a step: the primary key. Deliberately no partial index on status:
+-- status changes on every task transition, and such an index would make every update a
+-- non-HOT one and tempt the planner away from primary-key lookups on small tables.
+
+CREATE TYPE pgflow.step_task_record AS (
+  flow_slug  text,
+  run_id     uuid,
+  step_slug  text,
+  input      jsonb,
+  msg_id     bigint,
+  task_index integer
+);
+
+-- -------------------------------------------------------------------------------------
+-- Internal helpers (underscore-prefixed: not part of the pgflow 0.8.1 surface)
+-- -------------------------------------------------------------------------------------
+
+-- The one place events leave the engine (see EVENTS at the top).
+CREATE FUNCTION pgflow._emit(event jsonb)
+RETURNS void
+LANGUAGE plpgsql
+VOLATILE
+SET search_path = ''
+SET plan_cache_mode = force_generic_plan
+AS $$
+DECLARE
+  v_event_type text := event ->> 'event_type';
+  v_notify     jsonb := event - 'output' - 'input';
+BEGIN
+  IF jsonb_typeof(v_notify -> 'error_message') = 'string' THEN
+    v_notify := jsonb_set(v_notify, '{error_message}',
+                          to_jsonb(left(v_notify ->> 'error_message', 1000)));
+  END IF;
+  PERFORM pg_notify('pgflow', v_notify::text);
+
+  IF to_regprocedure('realtime.send(jsonb,text,text,boolean)') IS NOT NULL THEN
+    PERFORM realtime.send(
+      event,
+      CASE
+        WHEN v_event_type LIKE 'step:%'
+          THEN 'step:' || (event ->> 'step_slug') || ':' || split_part(v_event_type, ':', 2)
+        ELSE v_event_type
+      END,
+      'pgflow:run:' || (event ->> 'run_id'),
+      false
+    );
+  END IF;
+END;
+$$;
+
+-- A finished step's output as its dependents see it: the single task's output, or the
+-- map's task outputs ordered by task_index (`[]` for an empty map). O(tasks); used once
+-- per consumer (single-step inputs, leaf outputs, realtime events), never per map task.
+CREATE FUNCTION pgflow._step_output(p_run_id uuid, p_step_slug text, p_step_type text)
+RETURNS jsonb
+LANGUAGE plpgsql
+STABLE
+SET search_path = ''
+SET plan_cache_mode = force_generic_plan
+AS $$
+BEGIN
+  IF p_step_type = 'map' THEN
+    RETURN (
+      SELECT coalesce(jsonb_agg(t.output ORDER BY t.task_index), '[]'::jsonb)
+      FROM pgflow.step_tasks t
+      WHERE t.run_id = p_run_id
+        AND t.step_slug = p_step_slug
+        AND t.status = 'completed'
+    );
+  END IF;
+  RETURN (
+    SELECT t.output
+    FROM pgflow.step_tasks t
+    WHERE t.run_id = p_run_id
+      AND t.step_slug = p_step_slug
+      AND t.task_index = 0
+      AND t.status = 'completed'
+  );
+END;
+$$;
+
+-- Archive messages with their rows locked in msg_id order (lock level 5): pgmq.archive's
+-- own DELETE locks in plan order, and two multi-message archivers / set_vt_batch calls
+-- locking overlapping sets in different orders could deadlock.
+CREATE FUNCTION pgflow._archive_messages(p_queue_name text, p_msg_ids bigint[])
+RETURNS void
+LANGUAGE plpgsql
+VOLATILE
+SET search_path = ''
+SET plan_cache_mode = force_generic_plan
+AS $$
+DECLARE
+  v_ids bigint[];
+BEGIN
+  IF cardinality(p_msg_ids) = 1 THEN
+    IF p_msg_ids[1] IS NOT NULL THEN
+      PERFORM pgmq.archive(p_queue_name, p_msg_ids[1]);
+    END IF;
+    RETURN;
+  END IF;
+
+  SELECT array_agg(DISTINCT m.id ORDER BY m.id)
+    INTO v_ids
+    FROM unnest(p_msg_ids) AS m(id)
+   WHERE m.id IS NOT NULL;
+
+  IF v_ids IS NULL THEN
+    RETURN;
+  END IF;
+
+  IF cardinality(v_ids) = 1 THEN
+    PERFORM pgmq.archive(p_queue_name, v_ids[1]);
+    RETURN;
+  END IF;
+
+  EXECUTE format(
+    'SELECT count(*) FROM (SELECT 1 FROM pgmq.%I q WHERE q.msg_id = ANY($1) '
+    'ORDER BY q.msg_id FOR UPDATE) locked',
+    pgmq.format_table_name(p_queue_name, 'q')
+  ) USING v_ids;
+  PERFORM pgmq.archive(p_queue_name, v_ids);
+END;
+$$;
+
+-- Bookkeeping of a step that just finished with tasks (the caller holds the run lock
+-- and has marked the step state completed): its event first, so a parent's event always
+-- precedes those of the children it unblocks, then dependents and the run counter.
+CREATE FUNCTION pgflow._on_step_completed(
+  p_run_id     uuid,
+  p_flow_slug  text,
+  p_step_slug  text,
+  p_step_type  text,
+  p_task_count integer,
+  p_output     jsonb,
+  p_started_at timestamptz
+)
+RETURNS void
+LANGUAGE plpgsql
+VOLATILE
+SET search_path = ''
+SET plan_cache_mode = force_generic_plan
+AS $$
+DECLARE
+  v_output jsonb := p_output;
+BEGIN
+  -- A map's assembled array only travels in realtime payloads (NOTIFY drops outputs),
+  -- so build it only where realtime exists.
+  IF p_step_type = 'map' THEN
+    v_output := CASE
+      WHEN to_regprocedure('realtime.send(jsonb,text,text,boolean)') IS NOT NULL
+        THEN pgflow._step_output(p_run_id, p_step_slug, 'map')
+    END;
+  END IF;
+
+  PERFORM pgflow._emit(jsonb_build_object(
+    'event_type', 'step:completed',
+    'run_id', p_run_id,
+    'flow_slug', p_flow_slug,
+    'step_slug', p_step_slug,
+    'status', 'completed',
+    'started_at', p_started_at,
+    'completed_at', now(),
+    'remaining_tasks', 0,
+    'output', v_output
+  ));
+
+  -- A dependent map learns its task count here: the length of a single parent's array,
+  -- or the task count of a map parent (the type-violation check ran before).
+  UPDATE pgflow.step_states child
+     SET remaining_deps = child.remaining_deps - 1,
+         initial_tasks = CASE
+           WHEN child_step.step_type = 'map' AND child.initial_tasks IS NULL THEN
+             CASE
+               WHEN p_step_type = 'map' THEN p_task_count
+               WHEN jsonb_typeof(p_output) = 'array' THEN jsonb_array_length(p_output)
+             END
+           ELSE child.initial_tasks
+         END
+    FROM pgflow.deps d
+    JOIN pgflow.steps child_step
+      ON child_step.flow_slug = d.flow_slug
+     AND child_step.step_slug = d.step_slug
+   WHERE d.flow_slug = p_flow_slug
+     AND d.dep_slug = p_step_slug
+     AND child.run_id = p_run_id
+     AND child.step_slug = d.step_slug;
+
+  UPDATE pgflow.runs r
+     SET remaining_steps = r.remaining_steps - 1
+   WHERE r.run_id = p_run_id;
+END;
+$$;
+
+-- Fail a step and its run (the caller holds the task, step-state and run locks and has
+-- already failed the task). Returns the messages of the run's queued / started tasks;
+-- the caller archives them last, per the lock order.
+CREATE FUNCTION pgflow._fail_run(
+  p_run_id        uuid,
+  p_flow_slug     text,
+  p_step_slug     text,
+  p_error_message text
+)
+RETURNS bigint[]
+LANGUAGE plpgsql
+VOLATILE
+SET search_path = ''
+SET plan_cache_mode = force_generic_plan
+AS $$
+BEGIN
+  UPDATE pgflow.step_states ss
+     SET status = 'failed',
+         failed_at = now(),
+         error_message = p_error_message
+   WHERE ss.run_id = p_run_id
+     AND ss.step_slug = p_step_slug;
+
+  UPDATE pgflow.runs r
+     SET status = 'failed',
+         failed_at = now()
+   WHERE r.run_id = p_run_id;
+
+  PERFORM pgflow._emit(jsonb_build_object(
+    'event_type', 'step:failed',
+    'run_id', p_run_id,
+    'flow_slug', p_flow_slug,
+    'step_slug', p_step_slug,
+    'status', 'failed',
+    'error_message', p_error_message,
+    'failed_at', now()
+  ));
+  PERFORM pgflow._emit(jsonb_build_object(
+    'event_type', 'run:failed',
+    'run_id', p_run_id,
+    'flow_slug', p_flow_slug,
+    'status', 'failed',
+    'error_message', p_error_message,
+    'failed_at', now()
+  ));
+
+  RETURN ARRAY(
+    SELECT t.message_id
+      FROM pgflow.step_tasks t
+     WHERE t.run_id = p_run_id
+       AND t.status IN ('queued', 'started')
+       AND t.message_id IS NOT NULL
+  );
+END;
+$$;
+
+-- -------------------------------------------------------------------------------------
+-- Definitions API
+-- -------------------------------------------------------------------------------------
+
+CREATE FUNCTION pgflow.create_flow(
+  flow_slug    text,
+  max_attempts integer DEFAULT 3,
+  base_delay   integer DEFAULT 5,
+  timeout      integer DEFAULT 60
+)
+RETURNS pgflow.flows
+LANGUAGE plpgsql
+VOLATILE
+SET search_path = ''
+AS $$
+DECLARE
+  v_flow pgflow.flows;
+BEGIN
+  INSERT INTO pgflow.flows (flow_slug, opt_max_attempts, opt_base_delay, opt_timeout)
+  VALUES (create_flow.flow_slug, create_flow.max_attempts, create_flow.base_delay, create_flow.timeout)
+  ON CONFLICT ON CONSTRAINT flows_pkey DO NOTHING
+  RETURNING * INTO v_flow;
+
+  IF NOT FOUND THEN
+    SELECT * INTO v_flow FROM pgflow.flows f WHERE f.flow_slug = create_flow.flow_slug;
+  END IF;
+
+  -- Checked first: pgmq.create would take an advisory lock and run DDL every time.
+  IF NOT EXISTS (
+    SELECT 1 FROM pgmq.list_queues() q WHERE q.queue_name = create_flow.flow_slug
+  ) THEN
+    PERFORM pgmq.create(create_flow.flow_slug);
+  END IF;
+
+  RETURN v_flow;
+END;
+$$;
+
+CREATE FUNCTION pgflow.add_step(
+  flow_slug    text,
+  step_slug    text,
+  deps_slugs   text[]  DEFAULT '{}',
+  max_attempts integer DEFAULT NULL,
+  base_delay   integer DEFAULT NULL,
+  timeout      integer DEFAULT NULL,
+  start_delay  integer DEFAULT NULL,
+  step_type    text    DEFAULT 'single'
+)
+RETURNS pgflow.steps
+LANGUAGE plpgsql
+VOLATILE
+SET search_path = ''
+AS $$
+DECLARE
+  v_deps text[] := coalesce(add_step.deps_slugs, '{}');
+  v_step pgflow.steps;
+BEGIN
+  IF add_step.step_type = 'map' AND cardinality(v_deps) > 1 THEN
+    RAISE EXCEPTION 'Map step "%" can have at most one dependency, but % were provided: %',
+      add_step.step_slug, cardinality(v_deps), array_to_string(v_deps, ', ');
+  END IF;
+
+  -- Serialises definitions of one flow so step_index stays dense and ordered. An
+  -- unknown flow finds no row here and fails on steps_flow_slug_fkey below.
+  PERFORM 1 FROM pgflow.flows f WHERE f.flow_slug = add_step.flow_slug FOR NO KEY UPDATE;
+
+  SELECT * INTO v_step
+    FROM pgflow.steps s
+   WHERE s.flow_slug = add_step.flow_slug
+     AND s.step_slug = add_step.step_slug;
+  IF FOUND THEN
+    RETURN v_step;
+  END IF;
+
+  INSERT INTO pgflow.steps (
+    flow_slug, step_slug, step_type, step_index, deps_count,
+    opt_max_attempts, opt_base_delay, opt_timeout, opt_start_delay
+  )
+  VALUES (
+    add_step.flow_slug, add_step.step_slug, add_step.step_type,
+    (SELECT coalesce(max(s.step_index) + 1, 0) FROM pgflow.steps s
+      WHERE s.flow_slug = add_step.flow_slug),
+    cardinality(v_deps),
+    add_step.max_attempts, add_step.base_delay, add_step.timeout, add_step.start_delay
+  )
+  RETURNING * INTO v_step;
+
+  INSERT INTO pgflow.deps (flow_slug, dep_slug, step_slug)
+  SELECT add_step.flow_slug, d.dep_slug, add_step.step_slug
+    FROM unnest(v_deps) AS d(dep_slug);
+
+  RETURN v_step;
+END;
+$$;
+
+-- -------------------------------------------------------------------------------------
+-- Queue helper
+-- -------------------------------------------------------------------------------------
+
+-- Updates pgmq.q_<queue> directly (one statement, so a missing queue is PostgreSQL's own
+-- 42P01), locking the rows in msg_id order (lock level 5).
+CREATE FUNCTION pgflow.set_vt_batch(queue_name text, msg_ids bigint[], vt_offsets integer[])
+RETURNS TABLE (
+  msg_id      bigint,
+  read_ct     integer,
+  enqueued_at timestamptz,
+  vt          timestamptz,
+  message     jsonb,
+  headers     jsonb
+)
+LANGUAGE plpgsql
+VOLATILE
+SET search_path = ''
+SET plan_cache_mode = force_generic_plan
+AS $$
+BEGIN
+  IF coalesce(cardinality(set_vt_batch.msg_ids), 0) <> coalesce(cardinality(set_vt_batch.vt_offsets), 0) THEN
+    RAISE EXCEPTION 'msg_ids length (%) must equal vt_offsets length (%)',
+      coalesce(cardinality(set_vt_batch.msg_ids), 0), coalesce(cardinality(set_vt_batch.vt_offsets), 0);
+  END IF;
+  IF coalesce(cardinality(set_vt_batch.msg_ids), 0) = 0 THEN
+    RETURN;
+  END IF;
+
+  RETURN QUERY EXECUTE format(
+    $q$
+    WITH locked AS (
+      SELECT q.msg_id FROM pgmq.%1$I q WHERE q.msg_id = ANY($1) ORDER BY q.msg_id FOR UPDATE
+    )
+    UPDATE pgmq.%1$I q
+       SET vt = clock_timestamp() + make_interval(secs => o.vt_offset)
+      FROM locked
+      JOIN unnest($1, $2) AS o(msg_id, vt_offset) ON o.msg_id = locked.msg_id
+     WHERE q.msg_id = locked.msg_id
+    RETURNING q.msg_id, q.read_ct, q.enqueued_at, q.vt, q.message, q.headers
+    $q$,
+    pgmq.format_table_name(set_vt_batch.queue_name, 'q')
+  ) USING set_vt_batch.msg_ids, set_vt_batch.vt_offsets;
+END;
+$$;
+
+-- -------------------------------------------------------------------------------------
+-- Run progression (internal, but callable by tooling)
+-- -------------------------------------------------------------------------------------
+
+CREATE FUNCTION pgflow.cascade_complete_taskless_steps(run_id uuid)
+RETURNS integer
+LANGUAGE plpgsql
+VOLATILE
+SET search_path = ''
+SET plan_cache_mode = force_generic_plan
+AS $$
+DECLARE
+  v_flow_slug  text;
+  v_status     text;
+  v_total      integer := 0;
+  v_iterations integer := 0;
+  v_slugs      text[];
+  v_slug       text;
+BEGIN
+  SELECT r.flow_slug, r.status INTO v_flow_slug, v_status
+    FROM pgflow.runs r
+   WHERE r.run_id = cascade_complete_taskless_steps.run_id
+     FOR NO KEY UPDATE;
+  IF NOT FOUND OR v_status = 'failed' THEN
+    RETURN 0;
+  END IF;
+
+  -- One wave per iteration: every empty step whose deps are all done completes, then
+  -- its dependents are released; the next wave sees what that unblocked.
+  LOOP
+    v_iterations := v_iterations + 1;
+    IF v_iterations > 50 THEN
+      RAISE EXCEPTION 'Cascade loop exceeded safety limit of 50 iterations';
+    END IF;
+
+    WITH done AS (
+      UPDATE pgflow.step_states ss
+         SET status = 'completed',
+             started_at = now(),
+             completed_at = now(),
+             remaining_tasks = 0
+       WHERE ss.run_id = cascade_complete_taskless_steps.run_id
+         AND ss.status = 'created'
+         AND ss.remaining_deps = 0
+         AND ss.initial_tasks = 0
+      RETURNING ss.step_slug
+    )
+    SELECT array_agg(done.step_slug ORDER BY s.step_index)
+      INTO v_slugs
+      FROM done
+      JOIN pgflow.steps s ON s.flow_slug = v_flow_slug AND s.step_slug = done.step_slug;
+
+    EXIT WHEN v_slugs IS NULL;
+
+    FOREACH v_slug IN ARRAY v_slugs LOOP
+      PERFORM pgflow._emit(jsonb_build_object(
+        'event_type', 'step:completed',
+        'run_id', cascade_complete_taskless_steps.run_id,
+        'flow_slug', v_flow_slug,
+        'step_slug', v_slug,
+        'status', 'completed',
+        'started_at', now(),
+        'completed_at', now(),
+        'remaining_tasks', 0,
+        'remaining_deps', 0,
+        'output', '[]'::jsonb
+      ));
+    END LOOP;
+
+    -- A map fed by an empty step has nothing to map over either.
+    UPDATE pgflow.step_states child
+       SET remaining_deps = child.remaining_deps - released.n,
+           initial_tasks = CASE
+             WHEN released.is_map AND child.initial_tasks IS NULL THEN 0
+             ELSE child.initial_tasks
+           END
+      FROM (
+        SELECT d.step_slug, count(*)::integer AS n, bool_and(cs.step_type = 'map') AS is_map
+          FROM pgflow.deps d
+          JOIN pgflow.steps cs ON cs.flow_slug = d.flow_slug AND cs.step_slug = d.step_slug
+         WHERE d.flow_slug = v_flow_slug
+           AND d.dep_slug = ANY(v_slugs)
+         GROUP BY d.step_slug
+      ) released
+     WHERE child.run_id = cascade_complete_taskless_steps.run_id
+       AND child.step_slug = released.step_slug;
+
+    UPDATE pgflow.runs r
+       SET remaining_steps = r.remaining_steps - cardinality(v_slugs)
+     WHERE r.run_id = cascade_complete_taskless_steps.run_id;
+
+    v_total := v_total + cardinality(v_slugs);
+  END LOOP;
+
+  RETURN v_total;
+END;
+$$;
+
+CREATE FUNCTION pgflow.start_ready_steps(run_id uuid)
+RETURNS void
+LANGUAGE plpgsql
+VOLATILE
+SET search_path = ''
+SET plan_cache_mode = force_generic_plan
+AS $$
+DECLARE
+  v_flow_slug text;
+  v_status    text;
+  v_step      record;
+  v_msg_ids   bigint[];
+BEGIN
+  SELECT r.flow_slug, r.status INTO v_flow_slug, v_status
+    FROM pgflow.runs r
+   WHERE r.run_id = start_ready_steps.run_id
+     FOR NO KEY UPDATE;
+  IF NOT FOUND OR v_status = 'failed' THEN
+    RETURN;
+  END IF;
+
+  -- Empty maps complete through the cascade, which also releases their dependents and
+  -- counts them off the run, so nothing is left half-done.
+  PERFORM pgflow.cascade_complete_taskless_steps(start_ready_steps.run_id);
+
+  FOR v_step IN
+    WITH started AS (
+      UPDATE pgflow.step_states ss
+         SET status = 'started',
+             started_at = now(),
+             remaining_tasks = ss.initial_tasks
+       WHERE ss.run_id = start_ready_steps.run_id
+         AND ss.status = 'created'
+         AND ss.remaining_deps = 0
+         AND ss.initial_tasks > 0
+      RETURNING ss.step_slug, ss.initial_tasks, ss.remaining_deps, ss.started_at
+    )
+    SELECT started.*, s.step_index, coalesce(s.opt_start_delay, 0) AS start_delay
+      FROM started
+      JOIN pgflow.steps s ON s.flow_slug = v_flow_slug AND s.step_slug = started.step_slug
+     ORDER BY s.step_index
+  LOOP
+    PERFORM pgflow._emit(jsonb_build_object(
+      'event_type', 'step:started',
+      'run_id', start_ready_steps.run_id,
+      'flow_slug', v_flow_slug,
+      'step_slug', v_step.step_slug,
+      'status', 'started',
+      'started_at', v_step.started_at,
+      'remaining_tasks', v_step.initial_tasks,
+      'remaining_deps', v_step.remaining_deps
+    ));
+
+    -- One send_batch per step; msg ids are assigned in array order, so the i-th
+    -- smallest id belongs to task i.
+    SELECT array_agg(sent.msg_id ORDER BY sent.msg_id)
+      INTO v_msg_ids
+      FROM pgmq.send_batch(
+        v_flow_slug,
+        ARRAY(
+          SELECT jsonb_build_object(
+                   'flow_slug', v_flow_slug,
+                   'run_id', start_ready_steps.run_id,
+                   'step_slug', v_step.step_slug,
+                   'task_index', i)
+            FROM generate_series(0, v_step.initial_tasks - 1) AS i
+           ORDER BY i
+        ),
+        v_step.start_delay
+      ) AS sent(msg_id);
+
+    INSERT INTO pgflow.step_tasks (flow_slug, run_id, step_slug, task_index, message_id)
+    SELECT v_flow_slug, start_ready_steps.run_id, v_step.step_slug, (m.ord - 1)::integer, m.msg_id
+      FROM unnest(v_msg_ids) WITH ORDINALITY AS m(msg_id, ord);
+  END LOOP;
+END;
+$$;
+
+CREATE FUNCTION pgflow.maybe_complete_run(run_id uuid)
+RETURNS void
+LANGUAGE plpgsql
+VOLATILE
+SET search_path = ''
+SET plan_cache_mode = force_generic_plan
+AS $$
+DECLARE
+  v_run pgflow.runs;
+BEGIN
+  -- The leaf-output aggregate is only evaluated for the row actually completing.
+  UPDATE pgflow.runs r
+     SET status = 'completed',
+         completed_at = now(),
+         output = (
+           SELECT coalesce(
+                    jsonb_object_agg(leaf.step_slug,
+                                     pgflow._step_output(r.run_id, leaf.step_slug, leaf.step_type)),
+                    '{}'::jsonb)
+             FROM pgflow.steps leaf
+            WHERE leaf.flow_slug = r.flow_slug
+              AND NOT EXISTS (
+                SELECT 1 FROM pgflow.deps d
+                 WHERE d.flow_slug = leaf.flow_slug
+                   AND d.dep_slug = leaf.step_slug
+              )
+         )
+   WHERE r.run_id = maybe_complete_run.run_id
+     AND r.remaining_steps = 0
+     AND r.status = 'started'
+  RETURNING * INTO v_run;
+
+  IF FOUND THEN
+    PERFORM pgflow._emit(jsonb_build_object(
+      'event_type', 'run:completed',
+      'run_id', v_run.run_id,
+      'flow_slug', v_run.flow_slug,
+      'status', 'completed',
+      'started_at', v_run.started_at,
+      'completed_at', v_run.completed_at,
+      'output', v_run.output
+    ));
+  END IF;
+END;
+$$;
+
+-- -------------------------------------------------------------------------------------
+-- Starting runs
+-- -------------------------------------------------------------------------------------
+
+CREATE FUNCTION pgflow.start_flow(flow_slug text, input jsonb, run_id uuid DEFAULT NULL)
+RETURNS SETOF pgflow.runs
+LANGUAGE plpgsql
+VOLATILE
+SET search_path = ''
+AS $$
+DECLARE
+  v_step_count    integer;
+  v_has_root_map  boolean;
+  v_root_tasks    integer;
+  v_run           pgflow.runs;
+BEGIN
+  SELECT count(*)::integer, coalesce(bool_or(s.step_type = 'map' AND s.deps_count = 0), false)
+    INTO v_step_count, v_has_root_map
+    FROM pgflow.steps s
+   WHERE s.flow_slug = start_flow.flow_slug;
+
+  IF v_has_root_map THEN
+    IF start_flow.input IS NULL THEN
+      RAISE EXCEPTION 'Flow % has root map steps but input is NULL', start_flow.flow_slug;
+    END IF;
+    IF jsonb_typeof(start_flow.input) <> 'array' THEN
+      RAISE EXCEPTION 'Flow % has root map steps but input is not an array (got %)',
+        start_flow.flow_slug, jsonb_typeof(start_flow.input);
+    END IF;
+    -- Computed here, not in the INSERT's CASE: the planner folds constant calls in
+    -- every CASE branch and would take the length of a non-array input.
+    v_root_tasks := jsonb_array_length(start_flow.input);
+  END IF;
+
+  INSERT INTO pgflow.runs (run_id, flow_slug, input, remaining_steps)
+  VALUES (coalesce(start_flow.run_id, gen_random_uuid()), start_flow.flow_slug,
+          start_flow.input, v_step_count)
+  RETURNING * INTO v_run;
+
+  INSERT INTO pgflow.step_states (flow_slug, run_id, step_slug, remaining_deps, initial_tasks)
+  SELECT s.flow_slug, v_run.run_id, s.step_slug, s.deps_count,
+         CASE
+           WHEN s.step_type = 'single' THEN 1
+           WHEN s.deps_count = 0 THEN v_root_tasks
+         END
+    FROM pgflow.steps s
+   WHERE s.flow_slug = start_flow.flow_slug;
+
+  PERFORM pgflow._emit(jsonb_build_object(
+    'event_type', 'run:started',
+    'run_id', v_run.run_id,
+    'flow_slug', v_run.flow_slug,
+    'status', 'started',
+    'started_at', v_run.started_at,
+    'input', v_run.input
+  ));
+
+  PERFORM pgflow.cascade_complete_taskless_steps(v_run.run_id);
+  PERFORM pgflow.start_ready_steps(v_run.run_id);
+  PERFORM pgflow.maybe_complete_run(v_run.run_id);
+
+  RETURN QUERY SELECT * FROM pgflow.runs r WHERE r.run_id = v_run.run_id;
+END;
+$$;
+
+-- -------------------------------------------------------------------------------------
+-- Worker protocol: start_tasks -> complete_task(s) / fail_task
+-- -------------------------------------------------------------------------------------
+
+CREATE FUNCTION pgflow.start_tasks(flow_slug text, msg_ids bigint[], worker_id uuid)
+RETURNS SETOF pgflow.step_task_record
+LANGUAGE plpgsql
+VOLATILE
+SET search_path = ''
+SET plan_cache_mode = force_generic_plan
+AS $$
+DECLARE
+  v_run_ids      uuid[];
+  v_step_slugs   text[];
+  v_task_indexes integer[];
+  v_msg_ids      bigint[];
+  v_inputs       jsonb[];
+  v_vt_offsets   integer[];
+BEGIN
+  -- Inputs are built in the same statement that starts the tasks. A dependent map task
+  -- reads one element: `output -> task_index` of a single parent's task, or the
+  -- parent map's task with the same task_index; never the whole parent array.
+  WITH locked AS (
+    SELECT t.run_id, t.step_slug, t.task_index
+      FROM pgflow.step_tasks t
+      JOIN pgflow.runs r ON r.run_id = t.run_id
+     WHERE t.flow_slug = start_tasks.flow_slug
+       AND t.message_id = ANY(start_tasks.msg_ids)
+       AND t.status = 'queued'
+       AND r.status <> 'failed'
+     ORDER BY t.run_id, t.step_slug, t.task_index
+       FOR NO KEY UPDATE OF t
+  ),
+  started AS (
+    UPDATE pgflow.step_tasks t
+       SET status = 'started',
+           attempts_count = t.attempts_count + 1,
+           started_at = now(),
+           last_worker_id = start_tasks.worker_id
+      FROM locked l
+     WHERE t.run_id = l.run_id
+       AND t.step_slug = l.step_slug
+       AND t.task_index = l.task_index
+    RETURNING t.run_id, t.step_slug, t.task_index, t.message_id
+  ),
+  prepared AS (
+    SELECT st.run_id, st.step_slug, st.task_index, st.message_id,
+           coalesce(s.opt_timeout, f.opt_timeout) + 2 AS vt_offset,
+           CASE
+             WHEN s.step_type = 'map' AND s.deps_count = 0 THEN
+               r.input -> st.task_index
+             WHEN s.step_type = 'map' THEN (
+               SELECT CASE
+                        WHEN parent.step_type = 'map' THEN (
+                          SELECT pt.output FROM pgflow.step_tasks pt
+                           WHERE pt.run_id = st.run_id
+                             AND pt.step_slug = d.dep_slug
+                             AND pt.task_index = st.task_index)
+                        ELSE (
+                          SELECT pt.output -> st.task_index FROM pgflow.step_tasks pt
+                           WHERE pt.run_id = st.run_id
+                             AND pt.step_slug = d.dep_slug
+                             AND pt.task_index = 0)
+                      END
+                 FROM pgflow.deps d
+                 JOIN pgflow.steps parent
+                   ON parent.flow_slug = d.flow_slug AND parent.step_slug = d.dep_slug
+                WHERE d.flow_slug = s.flow_slug
+                  AND d.step_slug = s.step_slug)
+             ELSE
+               jsonb_build_object('run', r.input) || coalesce((
+                 SELECT jsonb_object_agg(d.dep_slug,
+                                         pgflow._step_output(st.run_id, d.dep_slug, parent.step_type))
+                   FROM pgflow.deps d
+                   JOIN pgflow.steps parent
+                     ON parent.flow_slug = d.flow_slug AND parent.step_slug = d.dep_slug
+                  WHERE d.flow_slug = s.flow_slug
+                    AND d.step_slug = s.step_slug), '{}'::jsonb)
+           END AS input
+      FROM started st
+      JOIN pgflow.runs r ON r.run_id = st.run_id
+      JOIN pgflow.steps s ON s.flow_slug = start_tasks.flow_slug AND s.step_slug = st.step_slug
+      JOIN pgflow.flows f ON f.flow_slug = start_tasks.flow_slug
+  )
+  -- Plain aggregates over a sorted input: ordered aggregates cost more to set up than
+  -- this whole statement takes to run for a small batch.
+  SELECT array_agg(p.run_id), array_agg(p.step_slug), array_agg(p.task_index),
+         array_agg(p.message_id), array_agg(p.input), array_agg(p.vt_offset)
+    INTO v_run_ids, v_step_slugs, v_task_indexes, v_msg_ids, v_inputs, v_vt_offsets
+    FROM (SELECT * FROM prepared ORDER BY prepared.message_id) p;
+
+  IF v_msg_ids IS NULL THEN
+    RETURN;
+  END IF;
+
+  -- Messages last (lock level 5): the handler gets timeout + 2 seconds before the
+  -- message reappears for another worker.
+  PERFORM pgflow.set_vt_batch(start_tasks.flow_slug, v_msg_ids, v_vt_offsets);
+
+  RETURN QUERY
+  SELECT start_tasks.flow_slug, u.run_id, u.step_slug, u.input, u.msg_id, u.task_index
+    FROM unnest(v_run_ids, v_step_slugs, v_inputs, v_msg_ids, v_task_indexes)
+         AS u(run_id, step_slug, input, msg_id, task_index);
+END;
+$$;
+
+-- EXTENSION beyond pgflow 0.8.1: complete many tasks in one call and one transaction,
+-- with exactly the semantics of calling complete_task for each of them: the Rust worker
+-- reports a finished batch with it. Task i is (run_ids[i], step_slugs[i],
+-- task_indexes[i]) with output outputs[i]; the arrays must have the same length. A task
+-- listed twice keeps its first output. Returns one row per listed task that exists,
+-- ordered by (run_id, step_slug, task_index), except tasks that caused a type
+-- violation (as complete_task, which is this function with a batch of one).
+--
+-- Every statement on the hot path is a full primary-key lookup or a TID scan, so cached
+-- generic plans stay right however small or unanalysed the tables are.
+CREATE FUNCTION pgflow.complete_tasks(
+  run_ids      uuid[],
+  step_slugs   text[],
+  task_indexes integer[],
+  outputs      jsonb[]
+)
+RETURNS SETOF pgflow.step_tasks
+LANGUAGE plpgsql
+VOLATILE
+SET search_path = ''
+SET plan_cache_mode = force_generic_plan
+AS $$
+DECLARE
+  v_n           integer := coalesce(cardinality(complete_tasks.run_ids), 0);
+  v_item        record;
+  v_task        pgflow.step_tasks;
+  -- the batch's distinct tasks that exist, in key order (lock order)
+  v_rows        pgflow.step_tasks[] := '{}';
+  v_ctids       tid[] := '{}';
+  v_locked      record;
+  v_group_ctids tid[];
+  v_outputs     jsonb[] := '{}';
+  v_skip        boolean[] := '{}';
+  -- one group per (run, step) with started tasks: positions first .. last in v_rows
+  g_first       integer[] := '{}';
+  g_last        integer[] := '{}';
+  g_count       integer[] := '{}';
+  i             integer;
+  j             integer;
+  k             integer;
+  v_ss          record;
+  v_run_id      uuid;
+  v_run_status  text;
+  v_run_locked  boolean := false;
+  v_advance     boolean := false;
+  v_completes   boolean;
+  v_output      jsonb;
+  v_child       text;
+  v_type        text;
+  v_msgs        bigint[];
+  v_archive_q   text[] := '{}';
+  v_archive_ids bigint[] := '{}';
+  v_queue       text;
+BEGIN
+  IF coalesce(cardinality(complete_tasks.step_slugs), 0) <> v_n
+     OR coalesce(cardinality(complete_tasks.task_indexes), 0) <> v_n
+     OR coalesce(cardinality(complete_tasks.outputs), 0) <> v_n THEN
+    RAISE EXCEPTION 'run_ids, step_slugs, task_indexes and outputs must have the same length (got %, %, %, %)',
+      v_n, coalesce(cardinality(complete_tasks.step_slugs), 0),
+      coalesce(cardinality(complete_tasks.task_indexes), 0),
+      coalesce(cardinality(complete_tasks.outputs), 0);
+  END IF;
+
+  -- Lock level 1: every task row of the batch, in key order, before anything else.
+  FOR v_item IN
+    SELECT DISTINCT ON (b.run_id, b.step_slug, b.task_index)
+           b.run_id, b.step_slug, b.task_index, b.output
+      FROM unnest(complete_tasks.run_ids, complete_tasks.step_slugs,
+                  complete_tasks.task_indexes, complete_tasks.outputs)
+           WITH ORDINALITY AS b(run_id, step_slug, task_index, output, ord)
+     ORDER BY b.run_id, b.step_slug, b.task_index, b.ord
+  LOOP
+    SELECT t.ctid AS tid, t AS task INTO v_locked
+      FROM pgflow.step_tasks t
+     WHERE t.run_id = v_item.run_id
+       AND t.step_slug = v_item.step_slug
+       AND t.task_index = v_item.task_index
+       FOR NO KEY UPDATE;
+    CONTINUE WHEN NOT FOUND;
+
+    v_task := v_locked.task;
+    v_rows := v_rows || v_task;
+    v_ctids := v_ctids || v_locked.tid;
+    v_outputs := v_outputs || v_item.output;
+    v_skip := v_skip || false;
+    i := cardinality(v_rows);
+    IF v_task.status = 'started' THEN
+      IF cardinality(g_first) > 0
+         AND v_rows[g_last[cardinality(g_last)]].run_id = v_task.run_id
+         AND v_rows[g_last[cardinality(g_last)]].step_slug = v_task.step_slug THEN
+        g_last[cardinality(g_last)] := i;
+        g_count[cardinality(g_count)] := g_count[cardinality(g_count)] + 1;
+      ELSE
+        g_first := g_first || i;
+        g_last := g_last || i;
+        g_count := g_count || 1;
+      END IF;
+    END IF;
+  END LOOP;
+
+  -- Lock level 2: the step states of those groups, in key order, all of them before
+  -- any run lock is taken.
+  FOR j IN 1 .. cardinality(g_first) LOOP
+    PERFORM 1
+       FROM pgflow.step_states ss
+      WHERE ss.run_id = v_rows[g_first[j]].run_id
+        AND ss.step_slug = v_rows[g_first[j]].step_slug
+        FOR NO KEY UPDATE;
+  END LOOP;
+
+  FOR j IN 1 .. cardinality(g_first) LOOP
+    i := g_first[j];
+
+    IF v_rows[i].run_id IS DISTINCT FROM v_run_id THEN
+      -- Follow-up work for the previous run, only if one of its steps finished.
+      IF v_advance THEN
+        PERFORM pgflow.start_ready_steps(v_run_id);
+        PERFORM pgflow.maybe_complete_run(v_run_id);
+      END IF;
+      v_run_id := v_rows[i].run_id;
+      v_run_locked := false;
+      v_advance := false;
+      -- Read after the step states are locked: a run failed by a transaction that held
+      -- one of them is seen here.
+      SELECT r.status INTO v_run_status FROM pgflow.runs r WHERE r.run_id = v_run_id;
+    END IF;
+
+    CONTINUE WHEN v_run_status = 'failed';
+
+    SELECT ss.status, ss.remaining_tasks, ss.initial_tasks, ss.started_at, s.step_type
+      INTO v_ss
+      FROM pgflow.step_states ss
+      JOIN pgflow.steps s ON s.flow_slug = ss.flow_slug AND s.step_slug = ss.step_slug
+     WHERE ss.run_id = v_run_id
+       AND ss.step_slug = v_rows[i].step_slug;
+
+    v_completes := v_ss.status = 'started' AND v_ss.remaining_tasks <= g_count[j];
+
+    -- Lock level 3, only for tasks that finish their step, and before any change.
+    IF v_completes AND NOT v_run_locked THEN
+      SELECT r.status INTO v_run_status
+        FROM pgflow.runs r
+       WHERE r.run_id = v_run_id
+         FOR NO KEY UPDATE;
+      v_run_locked := true;
+      CONTINUE WHEN v_run_status = 'failed';
+    END IF;
+
+    -- A single step has one task: this group is it.
+    v_output := CASE WHEN v_ss.step_type = 'single' THEN v_outputs[i] END;
+
+    -- Type violation: a dependent map still waiting for its array gets a non-array.
+    IF v_completes AND v_ss.step_type = 'single'
+       AND jsonb_typeof(v_output) IS DISTINCT FROM 'array' THEN
+      SELECT cs.step_slug INTO v_child
+        FROM pgflow.deps d
+        JOIN pgflow.steps cs ON cs.flow_slug = d.flow_slug AND cs.step_slug = d.step_slug
+        JOIN pgflow.step_states css ON css.run_id = v_run_id AND css.step_slug = d.step_slug
+       WHERE d.flow_slug = v_rows[i].flow_slug
+         AND d.dep_slug = v_rows[i].step_slug
+         AND cs.step_type = 'map'
+         AND css.initial_tasks IS NULL
+       ORDER BY cs.step_index
+       LIMIT 1;
+
+      IF FOUND THEN
+        v_type := coalesce(jsonb_typeof(v_output), 'null');
+
+        UPDATE pgflow.step_tasks t
+           SET status = 'failed',
+               failed_at = now(),
+               output = v_output,
+               error_message = '[TYPE_VIOLATION] Produced ' || v_type || ' instead of array'
+         WHERE t.run_id = v_run_id
+           AND t.step_slug = v_rows[i].step_slug
+           AND t.task_index = v_rows[i].task_index;
+
+        v_msgs := pgflow._fail_run(
+          v_run_id, v_rows[i].flow_slug, v_rows[i].step_slug,
+          '[TYPE_VIOLATION] Map step ' || v_child || ' expects array input but dependency '
+            || v_rows[i].step_slug || ' produced ' || v_type);
+
+        v_msgs := v_msgs || v_rows[i].message_id;
+        v_archive_q := v_archive_q || array_fill(v_rows[i].flow_slug, ARRAY[cardinality(v_msgs)]);
+        v_archive_ids := v_archive_ids || v_msgs;
+        v_skip[i] := true;
+        v_run_status := 'failed';
+        v_advance := false;
+        CONTINUE;
+      END IF;
+    END IF;
+
+    -- One statement for the group, addressed by the tuple ids of the rows locked above
+    -- (a TID scan: no plan choice to get wrong, and the check constraints are set up
+    -- once per group rather than once per task).
+    v_group_ctids := v_ctids[g_first[j]:g_last[j]];
+    FOR v_task IN
+      UPDATE pgflow.step_tasks t
+         SET status = 'completed',
+             completed_at = now(),
+             output = v_outputs[g_first[j] - 1 + array_position(v_group_ctids, t.ctid)]
+       WHERE t.ctid = ANY(v_group_ctids)
+      RETURNING *
+    LOOP
+      -- rows of a group are consecutive and sorted by task_index
+      FOR k IN g_first[j] .. g_last[j] LOOP
+        IF v_rows[k].task_index = v_task.task_index THEN
+          v_rows[k] := v_task;
+          EXIT;
+        END IF;
+      END LOOP;
+      v_archive_q := v_archive_q || v_task.flow_slug;
+      v_archive_ids := v_archive_ids || v_task.message_id;
+    END LOOP;
+
+    UPDATE pgflow.step_states ss
+       SET remaining_tasks = CASE WHEN v_completes THEN 0
+                                  ELSE ss.remaining_tasks - g_count[j] END,
+           status = CASE WHEN v_completes THEN 'completed' ELSE ss.status END,
+           completed_at = CASE WHEN v_completes THEN now() ELSE ss.completed_at END
+     WHERE ss.run_id = v_run_id
+       AND ss.step_slug = v_rows[i].step_slug;
+
+    IF v_completes THEN
+      PERFORM pgflow._on_step_completed(
+        v_run_id, v_rows[i].flow_slug, v_rows[i].step_slug, v_ss.step_type,
+        v_ss.initial_tasks, v_output, v_ss.started_at);
+      v_advance := true;
+    END IF;
+  END LOOP;
+
+  IF v_advance THEN
+    PERFORM pgflow.start_ready_steps(v_run_id);
+    PERFORM pgflow.maybe_complete_run(v_run_id);
+  END IF;
+
+  -- Lock level 5, last: archive per queue, in (queue, msg_id) order.
+  IF cardinality(v_archive_ids) > 0 AND v_archive_q[1] = ALL(v_archive_q) THEN
+    PERFORM pgflow._archive_messages(v_archive_q[1], v_archive_ids);
+  ELSIF cardinality(v_archive_ids) > 0 THEN
+    FOR v_queue, v_msgs IN
+      SELECT a.queue, array_agg(a.msg_id)
+        FROM unnest(v_archive_q, v_archive_ids) AS a(queue, msg_id)
+       GROUP BY a.queue
+       ORDER BY a.queue
+    LOOP
+      PERFORM pgflow._archive_messages(v_queue, v_msgs);
+    END LOOP;
+  END IF;
+
+  FOR i IN 1 .. cardinality(v_rows) LOOP
+    CONTINUE WHEN v_skip[i];
+    RETURN NEXT v_rows[i];
+  END LOOP;
+END;
+$$;
+
+CREATE FUNCTION pgflow.complete_task(run_id uuid, step_slug text, task_index integer, output jsonb)
+RETURNS SETOF pgflow.step_tasks
+LANGUAGE plpgsql
+VOLATILE
+SET search_path = ''
+SET plan_cache_mode = force_generic_plan
+AS $$
+BEGIN
+  RETURN QUERY
+  SELECT * FROM pgflow.complete_tasks(
+    ARRAY[complete_task.run_id],
+    ARRAY[complete_task.step_slug],
+    ARRAY[complete_task.task_index],
+    ARRAY[complete_task.output]);
+END;
+$$;
+
+CREATE FUNCTION pgflow.fail_task(run_id uuid, step_slug text, task_index integer, error_message text)
+RETURNS SETOF pgflow.step_tasks
+LANGUAGE plpgsql
+VOLATILE
+SET search_path = ''
+SET plan_cache_mode = force_generic_plan
+AS $$
+DECLARE
+  v_flow_slug    text;
+  v_run_status   text;
+  v_task         pgflow.step_tasks;
+  v_max_attempts integer;
+  v_base_delay   integer;
+  v_msgs         bigint[];
+BEGIN
+  -- Lock level 1: the task row.
+  SELECT * INTO v_task
+    FROM pgflow.step_tasks t
+   WHERE t.run_id = fail_task.run_id
+     AND t.step_slug = fail_task.step_slug
+     AND t.task_index = fail_task.task_index
+     FOR NO KEY UPDATE;
+  IF NOT FOUND THEN
+    RETURN;
+  END IF;
+
+  SELECT r.flow_slug, r.status INTO v_flow_slug, v_run_status
+    FROM pgflow.runs r
+   WHERE r.run_id = fail_task.run_id;
+
+  IF v_run_status <> 'failed' AND v_task.status = 'started' THEN
+    SELECT coalesce(s.opt_max_attempts, f.opt_max_attempts),
+           coalesce(s.opt_base_delay, f.opt_base_delay)
+      INTO v_max_attempts, v_base_delay
+      FROM pgflow.steps s
+      JOIN pgflow.flows f ON f.flow_slug = s.flow_slug
+     WHERE s.flow_slug = v_flow_slug
+       AND s.step_slug = fail_task.step_slug;
+
+    IF v_task.attempts_count < v_max_attempts THEN
+      -- Retry: back to queued; the message reappears after the backoff. No step or
+      -- run lock needed, nothing else changes.
+      UPDATE pgflow.step_tasks t
+         SET status = 'queued',
+             started_at = NULL,
+             error_message = fail_task.error_message
+       WHERE t.run_id = fail_task.run_id
+         AND t.step_slug = fail_task.step_slug
+         AND t.task_index = fail_task.task_index
+      RETURNING * INTO v_task;
+
+      IF v_task.message_id IS NOT NULL THEN
+        PERFORM pgmq.set_vt(v_flow_slug, v_task.message_id,
+                            pgflow.calculate_retry_delay(v_base_delay, v_task.attempts_count));
+      END IF;
+      RETURN NEXT v_task;
+      RETURN;
+    END IF;
+
+    -- Exhausted: lock level 2 then 3, and look at the run again under its lock.
+    PERFORM 1
+       FROM pgflow.step_states ss
+      WHERE ss.run_id = fail_task.run_id
+        AND ss.step_slug = fail_task.step_slug
+        FOR NO KEY UPDATE;
+    SELECT r.status INTO v_run_status
+      FROM pgflow.runs r
+     WHERE r.run_id = fail_task.run_id
+       FOR NO KEY UPDATE;
+  END IF;
+
+  IF v_task.status = 'started' THEN
+    UPDATE pgflow.step_tasks t
+       SET status = 'failed',
+           failed_at = now(),
+           error_message = fail_task.error_message
+     WHERE t.run_id = fail_task.run_id
+       AND t.step_slug = fail_task.step_slug
+       AND t.task_index = fail_task.task_index
+    RETURNING * INTO v_task;
+
+    IF v_run_status <> 'failed' THEN
+      v_msgs := pgflow._fail_run(fail_task.run_id, v_flow_slug, fail_task.step_slug,
+                                 fail_task.error_message);
+    END IF;
+  END IF;
+
+  -- A task that was not started changes nothing; on a failed run its message goes to
+  -- the archive all the same (it cannot be needed any more).
+  IF v_task.status = 'failed' OR v_run_status = 'failed' THEN
+    PERFORM pgflow._archive_messages(v_flow_slug, array_append(v_msgs, v_task.message_id));
+  END IF;
+
+  RETURN NEXT v_task;
+END;
+$$;
+
+-- -------------------------------------------------------------------------------------
+-- Reading
+-- -------------------------------------------------------------------------------------
+
+CREATE FUNCTION pgflow.get_run_with_states(run_id uuid)
+RETURNS jsonb
+LANGUAGE sql
+STABLE
+SET search_path = ''
+AS $$
+  SELECT jsonb_build_object(
+           'run', to_jsonb(r),
+           'steps', coalesce((
+             SELECT jsonb_agg(to_jsonb(ss) ORDER BY s.step_index)
+               FROM pgflow.step_states ss
+               JOIN pgflow.steps s ON s.flow_slug = ss.flow_slug AND s.step_slug = ss.step_slug
+              WHERE ss.run_id = r.run_id), '[]'::jsonb))
+    FROM pgflow.runs r
+   WHERE r.run_id = get_run_with_states.run_id
+$$;
+
+CREATE FUNCTION pgflow.start_flow_with_states(flow_slug text, input jsonb, run_id uuid DEFAULT NULL)
+RETURNS jsonb
+LANGUAGE plpgsql
+VOLATILE
+SET search_path = ''
+AS $$
+DECLARE
+  v_run_id uuid;
+BEGIN
+  SELECT r.run_id INTO v_run_id
+    FROM pgflow.start_flow(start_flow_with_states.flow_slug, start_flow_with_states.input,
+                           start_flow_with_states.run_id) r;
+  RETURN pgflow.get_run_with_states(v_run_id);
+END;
+$$;
+
+CREATE FUNCTION pgflow.poll_for_tasks(
+  queue_name       text,
+  vt               integer,
+  qty              integer,
+  max_poll_seconds integer DEFAULT 5,
+  poll_interval_ms integer DEFAULT 100
+)
+RETURNS SETOF pgflow.step_task_record
+LANGUAGE plpgsql
+VOLATILE
+SET search_path = ''
+AS $$
+BEGIN
+  RAISE NOTICE 'pgflow.poll_for_tasks is deprecated since pgflow 0.8 and returns no tasks: '
+               'use pgmq.read_with_poll followed by pgflow.start_tasks';
+  RETURN;
+END;
+$$;
+
+-- -------------------------------------------------------------------------------------
+-- Privileges: nothing for public; the installer (or the user) grants explicitly.
+-- -------------------------------------------------------------------------------------
+
+REVOKE ALL ON SCHEMA pgflow FROM public;
+REVOKE ALL ON ALL TABLES IN SCHEMA pgflow FROM public;
+REVOKE EXECUTE ON ALL FUNCTIONS IN SCHEMA pgflow FROM public;
