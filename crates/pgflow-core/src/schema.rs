@@ -19,14 +19,36 @@ impl Migration {
     /// A stable checksum of the SQL text (FNV-1a, 64 bit, hex), recorded at install time so that
     /// an edited migration that was already applied is detected rather than silently skipped.
     pub fn checksum(&self) -> String {
-        let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
-        for byte in self.sql.bytes() {
-            hash ^= u64::from(byte);
-            hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
-        }
-        format!("{hash:016x}")
+        format!("{:016x}", fnv1a(self.sql.as_bytes()))
     }
 }
+
+fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |hash, byte| {
+        (hash ^ u64::from(*byte)).wrapping_mul(0x0000_0100_0000_01b3)
+    })
+}
+
+/// A fingerprint of the whole migration history: changes whenever any migration does. Used to
+/// name cached template databases in tests.
+pub fn fingerprint() -> String {
+    let all: String = MIGRATIONS.iter().map(Migration::checksum).collect();
+    format!("{:016x}", fnv1a(all.as_bytes()))
+}
+
+/// The schema (outside `pgflow`, which holds exactly the engine's seven tables) and table where
+/// applied migrations are recorded.
+pub const BOOKKEEPING_TABLE: &str = "pgflow_meta.schema_migrations";
+
+/// Creates the bookkeeping table if it is missing.
+pub const BOOKKEEPING_SQL: &str = "CREATE SCHEMA IF NOT EXISTS pgflow_meta;
+CREATE TABLE IF NOT EXISTS pgflow_meta.schema_migrations (
+    version int PRIMARY KEY,
+    name text NOT NULL,
+    checksum text NOT NULL,
+    applied_at timestamptz NOT NULL DEFAULT now()
+);
+";
 
 /// Every migration of the engine, oldest first.
 pub const MIGRATIONS: &[Migration] = &[Migration {
@@ -39,18 +61,27 @@ pub const MIGRATIONS: &[Migration] = &[Migration {
 pub const SCHEMA_VERSION: i32 = MIGRATIONS[MIGRATIONS.len() - 1].version;
 
 /// The complete install SQL (pgmq excluded): every migration in order, for users who keep the
-/// schema in their own migration files and apply it with `psql -f`.
+/// schema in their own migration files and apply it with `psql --single-transaction -f`. It
+/// records what it applied, so a later `Client::install` recognises the schema as its own.
 pub fn install_sql() -> String {
-    let mut out = String::new();
+    let mut out = String::from(BOOKKEEPING_SQL);
     for migration in MIGRATIONS {
         out.push_str(&format!(
-            "-- pgflow migration {:04}: {}\n",
+            "\n-- pgflow migration {:04}: {}\n",
             migration.version, migration.name
         ));
         out.push_str(migration.sql);
         if !migration.sql.ends_with('\n') {
             out.push('\n');
         }
+        // Recorded like `Client::install` records it, so that a later install recognises
+        // this schema as ours instead of refusing it as foreign.
+        out.push_str(&format!(
+            "INSERT INTO {BOOKKEEPING_TABLE} (version, name, checksum) VALUES ({}, '{}', '{}');\n",
+            migration.version,
+            migration.name,
+            migration.checksum()
+        ));
     }
     out
 }
