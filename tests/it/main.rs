@@ -1,4 +1,9 @@
 //! Integration tests: one binary, each test in its own database on a real PostgreSQL server
 //! (`DATABASE_URL`, or a throwaway server started for this process).
 
+// Test helpers are shared between modules with `pub`; the binary exports nothing.
+#![allow(unreachable_pub)]
+
+mod client;
+mod engine;
 mod install;

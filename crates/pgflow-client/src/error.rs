@@ -1,5 +1,12 @@
 //! The one error type of this crate.
 
+use std::time::Duration;
+
+use uuid::Uuid;
+
+use crate::definition::Difference;
+use crate::run::RunFailure;
+
 /// Everything that can go wrong while talking to the database or running a worker.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -64,6 +71,124 @@ pub enum Error {
     /// The throwaway server could not be started.
     #[error("throwaway PostgreSQL: {0}")]
     Throwaway(String),
+
+    /// The flow definition is invalid (slugs, duplicate steps, option ranges); nothing was sent
+    /// to the database.
+    #[error(transparent)]
+    Flow(#[from] pgflow_core::Error),
+
+    /// The database holds a different definition of this flow.
+    #[error(
+        "flow `{flow}` in the database differs from the one being compiled:\n{}\nchange the flow's \
+         slug for a new version, or compile with a Replace mode",
+        differences.iter().map(|d| format!("  - {d}")).collect::<Vec<_>>().join("\n")
+    )]
+    FlowDrift {
+        /// The flow.
+        flow: String,
+        /// Each difference, in plain words when displayed.
+        differences: Vec<Difference>,
+    },
+
+    /// Replacing a definition was refused because the flow has runs.
+    #[error(
+        "flow `{flow}` has {runs} run(s); its definition is only replaced with \
+         Replace::DeletingRuns, which deletes them"
+    )]
+    FlowHasRuns {
+        /// The flow.
+        flow: String,
+        /// How many runs it has.
+        runs: u64,
+    },
+
+    /// No flow of that slug is in the database.
+    #[error(
+        "flow `{flow}` is not in the database (compile it first); flows there: [{}]",
+        flows.join(", ")
+    )]
+    UnknownFlow {
+        /// The slug asked for.
+        flow: String,
+        /// The flows that do exist.
+        flows: Vec<String>,
+    },
+
+    /// The engine refused to start a run with this input (e.g. a root map over a non-array).
+    #[error("cannot start flow `{flow}`: {message}")]
+    InvalidInput {
+        /// The flow.
+        flow: String,
+        /// The engine's message.
+        message: String,
+    },
+
+    /// The input could not be turned into JSON.
+    #[error("the flow input cannot be serialized to JSON")]
+    InputNotSerializable(#[source] serde_json::Error),
+
+    /// No run has this id.
+    #[error("there is no run {0}")]
+    UnknownRun(Uuid),
+
+    /// A caller-chosen run id is already used by a run of another flow.
+    #[error("run id {run_id} is already used by a run of flow `{flow}`, not `{requested}`")]
+    RunIdTaken {
+        /// The run id.
+        run_id: Uuid,
+        /// The flow of the existing run.
+        flow: String,
+        /// The flow that was asked for.
+        requested: String,
+    },
+
+    /// The run failed.
+    #[error("{0}")]
+    RunFailed(Box<RunFailure>),
+
+    /// Waiting for a run gave up; the run itself goes on.
+    #[error("run {run_id} did not finish within {waited:?}")]
+    WaitTimedOut {
+        /// The run.
+        run_id: Uuid,
+        /// How long we waited.
+        waited: Duration,
+    },
+
+    /// A completed run has no output for that step.
+    #[error("no output for step `{step}`; steps with outputs: [{}]", steps.join(", "))]
+    NoSuchOutput {
+        /// The step asked for.
+        step: String,
+        /// The steps that have outputs.
+        steps: Vec<String>,
+    },
+
+    /// A step's output does not deserialize into the type asked for.
+    #[error("the output of step `{step}` does not have the expected type")]
+    OutputType {
+        /// The step.
+        step: String,
+        /// Why deserialization failed.
+        #[source]
+        source: serde_json::Error,
+    },
+}
+
+impl Error {
+    /// Maps an error of `pgflow.start_flow`: the engine's own exceptions (SQLSTATE P0001) are
+    /// refused input; anything else is a database error.
+    pub(crate) fn from_start(flow: &str, err: sqlx::Error) -> Self {
+        match &err {
+            sqlx::Error::Database(db) if db.code().as_deref() == Some("P0001") => {
+                Self::InvalidInput {
+                    flow: flow.to_string(),
+                    message: db.message().to_string(),
+                }
+            }
+            _ => Self::Database(err),
+        }
+    }
 }
 
 /// `Result` with this crate's [`Error`].

@@ -5,10 +5,18 @@
 //! |---|---|
 //! | `throwaway` | [`throwaway`]: a throwaway PostgreSQL server and fresh test databases |
 
+mod client;
+mod definition;
 mod error;
+pub mod events;
 mod install;
+mod run;
 #[cfg(feature = "throwaway")]
 pub mod throwaway;
 
+pub use client::Client;
+pub use definition::{Compiled, Difference, Replace, differences};
 pub use error::{Error, Result};
+pub use events::{EventKind, RunEvent, RunEvents, Subscription};
 pub use install::{InstallReport, install, install_pgmq};
+pub use run::{RunFailure, RunHandle, RunOutput, RunRow, RunState, StepStateRow, TaskRow};

@@ -1,0 +1,444 @@
+//! Flow definitions in the database: applying a flow's shape, reading it back, and the
+//! differences between the two.
+
+use std::fmt;
+
+use pgflow_core::{FlowOptions, FlowShape, StepKind, StepOptions, StepShape};
+use sqlx::{PgConnection, Postgres, Transaction};
+
+use crate::{Error, Result};
+
+/// The defaults of `pgflow.create_flow`, which is what an unset flow option becomes.
+const DEFAULT_MAX_ATTEMPTS: u32 = 3;
+const DEFAULT_BASE_DELAY: u32 = 5;
+const DEFAULT_TIMEOUT: u32 = 60;
+
+/// What [`Client::compile`](crate::Client::compile) did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Compiled {
+    /// The flow was not in the database and has been created.
+    Created,
+    /// The database already held exactly this flow; nothing was changed.
+    Unchanged,
+    /// The stored definition differed and was replaced (only with a [`Replace`] mode).
+    Replaced {
+        /// How many runs of the old definition were deleted.
+        deleted_runs: u64,
+    },
+}
+
+/// How [`Client::compile_replacing`](crate::Client::compile_replacing) treats a stored flow
+/// that differs from the one being compiled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Replace {
+    /// Recreate the definition only if the flow has no runs; otherwise fail.
+    IfNoRuns,
+    /// Delete every run of the flow (their tasks, states and queued messages), then recreate
+    /// the definition. Data loss, on purpose.
+    DeletingRuns,
+}
+
+/// One difference between a stored flow definition and the one being compiled.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Difference {
+    /// A step the database does not have.
+    StepAdded {
+        /// Slug of the new step.
+        step: String,
+    },
+    /// A step the database has and the flow does not.
+    StepRemoved {
+        /// Slug of the missing step.
+        step: String,
+    },
+    /// A step at another position in the order of definition.
+    StepMoved {
+        /// Slug of the step.
+        step: String,
+        /// Its position in the database.
+        stored: usize,
+        /// Its position in the flow.
+        compiled: usize,
+    },
+    /// A step's kind (single or map) differs.
+    KindChanged {
+        /// Slug of the step.
+        step: String,
+        /// Kind in the database.
+        stored: StepKind,
+        /// Kind in the flow.
+        compiled: StepKind,
+    },
+    /// A step's dependencies differ.
+    DependenciesChanged {
+        /// Slug of the step.
+        step: String,
+        /// Dependencies in the database, sorted.
+        stored: Vec<String>,
+        /// Dependencies in the flow, sorted.
+        compiled: Vec<String>,
+    },
+    /// An option differs; `step` is `None` for a flow-level option. `None` values mean unset
+    /// (inherited from the flow).
+    OptionChanged {
+        /// The step, or `None` for the flow itself.
+        step: Option<String>,
+        /// The option's name, as in `add_step`.
+        option: &'static str,
+        /// The stored value.
+        stored: Option<u32>,
+        /// The compiled value.
+        compiled: Option<u32>,
+    },
+}
+
+impl fmt::Display for Difference {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fn value(v: &Option<u32>) -> String {
+            v.map_or_else(|| "unset".to_string(), |v| v.to_string())
+        }
+        match self {
+            Self::StepAdded { step } => write!(f, "step `{step}` is new"),
+            Self::StepRemoved { step } => write!(f, "step `{step}` is no longer in the flow"),
+            Self::StepMoved {
+                step,
+                stored,
+                compiled,
+            } => write!(
+                f,
+                "step `{step}` moved from position {stored} to position {compiled}"
+            ),
+            Self::KindChanged {
+                step,
+                stored,
+                compiled,
+            } => write!(
+                f,
+                "step `{step}` changed from a {stored} step to a {compiled} step"
+            ),
+            Self::DependenciesChanged {
+                step,
+                stored,
+                compiled,
+            } => write!(
+                f,
+                "step `{step}` depends on [{}] instead of [{}]",
+                compiled.join(", "),
+                stored.join(", ")
+            ),
+            Self::OptionChanged {
+                step: Some(step),
+                option,
+                stored,
+                compiled,
+            } => write!(
+                f,
+                "step `{step}` option {option} is {} instead of {}",
+                value(compiled),
+                value(stored)
+            ),
+            Self::OptionChanged {
+                step: None,
+                option,
+                stored,
+                compiled,
+            } => write!(
+                f,
+                "flow option {option} is {} instead of {}",
+                value(compiled),
+                value(stored)
+            ),
+        }
+    }
+}
+
+/// The differences between a stored shape and a compiled one, in a stable order: flow options,
+/// then steps in the compiled order, then removed steps.
+pub fn differences(stored: &FlowShape, compiled: &FlowShape) -> Vec<Difference> {
+    let mut out = Vec::new();
+    let flow_options = |o: &FlowOptions| {
+        [
+            (
+                "max_attempts",
+                o.max_attempts.unwrap_or(DEFAULT_MAX_ATTEMPTS),
+            ),
+            ("base_delay", o.base_delay.unwrap_or(DEFAULT_BASE_DELAY)),
+            ("timeout", o.timeout.unwrap_or(DEFAULT_TIMEOUT)),
+        ]
+    };
+    for ((option, old), (_, new)) in flow_options(&stored.options)
+        .into_iter()
+        .zip(flow_options(&compiled.options))
+    {
+        if old != new {
+            out.push(Difference::OptionChanged {
+                step: None,
+                option,
+                stored: Some(old),
+                compiled: Some(new),
+            });
+        }
+    }
+    for (position, step) in compiled.steps.iter().enumerate() {
+        let Some((stored_position, old)) = stored
+            .steps
+            .iter()
+            .enumerate()
+            .find(|(_, s)| s.slug == step.slug)
+        else {
+            out.push(Difference::StepAdded {
+                step: step.slug.clone(),
+            });
+            continue;
+        };
+        if stored_position != position {
+            out.push(Difference::StepMoved {
+                step: step.slug.clone(),
+                stored: stored_position,
+                compiled: position,
+            });
+        }
+        step_differences(old, step, &mut out);
+    }
+    for step in &stored.steps {
+        if !compiled.steps.iter().any(|s| s.slug == step.slug) {
+            out.push(Difference::StepRemoved {
+                step: step.slug.clone(),
+            });
+        }
+    }
+    out
+}
+
+fn step_differences(stored: &StepShape, compiled: &StepShape, out: &mut Vec<Difference>) {
+    if stored.kind != compiled.kind {
+        out.push(Difference::KindChanged {
+            step: compiled.slug.clone(),
+            stored: stored.kind,
+            compiled: compiled.kind,
+        });
+    }
+    let sorted = |deps: &[String]| {
+        let mut deps = deps.to_vec();
+        deps.sort();
+        deps
+    };
+    let (old_deps, new_deps) = (sorted(&stored.dependencies), sorted(&compiled.dependencies));
+    if old_deps != new_deps {
+        out.push(Difference::DependenciesChanged {
+            step: compiled.slug.clone(),
+            stored: old_deps,
+            compiled: new_deps,
+        });
+    }
+    let options = |o: &StepOptions| {
+        [
+            ("max_attempts", o.max_attempts),
+            ("base_delay", o.base_delay),
+            ("timeout", o.timeout),
+            ("start_delay", o.start_delay),
+        ]
+    };
+    for ((option, old), (_, new)) in options(&stored.options)
+        .into_iter()
+        .zip(options(&compiled.options))
+    {
+        if old != new {
+            out.push(Difference::OptionChanged {
+                step: Some(compiled.slug.clone()),
+                option,
+                stored: old,
+                compiled: new,
+            });
+        }
+    }
+}
+
+/// Reads a flow's stored shape, or `None` when the database has no such flow.
+pub(crate) async fn stored_shape(conn: &mut PgConnection, slug: &str) -> Result<Option<FlowShape>> {
+    let flow: Option<(i32, i32, i32)> = sqlx::query_as(
+        "SELECT opt_max_attempts, opt_base_delay, opt_timeout FROM pgflow.flows WHERE flow_slug = $1",
+    )
+    .bind(slug)
+    .fetch_optional(&mut *conn)
+    .await?;
+    let Some((max_attempts, base_delay, timeout)) = flow else {
+        return Ok(None);
+    };
+    type StepRow = (
+        String,
+        String,
+        Option<i32>,
+        Option<i32>,
+        Option<i32>,
+        Option<i32>,
+        Vec<String>,
+    );
+    let rows: Vec<StepRow> = sqlx::query_as(
+        "SELECT s.step_slug, s.step_type, s.opt_max_attempts, s.opt_base_delay, s.opt_timeout,
+                s.opt_start_delay,
+                coalesce(array_agg(d.dep_slug ORDER BY d.dep_slug) FILTER (WHERE d.dep_slug IS NOT NULL), '{}')
+           FROM pgflow.steps s
+           LEFT JOIN pgflow.deps d ON d.flow_slug = s.flow_slug AND d.step_slug = s.step_slug
+          WHERE s.flow_slug = $1
+          GROUP BY s.flow_slug, s.step_slug
+          ORDER BY s.step_index",
+    )
+    .bind(slug)
+    .fetch_all(&mut *conn)
+    .await?;
+    let to_u32 = |v: i32| u32::try_from(v).unwrap_or(0);
+    let steps = rows
+        .into_iter()
+        .map(
+            |(slug, kind, max_attempts, base_delay, timeout, start_delay, deps)| StepShape {
+                kind: if kind == "map" {
+                    StepKind::Map
+                } else {
+                    StepKind::Single
+                },
+                dependencies: deps,
+                options: StepOptions {
+                    max_attempts: max_attempts.map(to_u32),
+                    base_delay: base_delay.map(to_u32),
+                    timeout: timeout.map(to_u32),
+                    start_delay: start_delay.map(to_u32),
+                },
+                ..StepShape::new(slug)
+            },
+        )
+        .collect();
+    Ok(Some(FlowShape {
+        slug: slug.to_string(),
+        options: FlowOptions {
+            max_attempts: Some(to_u32(max_attempts)),
+            base_delay: Some(to_u32(base_delay)),
+            timeout: Some(to_u32(timeout)),
+        },
+        steps,
+    }))
+}
+
+/// Applies a shape with `create_flow`/`add_step`, every value bound rather than spliced.
+pub(crate) async fn create(tx: &mut Transaction<'_, Postgres>, shape: &FlowShape) -> Result<()> {
+    let to_i32 = |v: u32| i32::try_from(v).unwrap_or(i32::MAX);
+    sqlx::query("SELECT pgflow.create_flow($1, $2, $3, $4)")
+        .bind(&shape.slug)
+        .bind(to_i32(
+            shape.options.max_attempts.unwrap_or(DEFAULT_MAX_ATTEMPTS),
+        ))
+        .bind(to_i32(
+            shape.options.base_delay.unwrap_or(DEFAULT_BASE_DELAY),
+        ))
+        .bind(to_i32(shape.options.timeout.unwrap_or(DEFAULT_TIMEOUT)))
+        .execute(&mut **tx)
+        .await?;
+    for step in &shape.steps {
+        sqlx::query("SELECT pgflow.add_step($1, $2, $3, $4, $5, $6, $7, $8)")
+            .bind(&shape.slug)
+            .bind(&step.slug)
+            .bind(&step.dependencies)
+            .bind(step.options.max_attempts.map(to_i32))
+            .bind(step.options.base_delay.map(to_i32))
+            .bind(step.options.timeout.map(to_i32))
+            .bind(step.options.start_delay.map(to_i32))
+            .bind(step.kind.as_str())
+            .execute(&mut **tx)
+            .await?;
+    }
+    Ok(())
+}
+
+/// Deletes a flow's definition, and its runs when `delete_runs`; returns the runs deleted.
+/// Fails with [`Error::FlowHasRuns`] when it has runs and `delete_runs` is false.
+pub(crate) async fn delete(
+    tx: &mut Transaction<'_, Postgres>,
+    slug: &str,
+    delete_runs: bool,
+) -> Result<u64> {
+    let runs: i64 = sqlx::query_scalar("SELECT count(*) FROM pgflow.runs WHERE flow_slug = $1")
+        .bind(slug)
+        .fetch_one(&mut **tx)
+        .await?;
+    if runs > 0 && !delete_runs {
+        return Err(Error::FlowHasRuns {
+            flow: slug.to_string(),
+            runs: u64::try_from(runs).unwrap_or(0),
+        });
+    }
+    for table in [
+        "step_tasks",
+        "step_states",
+        "runs",
+        "deps",
+        "steps",
+        "flows",
+    ] {
+        sqlx::query(&format!("DELETE FROM pgflow.{table} WHERE flow_slug = $1"))
+            .bind(slug)
+            .execute(&mut **tx)
+            .await?;
+    }
+    // The queue keeps its name (= the flow slug); its messages belonged to the deleted runs.
+    sqlx::query("SELECT pgmq.purge_queue($1) FROM pgmq.list_queues() q WHERE q.queue_name = $1")
+        .bind(slug)
+        .execute(&mut **tx)
+        .await?;
+    Ok(u64::try_from(runs).unwrap_or(0))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn shape(steps: Vec<StepShape>) -> FlowShape {
+        FlowShape {
+            slug: "f".into(),
+            options: FlowOptions::new(),
+            steps,
+        }
+    }
+
+    fn dep(slug: &str, deps: &[&str]) -> StepShape {
+        StepShape {
+            dependencies: deps.iter().map(|d| d.to_string()).collect(),
+            ..StepShape::new(slug)
+        }
+    }
+
+    #[test]
+    fn unset_flow_options_equal_the_engine_defaults() {
+        let mut stored = shape(vec![]);
+        stored.options = FlowOptions::new().max_attempts(3).base_delay(5).timeout(60);
+        assert!(differences(&stored, &shape(vec![])).is_empty());
+    }
+
+    #[test]
+    fn every_kind_of_change_is_named() {
+        let stored = shape(vec![dep("a", &[]), dep("b", &["a"]), dep("c", &["a"])]);
+        let mut compiled = shape(vec![dep("b", &[]), dep("a", &[]), dep("d", &["a"])]);
+        compiled.options = FlowOptions::new().timeout(10);
+        compiled.steps[1].kind = StepKind::Map;
+        compiled.steps[1].options = StepOptions::new().max_attempts(7);
+        let text: Vec<String> = differences(&stored, &compiled)
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        assert_eq!(
+            text,
+            [
+                "flow option timeout is 10 instead of 60",
+                "step `b` moved from position 1 to position 0",
+                "step `b` depends on [] instead of [a]",
+                "step `a` moved from position 0 to position 1",
+                "step `a` changed from a single step to a map step",
+                "step `a` option max_attempts is 7 instead of unset",
+                "step `d` is new",
+                "step `c` is no longer in the flow",
+            ]
+        );
+    }
+}

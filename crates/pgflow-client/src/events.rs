@@ -1,0 +1,213 @@
+//! The engine's events, as a stream: `run:started`, `step:started`, `step:completed`,
+//! `step:failed`, `run:completed`, `run:failed`.
+//!
+//! The engine publishes each event with `pg_notify` on channel [`CHANNEL`], in the transaction
+//! that makes the change, so listeners see them in commit order. Payloads carry identifiers,
+//! status and timestamps; outputs stay in the tables (NOTIFY payloads are limited to 8000 bytes).
+
+use std::fmt;
+
+use chrono::{DateTime, Utc};
+use futures_util::Stream;
+use serde::{Deserialize, Serialize};
+use sqlx::PgPool;
+use sqlx::postgres::PgListener;
+use uuid::Uuid;
+
+use crate::Result;
+
+/// The `LISTEN` channel of the engine's events.
+pub const CHANNEL: &str = "pgflow";
+
+/// What happened.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[non_exhaustive]
+pub enum EventKind {
+    /// `run:started`
+    #[serde(rename = "run:started")]
+    RunStarted,
+    /// `run:completed`
+    #[serde(rename = "run:completed")]
+    RunCompleted,
+    /// `run:failed`
+    #[serde(rename = "run:failed")]
+    RunFailed,
+    /// `step:started`
+    #[serde(rename = "step:started")]
+    StepStarted,
+    /// `step:completed`
+    #[serde(rename = "step:completed")]
+    StepCompleted,
+    /// `step:failed`
+    #[serde(rename = "step:failed")]
+    StepFailed,
+}
+
+impl EventKind {
+    /// The engine's name for it, e.g. `"step:completed"`.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::RunStarted => "run:started",
+            Self::RunCompleted => "run:completed",
+            Self::RunFailed => "run:failed",
+            Self::StepStarted => "step:started",
+            Self::StepCompleted => "step:completed",
+            Self::StepFailed => "step:failed",
+        }
+    }
+
+    /// Whether the run ends with this event.
+    pub const fn ends_run(self) -> bool {
+        matches!(self, Self::RunCompleted | Self::RunFailed)
+    }
+}
+
+impl fmt::Display for EventKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// One event of a run, as published by the engine.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct RunEvent {
+    /// What happened.
+    #[serde(rename = "event_type")]
+    pub kind: EventKind,
+    /// The run.
+    pub run_id: Uuid,
+    /// The run's flow.
+    #[serde(default)]
+    pub flow_slug: Option<String>,
+    /// The step, for `step:*` events.
+    #[serde(default)]
+    pub step_slug: Option<String>,
+    /// The new status.
+    #[serde(default)]
+    pub status: Option<String>,
+    /// The error, for `*:failed` events (cut to 1000 characters).
+    #[serde(default)]
+    pub error_message: Option<String>,
+    /// When the run or step started.
+    #[serde(default)]
+    pub started_at: Option<DateTime<Utc>>,
+    /// When it completed.
+    #[serde(default)]
+    pub completed_at: Option<DateTime<Utc>>,
+    /// When it failed.
+    #[serde(default)]
+    pub failed_at: Option<DateTime<Utc>>,
+}
+
+impl fmt::Display for RunEvent {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.kind)?;
+        if let Some(step) = &self.step_slug {
+            write!(f, " {step}")?;
+        }
+        if let Some(error) = &self.error_message {
+            write!(f, ": {error}")?;
+        }
+        Ok(())
+    }
+}
+
+/// A live subscription to the engine's events (a dedicated `LISTEN` connection).
+///
+/// Subscribe before starting a run to see every one of its events:
+///
+/// ```no_run
+/// # async fn demo(client: pgflow_client::Client) -> pgflow_client::Result<()> {
+/// use futures_util::StreamExt;
+///
+/// let subscription = client.subscribe().await?;
+/// let run = client.start_json("order_processing", serde_json::json!({"order_id": 1}), None).await?;
+/// let mut events = std::pin::pin!(subscription.run_events(run.id()));
+/// while let Some(event) = events.next().await {
+///     println!("{}", event?);
+/// }
+/// # Ok(()) }
+/// ```
+pub struct Subscription {
+    listener: PgListener,
+}
+
+impl fmt::Debug for Subscription {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Subscription").finish_non_exhaustive()
+    }
+}
+
+impl Subscription {
+    /// Opens a `LISTEN` connection on the engine's channel.
+    pub async fn listen(pool: &PgPool) -> Result<Self> {
+        let mut listener = PgListener::connect_with(pool).await?;
+        listener.listen(CHANNEL).await?;
+        Ok(Self { listener })
+    }
+
+    /// The next event of any run. Payloads that are not events are skipped.
+    pub async fn next_event(&mut self) -> Result<RunEvent> {
+        loop {
+            let notification = self.listener.recv().await?;
+            match serde_json::from_str::<RunEvent>(notification.payload()) {
+                Ok(event) => return Ok(event),
+                Err(err) => tracing::debug!(error = %err, "skipping a payload that is no event"),
+            }
+        }
+    }
+
+    /// The events of one run, in order, ending after the run's `run:completed` or `run:failed`.
+    pub fn run_events(self, run_id: Uuid) -> RunEvents {
+        RunEvents {
+            inner: Box::pin(futures_util::stream::unfold(
+                Some(self),
+                move |state| async move {
+                    let mut subscription = state?;
+                    loop {
+                        match subscription.next_event().await {
+                            Ok(event) if event.run_id == run_id => {
+                                let next = (!event.kind.ends_run()).then_some(subscription);
+                                return Some((Ok(event), next));
+                            }
+                            Ok(_) => {}
+                            Err(err) => return Some((Err(err), None)),
+                        }
+                    }
+                },
+            )),
+        }
+    }
+}
+
+/// The stream of one run's events, from [`Subscription::run_events`].
+pub struct RunEvents {
+    inner: std::pin::Pin<Box<dyn Stream<Item = Result<RunEvent>> + Send>>,
+}
+
+impl RunEvents {
+    /// A stream of just the final event of a run that has already ended.
+    pub(crate) fn ended(event: RunEvent) -> Self {
+        Self {
+            inner: Box::pin(futures_util::stream::iter([Ok(event)])),
+        }
+    }
+}
+
+impl fmt::Debug for RunEvents {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RunEvents").finish_non_exhaustive()
+    }
+}
+
+impl Stream for RunEvents {
+    type Item = Result<RunEvent>;
+
+    fn poll_next(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Self::Item>> {
+        self.inner.as_mut().poll_next(cx)
+    }
+}

@@ -1,0 +1,457 @@
+//! Runs: handles to started runs, waiting for their end, their outputs and their full state.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use pgflow_core::Step;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use serde_json::Value;
+use sqlx::PgPool;
+use uuid::Uuid;
+
+use crate::events::{EventKind, RunEvent, Subscription};
+use crate::{Error, Result};
+
+/// How often a waiting run handle re-reads the run even without a notification, so that a
+/// notification lost with a dropped connection cannot leave it waiting forever.
+const SAFETY_POLL: Duration = Duration::from_secs(2);
+
+/// A started run: wait for it, read its state, follow its events.
+///
+/// ```no_run
+/// # async fn demo(client: pgflow_client::Client, run_id: uuid::Uuid) -> pgflow_client::Result<()> {
+/// let run = client.run(run_id);
+/// let output = run.wait_timeout(std::time::Duration::from_secs(30)).await?;
+/// println!("{}", output.output());
+/// # Ok(()) }
+/// ```
+#[derive(Debug, Clone)]
+pub struct RunHandle {
+    pool: PgPool,
+    run_id: Uuid,
+}
+
+impl RunHandle {
+    pub(crate) fn new(pool: PgPool, run_id: Uuid) -> Self {
+        Self { pool, run_id }
+    }
+
+    /// The run's id.
+    pub fn id(&self) -> Uuid {
+        self.run_id
+    }
+
+    /// Waits until the run completes or fails.
+    ///
+    /// Wakes on the engine's `run:completed`/`run:failed` notifications (no busy polling), and
+    /// re-reads the run every few seconds as a safety net. A failed run is
+    /// [`Error::RunFailed`], with the failing step, task, attempt and message.
+    #[tracing::instrument(skip_all, fields(run_id = %self.run_id), err)]
+    pub async fn wait(&self) -> Result<RunOutput> {
+        let mut subscription = Subscription::listen(&self.pool).await?;
+        loop {
+            if let Some(done) = self.finished().await? {
+                return done;
+            }
+            // Any event of this run may be its end; anything else (or silence) just re-checks.
+            let _ = tokio::time::timeout(SAFETY_POLL, async {
+                loop {
+                    match subscription.next_event().await {
+                        Ok(event)
+                            if event.run_id == self.run_id
+                                && matches!(
+                                    event.kind,
+                                    EventKind::RunCompleted | EventKind::RunFailed
+                                ) =>
+                        {
+                            return;
+                        }
+                        Ok(_) => {}
+                        Err(err) => {
+                            tracing::warn!(error = %err, "lost the event listener; polling");
+                            tokio::time::sleep(SAFETY_POLL).await;
+                            return;
+                        }
+                    }
+                }
+            })
+            .await;
+        }
+    }
+
+    /// Like [`RunHandle::wait`], giving up with [`Error::WaitTimedOut`] after `timeout`. The run
+    /// itself goes on.
+    pub async fn wait_timeout(&self, timeout: Duration) -> Result<RunOutput> {
+        tokio::time::timeout(timeout, self.wait())
+            .await
+            .map_err(|_| Error::WaitTimedOut {
+                run_id: self.run_id,
+                waited: timeout,
+            })?
+    }
+
+    /// The run's outcome if it has ended: `Ok` with its outputs, or the failure as an error.
+    async fn finished(&self) -> Result<Option<Result<RunOutput>>> {
+        let row: Option<(String, String, Option<Value>)> =
+            sqlx::query_as("SELECT flow_slug, status, output FROM pgflow.runs WHERE run_id = $1")
+                .bind(self.run_id)
+                .fetch_optional(&self.pool)
+                .await?;
+        let Some((flow_slug, status, output)) = row else {
+            return Err(Error::UnknownRun(self.run_id));
+        };
+        match status.as_str() {
+            "completed" => Ok(Some(Ok(RunOutput {
+                run_id: self.run_id,
+                flow_slug,
+                output: output.unwrap_or(Value::Null),
+                steps: step_outputs(&self.pool, self.run_id).await?,
+            }))),
+            "failed" => Ok(Some(Err(Error::RunFailed(Box::new(
+                failure(&self.pool, self.run_id, flow_slug).await?,
+            ))))),
+            _ => Ok(None),
+        }
+    }
+
+    /// Reads the run's full state: the run row, every step state and every task.
+    pub async fn state(&self) -> Result<RunState> {
+        RunState::read(&self.pool, self.run_id).await
+    }
+
+    /// Subscribes to this run's events, ending with the run's end. Events emitted before the
+    /// subscription are not replayed (a run that has already ended yields just its final
+    /// event); subscribe before starting with [`Client::subscribe`](crate::Client::subscribe)
+    /// when every event matters.
+    pub async fn events(&self) -> Result<crate::events::RunEvents> {
+        let subscription = Subscription::listen(&self.pool).await?;
+        let run = RunState::read_run(&self.pool, self.run_id).await?;
+        let kind = match run.status.as_str() {
+            "completed" => EventKind::RunCompleted,
+            "failed" => EventKind::RunFailed,
+            _ => return Ok(subscription.run_events(self.run_id)),
+        };
+        Ok(crate::events::RunEvents::ended(RunEvent {
+            kind,
+            run_id: run.run_id,
+            flow_slug: Some(run.flow_slug),
+            step_slug: None,
+            status: Some(run.status),
+            error_message: None,
+            started_at: Some(run.started_at),
+            completed_at: run.completed_at,
+            failed_at: run.failed_at,
+        }))
+    }
+}
+
+/// Every completed step's output as its dependents see it (a map step: the ordered array).
+async fn step_outputs(pool: &PgPool, run_id: Uuid) -> Result<BTreeMap<String, Value>> {
+    let rows: Vec<(String, Value)> = sqlx::query_as(
+        "SELECT ss.step_slug,
+                CASE WHEN s.step_type = 'map'
+                     THEN coalesce((SELECT jsonb_agg(t.output ORDER BY t.task_index)
+                                      FROM pgflow.step_tasks t
+                                     WHERE t.run_id = ss.run_id AND t.step_slug = ss.step_slug),
+                                   '[]'::jsonb)
+                     ELSE coalesce((SELECT t.output FROM pgflow.step_tasks t
+                                     WHERE t.run_id = ss.run_id AND t.step_slug = ss.step_slug
+                                       AND t.task_index = 0), 'null'::jsonb)
+                END
+           FROM pgflow.step_states ss
+           JOIN pgflow.steps s ON s.flow_slug = ss.flow_slug AND s.step_slug = ss.step_slug
+          WHERE ss.run_id = $1 AND ss.status = 'completed'",
+    )
+    .bind(run_id)
+    .fetch_all(pool)
+    .await?;
+    Ok(rows.into_iter().collect())
+}
+
+async fn failure(pool: &PgPool, run_id: Uuid, flow_slug: String) -> Result<RunFailure> {
+    #[derive(sqlx::FromRow, Default)]
+    struct Failed {
+        step_slug: String,
+        task_index: Option<i32>,
+        attempts_count: Option<i32>,
+        error_message: Option<String>,
+    }
+    let row: Option<Failed> = sqlx::query_as(
+        "SELECT ss.step_slug, t.task_index, t.attempts_count,
+                coalesce(t.error_message, ss.error_message) AS error_message
+           FROM pgflow.step_states ss
+           LEFT JOIN LATERAL (
+                SELECT task_index, attempts_count, error_message FROM pgflow.step_tasks t
+                 WHERE t.run_id = ss.run_id AND t.step_slug = ss.step_slug AND t.status = 'failed'
+                 ORDER BY t.failed_at LIMIT 1) t ON true
+          WHERE ss.run_id = $1 AND ss.status = 'failed'
+          ORDER BY ss.failed_at LIMIT 1",
+    )
+    .bind(run_id)
+    .fetch_optional(pool)
+    .await?;
+    let row = row.unwrap_or_default();
+    Ok(RunFailure {
+        run_id,
+        flow_slug,
+        step_slug: row.step_slug,
+        task_index: row.task_index.and_then(|i| u32::try_from(i).ok()),
+        attempts: row
+            .attempts_count
+            .and_then(|a| u32::try_from(a).ok())
+            .unwrap_or(0),
+        error_message: row.error_message.unwrap_or_default(),
+    })
+}
+
+/// Why a run failed: the step and task whose last attempt failed, and its error.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[non_exhaustive]
+pub struct RunFailure {
+    /// The failed run.
+    pub run_id: Uuid,
+    /// Its flow.
+    pub flow_slug: String,
+    /// The step that failed it.
+    pub step_slug: String,
+    /// The failed task's index (`None` when the step failed without a failed task, e.g. a type
+    /// violation detected on a dependency).
+    pub task_index: Option<u32>,
+    /// How many attempts the failed task had.
+    pub attempts: u32,
+    /// The error message.
+    pub error_message: String,
+}
+
+impl fmt::Display for RunFailure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "run {} of flow `{}` failed in step `{}`",
+            self.run_id, self.flow_slug, self.step_slug
+        )?;
+        if let Some(index) = self.task_index {
+            write!(f, ", task {index}")?;
+        }
+        write!(
+            f,
+            " after {} attempt{}: {}",
+            self.attempts,
+            if self.attempts == 1 { "" } else { "s" },
+            self.error_message
+        )
+    }
+}
+
+/// A completed run's outputs.
+///
+/// ```no_run
+/// # use pgflow_core::Step;
+/// # async fn demo<S: Step>(client: pgflow_client::Client, run_id: uuid::Uuid, fulfill: S) -> pgflow_client::Result<()> {
+/// let output = client.run(run_id).wait().await?;
+/// let shipment = output.output_of(fulfill)?; // typed by the step
+/// # Ok(()) }
+/// ```
+#[derive(Debug, Clone, PartialEq)]
+pub struct RunOutput {
+    run_id: Uuid,
+    flow_slug: String,
+    output: Value,
+    steps: BTreeMap<String, Value>,
+}
+
+impl RunOutput {
+    /// The run's id.
+    pub fn run_id(&self) -> Uuid {
+        self.run_id
+    }
+
+    /// The run's flow.
+    pub fn flow_slug(&self) -> &str {
+        &self.flow_slug
+    }
+
+    /// The run output as the engine stores it: an object mapping each leaf step to its output.
+    pub fn output(&self) -> &Value {
+        &self.output
+    }
+
+    /// Every step's output by slug, as JSON (map steps: the array of their tasks' outputs).
+    pub fn step_outputs(&self) -> &BTreeMap<String, Value> {
+        &self.steps
+    }
+
+    /// A step's output, typed by the step (a map step's is the `Vec` of its tasks' outputs).
+    // Steps are unit values (`output_of(fulfill)`); taking them by value reads best.
+    #[allow(clippy::needless_pass_by_value)]
+    pub fn output_of<S: Step>(&self, step: S) -> Result<S::Output> {
+        self.output_as(step.slug())
+    }
+
+    /// A step's output by slug, deserialized into `T`, for untyped flows.
+    pub fn output_as<T: DeserializeOwned>(&self, step_slug: &str) -> Result<T> {
+        let value = self
+            .steps
+            .get(step_slug)
+            .ok_or_else(|| Error::NoSuchOutput {
+                step: step_slug.to_string(),
+                steps: self.steps.keys().cloned().collect(),
+            })?;
+        serde_json::from_value(value.clone()).map_err(|source| Error::OutputType {
+            step: step_slug.to_string(),
+            source,
+        })
+    }
+}
+
+/// A run's full state: the run, each step's state and each task, as stored.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[non_exhaustive]
+pub struct RunState {
+    /// The `pgflow.runs` row.
+    pub run: RunRow,
+    /// The `pgflow.step_states` rows, in the order of definition.
+    pub steps: Vec<StepStateRow>,
+    /// The `pgflow.step_tasks` rows, by step (order of definition) and task index.
+    pub tasks: Vec<TaskRow>,
+}
+
+/// A `pgflow.runs` row.
+#[derive(Debug, Clone, PartialEq, Serialize, sqlx::FromRow)]
+#[non_exhaustive]
+pub struct RunRow {
+    /// The run's id.
+    pub run_id: Uuid,
+    /// Its flow.
+    pub flow_slug: String,
+    /// `started`, `completed` or `failed`.
+    pub status: String,
+    /// The flow input.
+    pub input: Value,
+    /// The leaf steps' outputs, once completed.
+    pub output: Option<Value>,
+    /// Steps not yet completed.
+    pub remaining_steps: i32,
+    /// When it started.
+    pub started_at: DateTime<Utc>,
+    /// When it completed.
+    pub completed_at: Option<DateTime<Utc>>,
+    /// When it failed.
+    pub failed_at: Option<DateTime<Utc>>,
+}
+
+/// A `pgflow.step_states` row, with the step's kind and index.
+#[derive(Debug, Clone, PartialEq, Serialize, sqlx::FromRow)]
+#[non_exhaustive]
+pub struct StepStateRow {
+    /// The step.
+    pub step_slug: String,
+    /// `single` or `map`.
+    pub step_type: String,
+    /// Its position in the flow.
+    pub step_index: i32,
+    /// `created`, `started`, `completed` or `failed`.
+    pub status: String,
+    /// How many tasks the step has, once known.
+    pub initial_tasks: Option<i32>,
+    /// Tasks not yet completed, once started.
+    pub remaining_tasks: Option<i32>,
+    /// Dependencies not yet completed.
+    pub remaining_deps: i32,
+    /// Why it failed.
+    pub error_message: Option<String>,
+    /// When the state was created.
+    pub created_at: DateTime<Utc>,
+    /// When the step started.
+    pub started_at: Option<DateTime<Utc>>,
+    /// When it completed.
+    pub completed_at: Option<DateTime<Utc>>,
+    /// When it failed.
+    pub failed_at: Option<DateTime<Utc>>,
+}
+
+/// A `pgflow.step_tasks` row.
+#[derive(Debug, Clone, PartialEq, Serialize, sqlx::FromRow)]
+#[non_exhaustive]
+pub struct TaskRow {
+    /// The task's step.
+    pub step_slug: String,
+    /// Its index (0 for single steps).
+    pub task_index: i32,
+    /// `queued`, `started`, `completed` or `failed`.
+    pub status: String,
+    /// Attempts so far.
+    pub attempts_count: i32,
+    /// The pgmq message carrying it.
+    pub message_id: Option<i64>,
+    /// Its output, once completed.
+    pub output: Option<Value>,
+    /// The last attempt's error.
+    pub error_message: Option<String>,
+    /// When it was queued.
+    pub queued_at: DateTime<Utc>,
+    /// When its current attempt started.
+    pub started_at: Option<DateTime<Utc>>,
+    /// When it completed.
+    pub completed_at: Option<DateTime<Utc>>,
+    /// When it failed.
+    pub failed_at: Option<DateTime<Utc>>,
+    /// The worker that took it last.
+    pub last_worker_id: Option<Uuid>,
+}
+
+const RUN_COLUMNS: &str = "SELECT run_id, flow_slug, status, input, output, remaining_steps,
+        started_at, completed_at, failed_at
+   FROM pgflow.runs WHERE run_id = $1";
+
+impl RunState {
+    async fn read_run(pool: &PgPool, run_id: Uuid) -> Result<RunRow> {
+        sqlx::query_as(RUN_COLUMNS)
+            .bind(run_id)
+            .fetch_optional(pool)
+            .await?
+            .ok_or(Error::UnknownRun(run_id))
+    }
+
+    pub(crate) async fn read(pool: &PgPool, run_id: Uuid) -> Result<Self> {
+        let mut tx = pool.begin().await?;
+        // One snapshot for the three reads, so the parts agree with each other.
+        sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
+            .execute(&mut *tx)
+            .await?;
+        let run: RunRow = sqlx::query_as(RUN_COLUMNS)
+            .bind(run_id)
+            .fetch_optional(&mut *tx)
+            .await?
+            .ok_or(Error::UnknownRun(run_id))?;
+        let steps: Vec<StepStateRow> = sqlx::query_as(
+            "SELECT ss.step_slug, s.step_type, s.step_index, ss.status, ss.initial_tasks,
+                    ss.remaining_tasks, ss.remaining_deps, ss.error_message, ss.created_at,
+                    ss.started_at, ss.completed_at, ss.failed_at
+               FROM pgflow.step_states ss
+               JOIN pgflow.steps s ON s.flow_slug = ss.flow_slug AND s.step_slug = ss.step_slug
+              WHERE ss.run_id = $1
+              ORDER BY s.step_index",
+        )
+        .bind(run_id)
+        .fetch_all(&mut *tx)
+        .await?;
+        let tasks: Vec<TaskRow> = sqlx::query_as(
+            "SELECT t.step_slug, t.task_index, t.status, t.attempts_count, t.message_id, t.output,
+                    t.error_message, t.queued_at, t.started_at, t.completed_at, t.failed_at,
+                    t.last_worker_id
+               FROM pgflow.step_tasks t
+               JOIN pgflow.steps s ON s.flow_slug = t.flow_slug AND s.step_slug = t.step_slug
+              WHERE t.run_id = $1
+              ORDER BY s.step_index, t.task_index",
+        )
+        .bind(run_id)
+        .fetch_all(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(Self { run, steps, tasks })
+    }
+}
