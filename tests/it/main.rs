@@ -4,6 +4,7 @@
 // Test helpers are shared between modules with `pub`; the binary exports nothing.
 #![allow(unreachable_pub)]
 
+mod cli;
 mod client;
 mod engine;
 mod install;

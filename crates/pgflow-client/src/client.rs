@@ -8,7 +8,7 @@ use uuid::Uuid;
 
 use crate::definition::{self, Compiled, Replace};
 use crate::events::Subscription;
-use crate::run::{RunHandle, RunState};
+use crate::run::{RunHandle, RunState, RunSummary};
 use crate::{Error, InstallReport, Result};
 
 /// The application's door to the engine. Cheap to clone: it holds a pool.
@@ -221,6 +221,26 @@ impl Client {
     /// Reads a run's full state.
     pub async fn run_state(&self, run_id: Uuid) -> Result<RunState> {
         RunState::read(&self.pool, run_id).await
+    }
+
+    /// The most recent runs (newest first), optionally of one flow and/or one status.
+    pub async fn recent_runs(
+        &self,
+        flow_slug: Option<&str>,
+        status: Option<&str>,
+        limit: u32,
+    ) -> Result<Vec<RunSummary>> {
+        RunSummary::recent(&self.pool, flow_slug, status, i64::from(limit)).await
+    }
+
+    /// How many runs each flow has in each status.
+    pub async fn run_counts(&self) -> Result<Vec<(String, String, i64)>> {
+        Ok(sqlx::query_as(
+            "SELECT flow_slug, status, count(*) FROM pgflow.runs
+              GROUP BY flow_slug, status ORDER BY flow_slug, status",
+        )
+        .fetch_all(&self.pool)
+        .await?)
     }
 
     /// Subscribes to the engine's events (of every run); see [`Subscription`].

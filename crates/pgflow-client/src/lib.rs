@@ -19,4 +19,6 @@ pub use definition::{Compiled, Difference, Replace, differences};
 pub use error::{Error, Result};
 pub use events::{EventKind, RunEvent, RunEvents, Subscription};
 pub use install::{InstallReport, install, install_pgmq};
-pub use run::{RunFailure, RunHandle, RunOutput, RunRow, RunState, StepStateRow, TaskRow};
+pub use run::{
+    RunFailure, RunHandle, RunOutput, RunRow, RunState, RunSummary, StepStateRow, TaskRow,
+};

@@ -455,3 +455,44 @@ impl RunState {
         Ok(Self { run, steps, tasks })
     }
 }
+
+/// One line of a run listing: the run and its progress.
+#[derive(Debug, Clone, PartialEq, Serialize, sqlx::FromRow)]
+#[non_exhaustive]
+pub struct RunSummary {
+    /// The run's id.
+    pub run_id: Uuid,
+    /// Its flow.
+    pub flow_slug: String,
+    /// `started`, `completed` or `failed`.
+    pub status: String,
+    /// Steps not yet completed.
+    pub remaining_steps: i32,
+    /// When it started.
+    pub started_at: DateTime<Utc>,
+    /// When it completed or failed.
+    pub ended_at: Option<DateTime<Utc>>,
+}
+
+impl RunSummary {
+    pub(crate) async fn recent(
+        pool: &PgPool,
+        flow: Option<&str>,
+        status: Option<&str>,
+        limit: i64,
+    ) -> Result<Vec<Self>> {
+        Ok(sqlx::query_as(
+            "SELECT run_id, flow_slug, status, remaining_steps, started_at,
+                    coalesce(completed_at, failed_at) AS ended_at
+               FROM pgflow.runs
+              WHERE ($1::text IS NULL OR flow_slug = $1) AND ($2::text IS NULL OR status = $2)
+              ORDER BY started_at DESC, run_id
+              LIMIT $3",
+        )
+        .bind(flow)
+        .bind(status)
+        .bind(limit)
+        .fetch_all(pool)
+        .await?)
+    }
+}

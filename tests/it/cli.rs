@@ -1,0 +1,212 @@
+//! The `pgflow` binary, run as a user would, against a test database.
+
+use std::process::{Command, Output};
+
+use pgflow_client::Client;
+use pgflow_client::throwaway::TestDatabase;
+use pgflow_core::{Flow, StepContext, StepError, step_fn};
+use serde_json::{Value, json};
+
+fn pgflow(url: &str, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_pgflow"))
+        .args(args)
+        .env("DATABASE_URL", url)
+        .output()
+        .expect("the pgflow binary runs")
+}
+
+fn stdout(output: &Output) -> String {
+    assert!(
+        output.status.success(),
+        "pgflow failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+fn flow() -> Flow<Value> {
+    let urls = step_fn("urls")
+        .handler(|v: Value, _ctx: StepContext| async move { Ok::<_, StepError>(vec![v]) });
+    let fetch = step_fn("fetch")
+        .map_over(&urls)
+        .max_attempts(2)
+        .handler(|v: Value, _ctx| async move { Ok::<_, StepError>(v) });
+    Flow::new("crawl")
+        .timeout(120)
+        .step(urls)
+        .step(fetch)
+        .build()
+}
+
+#[tokio::test]
+async fn install_twice_then_the_schema_is_up_to_date() {
+    let db = TestDatabase::empty().await.unwrap();
+    let first = stdout(&pgflow(db.url(), &["install"]));
+    assert!(first.contains("installed pgmq"), "{first}");
+    assert!(first.contains("applied pgflow migrations [1]"), "{first}");
+    let second = stdout(&pgflow(db.url(), &["install"]));
+    assert!(second.contains("pgmq was already installed"), "{second}");
+    assert!(second.contains("pgflow schema is up to date"), "{second}");
+}
+
+#[tokio::test]
+async fn the_printed_schema_applied_with_psql_gives_a_working_engine() {
+    let db = TestDatabase::empty().await.unwrap();
+    pgflow_client::install_pgmq(db.pool()).await.unwrap();
+    let schema = Command::new(env!("CARGO_BIN_EXE_pgflow"))
+        .arg("schema")
+        .env_remove("DATABASE_URL")
+        .output()
+        .unwrap();
+    let sql = stdout(&schema);
+    let file = std::env::temp_dir().join(format!("pgflow-schema-{}.sql", db.name()));
+    std::fs::write(&file, &sql).unwrap();
+    let psql = Command::new("psql")
+        .args(["-v", "ON_ERROR_STOP=1", "--single-transaction", "-q", "-f"])
+        .arg(&file)
+        .arg(db.url())
+        .output()
+        .expect("psql runs");
+    let _ = std::fs::remove_file(&file);
+    assert!(
+        psql.status.success(),
+        "{}",
+        String::from_utf8_lossy(&psql.stderr)
+    );
+
+    // The engine works, and our installer recognises the schema as its own.
+    let client = Client::new(db.pool().clone());
+    assert_eq!(client.install().await.unwrap().applied, Vec::<i32>::new());
+    client.compile(&flow()).await.unwrap();
+    let run = client.start_json("crawl", json!(1), None).await.unwrap();
+    let steps: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM pgflow.step_states WHERE run_id = $1")
+            .bind(run.id())
+            .fetch_one(db.pool())
+            .await
+            .unwrap();
+    assert_eq!(steps, 2);
+}
+
+#[tokio::test]
+async fn flows_start_runs_and_run_show_what_is_there() {
+    let db = TestDatabase::new().await.unwrap();
+    let client = Client::new(db.pool().clone());
+    client.compile(&flow()).await.unwrap();
+
+    let flows = stdout(&pgflow(db.url(), &["flows"]));
+    assert_eq!(
+        flows,
+        "crawl  (max_attempts 3, base_delay 5s, timeout 120s)\n  urls [single]\n  fetch [map] <- urls max_attempts=2\n"
+    );
+    let flows_json: Value =
+        serde_json::from_str(&stdout(&pgflow(db.url(), &["flows", "--json"]))).unwrap();
+    assert_eq!(flows_json[0]["steps"][1]["kind"], "map");
+
+    let run_id = stdout(&pgflow(
+        db.url(),
+        &["start", "crawl", r#"{"site": "example.org"}"#],
+    ));
+    let run_id = run_id.trim();
+    let input: Value = sqlx::query_scalar("SELECT input FROM pgflow.runs WHERE run_id = $1::uuid")
+        .bind(run_id)
+        .fetch_one(db.pool())
+        .await
+        .unwrap();
+    assert_eq!(input, json!({"site": "example.org"}));
+
+    let runs = stdout(&pgflow(db.url(), &["runs", "--flow", "crawl"]));
+    assert!(runs.starts_with("RUN ID"), "{runs}");
+    assert!(
+        runs.contains(run_id) && runs.contains("crawl: 1 started"),
+        "{runs}"
+    );
+    let none = stdout(&pgflow(db.url(), &["runs", "--status", "failed", "--json"]));
+    let none: Value = serde_json::from_str(&none).unwrap();
+    assert_eq!(none["runs"], json!([]));
+
+    let run = stdout(&pgflow(db.url(), &["run", run_id]));
+    assert!(
+        run.starts_with(&format!("run {run_id} of flow crawl: started")),
+        "{run}"
+    );
+    let lines: Vec<&str> = run.lines().collect();
+    assert!(lines[1].starts_with("STEP"), "{run}");
+    assert!(
+        lines[2].starts_with("urls") && lines[2].contains("started") && lines[2].contains("0/1"),
+        "{run}"
+    );
+    assert!(
+        lines[3].starts_with("fetch") && lines[3].contains("created") && lines[3].contains("0/?"),
+        "{run}"
+    );
+}
+
+#[tokio::test]
+async fn errors_go_to_stderr_with_a_failing_status() {
+    let db = TestDatabase::new().await.unwrap();
+    let bad_json = pgflow(db.url(), &["start", "crawl", "{not json"]);
+    assert!(!bad_json.status.success());
+    assert!(bad_json.stdout.is_empty());
+    assert!(
+        String::from_utf8_lossy(&bad_json.stderr).starts_with("error: the input is not valid JSON")
+    );
+
+    let unknown = pgflow(db.url(), &["start", "nope", "{}"]);
+    assert!(!unknown.status.success());
+    assert!(
+        String::from_utf8_lossy(&unknown.stderr).contains("flow `nope` is not in the database")
+    );
+
+    let missing = pgflow(db.url(), &["run", "00000000-0000-0000-0000-000000000001"]);
+    assert!(!missing.status.success());
+    assert!(String::from_utf8_lossy(&missing.stderr).contains("there is no run"));
+
+    let no_db = Command::new(env!("CARGO_BIN_EXE_pgflow"))
+        .arg("flows")
+        .env_remove("DATABASE_URL")
+        .output()
+        .unwrap();
+    assert!(!no_db.status.success());
+    assert_eq!(
+        String::from_utf8_lossy(&no_db.stderr),
+        "error: no database: pass --database-url or set DATABASE_URL\n"
+    );
+}
+
+#[tokio::test]
+async fn watch_follows_a_run_to_its_end() {
+    let db = TestDatabase::new().await.unwrap();
+    let client = Client::new(db.pool().clone());
+    client.compile(&flow()).await.unwrap();
+    let run = client.start_json("crawl", json!("x"), None).await.unwrap();
+    let url = db.url().to_string();
+    let id = run.id().to_string();
+    let watcher = std::thread::spawn(move || pgflow(&url, &["watch", &id, "--json"]));
+    // Give the watcher time to subscribe, then fail the run by hand.
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    sqlx::query(
+        "UPDATE pgflow.step_tasks SET status = 'started', attempts_count = 3 WHERE run_id = $1",
+    )
+    .bind(run.id())
+    .execute(db.pool())
+    .await
+    .unwrap();
+    sqlx::query("SELECT pgflow.fail_task($1, 'urls', 0, 'boom')")
+        .bind(run.id())
+        .execute(db.pool())
+        .await
+        .unwrap();
+    let output = watcher.join().unwrap();
+    let text = stdout(&output);
+    let kinds: Vec<String> = text
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<Value>(l).unwrap()["event_type"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        })
+        .collect();
+    assert_eq!(kinds, ["step:failed", "run:failed"]);
+}
