@@ -73,6 +73,8 @@ enum Command {
         #[arg(long)]
         run_id: Option<Uuid>,
     },
+    /// Check that every run is consistent (counters, statuses, queues); exit status 1 if not.
+    Check,
     /// Follow a run's progress until it ends.
     Watch {
         /// The run's id.
@@ -126,6 +128,7 @@ async fn run(cli: Cli) -> CliResult {
             run_id,
         } => start(&client, &flow, &input, run_id, json).await,
         Command::Watch { run_id } => watch(&client, run_id, json).await,
+        Command::Check => check(&client, json).await,
     };
     client.pool().close().await;
     result
@@ -350,6 +353,24 @@ async fn watch(client: &Client, run_id: Uuid, json: bool) -> CliResult {
         print!("{}", render_run(&state));
     }
     Ok(())
+}
+
+async fn check(client: &Client, json: bool) -> CliResult {
+    let violations = client.check().await.map_err(|err| err.to_string())?;
+    if json {
+        print_json(&violations)?;
+    } else if violations.is_empty() {
+        println!("every run is consistent");
+    } else {
+        for violation in &violations {
+            println!("{violation}");
+        }
+    }
+    if violations.is_empty() {
+        Ok(())
+    } else {
+        Err(format!("{} inconsistencies found", violations.len()))
+    }
 }
 
 fn duration(start: Option<DateTime<Utc>>, end: Option<DateTime<Utc>>) -> String {

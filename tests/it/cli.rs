@@ -210,3 +210,40 @@ async fn watch_follows_a_run_to_its_end() {
         .collect();
     assert_eq!(kinds, ["step:failed", "run:failed"]);
 }
+
+#[tokio::test]
+async fn check_finds_nothing_on_a_sound_database_and_names_what_is_broken() {
+    let db = TestDatabase::new().await.unwrap();
+    let client = Client::new(db.pool().clone());
+    client.compile(&flow()).await.unwrap();
+    let run = client.start_json("crawl", json!("x"), None).await.unwrap();
+    assert_eq!(
+        stdout(&pgflow(db.url(), &["check"])),
+        "every run is consistent\n"
+    );
+
+    sqlx::query("UPDATE pgflow.runs SET remaining_steps = 5 WHERE run_id = $1")
+        .bind(run.id())
+        .execute(db.pool())
+        .await
+        .unwrap();
+    sqlx::query("DELETE FROM pgmq.q_crawl")
+        .execute(db.pool())
+        .await
+        .unwrap();
+    let broken = pgflow(db.url(), &["check"]);
+    assert!(!broken.status.success());
+    let text = String::from_utf8_lossy(&broken.stdout);
+    assert!(
+        text.contains(&format!(
+            "[remaining_steps] run {}: remaining_steps is 5 but 2 steps are not completed",
+            run.id()
+        )),
+        "{text}"
+    );
+    assert!(text.contains("[queued_task_message]"), "{text}");
+    assert_eq!(
+        String::from_utf8_lossy(&broken.stderr),
+        "error: 2 inconsistencies found\n"
+    );
+}

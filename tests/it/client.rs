@@ -62,6 +62,8 @@ async fn drive(
             .await
             .unwrap();
         if status != "started" {
+            let violations = client.check().await.unwrap();
+            assert!(violations.is_empty(), "{violations:?}");
             return;
         }
         let ids: Vec<i64> =

@@ -243,6 +243,11 @@ impl Client {
         .await?)
     }
 
+    /// Checks the consistency of every run; see [`crate::check`].
+    pub async fn check(&self) -> Result<Vec<crate::Violation>> {
+        crate::check(&self.pool).await
+    }
+
     /// Subscribes to the engine's events (of every run); see [`Subscription`].
     pub async fn subscribe(&self) -> Result<Subscription> {
         Subscription::listen(&self.pool).await

@@ -5,6 +5,7 @@
 //! |---|---|
 //! | `throwaway` | [`throwaway`]: a throwaway PostgreSQL server and fresh test databases |
 
+mod check;
 mod client;
 mod definition;
 mod error;
@@ -13,7 +14,9 @@ mod install;
 mod run;
 #[cfg(feature = "throwaway")]
 pub mod throwaway;
+mod worker;
 
+pub use check::{Violation, check};
 pub use client::Client;
 pub use definition::{Compiled, Difference, Replace, differences};
 pub use error::{Error, Result};
@@ -22,3 +25,4 @@ pub use install::{InstallReport, install, install_pgmq};
 pub use run::{
     RunFailure, RunHandle, RunOutput, RunRow, RunState, RunSummary, StepStateRow, TaskRow,
 };
+pub use worker::{StepContextExt, Worker, WorkerBuilder, WorkerHandle, WorkerStats};
