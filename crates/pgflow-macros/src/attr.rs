@@ -1,0 +1,119 @@
+//! Parses the arguments of `#[step(...)]`.
+
+use proc_macro2::{Span, TokenStream};
+use syn::meta::ParseNestedMeta;
+use syn::punctuated::Punctuated;
+use syn::{Expr, Ident, LitStr, Path, Token, bracketed};
+
+/// The arguments of one `#[step(...)]`, as written.
+#[derive(Default)]
+pub(crate) struct Args {
+    /// `map`: where it was written.
+    pub(crate) map: Option<Span>,
+    /// `depends_on = [a, b]`: where the list is, and the step paths.
+    pub(crate) depends_on: Option<(Span, Vec<Path>)>,
+    /// `slug = "..."`.
+    pub(crate) slug: Option<LitStr>,
+    /// `max_attempts`, `base_delay`, `timeout`, `start_delay`, in the order written.
+    pub(crate) options: Vec<(Ident, Expr)>,
+    /// `crate = "..."`.
+    pub(crate) krate: Option<Path>,
+}
+
+/// The options a step accepts, in SQL order.
+pub(crate) const OPTIONS: [&str; 4] = ["max_attempts", "base_delay", "timeout", "start_delay"];
+
+impl Args {
+    /// Parses the attribute's arguments.
+    pub(crate) fn parse(tokens: TokenStream) -> syn::Result<Self> {
+        let mut args = Self::default();
+        let parser = syn::meta::parser(|meta| args.parse_one(&meta));
+        syn::parse::Parser::parse2(parser, tokens)?;
+        Ok(args)
+    }
+
+    fn parse_one(&mut self, meta: &ParseNestedMeta<'_>) -> syn::Result<()> {
+        let path = &meta.path;
+        if path.is_ident("map") {
+            if self.map.is_some() {
+                return Err(meta.error("`map` is given twice"));
+            }
+            self.map = Some(syn::spanned::Spanned::span(path));
+        } else if path.is_ident("depends_on") {
+            if self.depends_on.is_some() {
+                return Err(meta.error("`depends_on` is given twice; list every dependency once: `depends_on = [a, b]`"));
+            }
+            let value = meta.value()?;
+            let (span, paths) = if value.peek(syn::token::Bracket) {
+                let content;
+                let brackets = bracketed!(content in value);
+                let paths = Punctuated::<Path, Token![,]>::parse_terminated(&content)?;
+                (brackets.span.join(), paths.into_iter().collect())
+            } else {
+                let path: Path = value.parse()?;
+                (syn::spanned::Spanned::span(&path), vec![path])
+            };
+            self.depends_on = Some((span, paths));
+        } else if path.is_ident("slug") {
+            if self.slug.is_some() {
+                return Err(meta.error("`slug` is given twice"));
+            }
+            self.slug = Some(meta.value()?.parse()?);
+        } else if path.is_ident("crate") {
+            let lit: LitStr = meta.value()?.parse()?;
+            self.krate = Some(lit.parse()?);
+        } else if let Some(name) = OPTIONS.iter().find(|name| path.is_ident(name)) {
+            if self.options.iter().any(|(given, _)| given == name) {
+                return Err(meta.error(format_args!("`{name}` is given twice")));
+            }
+            let ident = Ident::new(name, syn::spanned::Spanned::span(path));
+            self.options.push((ident, meta.value()?.parse()?));
+        } else {
+            return Err(meta.error(
+                "unknown `#[step]` argument; expected `map`, `depends_on = [..]`, `slug = \"..\"`, \
+                 `max_attempts`, `base_delay`, `timeout`, `start_delay` or `crate = \"..\"`",
+            ));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use quote::quote;
+
+    use super::*;
+
+    #[test]
+    fn parses_every_argument() {
+        let args = Args::parse(quote!(
+            map,
+            depends_on = [a, b::c],
+            slug = "x",
+            timeout = 30,
+            max_attempts = N,
+            crate = "pg"
+        ))
+        .unwrap();
+        assert!(args.map.is_some());
+        let (_, deps) = args.depends_on.unwrap();
+        assert_eq!(deps.len(), 2);
+        assert_eq!(args.slug.unwrap().value(), "x");
+        let names: Vec<String> = args.options.iter().map(|(n, _)| n.to_string()).collect();
+        assert_eq!(names, ["timeout", "max_attempts"]);
+        assert!(args.krate.unwrap().is_ident("pg"));
+    }
+
+    #[test]
+    fn single_dependency_without_brackets() {
+        let args = Args::parse(quote!(depends_on = a)).unwrap();
+        assert_eq!(args.depends_on.unwrap().1.len(), 1);
+    }
+
+    #[test]
+    fn rejects_unknown_and_repeated() {
+        assert!(Args::parse(quote!(retries = 3)).is_err());
+        assert!(Args::parse(quote!(timeout = 3, timeout = 4)).is_err());
+        assert!(Args::parse(quote!(map, map)).is_err());
+    }
+}

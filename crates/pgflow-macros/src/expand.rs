@@ -1,0 +1,322 @@
+//! Writes the code for `#[step]`: a unit struct named like the function, the function itself
+//! as the struct's `call`, and the `Step`/`StepOf` impls whose handler decodes the task input.
+
+use proc_macro2::{Span, TokenStream};
+use quote::{format_ident, quote, quote_spanned};
+use syn::spanned::Spanned;
+use syn::{Attribute, FnArg, Ident, ItemFn, Path};
+
+use crate::ast::{Param, Role, StepFn};
+use crate::attr::Args;
+use crate::errors::Errors;
+use crate::valid;
+
+/// The whole expansion of `#[step(args)] item`.
+pub(crate) fn step(args: TokenStream, item: TokenStream) -> TokenStream {
+    let item: ItemFn = match syn::parse2(item.clone()) {
+        Ok(item) => item,
+        Err(error) => {
+            let error = syn::Error::new(error.span(), "`#[step]` goes on an `async fn`");
+            let error = error.to_compile_error();
+            return quote!(#error #item);
+        }
+    };
+    let mut errors = Errors::default();
+    let (args, args_ok) = match Args::parse(args) {
+        Ok(args) => (args, true),
+        Err(error) => {
+            errors.push(error);
+            (Args::default(), false)
+        }
+    };
+    let private = match &args.krate {
+        Some(krate) => quote!(#krate::__private),
+        None => quote!(::pgflow::__private),
+    };
+    // With unreadable arguments, the parameters cannot be classified: report only that.
+    let mut read_errors = Errors::default();
+    let Some(step) = StepFn::read(item.clone(), &args, &mut read_errors) else {
+        if args_ok {
+            errors = read_errors;
+        }
+        let errors = errors.into_compile_errors();
+        return quote!(#errors #item);
+    };
+    if !args_ok {
+        let fallback = fallback(&step, &args, &step.item.sig.ident.to_string(), &private);
+        let errors = errors.into_compile_errors();
+        return quote!(#errors #fallback);
+    }
+    errors = read_errors;
+    let slug = valid::validate(&step, &args, &mut errors);
+    if errors.is_empty() {
+        expand(&step, &args, &slug, &private)
+    } else {
+        let fallback = fallback(&step, &args, &slug, &private);
+        let errors = errors.into_compile_errors();
+        quote!(#errors #fallback)
+    }
+}
+
+/// The expansion of a valid step.
+fn expand(step: &StepFn, args: &Args, slug: &str, private: &TokenStream) -> TokenStream {
+    let name = &step.item.sig.ident;
+    let cfgs = cfg_attrs(&step.item.attrs);
+    let common = common(step, slug);
+    let deps: Vec<&Path> = dependencies(args);
+    let deps_list = deps
+        .iter()
+        .rev()
+        .fold(quote!(()), |rest, dep| quote!((#dep, #rest)));
+    let is_map = args.map.is_some();
+    let kind = if is_map { quote!(Map) } else { quote!(Single) };
+    let options = args
+        .options
+        .iter()
+        .map(|(name, value)| quote!(.#name(#value)));
+
+    let arg = |i: usize| format_ident!("__pgflow_arg{}", i);
+    let needs_fields = step
+        .params
+        .iter()
+        .any(|p| matches!(p.role, Role::Input | Role::Dependency(_)));
+    let fields = needs_fields
+        .then(|| quote!(let mut __pgflow_fields = #private::Fields::new(__pgflow_input)?;));
+    let decode = step.params.iter().enumerate().map(|(i, param)| {
+        let a = arg(i);
+        let ty = &param.ty;
+        match param.role {
+            Role::Context => quote!(),
+            Role::Input => {
+                quote_spanned!(ty.span()=> let #a: #ty = __pgflow_fields.flow_input()?;)
+            }
+            Role::Dependency(d) => {
+                let dep = deps[d];
+                quote_spanned!(ty.span()=> let #a: #ty = __pgflow_fields.dependency(&#dep)?;)
+            }
+            Role::Element => {
+                quote_spanned!(ty.span()=> let #a: #ty = #private::element(__pgflow_input)?;)
+            }
+        }
+    });
+    let call_args = step.params.iter().enumerate().map(|(i, param)| {
+        let value = match param.role {
+            Role::Context => quote!(__pgflow_ctx),
+            _ => {
+                let a = arg(i);
+                quote!(#a)
+            }
+        };
+        if param.by_ref { quote!(&#value) } else { value }
+    });
+    let output = &step.output;
+    let return_span = step.item.sig.output.span();
+    let map_err = quote_spanned!(return_span=> .map_err(#private::step_error));
+    let encode = if is_map {
+        quote_spanned!(output.span()=> #private::encode_element(__pgflow_output))
+    } else {
+        quote_spanned!(output.span()=> #private::encode(__pgflow_output))
+    };
+    let map_check = match (is_map, deps.first(), step.element()) {
+        (true, Some(dep), Some(element)) => {
+            let ty = &element.ty;
+            quote_spanned!(ty.span()=>
+                #private::assert_map_over::<<#dep as #private::Step>::Output, #ty>();
+            )
+        }
+        _ => quote!(),
+    };
+    let step_of = step_of_header(step, is_map && deps.is_empty(), private);
+    let step_output = step_output(step, is_map);
+
+    quote! {
+        #common
+
+        #(#cfgs)*
+        impl #private::Step for #name {
+            type Output = #step_output;
+            type Deps = #deps_list;
+
+            fn slug(&self) -> &str {
+                #slug
+            }
+
+            fn kind(&self) -> #private::StepKind {
+                #private::StepKind::#kind
+            }
+
+            fn options(&self) -> #private::StepOptions {
+                #private::StepOptions::new() #(#options)*
+            }
+
+            fn dependencies(&self) -> ::std::vec::Vec<::std::string::String> {
+                ::std::vec![#(::std::string::ToString::to_string(#private::Step::slug(&#deps))),*]
+            }
+        }
+
+        #(#cfgs)*
+        #step_of {
+            fn handler(&self) -> #private::Arc<dyn #private::ErasedHandler> {
+                #[allow(unused_variables, unused_mut)]
+                async fn __pgflow_handler(
+                    __pgflow_input: #private::Value,
+                    __pgflow_ctx: #private::StepContext,
+                ) -> ::core::result::Result<#private::Value, #private::StepError> {
+                    #fields
+                    #(#decode)*
+                    let __pgflow_output = #name::call(#(#call_args),*).await #map_err?;
+                    #encode
+                }
+                #map_check
+                #private::erase(__pgflow_handler)
+            }
+        }
+    }
+}
+
+/// What the expansion emits when the step is invalid: the struct, its `call` and lenient
+/// impls, so that the errors above are the only ones the user sees.
+fn fallback(step: &StepFn, args: &Args, slug: &str, private: &TokenStream) -> TokenStream {
+    let name = &step.item.sig.ident;
+    let cfgs = cfg_attrs(&step.item.attrs);
+    let common = common(step, slug);
+    let output = step_output(step, args.map.is_some());
+    quote! {
+        #common
+
+        #(#cfgs)*
+        impl #private::Step for #name {
+            type Output = #output;
+            type Deps = ();
+
+            fn slug(&self) -> &str {
+                #slug
+            }
+
+            fn kind(&self) -> #private::StepKind {
+                #private::StepKind::Single
+            }
+
+            fn options(&self) -> #private::StepOptions {
+                #private::StepOptions::new()
+            }
+
+            fn dependencies(&self) -> ::std::vec::Vec<::std::string::String> {
+                ::std::vec::Vec::new()
+            }
+        }
+
+        #(#cfgs)*
+        impl<__PgflowInput> #private::StepOf<__PgflowInput> for #name {
+            fn handler(&self) -> #private::Arc<dyn #private::ErasedHandler> {
+                async fn __pgflow_handler(
+                    _: #private::Value,
+                    _: #private::StepContext,
+                ) -> ::core::result::Result<#private::Value, #private::StepError> {
+                    ::core::result::Result::Err(#private::StepError::new("invalid #[step]"))
+                }
+                #private::erase(__pgflow_handler)
+            }
+        }
+    }
+}
+
+/// The struct, its `SLUG` and its `call`: emitted for valid and invalid steps alike.
+fn common(step: &StepFn, slug: &str) -> TokenStream {
+    let item = &step.item;
+    let name = &item.sig.ident;
+    let vis = &item.vis;
+    let cfgs = cfg_attrs(&item.attrs);
+    let docs = item.attrs.iter().filter(|a| a.path().is_ident("doc"));
+    let others = item
+        .attrs
+        .iter()
+        .filter(|a| !a.path().is_ident("doc") && !a.path().is_ident("cfg"));
+
+    let mut sig = item.sig.clone();
+    sig.ident = Ident::new("call", sig.ident.span());
+    let mut i: usize = 0;
+    for input in &mut sig.inputs {
+        if let FnArg::Typed(typed) = input {
+            let arg = format_ident!("__pgflow_arg{}", i, span = Span::call_site());
+            typed.pat = Box::new(syn::parse_quote!(#arg));
+            i += 1;
+        }
+    }
+    // A parameter may be named like a step (that is how dependencies are taken), and a step is
+    // a unit struct, which a `let` cannot rebind. A function item of the same name, declared
+    // inside the body, shadows the struct's value so that the name binds a variable again.
+    let shadows = step
+        .params
+        .iter()
+        .filter_map(Param::name)
+        .map(|n| quote!(#[allow(dead_code, non_snake_case, clippy::all)] fn #n() {}));
+    let lets = step.params.iter().enumerate().map(|(i, param)| {
+        let pat = &param.pat;
+        let arg = format_ident!("__pgflow_arg{}", i);
+        quote!(let #pat = #arg;)
+    });
+    let block = &item.block;
+    let slug_doc = format!("The step's slug: `{slug}`.");
+
+    quote! {
+        #(#docs)*
+        #(#cfgs)*
+        #[allow(non_camel_case_types)]
+        #[derive(Debug, Clone, Copy)]
+        #vis struct #name;
+
+        #(#cfgs)*
+        impl #name {
+            #[doc = #slug_doc]
+            #[allow(dead_code)]
+            #vis const SLUG: &'static str = #slug;
+
+            /// Calls the step's function directly, without the engine (for tests).
+            #(#others)*
+            #[allow(dead_code)]
+            #vis #sig {
+                #(#shadows)*
+                #(#lets)*
+                #block
+            }
+        }
+    }
+}
+
+/// The step's `Output`: what one call returns, or a `Vec` of it for a map step.
+fn step_output(step: &StepFn, is_map: bool) -> TokenStream {
+    let output = &step.output;
+    if is_map {
+        quote_spanned!(output.span()=> ::std::vec::Vec<#output>)
+    } else {
+        quote!(#output)
+    }
+}
+
+/// The `impl StepOf<...> for ...` header: for the flow input the step takes, the `Vec` a
+/// root map step maps over, or any input.
+fn step_of_header(step: &StepFn, root_map: bool, private: &TokenStream) -> TokenStream {
+    let name = &step.item.sig.ident;
+    if root_map {
+        if let Some(element) = step.element() {
+            let ty = &element.ty;
+            return quote!(impl #private::StepOf<::std::vec::Vec<#ty>> for #name);
+        }
+    }
+    match step.input() {
+        Some(input) => {
+            let ty = &input.ty;
+            quote!(impl #private::StepOf<#ty> for #name)
+        }
+        None => quote!(impl<__PgflowInput> #private::StepOf<__PgflowInput> for #name),
+    }
+}
+
+fn dependencies(args: &Args) -> Vec<&Path> {
+    args.depends_on.iter().flat_map(|(_, deps)| deps).collect()
+}
+
+fn cfg_attrs(attrs: &[Attribute]) -> Vec<&Attribute> {
+    attrs.iter().filter(|a| a.path().is_ident("cfg")).collect()
+}
