@@ -1,0 +1,382 @@
+//! Starting runs, step inputs for single steps, completion and leaf outputs, reading.
+
+use serde_json::{Value, json};
+use uuid::Uuid;
+
+use super::Engine;
+
+#[tokio::test]
+async fn start_flow_creates_the_run_and_one_state_per_step() {
+    let engine = Engine::new().await;
+    engine
+        .flow(
+            "f",
+            &[
+                ("a", &[], "single"),
+                ("b", &["a"], "single"),
+                ("m", &["a"], "map"),
+                ("r", &[], "map"),
+            ],
+        )
+        .await;
+    let (run_id, status, remaining): (Uuid, String, i32) = sqlx::query_as(
+        "SELECT run_id, status, remaining_steps FROM pgflow.start_flow('f', '[1, 2]')",
+    )
+    .fetch_one(engine.pool())
+    .await
+    .unwrap();
+    assert_eq!((status.as_str(), remaining), ("started", 4));
+    assert_eq!(
+        engine.step(run_id, "a").await,
+        ("started".into(), Some(1), Some(1), 0)
+    );
+    assert_eq!(
+        engine.step(run_id, "b").await,
+        ("created".into(), None, Some(1), 1)
+    );
+    assert_eq!(
+        engine.step(run_id, "m").await,
+        ("created".into(), None, None, 1)
+    );
+    assert_eq!(
+        engine.step(run_id, "r").await,
+        ("started".into(), Some(2), Some(2), 0)
+    );
+    // The root steps' messages are in the queue with the documented keys.
+    let messages: Vec<Value> = sqlx::query_scalar("SELECT message FROM pgmq.q_f ORDER BY msg_id")
+        .fetch_all(engine.pool())
+        .await
+        .unwrap();
+    assert_eq!(
+        messages,
+        vec![
+            json!({"flow_slug": "f", "run_id": run_id, "step_slug": "a", "task_index": 0}),
+            json!({"flow_slug": "f", "run_id": run_id, "step_slug": "r", "task_index": 0}),
+            json!({"flow_slug": "f", "run_id": run_id, "step_slug": "r", "task_index": 1}),
+        ]
+    );
+    let tasks = engine.tasks(run_id).await;
+    assert_eq!(tasks.len(), 3);
+    assert!(
+        tasks
+            .iter()
+            .all(|t| t.status == "queued" && t.attempts_count == 0)
+    );
+}
+
+#[tokio::test]
+async fn start_flow_takes_a_custom_run_id() {
+    let engine = Engine::new().await;
+    engine.flow("f", &[("a", &[], "single")]).await;
+    let id = Uuid::new_v4();
+    let got: Uuid = sqlx::query_scalar("SELECT run_id FROM pgflow.start_flow('f', '{}', $1)")
+        .bind(id)
+        .fetch_one(engine.pool())
+        .await
+        .unwrap();
+    assert_eq!(got, id);
+    let named: Uuid = sqlx::query_scalar(
+        "SELECT run_id FROM pgflow.start_flow(flow_slug => 'f', input => '{}', run_id => NULL)",
+    )
+    .fetch_one(engine.pool())
+    .await
+    .unwrap();
+    assert_ne!(named, id);
+}
+
+#[tokio::test]
+async fn a_root_map_refuses_input_that_is_not_an_array() {
+    let engine = Engine::new().await;
+    engine.flow("f", &[("m", &[], "map")]).await;
+    assert_eq!(
+        engine
+            .error("SELECT pgflow.start_flow('f', '{\"a\": 1}')")
+            .await,
+        "Flow f has root map steps but input is not an array (got object)"
+    );
+    assert_eq!(
+        engine
+            .error_code("SELECT pgflow.start_flow('f', '\"text\"')")
+            .await,
+        "P0001"
+    );
+    assert_eq!(
+        engine.error("SELECT pgflow.start_flow('f', 'null')").await,
+        "Flow f has root map steps but input is not an array (got null)"
+    );
+    assert_eq!(
+        engine.error("SELECT pgflow.start_flow('f', NULL)").await,
+        "Flow f has root map steps but input is NULL"
+    );
+    assert_eq!(
+        engine
+            .scalar::<i64>("SELECT count(*) FROM pgflow.runs")
+            .await,
+        0
+    );
+}
+
+#[tokio::test]
+async fn a_linear_chain_passes_outputs_along_and_completes() {
+    let engine = Engine::new().await;
+    engine
+        .flow(
+            "chain",
+            &[
+                ("a", &[], "single"),
+                ("b", &["a"], "single"),
+                ("c", &["b"], "single"),
+            ],
+        )
+        .await;
+    let run = engine.start("chain", json!({"x": 1})).await;
+    let handled = engine
+        .drain("chain", |task| json!(format!("{}-out", task.step_slug)))
+        .await;
+    let inputs: Vec<(String, Value)> = handled
+        .iter()
+        .map(|t| (t.step_slug.clone(), t.input.clone()))
+        .collect();
+    assert_eq!(
+        inputs,
+        vec![
+            ("a".into(), json!({"run": {"x": 1}})),
+            ("b".into(), json!({"run": {"x": 1}, "a": "a-out"})),
+            ("c".into(), json!({"run": {"x": 1}, "b": "b-out"})),
+        ]
+    );
+    assert!(
+        handled
+            .iter()
+            .all(|t| t.flow_slug == "chain" && t.run_id == run && t.task_index == 0)
+    );
+    assert_eq!(
+        engine.run(run).await,
+        ("completed".into(), Some(json!({"c": "c-out"})))
+    );
+    let (remaining, completed_after_start): (i32, bool) = sqlx::query_as(
+        "SELECT remaining_steps, completed_at >= started_at FROM pgflow.runs WHERE run_id = $1",
+    )
+    .bind(run)
+    .fetch_one(engine.pool())
+    .await
+    .unwrap();
+    assert_eq!((remaining, completed_after_start), (0, true));
+    // Every message was archived.
+    assert_eq!(engine.queue_counts("chain").await, (0, 3));
+}
+
+#[tokio::test]
+async fn a_diamond_joins_both_branches() {
+    let engine = Engine::new().await;
+    engine
+        .flow(
+            "diamond",
+            &[
+                ("root", &[], "single"),
+                ("left", &["root"], "single"),
+                ("right", &["root"], "single"),
+                ("join", &["left", "right"], "single"),
+            ],
+        )
+        .await;
+    let run = engine.start("diamond", json!(10)).await;
+
+    let roots = engine.poll("diamond").await;
+    assert_eq!(roots.len(), 1);
+    engine.complete(&roots[0], json!({"n": 1})).await;
+    let branches = engine.poll("diamond").await;
+    assert_eq!(
+        branches
+            .iter()
+            .map(|t| (t.step_slug.as_str(), t.input.clone()))
+            .collect::<Vec<_>>(),
+        vec![
+            ("left", json!({"run": 10, "root": {"n": 1}})),
+            ("right", json!({"run": 10, "root": {"n": 1}})),
+        ]
+    );
+    engine.complete(&branches[0], json!("L")).await;
+    // The join waits for both branches.
+    assert!(engine.poll("diamond").await.is_empty());
+    assert_eq!(engine.step(run, "join").await.3, 1);
+    engine.complete(&branches[1], json!("R")).await;
+    let join = engine.poll("diamond").await;
+    assert_eq!(join[0].input, json!({"run": 10, "left": "L", "right": "R"}));
+    engine.complete(&join[0], json!(42)).await;
+    assert_eq!(
+        engine.run(run).await,
+        ("completed".into(), Some(json!({"join": 42})))
+    );
+}
+
+#[tokio::test]
+async fn independent_roots_run_side_by_side_and_all_leaves_form_the_output() {
+    let engine = Engine::new().await;
+    engine
+        .flow(
+            "two",
+            &[
+                ("r1", &[], "single"),
+                ("r2", &[], "single"),
+                ("after1", &["r1"], "single"),
+            ],
+        )
+        .await;
+    let run = engine.start("two", json!("in")).await;
+    let first = engine.poll("two").await;
+    assert_eq!(
+        first
+            .iter()
+            .map(|t| (t.step_slug.as_str(), t.input.clone()))
+            .collect::<Vec<_>>(),
+        vec![("r1", json!({"run": "in"})), ("r2", json!({"run": "in"}))]
+    );
+    for task in &first {
+        engine
+            .complete(task, json!(task.step_slug.to_uppercase()))
+            .await;
+    }
+    engine
+        .drain("two", |task| json!(task.step_slug.to_uppercase()))
+        .await;
+    assert_eq!(
+        engine.run(run).await,
+        (
+            "completed".into(),
+            Some(json!({"r2": "R2", "after1": "AFTER1"}))
+        )
+    );
+}
+
+#[tokio::test]
+async fn a_flow_without_steps_completes_at_start() {
+    let engine = Engine::new().await;
+    engine.exec("SELECT pgflow.create_flow('empty')").await;
+    let (status, output): (String, Option<Value>) =
+        sqlx::query_as("SELECT status, output FROM pgflow.start_flow('empty', '{}')")
+            .fetch_one(engine.pool())
+            .await
+            .unwrap();
+    assert_eq!((status.as_str(), output), ("completed", Some(json!({}))));
+}
+
+#[tokio::test]
+async fn start_flow_of_an_unknown_flow_fails() {
+    let engine = Engine::new().await;
+    assert!(
+        engine
+            .error("SELECT pgflow.start_flow('nope', '{}')")
+            .await
+            .contains("runs_flow_slug_fkey")
+    );
+}
+
+#[tokio::test]
+async fn complete_task_only_completes_a_started_task_once() {
+    let engine = Engine::new().await;
+    engine
+        .flow("f", &[("a", &[], "single"), ("b", &["a"], "single")])
+        .await;
+    let run = engine.start("f", json!({})).await;
+    // Queued, not started yet: nothing changes.
+    let rows = engine.complete_at(run, "a", 0, json!("early")).await;
+    assert_eq!(rows[0].status, "queued");
+    assert_eq!(rows[0].output, None);
+
+    let task = engine.poll("f").await.remove(0);
+    let rows = engine.complete(&task, json!("first")).await;
+    assert_eq!(
+        (rows[0].status.as_str(), rows[0].output.clone()),
+        ("completed", Some(json!("first")))
+    );
+    // A duplicate delivery completes nothing twice.
+    let rows = engine.complete(&task, json!("second")).await;
+    assert_eq!(rows[0].output, Some(json!("first")));
+    assert_eq!(engine.step(run, "b").await.0, "started");
+    assert_eq!(
+        engine
+            .scalar::<i64>("SELECT count(*) FROM pgflow.step_tasks WHERE step_slug = 'b'")
+            .await,
+        1
+    );
+    // An unknown task returns nothing.
+    assert!(
+        engine
+            .complete_at(run, "nope", 0, json!(1))
+            .await
+            .is_empty()
+    );
+}
+
+#[tokio::test]
+async fn get_run_with_states_and_start_flow_with_states_return_run_and_steps() {
+    let engine = Engine::new().await;
+    engine
+        .flow("f", &[("a", &[], "single"), ("b", &["a"], "single")])
+        .await;
+    let id = Uuid::new_v4();
+    let started: Value =
+        sqlx::query_scalar("SELECT pgflow.start_flow_with_states('f', '{\"k\": 1}', $1)")
+            .bind(id)
+            .fetch_one(engine.pool())
+            .await
+            .unwrap();
+    assert_eq!(started["run"]["run_id"], json!(id));
+    assert_eq!(started["run"]["status"], json!("started"));
+    assert_eq!(started["run"]["input"], json!({"k": 1}));
+    let steps = started["steps"].as_array().unwrap();
+    assert_eq!(steps.len(), 2);
+    assert_eq!(steps[0]["step_slug"], json!("a"));
+    assert_eq!(steps[0]["status"], json!("started"));
+    assert_eq!(steps[1]["remaining_deps"], json!(1));
+
+    let read: Value = sqlx::query_scalar("SELECT pgflow.get_run_with_states($1)")
+        .bind(id)
+        .fetch_one(engine.pool())
+        .await
+        .unwrap();
+    assert_eq!(read, started);
+}
+
+#[tokio::test]
+async fn poll_for_tasks_is_deprecated_and_returns_nothing() {
+    let engine = Engine::new().await;
+    engine.flow("f", &[("a", &[], "single")]).await;
+    engine.start("f", json!({})).await;
+    let rows: Vec<super::Task> =
+        sqlx::query_as("SELECT * FROM pgflow.poll_for_tasks('f', 30, 10, max_poll_seconds => 1, poll_interval_ms => 10)")
+            .fetch_all(engine.pool())
+            .await
+            .unwrap();
+    assert!(rows.is_empty());
+    // Its message is untouched: still there for read_with_poll + start_tasks.
+    assert_eq!(engine.queue_counts("f").await, (1, 0));
+    let polled: Vec<i64> =
+        sqlx::query_scalar("SELECT msg_id FROM pgmq.read_with_poll('f', 30, 10, 1, 50)")
+            .fetch_all(engine.pool())
+            .await
+            .unwrap();
+    assert_eq!(engine.start_tasks("f", &polled).await.len(), 1);
+}
+
+#[tokio::test]
+async fn maybe_complete_run_and_start_ready_steps_are_callable_and_harmless() {
+    let engine = Engine::new().await;
+    engine.flow("f", &[("a", &[], "single")]).await;
+    let run = engine.start("f", json!({})).await;
+    for sql in [
+        "SELECT pgflow.maybe_complete_run($1)",
+        "SELECT pgflow.start_ready_steps($1)",
+        "SELECT pgflow.cascade_complete_taskless_steps($1)",
+    ] {
+        sqlx::query(sql)
+            .bind(run)
+            .execute(engine.pool())
+            .await
+            .unwrap();
+    }
+    assert_eq!(engine.run(run).await.0, "started");
+    assert_eq!(engine.tasks(run).await.len(), 1);
+    assert_eq!(engine.queue_counts("f").await, (1, 0));
+}
