@@ -26,7 +26,16 @@
 -- and its step state (atomic decrement of remaining_tasks): map tasks and tasks of
 -- different steps never queue behind a run-wide lock. The run row is locked only by
 -- the task that actually finishes a step, and before that task changes anything, so
--- a run that failed meanwhile is seen and left alone.
+-- a run that failed meanwhile is seen and left alone. (pgflow 0.8.1 locked the run
+-- first on every completion; the order above keeps its guarantees without that.)
+--
+-- The order holds per call. A caller that chains several complete_task / fail_task
+-- calls in one transaction keeps the earlier calls' locks and can deadlock like any
+-- multi-statement transaction: report a batch with complete_tasks instead.
+--
+-- Hot functions run with plan_cache_mode = force_generic_plan: their statements are
+-- primary-key lookups whose generic plans are right, and re-planning them on every call
+-- would cost more than running them.
 --
 -- Row locks are FOR NO KEY UPDATE (what a plain UPDATE takes): they do not conflict with
 -- the KEY SHARE locks that foreign-key checks take on runs / step_states / flows.
@@ -933,9 +942,10 @@ DECLARE
   v_inputs       jsonb[];
   v_vt_offsets   integer[];
 BEGIN
-  -- Inputs are built in the same statement that starts the tasks. A dependent map task
-  -- reads one element: `output -> task_index` of a single parent's task, or the
-  -- parent map's task with the same task_index; never the whole parent array.
+  -- Inputs are built in the same statement that starts the tasks. A map task reads one
+  -- element, never a rebuilt parent array: element task_index of the run input (root
+  -- map) or of a single parent's output, or the output of the map parent's task with
+  -- the same task_index.
   WITH locked AS (
     SELECT t.run_id, t.step_slug, t.task_index
       FROM pgflow.step_tasks t
@@ -959,28 +969,43 @@ BEGIN
        AND t.task_index = l.task_index
     RETURNING t.run_id, t.step_slug, t.task_index, t.message_id
   ),
+  -- The arrays map tasks take elements from, fetched and decompressed once per
+  -- (run, step) of the batch rather than once per task: `||` with an empty array hands
+  -- back the detoasted array itself, which the materialised CTE then keeps in memory.
+  arrays AS MATERIALIZED (
+    SELECT g.run_id, g.step_slug, src.arr || '[]'::jsonb AS arr
+      FROM (SELECT DISTINCT st.run_id, st.step_slug FROM started st) g
+      JOIN pgflow.steps s ON s.flow_slug = start_tasks.flow_slug AND s.step_slug = g.step_slug
+      CROSS JOIN LATERAL (
+        SELECT CASE
+                 WHEN s.deps_count = 0 THEN
+                   (SELECT r.input FROM pgflow.runs r WHERE r.run_id = g.run_id)
+                 ELSE (
+                   SELECT pt.output
+                     FROM pgflow.deps d
+                     JOIN pgflow.steps parent
+                       ON parent.flow_slug = d.flow_slug AND parent.step_slug = d.dep_slug
+                     JOIN pgflow.step_tasks pt
+                       ON pt.run_id = g.run_id AND pt.step_slug = d.dep_slug AND pt.task_index = 0
+                    WHERE d.flow_slug = s.flow_slug
+                      AND d.step_slug = s.step_slug
+                      AND parent.step_type = 'single')
+               END AS arr
+      ) src
+     WHERE s.step_type = 'map'
+       AND src.arr IS NOT NULL
+  ),
   prepared AS (
     SELECT st.run_id, st.step_slug, st.task_index, st.message_id,
            coalesce(s.opt_timeout, f.opt_timeout) + 2 AS vt_offset,
            CASE
-             WHEN s.step_type = 'map' AND s.deps_count = 0 THEN
-               r.input -> st.task_index
+             WHEN s.step_type = 'map' AND a.arr IS NOT NULL THEN
+               a.arr -> st.task_index
              WHEN s.step_type = 'map' THEN (
-               SELECT CASE
-                        WHEN parent.step_type = 'map' THEN (
-                          SELECT pt.output FROM pgflow.step_tasks pt
-                           WHERE pt.run_id = st.run_id
-                             AND pt.step_slug = d.dep_slug
-                             AND pt.task_index = st.task_index)
-                        ELSE (
-                          SELECT pt.output -> st.task_index FROM pgflow.step_tasks pt
-                           WHERE pt.run_id = st.run_id
-                             AND pt.step_slug = d.dep_slug
-                             AND pt.task_index = 0)
-                      END
+               SELECT pt.output
                  FROM pgflow.deps d
-                 JOIN pgflow.steps parent
-                   ON parent.flow_slug = d.flow_slug AND parent.step_slug = d.dep_slug
+                 JOIN pgflow.step_tasks pt
+                   ON pt.run_id = st.run_id AND pt.step_slug = d.dep_slug AND pt.task_index = st.task_index
                 WHERE d.flow_slug = s.flow_slug
                   AND d.step_slug = s.step_slug)
              ELSE
@@ -997,6 +1022,7 @@ BEGIN
       JOIN pgflow.runs r ON r.run_id = st.run_id
       JOIN pgflow.steps s ON s.flow_slug = start_tasks.flow_slug AND s.step_slug = st.step_slug
       JOIN pgflow.flows f ON f.flow_slug = start_tasks.flow_slug
+      LEFT JOIN arrays a ON a.run_id = st.run_id AND a.step_slug = st.step_slug
   )
   -- Plain aggregates over a sorted input: ordered aggregates cost more to set up than
   -- this whole statement takes to run for a small batch.
