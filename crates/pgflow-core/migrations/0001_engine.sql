@@ -941,19 +941,49 @@ DECLARE
   v_msg_ids      bigint[];
   v_inputs       jsonb[];
   v_vt_offsets   integer[];
+  v_stale        record;
 BEGIN
   -- Inputs are built in the same statement that starts the tasks. A map task reads one
   -- element, never a rebuilt parent array: element task_index of the run input (root
   -- map) or of a single parent's output, or the output of the map parent's task with
   -- the same task_index.
+  -- A started task whose message is delivered again after its whole timeout has passed
+  -- lost its worker (crashed, killed, cut off): its attempt is over. With attempts left it
+  -- is started again below, like a queued one; without, it fails as a retry would. A
+  -- duplicate delivery within the timeout is not a lost worker and is ignored.
+  FOR v_stale IN
+    SELECT t.run_id, t.step_slug, t.task_index, t.attempts_count,
+           coalesce(s.opt_timeout, f.opt_timeout) AS timeout
+      FROM pgflow.step_tasks t
+      JOIN pgflow.runs r ON r.run_id = t.run_id
+      JOIN pgflow.steps s ON s.flow_slug = t.flow_slug AND s.step_slug = t.step_slug
+      JOIN pgflow.flows f ON f.flow_slug = t.flow_slug
+     WHERE t.flow_slug = start_tasks.flow_slug
+       AND t.message_id = ANY(start_tasks.msg_ids)
+       AND t.status = 'started'
+       AND r.status <> 'failed'
+       AND t.started_at <= now() - make_interval(secs => coalesce(s.opt_timeout, f.opt_timeout))
+       AND t.attempts_count >= coalesce(s.opt_max_attempts, f.opt_max_attempts)
+     ORDER BY t.run_id, t.step_slug, t.task_index
+  LOOP
+    PERFORM pgflow.fail_task(v_stale.run_id, v_stale.step_slug, v_stale.task_index,
+      format('Task did not finish within its timeout of %s seconds on attempt %s (its worker was lost)',
+             v_stale.timeout, v_stale.attempts_count));
+  END LOOP;
+
   WITH locked AS (
     SELECT t.run_id, t.step_slug, t.task_index
       FROM pgflow.step_tasks t
       JOIN pgflow.runs r ON r.run_id = t.run_id
+      JOIN pgflow.steps s ON s.flow_slug = t.flow_slug AND s.step_slug = t.step_slug
+      JOIN pgflow.flows f ON f.flow_slug = t.flow_slug
      WHERE t.flow_slug = start_tasks.flow_slug
        AND t.message_id = ANY(start_tasks.msg_ids)
-       AND t.status = 'queued'
        AND r.status <> 'failed'
+       AND (t.status = 'queued'
+            OR (t.status = 'started'
+                AND t.started_at <= now() - make_interval(secs => coalesce(s.opt_timeout, f.opt_timeout))
+                AND t.attempts_count < coalesce(s.opt_max_attempts, f.opt_max_attempts)))
      ORDER BY t.run_id, t.step_slug, t.task_index
        FOR NO KEY UPDATE OF t
   ),

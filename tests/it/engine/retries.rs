@@ -368,3 +368,64 @@ async fn set_vt_batch_sets_each_offset_in_one_call() {
             .contains("pgmq.q_missing")
     );
 }
+
+/// Makes task `step`/0 of `run` look started `seconds` ago, as if its worker had died then.
+async fn age_started_task(engine: &Engine, run: uuid::Uuid, step: &str, seconds: i32) {
+    sqlx::query(
+        "UPDATE pgflow.step_tasks
+            SET queued_at = queued_at - make_interval(secs => $3),
+                started_at = started_at - make_interval(secs => $3)
+          WHERE run_id = $1 AND step_slug = $2",
+    )
+    .bind(run)
+    .bind(step)
+    .bind(f64::from(seconds))
+    .execute(engine.pool())
+    .await
+    .unwrap();
+}
+
+#[tokio::test]
+async fn a_task_whose_worker_died_is_started_again_when_its_message_reappears() {
+    let engine = Engine::new().await;
+    engine
+        .exec("SELECT pgflow.create_flow('f', max_attempts => 3, timeout => 5)")
+        .await;
+    engine.exec("SELECT pgflow.add_step('f', 'a')").await;
+    let run = engine.start("f", json!({"n": 1})).await;
+    let first = engine.poll("f").await.remove(0);
+    // The worker dies; its message reappears after timeout + 2 seconds.
+    age_started_task(&engine, run, "a", 8).await;
+    engine.make_visible("f").await;
+    let again = engine.poll("f").await;
+    assert_eq!(again.len(), 1, "the lost task is delivered again");
+    assert_eq!(again[0].input, first.input);
+    let task = engine.tasks(run).await.remove(0);
+    assert_eq!((task.status.as_str(), task.attempts_count), ("started", 2));
+    engine.complete(&again[0], json!("done")).await;
+    assert_eq!(engine.run(run).await.0, "completed");
+}
+
+#[tokio::test]
+async fn a_lost_task_on_its_last_attempt_fails_the_run_with_a_clear_message() {
+    let engine = Engine::new().await;
+    engine
+        .exec("SELECT pgflow.create_flow('f', max_attempts => 1, timeout => 5)")
+        .await;
+    engine.exec("SELECT pgflow.add_step('f', 'a')").await;
+    let run = engine.start("f", json!({})).await;
+    engine.poll("f").await;
+    age_started_task(&engine, run, "a", 8).await;
+    engine.make_visible("f").await;
+    assert!(engine.poll("f").await.is_empty());
+    assert_eq!(engine.run(run).await.0, "failed");
+    let task = engine.tasks(run).await.remove(0);
+    assert_eq!(task.status, "failed");
+    assert_eq!(
+        task.error_message.as_deref(),
+        Some(
+            "Task did not finish within its timeout of 5 seconds on attempt 1 (its worker was lost)"
+        )
+    );
+    assert_eq!(engine.queue_counts("f").await, (0, 1));
+}
