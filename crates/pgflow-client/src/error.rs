@@ -173,6 +173,39 @@ pub enum Error {
         #[source]
         source: serde_json::Error,
     },
+
+    /// A worker setting is out of range ([`WorkerBuilder::spawn`](crate::WorkerBuilder::spawn)).
+    #[error("worker setting `{setting}` is {value}, but it {requirement}")]
+    WorkerSetting {
+        /// The builder method that set it, e.g. `concurrency`.
+        setting: &'static str,
+        /// The value given.
+        value: String,
+        /// The rule it breaks.
+        requirement: &'static str,
+    },
+
+    /// A worker was given a handler under an invalid flow or step slug.
+    #[error(
+        "worker handler for flow `{flow}`{}: invalid slug: {problem}",
+        step.as_ref().map(|step| format!(", step `{step}`")).unwrap_or_default()
+    )]
+    WorkerSlug {
+        /// The flow slug as given.
+        flow: String,
+        /// The step slug as given, when it is the invalid one.
+        step: Option<String>,
+        /// What is wrong with the slug.
+        problem: pgflow_core::SlugProblem,
+    },
+
+    /// A worker was spawned outside a Tokio runtime.
+    #[error("a pgflow worker must be spawned from within a Tokio runtime")]
+    NoRuntime,
+
+    /// The worker's own task panicked (a bug: panics in handlers are caught and fail their task).
+    #[error("the worker's task panicked: {0}")]
+    WorkerPanicked(String),
 }
 
 impl Error {

@@ -1,0 +1,132 @@
+//! Waking flows on the engine's events: `LISTEN pgflow` on a dedicated connection, reconnecting
+//! with backoff, and telling the poll loops whether notifications can be relied on.
+//!
+//! Only the engine's own channel is used. pgmq's insert notifications would need a trigger on
+//! every queue table, installed by the worker, that updates one throttle row per inserted
+//! message: a serialisation point for every producer. The engine already announces every step
+//! that gets tasks with a `step:started` event, in the transaction that queues them.
+
+use std::borrow::Cow;
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use sqlx::PgPool;
+use sqlx::postgres::{PgListener, PgPoolOptions};
+use tokio_util::sync::CancellationToken;
+
+use super::Shared;
+use super::backoff::{Backoff, sleep_or_stop};
+use super::registry::FlowEntry;
+
+/// The channel `pgflow._emit` notifies on.
+const CHANNEL: &str = "pgflow";
+
+/// The fields of an event the worker looks at.
+#[derive(serde::Deserialize)]
+struct Event<'a> {
+    #[serde(borrow)]
+    event_type: Cow<'a, str>,
+    #[serde(borrow, default)]
+    flow_slug: Option<Cow<'a, str>>,
+}
+
+/// Listens until `stop` fires.
+pub(crate) async fn run(shared: Arc<Shared>, flows: Vec<Arc<FlowEntry>>, stop: CancellationToken) {
+    let by_slug: HashMap<&str, &FlowEntry> =
+        flows.iter().map(|flow| (&*flow.slug, &**flow)).collect();
+    // A connection of its own, outside the application's pool: it is held for good.
+    let pool = PgPoolOptions::new()
+        .max_connections(1)
+        .min_connections(0)
+        .max_lifetime(None)
+        .idle_timeout(None)
+        .acquire_timeout(Duration::from_secs(10))
+        .connect_lazy_with((*shared.pool.connect_options()).clone());
+    let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(10));
+
+    'connect: while !stop.is_cancelled() {
+        let connected = tokio::select! {
+            () = stop.cancelled() => break 'connect,
+            connected = listen(&pool) => connected,
+        };
+        let mut listener = match connected {
+            Ok(listener) => listener,
+            Err(error) => {
+                tracing::warn!(%error, "cannot listen for pgflow events; polling meanwhile");
+                if sleep_or_stop(backoff.next_delay(), &stop).await {
+                    continue;
+                }
+                break;
+            }
+        };
+        if backoff.failures() > 0 {
+            tracing::warn!("listening for pgflow events again");
+        } else {
+            tracing::debug!("listening for pgflow events");
+        }
+        backoff.reset();
+        shared.listening.store(true, Ordering::Release);
+        // Anything may have been queued while nobody listened.
+        wake_all(&flows);
+
+        loop {
+            let received = tokio::select! {
+                () = stop.cancelled() => break 'connect,
+                received = listener.try_recv() => received,
+            };
+            match received {
+                Ok(Some(notification)) => wake(&by_slug, notification.payload()),
+                Ok(None) => {
+                    lost(&shared, &flows, "connection closed");
+                    break;
+                }
+                Err(error) => {
+                    lost(&shared, &flows, &error.to_string());
+                    break;
+                }
+            }
+        }
+        // A fresh listener on the next round: a failed one may hold a broken connection.
+        drop(listener);
+        if !sleep_or_stop(backoff.next_delay(), &stop).await {
+            break;
+        }
+    }
+    shared.listening.store(false, Ordering::Release);
+    pool.close().await;
+}
+
+async fn listen(pool: &PgPool) -> sqlx::Result<PgListener> {
+    let mut listener = PgListener::connect_with(pool).await?;
+    listener.ignore_pool_close_event(true);
+    listener.listen(CHANNEL).await?;
+    Ok(listener)
+}
+
+/// Wakes the flow a `step:started` event is about.
+fn wake(flows: &HashMap<&str, &FlowEntry>, payload: &str) {
+    let Ok(event) = serde_json::from_str::<Event<'_>>(payload) else {
+        return;
+    };
+    if event.event_type != "step:started" {
+        return;
+    }
+    if let Some(flow) = event.flow_slug.as_deref().and_then(|slug| flows.get(slug)) {
+        tracing::trace!(flow_slug = %flow.slug, "woken by step:started");
+        flow.wake.notify_one();
+    }
+}
+
+fn wake_all(flows: &[Arc<FlowEntry>]) {
+    for flow in flows {
+        flow.wake.notify_one();
+    }
+}
+
+fn lost(shared: &Shared, flows: &[Arc<FlowEntry>], error: &str) {
+    shared.listening.store(false, Ordering::Release);
+    wake_all(flows);
+    tracing::warn!(%error, "lost the connection listening for pgflow events; reconnecting");
+}

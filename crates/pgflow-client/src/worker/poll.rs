@@ -1,0 +1,215 @@
+//! One flow's loop: take free permits, read and start that many tasks in one round trip, hand
+//! them to the dispatcher, and sleep until work can be there.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use serde_json::Value;
+use sqlx::PgPool;
+use tokio::sync::{OwnedSemaphorePermit, mpsc};
+use uuid::Uuid;
+
+use super::Shared;
+use super::backoff::{Backoff, sleep_or_stop};
+use super::dispatch;
+use super::registry::FlowEntry;
+use super::report::Report;
+
+/// Reads messages and starts their tasks in one statement: `start_tasks` over the ids
+/// `pgmq.read` returns, plus what the worker needs besides the engine's record (the attempt
+/// number and the step's timeout).
+///
+/// The step_tasks row joined here is the version before `start_tasks` changed it (the statement's
+/// snapshot predates the function's own updates), hence `attempts_count + 1`. One statement
+/// means one transaction: read and start commit together, and the read's row locks on the
+/// messages cannot deadlock with the engine (they only meet tasks that are `queued`, which
+/// nothing else locks while their message is locked).
+const FETCH_SQL: &str = "\
+SELECT t.run_id, t.step_slug, t.input, t.task_index, \
+       st.attempts_count + 1 AS attempt, \
+       coalesce(s.opt_timeout, f.opt_timeout) AS timeout \
+  FROM pgflow.start_tasks($1, ARRAY(SELECT m.msg_id FROM pgmq.read($1, $2, $3) m), $4) t \
+  LEFT JOIN pgflow.step_tasks st \
+    ON st.run_id = t.run_id AND st.step_slug = t.step_slug AND st.task_index = t.task_index \
+  LEFT JOIN pgflow.steps s ON s.flow_slug = t.flow_slug AND s.step_slug = t.step_slug \
+  LEFT JOIN pgflow.flows f ON f.flow_slug = t.flow_slug";
+
+/// The step timeout when the database names none (the engine's default).
+const DEFAULT_TIMEOUT_SECONDS: i32 = 60;
+
+/// A task this worker just started.
+#[derive(Debug)]
+pub(crate) struct StartedTask {
+    pub(crate) run_id: Uuid,
+    pub(crate) step_slug: String,
+    pub(crate) input: Value,
+    pub(crate) task_index: i32,
+    pub(crate) attempt: i32,
+    pub(crate) timeout: Duration,
+}
+
+type FetchRow = (Uuid, String, Value, i32, Option<i32>, Option<i32>);
+
+/// Reads up to `qty` messages of `flow`'s queue and starts their tasks.
+async fn fetch(
+    pool: &PgPool,
+    flow: &FlowEntry,
+    vt: i32,
+    qty: i32,
+) -> sqlx::Result<Vec<StartedTask>> {
+    let rows: Vec<FetchRow> = sqlx::query_as(FETCH_SQL)
+        .bind(&*flow.slug)
+        .bind(vt)
+        .bind(qty)
+        .bind(flow.worker_id)
+        .fetch_all(pool)
+        .await?;
+    Ok(rows
+        .into_iter()
+        .map(
+            |(run_id, step_slug, input, task_index, attempt, timeout)| StartedTask {
+                run_id,
+                step_slug,
+                input,
+                task_index,
+                attempt: attempt.unwrap_or(1),
+                timeout: Duration::from_secs(
+                    u64::try_from(timeout.unwrap_or(DEFAULT_TIMEOUT_SECONDS).max(1)).unwrap_or(60),
+                ),
+            },
+        )
+        .collect())
+}
+
+/// How long until the next message of `flow`'s queue becomes visible; `None` when the queue is
+/// empty.
+async fn next_visible(pool: &PgPool, flow: &FlowEntry) -> sqlx::Result<Option<Duration>> {
+    let seconds: Option<f64> = sqlx::query_scalar(&flow.next_visible_sql)
+        .fetch_one(pool)
+        .await?;
+    Ok(seconds.map(|s| Duration::try_from_secs_f64(s.max(0.0)).unwrap_or(Duration::MAX)))
+}
+
+/// The loop of one flow; returns when the flow's stop token fires.
+pub(crate) async fn run(shared: Arc<Shared>, flow: Arc<FlowEntry>, reports: mpsc::Sender<Report>) {
+    let settings = &shared.settings;
+    let vt = settings.visibility_timeout;
+    let vt = vt.as_secs() + u64::from(vt.subsec_nanos() > 0);
+    let vt = i32::try_from(vt).unwrap_or(i32::MAX).max(1);
+    let mut backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(10));
+    tracing::debug!(flow_slug = %flow.slug, worker_id = %flow.worker_id, "polling");
+
+    loop {
+        let Some(mut permits) = take_permits(&shared, &flow).await else {
+            break;
+        };
+        let qty = permits.num_permits();
+        tracing::trace!(flow_slug = %flow.slug, qty, "reading");
+        // Never cancelled half-way: tasks started in the database must be run.
+        let result = fetch(
+            &shared.pool,
+            &flow,
+            vt,
+            i32::try_from(qty).unwrap_or(i32::MAX),
+        )
+        .await;
+        let tasks = match result {
+            Ok(tasks) => tasks,
+            Err(error) => {
+                drop(permits);
+                warn_fetch_error(&flow, &error, &backoff);
+                if backoff.wait(&flow.stop).await {
+                    continue;
+                }
+                break;
+            }
+        };
+        backoff.reset();
+        let started = tasks.len();
+        for task in tasks {
+            // `qty` permits for at most `qty` tasks.
+            let Some(permit) = permits.split(1) else {
+                break;
+            };
+            dispatch::spawn(&shared, &flow, task, permit, reports.clone());
+        }
+        drop(permits);
+        if started == qty {
+            // A full batch: there may be more right away.
+            continue;
+        }
+        if !idle_wait(&shared, &flow).await {
+            break;
+        }
+    }
+    tracing::debug!(flow_slug = %flow.slug, "stopped polling");
+}
+
+/// Waits for at least one free permit, then takes as many more as are free, up to the batch
+/// size. `None` when the flow stops first.
+async fn take_permits(shared: &Shared, flow: &FlowEntry) -> Option<OwnedSemaphorePermit> {
+    let mut permits = tokio::select! {
+        biased;
+        () = flow.stop.cancelled() => return None,
+        permit = Arc::clone(&shared.semaphore).acquire_owned() => permit.ok()?,
+    };
+    let batch = shared.settings.batch_size;
+    if batch > 1 {
+        // Handlers of one batch tend to finish together: let the others release theirs.
+        tokio::task::yield_now().await;
+        let more = shared.semaphore.available_permits().min(batch - 1);
+        if more > 0 {
+            let more = u32::try_from(more).unwrap_or(u32::MAX);
+            if let Ok(extra) = Arc::clone(&shared.semaphore).try_acquire_many_owned(more) {
+                permits.merge(extra);
+            }
+        }
+    }
+    Some(permits)
+}
+
+/// Sleeps until new tasks may be there; `false` when the flow stops first.
+async fn idle_wait(shared: &Shared, flow: &FlowEntry) -> bool {
+    let settings = &shared.settings;
+    let wait = if shared.listening.load(Ordering::Acquire) {
+        // Notifications announce new steps; only delayed messages (retries, start delays)
+        // appear silently, so sleep until the next one is due.
+        match next_visible(&shared.pool, flow).await {
+            // A message due now is locked by another reader: look again shortly.
+            Ok(Some(due)) => due
+                .max(settings.poll_interval.min(Duration::from_millis(10)))
+                .min(settings.max_poll_wait),
+            Ok(None) => settings.max_poll_wait,
+            Err(error) => {
+                tracing::debug!(flow_slug = %flow.slug, %error, "cannot read the queue's next visibility time");
+                settings.poll_interval
+            }
+        }
+    } else {
+        settings.poll_interval
+    };
+    tracing::trace!(flow_slug = %flow.slug, ?wait, "idle");
+    tokio::select! {
+        () = flow.wake.notified() => true,
+        ok = sleep_or_stop(wait, &flow.stop) => ok,
+    }
+}
+
+fn warn_fetch_error(flow: &FlowEntry, error: &sqlx::Error, backoff: &Backoff) {
+    let missing_queue = error
+        .as_database_error()
+        .and_then(|db| db.code())
+        .is_some_and(|code| code == "42P01");
+    if missing_queue {
+        // Compiled later, by a deployment or another process: keep trying, say it once.
+        if backoff.failures() == 0 {
+            tracing::warn!(
+                flow_slug = %flow.slug,
+                "flow has no queue in this database (not compiled yet?); retrying"
+            );
+        }
+    } else {
+        tracing::warn!(flow_slug = %flow.slug, %error, "cannot read tasks; retrying");
+    }
+}

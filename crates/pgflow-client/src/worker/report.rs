@@ -1,0 +1,435 @@
+//! Reporting results: completions batched into `pgflow.complete_tasks`, failures through
+//! `pgflow.fail_task`, retried when the database is unreachable and never applied twice.
+//!
+//! Batching needs no timer. One report is in flight per slot; whatever finishes meanwhile
+//! waits in the channel and goes out together in the next call. A lone task is reported the
+//! moment it finishes, and under load the batches grow by themselves.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use serde_json::Value;
+use sqlx::types::Json;
+use tokio::sync::{Semaphore, mpsc};
+use uuid::Uuid;
+
+use super::Shared;
+use super::backoff::Backoff;
+
+/// Reports in flight at once: one commits while the next fills up.
+const SLOTS: usize = 2;
+/// The most tasks in one `complete_tasks` call.
+const MAX_BATCH: usize = 1000;
+
+/// Which attempt of which task a result belongs to.
+#[derive(Debug, Clone)]
+pub(crate) struct TaskKey {
+    pub(crate) run_id: Uuid,
+    pub(crate) step_slug: Arc<str>,
+    pub(crate) task_index: i32,
+    pub(crate) attempt: i32,
+    /// The worker row that started the task.
+    pub(crate) worker_id: Uuid,
+}
+
+/// How a handler's run ended.
+#[derive(Debug)]
+pub(crate) enum Outcome {
+    Completed(Value),
+    Failed {
+        message: String,
+        /// `false` when the handler asked not to retry ([`pgflow_core::StepError::no_retry`]).
+        retry: bool,
+    },
+}
+
+/// One finished task, for the reporter.
+#[derive(Debug)]
+pub(crate) struct Report {
+    pub(crate) key: TaskKey,
+    pub(crate) outcome: Outcome,
+    /// The task's span, for what is logged while reporting it.
+    pub(crate) span: tracing::Span,
+}
+
+/// A completed task.
+struct Done {
+    key: TaskKey,
+    output: Value,
+    span: tracing::Span,
+}
+
+/// A failed attempt.
+struct Failure {
+    key: TaskKey,
+    message: String,
+    retry: bool,
+    span: tracing::Span,
+}
+
+/// The reporter; returns once the channel is closed and every report is done.
+pub(crate) async fn run(shared: Arc<Shared>, mut reports: mpsc::Receiver<Report>) {
+    let slots = Arc::new(Semaphore::new(SLOTS));
+    loop {
+        let Ok(slot) = Arc::clone(&slots).acquire_owned().await else {
+            break;
+        };
+        let Some(first) = reports.recv().await else {
+            break;
+        };
+        let mut batch = vec![first];
+        drain(&mut reports, &mut batch);
+        // Handlers of one read often finish together: let them hand over their results.
+        tokio::task::yield_now().await;
+        drain(&mut reports, &mut batch);
+        let shared = Arc::clone(&shared);
+        tokio::spawn(async move {
+            flush(&shared, batch).await;
+            drop(slot);
+        });
+    }
+    // Wait for the reports still in flight.
+    let _all = slots.acquire_many(u32::try_from(SLOTS).unwrap_or(1)).await;
+}
+
+fn drain(reports: &mut mpsc::Receiver<Report>, batch: &mut Vec<Report>) {
+    while batch.len() < MAX_BATCH {
+        match reports.try_recv() {
+            Ok(report) => batch.push(report),
+            Err(_) => break,
+        }
+    }
+}
+
+async fn flush(shared: &Shared, batch: Vec<Report>) {
+    let mut done = Vec::with_capacity(batch.len());
+    let mut failures = Vec::new();
+    for report in batch {
+        match report.outcome {
+            Outcome::Completed(output) => done.push(Done {
+                key: report.key,
+                output,
+                span: report.span,
+            }),
+            Outcome::Failed { message, retry } => failures.push(Failure {
+                key: report.key,
+                message,
+                retry,
+                span: report.span,
+            }),
+        }
+    }
+    if !done.is_empty() {
+        complete(shared, done).await;
+    }
+    for failure in failures {
+        fail(shared, failure).await;
+    }
+}
+
+/// What an error tells about the statement that raised it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Verdict {
+    /// It certainly changed nothing and may succeed later: retry as is.
+    NotApplied,
+    /// It may or may not have committed: retry only what is still ours to report.
+    Unknown,
+    /// The database refused it and will again (bad data): do not retry as is.
+    Refused,
+    /// The pool was closed: nothing more can be sent.
+    Closed,
+}
+
+fn verdict(error: &sqlx::Error) -> Verdict {
+    match error {
+        sqlx::Error::PoolTimedOut => Verdict::NotApplied,
+        sqlx::Error::PoolClosed => Verdict::Closed,
+        sqlx::Error::Database(db) => match db.code().as_deref().map(|code| code.get(..2)) {
+            // transaction rollback (serialization failure, deadlock): nothing was applied
+            Some(Some("40")) => Verdict::NotApplied,
+            // connection exception, operator intervention, insufficient resources, system
+            // error, internal error: the server or the session went away
+            Some(Some("08" | "57" | "53" | "58" | "XX")) => Verdict::Unknown,
+            _ => Verdict::Refused,
+        },
+        _ => Verdict::Unknown,
+    }
+}
+
+/// Completes `tasks` in one call, retrying until it is known to have happened.
+async fn complete(shared: &Shared, mut tasks: Vec<Done>) {
+    let mut backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(5));
+    let mut verify = false;
+    loop {
+        if verify {
+            match still_started(shared, tasks.iter().map(|task| &task.key)).await {
+                Ok(ours) => {
+                    let before = tasks.len();
+                    let mut position = 0;
+                    tasks.retain(|_| {
+                        position += 1;
+                        ours.contains(&(position - 1))
+                    });
+                    settle(shared, before - tasks.len(), 0);
+                    if tasks.is_empty() {
+                        return;
+                    }
+                    verify = false;
+                }
+                Err(error) => {
+                    if !retry_later(shared, &mut backoff, &error, tasks.len()).await {
+                        abandon(shared, tasks.len());
+                        return;
+                    }
+                    continue;
+                }
+            }
+        }
+        let error = match complete_tasks(shared, &tasks).await {
+            Ok(()) => {
+                tracing::trace!(tasks = tasks.len(), "reported completions");
+                settle(shared, tasks.len(), 0);
+                return;
+            }
+            Err(error) => error,
+        };
+        match verdict(&error) {
+            Verdict::Refused if tasks.len() > 1 => {
+                // One bad output (say, a string with \u0000) must not sink the others.
+                tracing::warn!(%error, tasks = tasks.len(), "batch completion refused; reporting one by one");
+                for task in tasks {
+                    Box::pin(complete(shared, vec![task])).await;
+                }
+                return;
+            }
+            Verdict::Refused => {
+                let Some(task) = tasks.pop() else { return };
+                let message = format!("the step output could not be stored: {error}");
+                task.span
+                    .in_scope(|| tracing::error!(%error, "the step output could not be stored"));
+                let failure = Failure {
+                    key: task.key,
+                    message,
+                    retry: true,
+                    span: task.span,
+                };
+                fail(shared, failure).await;
+                return;
+            }
+            Verdict::Closed => {
+                abandon(shared, tasks.len());
+                return;
+            }
+            Verdict::Unknown => verify = true,
+            Verdict::NotApplied => {}
+        }
+        if !retry_later(shared, &mut backoff, &error, tasks.len()).await {
+            abandon(shared, tasks.len());
+            return;
+        }
+    }
+}
+
+async fn complete_tasks(shared: &Shared, tasks: &[Done]) -> sqlx::Result<()> {
+    let run_ids: Vec<Uuid> = tasks.iter().map(|task| task.key.run_id).collect();
+    let step_slugs: Vec<&str> = tasks.iter().map(|task| &*task.key.step_slug).collect();
+    let task_indexes: Vec<i32> = tasks.iter().map(|task| task.key.task_index).collect();
+    let outputs: Vec<Json<&Value>> = tasks.iter().map(|task| Json(&task.output)).collect();
+    // Count the rows instead of fetching them: the rows carry the outputs back.
+    let _rows: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM pgflow.complete_tasks($1::uuid[], $2::text[], $3::int4[], $4::jsonb[])",
+    )
+    .bind(run_ids)
+    .bind(step_slugs)
+    .bind(task_indexes)
+    .bind(outputs)
+    .fetch_one(&shared.pool)
+    .await?;
+    Ok(())
+}
+
+/// Fails one attempt, retrying until it is known to have happened.
+async fn fail(shared: &Shared, failure: Failure) {
+    let mut backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(5));
+    let mut verify = false;
+    loop {
+        if verify {
+            match still_started(shared, std::iter::once(&failure.key)).await {
+                Ok(ours) if ours.is_empty() => {
+                    settle(shared, 0, 1);
+                    return;
+                }
+                Ok(_) => verify = false,
+                Err(error) => {
+                    if !retry_later(shared, &mut backoff, &error, 1).await {
+                        abandon(shared, 1);
+                        return;
+                    }
+                    continue;
+                }
+            }
+        }
+        let result = if failure.retry {
+            fail_task(shared, &failure.key, &failure.message).await
+        } else {
+            fail_now(shared, &failure.key, &failure.message).await
+        };
+        let error = match result {
+            Ok(()) => {
+                settle(shared, 0, 1);
+                return;
+            }
+            Err(error) => error,
+        };
+        match verdict(&error) {
+            Verdict::Refused => {
+                failure.span.in_scope(|| {
+                    tracing::error!(%error, "the database refused to fail the task; it stays started");
+                });
+                abandon(shared, 1);
+                return;
+            }
+            Verdict::Closed => {
+                abandon(shared, 1);
+                return;
+            }
+            Verdict::Unknown => verify = true,
+            Verdict::NotApplied => {}
+        }
+        if !retry_later(shared, &mut backoff, &error, 1).await {
+            abandon(shared, 1);
+            return;
+        }
+    }
+}
+
+async fn fail_task(shared: &Shared, key: &TaskKey, message: &str) -> sqlx::Result<()> {
+    let _rows: i64 = sqlx::query_scalar("SELECT count(*) FROM pgflow.fail_task($1, $2, $3, $4)")
+        .bind(key.run_id)
+        .bind(&*key.step_slug)
+        .bind(key.task_index)
+        .bind(message)
+        .fetch_one(&shared.pool)
+        .await?;
+    Ok(())
+}
+
+/// Fails the task for good: `fail_task` retries while `attempts_count` is below the step's
+/// `max_attempts`, so raise it to that first, in the same transaction.
+async fn fail_now(shared: &Shared, key: &TaskKey, message: &str) -> sqlx::Result<()> {
+    let mut tx = shared.pool.begin().await?;
+    sqlx::query(
+        "UPDATE pgflow.step_tasks t \
+            SET attempts_count = greatest(t.attempts_count, \
+                                          coalesce(s.opt_max_attempts, f.opt_max_attempts)) \
+           FROM pgflow.steps s \
+           JOIN pgflow.flows f ON f.flow_slug = s.flow_slug \
+          WHERE t.run_id = $1 AND t.step_slug = $2 AND t.task_index = $3 \
+            AND t.status = 'started' \
+            AND s.flow_slug = t.flow_slug AND s.step_slug = t.step_slug",
+    )
+    .bind(key.run_id)
+    .bind(&*key.step_slug)
+    .bind(key.task_index)
+    .execute(&mut *tx)
+    .await?;
+    let message = format!("{message} (not retried: the handler marked the error as permanent)");
+    let _rows: i64 = sqlx::query_scalar("SELECT count(*) FROM pgflow.fail_task($1, $2, $3, $4)")
+        .bind(key.run_id)
+        .bind(&*key.step_slug)
+        .bind(key.task_index)
+        .bind(message)
+        .fetch_one(&mut *tx)
+        .await?;
+    tx.commit().await
+}
+
+/// The positions (0-based) of the tasks that are still `started` with the attempt and worker
+/// this worker ran: those whose report has not landed yet.
+async fn still_started<'a>(
+    shared: &Shared,
+    keys: impl Iterator<Item = &'a TaskKey>,
+) -> sqlx::Result<Vec<usize>> {
+    let mut run_ids = Vec::new();
+    let mut step_slugs = Vec::new();
+    let mut task_indexes = Vec::new();
+    let mut attempts = Vec::new();
+    let mut worker_ids = Vec::new();
+    for key in keys {
+        run_ids.push(key.run_id);
+        step_slugs.push(&*key.step_slug);
+        task_indexes.push(key.task_index);
+        attempts.push(key.attempt);
+        worker_ids.push(key.worker_id);
+    }
+    let positions: Vec<i64> = sqlx::query_scalar(
+        "SELECT b.ord - 1 \
+           FROM unnest($1::uuid[], $2::text[], $3::int4[], $4::int4[], $5::uuid[]) \
+                WITH ORDINALITY AS b(run_id, step_slug, task_index, attempt, worker_id, ord) \
+           JOIN pgflow.step_tasks t \
+             ON t.run_id = b.run_id AND t.step_slug = b.step_slug AND t.task_index = b.task_index \
+          WHERE t.status = 'started' \
+            AND t.attempts_count = b.attempt \
+            AND t.last_worker_id = b.worker_id",
+    )
+    .bind(run_ids)
+    .bind(step_slugs)
+    .bind(task_indexes)
+    .bind(attempts)
+    .bind(worker_ids)
+    .fetch_all(&shared.pool)
+    .await?;
+    Ok(positions
+        .into_iter()
+        .filter_map(|position| usize::try_from(position).ok())
+        .collect())
+}
+
+/// Logs and sleeps before another try; `false` once the shutdown has stopped waiting.
+async fn retry_later(
+    shared: &Shared,
+    backoff: &mut Backoff,
+    error: &sqlx::Error,
+    tasks: usize,
+) -> bool {
+    tracing::warn!(%error, tasks, "cannot report task results; retrying");
+    backoff.wait(&shared.abandon).await
+}
+
+/// Counts reported results.
+fn settle(shared: &Shared, completed: usize, failed: usize) {
+    let counters = &shared.counters;
+    let completed = u64::try_from(completed).unwrap_or(u64::MAX);
+    let failed = u64::try_from(failed).unwrap_or(u64::MAX);
+    counters.completed.fetch_add(completed, Ordering::Relaxed);
+    counters.failed.fetch_add(failed, Ordering::Relaxed);
+    counters
+        .in_flight
+        .fetch_sub(completed + failed, Ordering::Relaxed);
+}
+
+/// Gives up on reporting `tasks` results: their tasks stay `started` in the database.
+fn abandon(shared: &Shared, tasks: usize) {
+    tracing::warn!(
+        tasks,
+        "could not report task results; their tasks stay started"
+    );
+    shared
+        .counters
+        .in_flight
+        .fetch_sub(u64::try_from(tasks).unwrap_or(u64::MAX), Ordering::Relaxed);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn errors_sort_into_verdicts() {
+        assert_eq!(verdict(&sqlx::Error::PoolTimedOut), Verdict::NotApplied);
+        assert_eq!(verdict(&sqlx::Error::PoolClosed), Verdict::Closed);
+        let io = sqlx::Error::Io(std::io::Error::from(std::io::ErrorKind::ConnectionReset));
+        assert_eq!(verdict(&io), Verdict::Unknown);
+    }
+}
