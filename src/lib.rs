@@ -60,9 +60,13 @@
 //! # The `#[step]` attribute
 //!
 //! `#[step]` turns an `async fn` returning `Result<Output, E>` (where `E` converts into
-//! [`StepError`], as any `std::error::Error + Send + Sync` does) into a unit struct of the
-//! same name: a value that `.step(...)` adds to a flow, `depends_on = [...]` names, and a
-//! client reads outputs by. The function itself stays callable as `name::call(...)`.
+//! [`StepError`], as any `std::error::Error + Send + Sync` does) into a step named like the
+//! function: a struct implementing [`Step`] and [`StepOf`], and a function of the same name
+//! returning it. `.step(name)` adds it to a flow, `depends_on = [name]` names it, and a client
+//! reads its output by it. The original function stays callable as `name::call(...)`.
+//!
+//! A step's dependencies must be at least as visible as the step (a `pub` step cannot depend
+//! on a private one).
 //!
 //! Parameters are matched by convention:
 //!
@@ -131,8 +135,10 @@
 //!
 //! # tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(async {
 //! assert_eq!(double::call(21).await?, 42);
-//! let handler = StepOf::<u64>::handler(&double);
-//! assert_eq!(handler.call(json!({"run": 21}), StepContext::for_test()).await?, json!(42));
+//!
+//! let flow: Flow<u64> = Flow::new("doubling").step(double).build();
+//! let double = flow.find_step("double").unwrap();
+//! assert_eq!(double.call(json!({"run": 21}), StepContext::for_test()).await?, json!(42));
 //! # Ok::<(), StepError>(()) }).unwrap();
 //! ```
 //!
@@ -140,7 +146,7 @@
 //!
 //! Depending on a step that is not in the flow yet does not compile:
 //!
-//! ```compile_fail
+//! ```compile_fail,E0277
 //! use pgflow::prelude::*;
 //!
 //! #[step]
@@ -153,7 +159,7 @@
 //!
 //! Nor does taking a dependency's output as another type:
 //!
-//! ```compile_fail
+//! ```compile_fail,E0277
 //! use pgflow::prelude::*;
 //!
 //! #[step]
@@ -170,15 +176,16 @@ pub use pgflow_core::Flow;
 pub use pgflow_core::{
     AnyInput, Append, BoxFuture, CancellationToken, Contains, Dependencies, DependenciesIn,
     ErasedHandler, Error, FitsInput, FlowBuilder, FlowOptions, FlowShape, FlowStep, FnStep, Here,
-    MAX_OPTION_VALUE, MAX_SLUG_LEN, MapDependency, MapInput, MapOver, Result, Single, SlugProblem,
-    Step, StepContext, StepContextBuilder, StepError, StepFnBuilder, StepKind, StepOf, StepOptions,
-    StepOutput, StepShape, TakesInput, There, Uuid, check_slug, is_valid_slug, schema, step_fn,
+    IntoStep, MAX_OPTION_VALUE, MAX_SLUG_LEN, MapDependency, MapInput, MapOver, OutputMatches,
+    Result, Single, SlugProblem, Step, StepContext, StepContextBuilder, StepError, StepFnBuilder,
+    StepKind, StepOf, StepOptions, StepOutput, StepShape, TakesInput, There, Uuid, check_slug,
+    is_valid_slug, schema, step_fn,
 };
 pub use pgflow_macros::step;
 
 /// What a module defining flows needs: `use pgflow::prelude::*;`.
 pub mod prelude {
-    pub use crate::{Flow, Step, StepContext, StepError, StepOf, step, step_fn};
+    pub use crate::{Flow, Step, StepContext, StepError, step, step_fn};
     pub use serde::{Deserialize, Serialize};
 }
 

@@ -8,8 +8,8 @@ use std::sync::Arc;
 use serde_json::Value;
 
 use crate::{
-    BoxFuture, DependenciesIn, ErasedHandler, FlowOptions, FlowShape, Result, StepContext,
-    StepError, StepKind, StepOf, StepOptions, StepShape,
+    BoxFuture, DependenciesIn, ErasedHandler, FlowOptions, FlowShape, IntoStep, Result, Step,
+    StepContext, StepError, StepKind, StepOf, StepOptions, StepShape,
 };
 
 /// A flow whose input is `I`: its definition (a [`FlowShape`]) and one type-erased handler per
@@ -224,10 +224,10 @@ impl<I, Steps> FlowBuilder<I, Steps> {
         self
     }
 
-    /// Adds a step. It compiles only if every dependency of `step` was added before, and if
+    /// Adds a step: a `#[step]` function, or a [`FnStep`](crate::FnStep). It compiles only if every dependency of `step` was added before, and if
     /// `step` takes this flow's input type (or no flow input).
     ///
-    /// ```compile_fail
+    /// ```compile_fail,E0277
     /// use pgflow_core::{Flow, StepContext, StepError, step_fn};
     ///
     /// let first = step_fn("first").handler(|n: u64, _: StepContext| async move { Ok::<_, StepError>(n) });
@@ -243,11 +243,13 @@ impl<I, Steps> FlowBuilder<I, Steps> {
         clippy::needless_pass_by_value,
         reason = "the flow takes the step, as `.step(charge)` reads"
     )]
-    pub fn step<S, Indices>(mut self, step: S) -> FlowBuilder<I, (S, Steps)>
+    pub fn step<T, Indices>(mut self, step: T) -> FlowBuilder<I, (T::Step, Steps)>
     where
-        S: StepOf<I>,
-        S::Deps: DependenciesIn<Steps, Indices>,
+        T: IntoStep,
+        T::Step: StepOf<I>,
+        <T::Step as Step>::Deps: DependenciesIn<Steps, Indices>,
     {
+        let step = step.into_step();
         self.shape.steps.push(step.shape());
         self.handlers.push(step.handler());
         self.retype()

@@ -5,13 +5,15 @@ use std::any::type_name;
 use std::future::Future;
 
 use serde::de::DeserializeOwned;
-use serde_json::{Map, Value};
+use serde_json::Map;
+pub use serde_json::Value;
 
 pub use std::sync::Arc;
 pub use std::vec::Vec;
 
 pub use crate::{
-    ErasedHandler, MapOver, Step, StepContext, StepError, StepKind, StepOf, StepOptions, StepOutput,
+    CheckedOutput, ErasedHandler, IntoStep, MapOver, OutputMatches, Step, StepContext, StepError,
+    StepKind, StepOf, StepOptions, StepOutput,
 };
 
 /// The fields of a single step's task input: `run` and the outputs of dependencies.
@@ -53,16 +55,19 @@ impl Fields {
         })
     }
 
-    /// Decodes the output of dependency `step`, under its slug.
-    pub fn dependency<S: Step>(&mut self, step: &S) -> Result<S::Output, StepError> {
+    /// Decodes the output of dependency `step`, under its slug, as the parameter's type `T`
+    /// (which must be the step's output type).
+    pub fn dependency<S, T>(&mut self, step: &S) -> Result<T, StepError>
+    where
+        S: Step,
+        S::Output: OutputMatches<T>,
+        T: StepOutput,
+    {
         self.dependency_by_slug(step.slug())
     }
 
     /// Decodes the output of the dependency with this slug.
-    pub(crate) fn dependency_by_slug<T: DeserializeOwned>(
-        &mut self,
-        slug: &str,
-    ) -> Result<T, StepError> {
+    pub(crate) fn dependency_by_slug<T: StepOutput>(&mut self, slug: &str) -> Result<T, StepError> {
         let value = self.take(slug, "the output of a dependency")?;
         serde_json::from_value(value).map_err(|error| {
             StepError::with_source(
@@ -122,17 +127,23 @@ pub fn encode<T: StepOutput>(output: T) -> Result<Value, StepError> {
     })
 }
 
-/// Encodes one output of a map step, whose [`Step::Output`] is `Vec<T>`. Bounded by that
-/// `Vec<T>` (not `T`) so that an output that is not serializable is reported once.
+/// Encodes one output of a map step, whose [`Step::Output`] is `Vec<T>`.
 pub fn encode_element<T>(output: T) -> Result<Value, StepError>
 where
     Vec<T>: StepOutput,
 {
-    match encode(vec![output])? {
+    encode_single_item(vec![output])
+}
+
+/// Encodes a one-element sequence (a map step's output wrapped in a `Vec`) and returns that
+/// element's JSON. `#[step]` passes the `Vec` through [`CheckedOutput`], so that an output that
+/// is not serializable is reported once.
+pub fn encode_single_item<V: StepOutput>(items: V) -> Result<Value, StepError> {
+    match encode(items)? {
         Value::Array(mut items) if items.len() == 1 => Ok(items.swap_remove(0)),
         other => Err(StepError::new(format!(
-            "the step output `{}` serialized to {} instead of an array element",
-            type_name::<T>(),
+            "the map step output `{}` serialized to {} instead of a one-element array",
+            type_name::<V>(),
             json_kind(&other)
         ))
         .no_retry()),

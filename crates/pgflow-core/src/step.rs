@@ -18,8 +18,9 @@ use crate::{ErasedHandler, StepKind, StepOptions, StepShape};
 
 /// A step of a flow, known by its type: its slug, kind, options, dependencies and output.
 ///
-/// Implemented by the types `#[step]` generates and by [`FnStep`](crate::FnStep); there is
-/// rarely a reason to implement it by hand.
+/// Implemented by the types `#[step]` generates (a struct named like the function, whose value
+/// the function of the same name returns) and by [`FnStep`](crate::FnStep); there is rarely a
+/// reason to implement it by hand.
 #[diagnostic::on_unimplemented(
     message = "`{Self}` is not a pgflow step",
     label = "not a step",
@@ -71,6 +72,8 @@ pub trait StepOf<I>: Step {
 }
 
 /// A type a step may output: stored as JSON by the engine and read back by dependent steps.
+///
+/// Implemented for every `Serialize + DeserializeOwned + Send + 'static` type.
 #[diagnostic::on_unimplemented(
     message = "the step output `{Self}` cannot be stored as JSON",
     label = "`{Self}` must implement `Serialize` and `Deserialize`",
@@ -80,6 +83,71 @@ pub trait StepOutput: Serialize + DeserializeOwned + Send + 'static {}
 
 #[diagnostic::do_not_recommend]
 impl<T> StepOutput for T where T: Serialize + DeserializeOwned + Send + 'static {}
+
+/// `Self` as a checked [`StepOutput`]: `#[step]` names its output type through this trait, so
+/// that an output type that is not serializable yields one error, with this message, rather
+/// than one per missing serde trait.
+#[diagnostic::on_unimplemented(
+    message = "the step output `{Self}` cannot be stored as JSON",
+    label = "`{Self}` must implement `Serialize` and `Deserialize`",
+    note = "step outputs are saved as JSON and decoded by the steps that depend on them: add `#[derive(Serialize, Deserialize)]` to the type"
+)]
+pub trait CheckedOutput {
+    /// `Self`, known to be a [`StepOutput`].
+    type Type: StepOutput;
+
+    /// `self`, as that type.
+    fn checked(self) -> Self::Type;
+}
+
+#[diagnostic::do_not_recommend]
+impl<T: StepOutput> CheckedOutput for T {
+    type Type = T;
+
+    fn checked(self) -> T {
+        self
+    }
+}
+
+/// Something that names a step: a `#[step]` function (which returns its step value when
+/// called), a [`FnStep`](crate::FnStep), or a reference to one.
+///
+/// This is what [`FlowBuilder::step`](crate::FlowBuilder::step), `depends_on` and a client's
+/// `output_of` take.
+#[diagnostic::on_unimplemented(
+    message = "`{Self}` is not a pgflow step",
+    label = "expected a step",
+    note = "steps are `async fn`s marked `#[step]`, or closures wrapped with `step_fn(..)`"
+)]
+pub trait IntoStep {
+    /// The step named.
+    type Step: Step;
+
+    /// The step value.
+    fn into_step(self) -> Self::Step;
+}
+
+impl<F, S> IntoStep for F
+where
+    F: FnOnce() -> S,
+    S: Step,
+{
+    type Step = S;
+
+    fn into_step(self) -> S {
+        self()
+    }
+}
+
+/// A step's output type `Self` is the type `Param` a parameter declares for it.
+#[diagnostic::on_unimplemented(
+    message = "this parameter takes `{Param}`, but the dependency it is named after outputs `{Self}`",
+    label = "expected `{Self}` here",
+    note = "a parameter named like a dependency receives that step's output, so its type must be the dependency's output type (or a reference to it)"
+)]
+pub trait OutputMatches<Param> {}
+
+impl<T> OutputMatches<T> for T {}
 
 /// A type-level list of steps: `()` or `(S, Rest)`.
 pub trait Dependencies: 'static {}
@@ -104,8 +172,10 @@ pub struct There<Index>(PhantomData<Index>);
 )]
 pub trait Contains<S, Index> {}
 
+#[diagnostic::do_not_recommend]
 impl<S, Rest> Contains<S, Here> for (S, Rest) {}
 
+#[diagnostic::do_not_recommend]
 impl<S, Head, Rest, Index> Contains<S, There<Index>> for (Head, Rest) where Rest: Contains<S, Index> {}
 
 /// Proof that every step of the list `Self` is in the list `Steps`.

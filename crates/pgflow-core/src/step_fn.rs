@@ -11,7 +11,8 @@ use serde_json::Value;
 
 use crate::private::{Fields, element, encode, encode_element};
 use crate::{
-    ErasedHandler, MapOver, Step, StepContext, StepError, StepKind, StepOf, StepOptions, StepOutput,
+    ErasedHandler, IntoStep, MapOver, Step, StepContext, StepError, StepKind, StepOf, StepOptions,
+    StepOutput,
 };
 
 /// Starts a step whose handler is a closure.
@@ -19,7 +20,7 @@ use crate::{
 /// The closure receives the flow input, then the output of each dependency in the order of the
 /// [`depends_on`](StepFnBuilder::depends_on) calls, then the [`StepContext`]; a map step's
 /// closure receives one element and the context. The result is a [`FnStep`], used like a
-/// `#[step]` value: added to a flow with `.step(...)`, named as a dependency with `&`.
+/// `#[step]` function: added to a flow with `.step(...)`, named as a dependency by reference.
 ///
 /// ```
 /// use pgflow_core::{Flow, StepContext, StepError, step_fn};
@@ -146,8 +147,12 @@ impl<K> fmt::Debug for StepFnBuilder<K> {
 impl<Deps: Append> StepFnBuilder<Single<Deps>> {
     /// Adds a dependency: the handler then receives `dependency`'s output, after the outputs of
     /// the dependencies added before.
-    pub fn depends_on<S: Step>(mut self, dependency: &S) -> StepFnBuilder<Single<Deps::With<S>>> {
-        self.dependencies.push(dependency.slug().to_owned());
+    pub fn depends_on<T: IntoStep>(
+        mut self,
+        dependency: T,
+    ) -> StepFnBuilder<Single<Deps::With<T::Step>>> {
+        self.dependencies
+            .push(dependency.into_step().slug().to_owned());
         self.retype()
     }
 }
@@ -161,8 +166,9 @@ impl StepFnBuilder<Single<()>> {
 
     /// Makes this a map step over `dependency`'s `Vec<T>` output: the handler runs once per
     /// element and receives one `T`. A map step has exactly one dependency.
-    pub fn map_over<S: Step>(mut self, dependency: &S) -> StepFnBuilder<MapDependency<S>> {
-        self.dependencies.push(dependency.slug().to_owned());
+    pub fn map_over<T: IntoStep>(mut self, dependency: T) -> StepFnBuilder<MapDependency<T::Step>> {
+        self.dependencies
+            .push(dependency.into_step().slug().to_owned());
         self.retype()
     }
 }
@@ -331,6 +337,28 @@ impl<In, O, Deps, F> fmt::Debug for FnStep<In, O, Deps, F> {
             .field("options", &self.inner.options)
             .field("dependencies", &self.inner.dependencies)
             .finish_non_exhaustive()
+    }
+}
+
+impl<In, O, Deps, F> IntoStep for FnStep<In, O, Deps, F>
+where
+    Self: Step,
+{
+    type Step = Self;
+
+    fn into_step(self) -> Self {
+        self
+    }
+}
+
+impl<In, O, Deps, F> IntoStep for &FnStep<In, O, Deps, F>
+where
+    FnStep<In, O, Deps, F>: Step,
+{
+    type Step = FnStep<In, O, Deps, F>;
+
+    fn into_step(self) -> Self::Step {
+        self.clone()
     }
 }
 

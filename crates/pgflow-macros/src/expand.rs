@@ -1,18 +1,18 @@
 //! Writes the code for `#[step]`: a unit struct named like the function, the function itself
 //! as the struct's `call`, and the `Step`/`StepOf` impls whose handler decodes the task input.
 
-use proc_macro2::{Span, TokenStream};
+use proc_macro2::{Group, Span, TokenStream, TokenTree};
 use quote::{format_ident, quote, quote_spanned};
 use syn::spanned::Spanned;
-use syn::{Attribute, FnArg, Ident, ItemFn, Path};
+use syn::{Attribute, Ident, ItemFn, Path};
 
-use crate::ast::{Param, Role, StepFn};
+use crate::ast::{Role, StepFn};
 use crate::attr::Args;
 use crate::errors::Errors;
 use crate::valid;
 
 /// The whole expansion of `#[step(args)] item`.
-pub(crate) fn step(args: TokenStream, item: TokenStream) -> TokenStream {
+pub(crate) fn step(args: TokenStream, item: &TokenStream) -> TokenStream {
     let item: ItemFn = match syn::parse2(item.clone()) {
         Ok(item) => item,
         Err(error) => {
@@ -92,7 +92,16 @@ fn expand(step: &StepFn, args: &Args, slug: &str, private: &TokenStream) -> Toke
             }
             Role::Dependency(d) => {
                 let dep = deps[d];
-                quote_spanned!(ty.span()=> let #a: #ty = __pgflow_fields.dependency(&#dep)?;)
+                // The step value is bound first, so that a type mismatch is reported at the
+                // parameter's type alone.
+                let value = format_ident!("__pgflow_dep{}", i, span = ty.span());
+                let check = quote_spanned!(ty.span()=>
+                    let #a: #ty = __pgflow_fields.dependency::<_, #ty>(&#value)?;
+                );
+                quote! {
+                    let #value = #dep();
+                    #check
+                }
             }
             Role::Element => {
                 quote_spanned!(ty.span()=> let #a: #ty = #private::element(__pgflow_input)?;)
@@ -112,11 +121,20 @@ fn expand(step: &StepFn, args: &Args, slug: &str, private: &TokenStream) -> Toke
     let output = &step.output;
     let return_span = step.item.sig.output.span();
     let map_err = quote_spanned!(return_span=> .map_err(#private::step_error));
-    let encode = if is_map {
-        quote_spanned!(output.span()=> #private::encode_element(__pgflow_output))
-    } else {
-        quote_spanned!(output.span()=> #private::encode(__pgflow_output))
-    };
+    // Spanned (every token) at the output type, so that an output that is not serializable
+    // fails the same check at the same place as `type Output`, and is reported once.
+    let encode = respan(
+        if is_map {
+            quote! {
+                #private::encode_single_item(
+                    #private::CheckedOutput::checked(::std::vec![__pgflow_output])
+                )
+            }
+        } else {
+            quote!(#private::encode(#private::CheckedOutput::checked(__pgflow_output)))
+        },
+        output.span(),
+    );
     let map_check = match (is_map, deps.first(), step.element()) {
         (true, Some(dep), Some(element)) => {
             let ty = &element.ty;
@@ -127,14 +145,14 @@ fn expand(step: &StepFn, args: &Args, slug: &str, private: &TokenStream) -> Toke
         _ => quote!(),
     };
     let step_of = step_of_header(step, is_map && deps.is_empty(), private);
-    let step_output = step_output(step, is_map);
+    let step_output = step_output(step, is_map, private);
 
     quote! {
         #common
 
         #(#cfgs)*
         impl #private::Step for #name {
-            type Output = #step_output;
+            #step_output
             type Deps = #deps_list;
 
             fn slug(&self) -> &str {
@@ -150,7 +168,7 @@ fn expand(step: &StepFn, args: &Args, slug: &str, private: &TokenStream) -> Toke
             }
 
             fn dependencies(&self) -> ::std::vec::Vec<::std::string::String> {
-                ::std::vec![#(::std::string::ToString::to_string(#private::Step::slug(&#deps))),*]
+                ::std::vec![#(::std::string::ToString::to_string(#private::Step::slug(&#deps()))),*]
             }
         }
 
@@ -180,13 +198,13 @@ fn fallback(step: &StepFn, args: &Args, slug: &str, private: &TokenStream) -> To
     let name = &step.item.sig.ident;
     let cfgs = cfg_attrs(&step.item.attrs);
     let common = common(step, slug);
-    let output = step_output(step, args.map.is_some());
+    let output = step_output(step, args.map.is_some(), private);
     quote! {
         #common
 
         #(#cfgs)*
         impl #private::Step for #name {
-            type Output = #output;
+            #output
             type Deps = ();
 
             fn slug(&self) -> &str {
@@ -221,41 +239,29 @@ fn fallback(step: &StepFn, args: &Args, slug: &str, private: &TokenStream) -> To
     }
 }
 
-/// The struct, its `SLUG` and its `call`: emitted for valid and invalid steps alike.
+/// The step's struct (in the type namespace), the function of the same name that returns it
+/// (in the value namespace), and the original function as the struct's `call`: emitted for
+/// valid and invalid steps alike.
+///
+/// A unit struct would be shorter, but its name would then capture every `let` pattern and
+/// closure parameter of the same name in scope (`let charge = ...` would try to match the unit
+/// struct); a function's name is shadowed by them like any other.
 fn common(step: &StepFn, slug: &str) -> TokenStream {
     let item = &step.item;
     let name = &item.sig.ident;
     let vis = &item.vis;
     let cfgs = cfg_attrs(&item.attrs);
-    let docs = item.attrs.iter().filter(|a| a.path().is_ident("doc"));
+    let docs: Vec<&Attribute> = item
+        .attrs
+        .iter()
+        .filter(|a| a.path().is_ident("doc"))
+        .collect();
     let others = item
         .attrs
         .iter()
         .filter(|a| !a.path().is_ident("doc") && !a.path().is_ident("cfg"));
-
     let mut sig = item.sig.clone();
     sig.ident = Ident::new("call", sig.ident.span());
-    let mut i: usize = 0;
-    for input in &mut sig.inputs {
-        if let FnArg::Typed(typed) = input {
-            let arg = format_ident!("__pgflow_arg{}", i, span = Span::call_site());
-            typed.pat = Box::new(syn::parse_quote!(#arg));
-            i += 1;
-        }
-    }
-    // A parameter may be named like a step (that is how dependencies are taken), and a step is
-    // a unit struct, which a `let` cannot rebind. A function item of the same name, declared
-    // inside the body, shadows the struct's value so that the name binds a variable again.
-    let shadows = step
-        .params
-        .iter()
-        .filter_map(Param::name)
-        .map(|n| quote!(#[allow(dead_code, non_snake_case, clippy::all)] fn #n() {}));
-    let lets = step.params.iter().enumerate().map(|(i, param)| {
-        let pat = &param.pat;
-        let arg = format_ident!("__pgflow_arg{}", i);
-        quote!(let #pat = #arg;)
-    });
     let block = &item.block;
     let slug_doc = format!("The step's slug: `{slug}`.");
 
@@ -264,7 +270,14 @@ fn common(step: &StepFn, slug: &str) -> TokenStream {
         #(#cfgs)*
         #[allow(non_camel_case_types)]
         #[derive(Debug, Clone, Copy)]
-        #vis struct #name;
+        #vis struct #name {}
+
+        #(#docs)*
+        #(#cfgs)*
+        #[allow(dead_code)]
+        #vis fn #name() -> #name {
+            #name {}
+        }
 
         #(#cfgs)*
         impl #name {
@@ -275,34 +288,52 @@ fn common(step: &StepFn, slug: &str) -> TokenStream {
             /// Calls the step's function directly, without the engine (for tests).
             #(#others)*
             #[allow(dead_code)]
-            #vis #sig {
-                #(#shadows)*
-                #(#lets)*
-                #block
-            }
+            #vis #sig #block
         }
     }
 }
 
-/// The step's `Output`: what one call returns, or a `Vec` of it for a map step.
-fn step_output(step: &StepFn, is_map: bool) -> TokenStream {
+/// The step's `type Output = ...;`: what one call returns, or a `Vec` of it for a map step,
+/// named through `CheckedOutput` and spanned at the function's output type, so that an output
+/// that is not serializable yields one error there.
+fn step_output(step: &StepFn, is_map: bool, private: &TokenStream) -> TokenStream {
     let output = &step.output;
-    if is_map {
-        quote_spanned!(output.span()=> ::std::vec::Vec<#output>)
+    let ty = if is_map {
+        quote!(::std::vec::Vec<#output>)
     } else {
         quote!(#output)
-    }
+    };
+    respan(
+        quote!(type Output = <#ty as #private::CheckedOutput>::Type;),
+        output.span(),
+    )
+}
+
+/// `tokens`, every one of them spanned at `span` (quote_spanned! leaves interpolated tokens
+/// as they were).
+fn respan(tokens: TokenStream, span: Span) -> TokenStream {
+    tokens
+        .into_iter()
+        .map(|mut token| {
+            if let TokenTree::Group(group) = &token {
+                let mut inner = Group::new(group.delimiter(), respan(group.stream(), span));
+                inner.set_span(span);
+                token = TokenTree::Group(inner);
+            } else {
+                token.set_span(span);
+            }
+            token
+        })
+        .collect()
 }
 
 /// The `impl StepOf<...> for ...` header: for the flow input the step takes, the `Vec` a
 /// root map step maps over, or any input.
 fn step_of_header(step: &StepFn, root_map: bool, private: &TokenStream) -> TokenStream {
     let name = &step.item.sig.ident;
-    if root_map {
-        if let Some(element) = step.element() {
-            let ty = &element.ty;
-            return quote!(impl #private::StepOf<::std::vec::Vec<#ty>> for #name);
-        }
+    if let (true, Some(element)) = (root_map, step.element()) {
+        let ty = &element.ty;
+        return quote!(impl #private::StepOf<::std::vec::Vec<#ty>> for #name);
     }
     match step.input() {
         Some(input) => {

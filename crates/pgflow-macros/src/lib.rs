@@ -19,5 +19,5 @@ mod valid;
 /// `pgflow` crate for the full documentation.
 #[proc_macro_attribute]
 pub fn step(args: TokenStream, item: TokenStream) -> TokenStream {
-    expand::step(args.into(), item.into()).into()
+    expand::step(args.into(), &item.into()).into()
 }

@@ -57,19 +57,18 @@ pub(crate) fn validate(step: &StepFn, args: &Args, errors: &mut Errors) -> Strin
     }
 
     if args.map.is_some() {
-        if let Some((span, deps)) = &args.depends_on {
-            if deps.len() > 1 {
-                errors.push(syn::Error::new(
-                    *span,
-                    format_args!(
-                        "a map step maps over the output of exactly one dependency, but `{ident}` lists {}\n\
-                         \n\
-                         Map over one step's `Vec` output (`depends_on = [items]`), or over the flow input (no `depends_on`); \
-                         to combine several outputs, add a single step that depends on them and returns the `Vec` to map over.",
-                        deps.len()
-                    ),
-                ));
-            }
+        let several = args.depends_on.as_ref().filter(|(_, deps)| deps.len() > 1);
+        if let Some((span, deps)) = several {
+            errors.push(syn::Error::new(
+                *span,
+                format_args!(
+                    "a map step maps over the output of exactly one dependency, but `{ident}` lists {}\n\
+                     \n\
+                     Map over one step's `Vec` output (`depends_on = [items]`), or over the flow input (no `depends_on`); \
+                     to combine several outputs, add a single step that depends on them and returns the `Vec` to map over.",
+                    deps.len()
+                ),
+            ));
         }
         if step.element().is_none() {
             errors.at(
