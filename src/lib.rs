@@ -175,17 +175,30 @@
 pub use pgflow_core::Flow;
 pub use pgflow_core::{
     AnyInput, Append, BoxFuture, CancellationToken, Contains, Dependencies, DependenciesIn,
-    ErasedHandler, Error, FitsInput, FlowBuilder, FlowOptions, FlowShape, FlowStep, FnStep, Here,
-    IntoStep, MAX_OPTION_VALUE, MAX_SLUG_LEN, MapDependency, MapInput, MapOver, OutputMatches,
-    Result, Single, SlugProblem, Step, StepContext, StepContextBuilder, StepError, StepFnBuilder,
-    StepKind, StepOf, StepOptions, StepOutput, StepShape, TakesInput, There, Uuid, check_slug,
-    is_valid_slug, schema, step_fn,
+    ErasedHandler, Error as FlowError, FitsInput, FlowBuilder, FlowOptions, FlowShape, FlowStep,
+    FnStep, Here, IntoStep, MAX_OPTION_VALUE, MAX_SLUG_LEN, MapDependency, MapInput, MapOver,
+    OutputMatches, Single, SlugProblem, Step, StepContext, StepContextBuilder, StepError,
+    StepFnBuilder, StepKind, StepOf, StepOptions, StepOutput, StepShape, TakesInput, There, Uuid,
+    check_slug, is_valid_slug, schema, step_fn,
 };
 pub use pgflow_macros::step;
 
+/// The throwaway PostgreSQL server and test databases (feature `throwaway`, on by default).
+#[cfg(feature = "throwaway")]
+pub use pgflow_client::throwaway;
+pub use pgflow_client::{
+    Client, Compiled, Difference, Error, EventKind, InstallReport, Replace, Result, RunEvent,
+    RunEvents, RunFailure, RunHandle, RunOutput, RunRow, RunState, RunSummary, StepContextExt,
+    StepStateRow, Subscription, TaskRow, Violation, Worker, WorkerBuilder, WorkerHandle,
+    WorkerStats, check, differences, events, install, install_pgmq,
+};
+pub use sqlx::PgPool;
+
 /// What a module defining flows needs: `use pgflow::prelude::*;`.
 pub mod prelude {
-    pub use crate::{Flow, Step, StepContext, StepError, step, step_fn};
+    pub use crate::{
+        Client, Flow, Step, StepContext, StepContextExt, StepError, Worker, step, step_fn,
+    };
     pub use serde::{Deserialize, Serialize};
 }
 

@@ -5,7 +5,7 @@ use std::fmt;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use pgflow_core::Step;
+use pgflow_core::{IntoStep, Step};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use serde_json::Value;
@@ -249,8 +249,8 @@ impl fmt::Display for RunFailure {
 /// A completed run's outputs.
 ///
 /// ```no_run
-/// # use pgflow_core::Step;
-/// # async fn demo<S: Step>(client: pgflow_client::Client, run_id: uuid::Uuid, fulfill: S) -> pgflow_client::Result<()> {
+/// # use pgflow_core::IntoStep;
+/// # async fn demo<S: IntoStep>(client: pgflow_client::Client, run_id: uuid::Uuid, fulfill: S) -> pgflow_client::Result<()> {
 /// let output = client.run(run_id).wait().await?;
 /// let shipment = output.output_of(fulfill)?; // typed by the step
 /// # Ok(()) }
@@ -285,10 +285,10 @@ impl RunOutput {
     }
 
     /// A step's output, typed by the step (a map step's is the `Vec` of its tasks' outputs).
-    // Steps are unit values (`output_of(fulfill)`); taking them by value reads best.
+    // Steps are values (`output_of(fulfill)`); taking them by value reads best.
     #[allow(clippy::needless_pass_by_value)]
-    pub fn output_of<S: Step>(&self, step: S) -> Result<S::Output> {
-        self.output_as(step.slug())
+    pub fn output_of<T: IntoStep>(&self, step: T) -> Result<<T::Step as Step>::Output> {
+        self.output_as(step.into_step().slug())
     }
 
     /// A step's output by slug, deserialized into `T`, for untyped flows.

@@ -267,6 +267,71 @@ pub fn database_url() -> Result<String> {
     }
 }
 
+/// A database for an example or a local run: the one `DATABASE_URL` names, or else the
+/// `postgres` database of a throwaway server that lives as long as this value.
+///
+/// ```no_run
+/// # async fn demo() -> pgflow_client::Result<()> {
+/// let db = pgflow_client::throwaway::LocalDatabase::connect().await?;
+/// let client = pgflow_client::Client::new(db.pool().clone());
+/// client.install().await?;
+/// // ...
+/// db.close().await; // closes the pool, then stops the throwaway server if there is one
+/// # Ok(()) }
+/// ```
+pub struct LocalDatabase {
+    pool: PgPool,
+    url: String,
+    server: Option<ThrowawayServer>,
+}
+
+impl fmt::Debug for LocalDatabase {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("LocalDatabase")
+            .field("url", &self.url)
+            .field("throwaway", &self.server.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+impl LocalDatabase {
+    /// Connects to `DATABASE_URL`, or starts a throwaway server when it is not set.
+    pub async fn connect() -> Result<Self> {
+        let (url, server) = match std::env::var("DATABASE_URL") {
+            Ok(url) if !url.trim().is_empty() => (url, None),
+            _ => {
+                let server = ThrowawayServer::start()?;
+                tracing::info!(
+                    port = server.port(),
+                    "started a throwaway PostgreSQL (DATABASE_URL is not set)"
+                );
+                (server.url("postgres"), Some(server))
+            }
+        };
+        let pool = PgPoolOptions::new()
+            .max_connections(20)
+            .connect(&url)
+            .await?;
+        Ok(Self { pool, url, server })
+    }
+
+    /// The pool.
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    /// The connection URL.
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    /// Closes the pool, then stops the throwaway server if one was started.
+    pub async fn close(self) {
+        self.pool.close().await;
+        drop(self.server);
+    }
+}
+
 /// A fresh database with pgmq and the engine schema installed, for one test.
 ///
 /// Each one is a clone of a template database that is built once per server and schema version,
