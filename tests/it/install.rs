@@ -70,7 +70,10 @@ async fn install_is_idempotent_and_records_its_version() {
         .fetch_one(db.pool())
         .await
         .unwrap();
-    assert_eq!(recorded, pgflow_core::schema::MIGRATIONS.len() as i64);
+    assert_eq!(
+        usize::try_from(recorded).unwrap(),
+        pgflow_core::schema::MIGRATIONS.len()
+    );
 }
 
 #[tokio::test]

@@ -179,12 +179,12 @@ async fn race(workers: u64, runs: usize) {
     .await
     .unwrap();
     assert_eq!(rows.len(), runs * (12 + 1 + 8 + 1 + 1));
-    let seen = seen.lock().unwrap();
+    let seen = seen.lock().unwrap().clone();
     for (run, step, index, status, attempts) in rows {
         assert_eq!(status, "completed");
         assert_eq!(
             seen.get(&(run, step.clone(), index)).copied().unwrap_or(0),
-            attempts as u32,
+            u32::try_from(attempts).unwrap(),
             "{run} {step} {index}"
         );
     }

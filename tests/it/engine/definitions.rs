@@ -175,7 +175,17 @@ async fn add_step_numbers_steps_counts_deps_and_is_idempotent() {
     let engine = Engine::new().await;
     engine.exec("SELECT pgflow.create_flow('f')").await;
     // The eight arguments, positionally, in the documented order.
-    let step: (String, String, i32, i32, Option<i32>, Option<i32>, Option<i32>, Option<i32>) = sqlx::query_as(
+    type StepRow = (
+        String,
+        String,
+        i32,
+        i32,
+        Option<i32>,
+        Option<i32>,
+        Option<i32>,
+        Option<i32>,
+    );
+    let step: StepRow = sqlx::query_as(
         "SELECT step_slug, step_type, step_index, deps_count, opt_max_attempts, opt_base_delay, opt_timeout, opt_start_delay \
          FROM pgflow.add_step('f', 'first', '{}', 1, 2, 3, 4, 'single')",
     )
