@@ -1,8 +1,8 @@
 //! The `#[step]` attribute of pgflow. Use it through the `pgflow` crate, which documents it.
 //!
-//! The expansion is split in the usual stages: [`attr`] parses the attribute's arguments,
-//! [`ast`] reads the function into a model of its parameters, [`valid`] checks what can be
-//! checked without types (slugs, option literals, map rules), and [`expand`] writes the code.
+//! The expansion is split in the usual stages: `attr` parses the attribute's arguments,
+//! `ast` reads the function into a model of its parameters, `valid` checks what can be
+//! checked without types (slugs, option literals, map rules), and `expand` writes the code.
 //! Every problem found is reported at the offending tokens, all at once; the function is still
 //! emitted so that the rest of the crate, and the IDE, keep working.
 
