@@ -172,6 +172,8 @@
 //!
 //! [`step_fn`] wraps a closure; see its documentation.
 
+#![deny(missing_docs)]
+
 pub use pgflow_core::Flow;
 pub use pgflow_core::{
     AnyInput, Append, BoxFuture, CancellationToken, Contains, Dependencies, DependenciesIn,

@@ -5,6 +5,8 @@
 //! |---|---|
 //! | `throwaway` | [`throwaway`]: a throwaway PostgreSQL server and fresh test databases |
 
+#![deny(missing_docs)]
+
 mod check;
 mod client;
 mod definition;

@@ -39,6 +39,8 @@
 //! # Ok::<(), pgflow_core::Error>(())
 //! ```
 
+#![deny(missing_docs)]
+
 mod context;
 mod error;
 mod flow;

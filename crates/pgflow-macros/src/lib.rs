@@ -6,6 +6,8 @@
 //! Every problem found is reported at the offending tokens, all at once; the function is still
 //! emitted so that the rest of the crate, and the IDE, keep working.
 
+#![deny(missing_docs)]
+
 use proc_macro::TokenStream;
 
 mod ast;
