@@ -9,3 +9,4 @@ mod client;
 mod engine;
 mod install;
 mod security;
+mod worker;

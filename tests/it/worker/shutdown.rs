@@ -1,0 +1,206 @@
+//! Graceful shutdown: in-flight tasks finish and are reported, late ones are cancelled and
+//! failed, and a worker marked deprecated stops taking tasks.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+use pgflow::{Flow, StepContext, StepError, step_fn};
+use pgflow_client::Worker;
+use serde_json::json;
+use tokio_util::sync::CancellationToken;
+
+use super::{apply, database, eventually, finished, start, started_tasks, tasks};
+
+/// A root map step whose handlers count their starts and ends and take `pause` each.
+fn slow_map(
+    slug: &str,
+    pause: Duration,
+    started: &Arc<AtomicU32>,
+    ended: &Arc<AtomicU32>,
+) -> Flow<Vec<u32>> {
+    let (started, ended) = (Arc::clone(started), Arc::clone(ended));
+    let work = step_fn("work")
+        .map_over_input()
+        .max_attempts(3)
+        .base_delay(0)
+        .handler(move |x: u32, _ctx: StepContext| {
+            let (started, ended) = (Arc::clone(&started), Arc::clone(&ended));
+            async move {
+                started.fetch_add(1, Ordering::SeqCst);
+                tokio::time::sleep(pause).await;
+                ended.fetch_add(1, Ordering::SeqCst);
+                Ok::<_, StepError>(x)
+            }
+        });
+    Flow::new(slug).step(work).build()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_finishes_in_flight_tasks_and_leaves_none_started() {
+    let db = database().await;
+    let pool = db.pool();
+    let (began, ended) = (Arc::new(AtomicU32::new(0)), Arc::new(AtomicU32::new(0)));
+    let flow = slow_map("drain", Duration::from_millis(500), &began, &ended);
+    apply(pool, &flow).await;
+    let worker = Worker::builder(pool.clone())
+        .flow(flow)
+        .concurrency(5)
+        .spawn()
+        .expect("worker");
+    let worker_id = worker.worker_id("drain").expect("row");
+
+    // 8 tasks, 5 at a time: shut down while the first 5 run.
+    let run = start(pool, "drain", json!([0, 1, 2, 3, 4, 5, 6, 7])).await;
+    eventually("5 handlers to start", Duration::from_secs(10), || {
+        began.load(Ordering::SeqCst) == 5
+    })
+    .await;
+    assert_eq!(worker.stats().in_flight, 5);
+    worker.shutdown().await.expect("shutdown");
+
+    assert_eq!(
+        began.load(Ordering::SeqCst),
+        5,
+        "no task taken after the shutdown began"
+    );
+    assert_eq!(
+        ended.load(Ordering::SeqCst),
+        5,
+        "in-flight handlers ran to the end"
+    );
+    assert_eq!(started_tasks(pool).await, 0);
+    let statuses: Vec<String> = tasks(pool, run)
+        .await
+        .into_iter()
+        .map(|task| task.2)
+        .collect();
+    assert_eq!(
+        statuses
+            .iter()
+            .filter(|status| *status == "completed")
+            .count(),
+        5
+    );
+    assert_eq!(
+        statuses.iter().filter(|status| *status == "queued").count(),
+        3
+    );
+    let deprecated: bool = sqlx::query_scalar(
+        "SELECT deprecated_at IS NOT NULL FROM pgflow.workers WHERE worker_id = $1",
+    )
+    .bind(worker_id)
+    .fetch_one(pool)
+    .await
+    .expect("row");
+    assert!(deprecated);
+
+    // Another worker picks up the rest.
+    let (again, done) = (Arc::new(AtomicU32::new(0)), Arc::new(AtomicU32::new(0)));
+    let flow = slow_map("drain", Duration::from_millis(10), &again, &done);
+    let worker = Worker::builder(pool.clone())
+        .flow(flow)
+        .spawn()
+        .expect("worker");
+    assert_eq!(
+        finished(pool, run, Duration::from_secs(30)).await.0,
+        "completed"
+    );
+    assert_eq!(done.load(Ordering::SeqCst), 3);
+    worker.shutdown().await.expect("shutdown");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn handlers_past_the_shutdown_timeout_are_cancelled_and_their_attempt_failed() {
+    let db = database().await;
+    let pool = db.pool();
+    let (began, ended) = (Arc::new(AtomicU32::new(0)), Arc::new(AtomicU32::new(0)));
+    let flow = slow_map("stuck", Duration::from_secs(30), &began, &ended);
+    apply(pool, &flow).await;
+    let worker = Worker::builder(pool.clone())
+        .flow(flow)
+        .shutdown_timeout(Duration::from_millis(300))
+        .spawn()
+        .expect("worker");
+
+    let run = start(pool, "stuck", json!([1, 2])).await;
+    eventually("2 handlers to start", Duration::from_secs(10), || {
+        began.load(Ordering::SeqCst) == 2
+    })
+    .await;
+    let stopping = std::time::Instant::now();
+    worker.shutdown().await.expect("shutdown");
+    assert!(
+        stopping.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        stopping.elapsed()
+    );
+    assert_eq!(ended.load(Ordering::SeqCst), 0);
+
+    // Not left `started`: the attempt failed, and the engine queues the task again.
+    assert_eq!(started_tasks(pool).await, 0);
+    for (_, _, status, attempts, error) in tasks(pool, run).await {
+        assert_eq!((status.as_str(), attempts), ("queued", 1));
+        let error = error.unwrap_or_default();
+        assert!(error.contains("shutdown timeout"), "{error}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_app_token_and_deprecation_stop_the_worker() {
+    let db = database().await;
+    let pool = db.pool();
+    let (began, ended) = (Arc::new(AtomicU32::new(0)), Arc::new(AtomicU32::new(0)));
+    let flow = slow_map("retired", Duration::from_millis(1), &began, &ended);
+    apply(pool, &flow).await;
+
+    // The application's token.
+    let app = CancellationToken::new();
+    let worker = Worker::builder(pool.clone())
+        .flow(flow.clone())
+        .shutdown_token(app.clone())
+        .spawn()
+        .expect("worker");
+    let run = start(pool, "retired", json!([1])).await;
+    assert_eq!(
+        finished(pool, run, Duration::from_secs(30)).await.0,
+        "completed"
+    );
+    app.cancel();
+    tokio::time::timeout(Duration::from_secs(10), worker.wait())
+        .await
+        .expect("stops on the app's token")
+        .expect("clean stop");
+
+    // Someone marks the worker deprecated: it stops taking tasks and, having no other flow,
+    // shuts down.
+    let worker = Worker::builder(pool.clone())
+        .flow(flow)
+        .heartbeat_interval(Duration::from_millis(50))
+        .spawn()
+        .expect("worker");
+    let worker_id = worker.worker_id("retired").expect("row");
+    eventually("the row to exist", Duration::from_secs(10), || {
+        worker.stats().started == 0
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    sqlx::query("UPDATE pgflow.workers SET deprecated_at = now() WHERE worker_id = $1")
+        .bind(worker_id)
+        .execute(pool)
+        .await
+        .expect("deprecate");
+    tokio::time::timeout(Duration::from_secs(10), worker.wait())
+        .await
+        .expect("a deprecated worker stops")
+        .expect("clean stop");
+    let run = start(pool, "retired", json!([1])).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let statuses: Vec<String> = tasks(pool, run)
+        .await
+        .into_iter()
+        .map(|task| task.2)
+        .collect();
+    assert_eq!(statuses, ["queued"]);
+    assert_eq!(began.load(Ordering::SeqCst), 1);
+}
