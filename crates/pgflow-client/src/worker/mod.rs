@@ -359,7 +359,8 @@ impl WorkerBuilder {
     ///
     /// Returns at once: registering in `pgflow.workers` and polling happen in the background
     /// (retried with backoff while the database is unreachable). Dropping the handle does not
-    /// stop the worker; use [`WorkerHandle::shutdown`].
+    /// stop the worker; use [`WorkerHandle::shutdown`]. The runtime needs its time and I/O
+    /// drivers, as `#[tokio::main]` and `#[tokio::test]` set it up.
     ///
     /// # Errors
     ///
