@@ -86,9 +86,17 @@ async fn a_flow_with_a_map_step_runs_end_to_end() {
     );
     assert_eq!(last_worker, 5 * 14);
 
-    let stats = worker.stats();
-    assert_eq!((stats.started, stats.completed, stats.failed), (70, 70, 0));
-    assert_eq!(stats.in_flight, 0);
+    // Counted once each report returns, just after the rows changed.
+    super::eventually("the counters", Duration::from_secs(5), || {
+        let stats = worker.stats();
+        (
+            stats.started,
+            stats.completed,
+            stats.failed,
+            stats.in_flight,
+        ) == (70, 70, 0, 0)
+    })
+    .await;
 
     worker.shutdown().await.expect("shutdown");
     let deprecated: bool = sqlx::query_scalar(

@@ -66,8 +66,12 @@ async fn a_panicking_handler_is_retried_then_fails_the_run_with_the_panic_messag
         finished(pool, run, Duration::from_secs(30)).await.0,
         "completed"
     );
-    let stats = worker.stats();
-    assert_eq!((stats.completed, stats.failed), (1, 2));
+    // Counted once the report returns, just after the run's row changed.
+    super::eventually("the counters", Duration::from_secs(5), || {
+        let stats = worker.stats();
+        (stats.completed, stats.failed, stats.in_flight) == (1, 2, 0)
+    })
+    .await;
     worker.shutdown().await.expect("shutdown");
 }
 
@@ -190,12 +194,16 @@ async fn an_output_the_database_refuses_fails_only_its_own_task() {
     let db = database().await;
     let pool = db.pool();
     // jsonb has no place for \u0000: storing this output fails, the other elements' do not.
-    let echo = step_fn("echo").map_over_input().max_attempts(1).handler(
-        |text: String, _ctx: StepContext| async move {
+    // Two attempts, so that the run fails only after the others were reported (completing a
+    // task of a failed run changes nothing).
+    let echo = step_fn("echo")
+        .map_over_input()
+        .max_attempts(2)
+        .base_delay(0)
+        .handler(|text: String, _ctx: StepContext| async move {
             tokio::time::sleep(Duration::from_millis(50)).await;
             Ok::<_, StepError>(text.replace("NUL", "\0"))
-        },
-    );
+        });
     let flow: Flow<Vec<String>> = Flow::new("nul_bytes").step(echo).build();
     apply(pool, &flow).await;
     let worker = Worker::builder(pool.clone())
@@ -213,6 +221,7 @@ async fn an_output_the_database_refuses_fails_only_its_own_task() {
         ["completed", "completed", "failed", "completed"],
         "{tasks:?}"
     );
+    assert_eq!(tasks[2].3, 2, "retried once");
     let error = tasks[2].4.as_deref().unwrap_or_default();
     assert!(error.contains("could not be stored"), "{error}");
     worker.shutdown().await.expect("shutdown");

@@ -63,7 +63,7 @@ pub(crate) fn spawn(
         step_slug,
         task_index: task.task_index,
         attempt: task.attempt,
-        worker_id: flow.worker_id,
+        flow: Arc::clone(flow),
     };
     let hard_stop = shared.hard_stop.clone();
     let shutdown_timeout = shared.settings.shutdown_timeout;

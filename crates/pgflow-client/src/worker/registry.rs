@@ -2,6 +2,7 @@
 //! signal and its stop token.
 
 use std::collections::{BTreeMap, HashMap};
+use std::fmt;
 use std::sync::Arc;
 
 use pgflow_core::ErasedHandler;
@@ -25,6 +26,15 @@ pub(crate) struct FlowEntry {
     pub(crate) stop: CancellationToken,
     /// `SELECT` of the seconds until the next message of the queue becomes visible.
     pub(crate) next_visible_sql: String,
+}
+
+impl fmt::Debug for FlowEntry {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("FlowEntry")
+            .field("slug", &self.slug)
+            .field("worker_id", &self.worker_id)
+            .finish_non_exhaustive()
+    }
 }
 
 /// One step's handler.

@@ -16,6 +16,7 @@ use uuid::Uuid;
 
 use super::Shared;
 use super::backoff::Backoff;
+use super::registry::FlowEntry;
 
 /// Reports in flight at once: one commits while the next fills up.
 const SLOTS: usize = 2;
@@ -29,8 +30,8 @@ pub(crate) struct TaskKey {
     pub(crate) step_slug: Arc<str>,
     pub(crate) task_index: i32,
     pub(crate) attempt: i32,
-    /// The worker row that started the task.
-    pub(crate) worker_id: Uuid,
+    /// The flow, whose worker row started the task.
+    pub(crate) flow: Arc<FlowEntry>,
 }
 
 /// How a handler's run ended.
@@ -278,6 +279,9 @@ async fn fail(shared: &Shared, failure: Failure) {
         let error = match result {
             Ok(()) => {
                 settle(shared, 0, 1);
+                // A retried task's message becomes visible again without any notification:
+                // let the flow's loop see when.
+                failure.key.flow.wake.notify_one();
                 return;
             }
             Err(error) => error,
@@ -361,7 +365,7 @@ async fn still_started<'a>(
         step_slugs.push(&*key.step_slug);
         task_indexes.push(key.task_index);
         attempts.push(key.attempt);
-        worker_ids.push(key.worker_id);
+        worker_ids.push(key.flow.worker_id);
     }
     let positions: Vec<i64> = sqlx::query_scalar(
         "SELECT b.ord - 1 \
