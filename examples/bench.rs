@@ -1,0 +1,762 @@
+//! The benchmark: pgflow's throughput and latency, as a ratio to what the same PostgreSQL server
+//! commits in a minimal one-transaction-per-task loop, measured in the same invocation.
+//!
+//! ```text
+//! cargo run --release --example bench -- [--smoke] [--workload chain5|diamond|fanout1000|all]
+//!     [--workers 1,4] [--json PATH] [--profile]
+//! ```
+//!
+//! With `DATABASE_URL` set it uses that server (the user needs `CREATEDB`); without it, it starts
+//! a throwaway server from the PostgreSQL binaries on this machine. Every measured row gets a
+//! fresh database. See the "Performance" section of README.md for what each column means.
+
+#[path = "bench/driver.rs"]
+mod driver;
+#[path = "bench/flows.rs"]
+mod flows;
+#[path = "bench/measure.rs"]
+mod measure;
+#[path = "bench/worker.rs"]
+mod worker;
+
+use std::error::Error;
+use std::fmt::Write as _;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+use pgflow_client::Client;
+use pgflow_client::throwaway::TestDatabase;
+use serde_json::{Value, json};
+use sqlx::postgres::{PgListener, PgPoolOptions};
+use sqlx::{Connection, PgConnection};
+
+use crate::flows::Workload;
+use crate::measure::{
+    BoxResult, CeilingVariant, CpuMark, CpuSpent, FunctionProfile, Percentiles, RunStats, round3,
+};
+
+/// Runs started per statement by the starter (one connection, chunks back to back).
+const START_CHUNK: usize = 50;
+
+#[derive(Debug, Parser)]
+#[command(about = "pgflow benchmark: throughput and latency as a ratio to the server's ceiling")]
+struct Args {
+    /// A seconds-long run that only checks that everything completes (CI).
+    #[arg(long)]
+    smoke: bool,
+    /// Workloads, comma-separated: chain5, diamond, fanout1000, all.
+    #[arg(long, default_value = "all", value_delimiter = ',')]
+    workload: Vec<String>,
+    /// Numbers of worker instances (each its own `Worker` with its own pool, in this process).
+    #[arg(long, value_delimiter = ',')]
+    workers: Option<Vec<usize>>,
+    /// Numbers of clients of the SQL-only driver baseline (chain5 only; default: --workers).
+    #[arg(long, value_delimiter = ',')]
+    driver_clients: Option<Vec<usize>>,
+    /// Run the driver baseline on every workload, not only chain5.
+    #[arg(long)]
+    driver_all: bool,
+    /// Seconds a row may take before the benchmark gives up (default 900, smoke: 120).
+    #[arg(long)]
+    row_timeout: Option<u64>,
+    /// What to run: driver, worker, or both.
+    #[arg(long, default_value = "driver,worker", value_delimiter = ',')]
+    executors: Vec<String>,
+    /// Messages read per poll, for the driver and the worker.
+    #[arg(long, default_value_t = 10)]
+    batch: usize,
+    /// Handlers running at once per worker instance.
+    #[arg(long, default_value_t = 10)]
+    concurrency: usize,
+    /// Sequential single runs of chain5 for the idle latency rows.
+    #[arg(long)]
+    idle_runs: Option<usize>,
+    /// Seconds of each ceiling measurement.
+    #[arg(long)]
+    ceiling_secs: Option<f64>,
+    /// Also report per-function time (`track_functions = pl`) for every row; adds overhead.
+    #[arg(long)]
+    profile: bool,
+    /// Where to write the results (default bench-results/latest.json, smoke: bench-results/smoke.json).
+    #[arg(long)]
+    json: Option<PathBuf>,
+}
+
+/// Who executes the tasks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Executor {
+    Driver,
+    Worker,
+}
+
+impl Executor {
+    fn name(self) -> &'static str {
+        match self {
+            Self::Driver => "driver",
+            Self::Worker => "worker",
+        }
+    }
+}
+
+/// One measured row.
+#[derive(Debug)]
+struct Row {
+    workload: String,
+    executor: Executor,
+    parallel: usize,
+    idle: bool,
+    stats: RunStats,
+    wall_secs: f64,
+    peak_rss_mib: Option<f64>,
+    cpu: CpuSpent,
+    calls: Option<driver::CallTimes>,
+    profile: Vec<FunctionProfile>,
+}
+
+impl Row {
+    fn tasks_per_sec(&self) -> f64 {
+        per_sec(self.stats.tasks, self.stats.span_secs)
+    }
+
+    fn runs_per_sec(&self) -> f64 {
+        per_sec(self.stats.runs, self.stats.span_secs)
+    }
+
+    /// CPU microseconds per step task: (server, this process).
+    fn cpu_per_task(&self) -> (Option<f64>, Option<f64>) {
+        let tasks = self.stats.tasks.max(1) as f64;
+        (
+            self.cpu.server_secs.map(|s| s * 1e6 / tasks),
+            self.cpu.own_secs.map(|s| s * 1e6 / tasks),
+        )
+    }
+
+    fn label(&self) -> String {
+        let unit = match self.executor {
+            Executor::Driver => "client",
+            Executor::Worker => "worker",
+        };
+        format!(
+            "{} {} {unit}{}",
+            self.executor.name(),
+            self.parallel,
+            if self.parallel == 1 { "" } else { "s" }
+        )
+    }
+}
+
+fn per_sec(count: usize, secs: f64) -> f64 {
+    if secs > 0.0 { count as f64 / secs } else { 0.0 }
+}
+
+/// What every row needs.
+#[derive(Debug)]
+struct Env {
+    admin: sqlx::PgPool,
+    batch: usize,
+    concurrency: usize,
+    profile: bool,
+    row_timeout: Duration,
+    postmaster: Option<u32>,
+}
+
+#[tokio::main]
+async fn main() -> Result<(), Box<dyn Error + Send + Sync>> {
+    let args = Args::parse();
+    let command = std::env::args().collect::<Vec<_>>().join(" ");
+
+    let workloads = select_workloads(&args.workload, args.smoke)?;
+    let workers = args
+        .workers
+        .clone()
+        .unwrap_or_else(|| if args.smoke { vec![1, 2] } else { vec![1, 4] });
+    let driver_clients = args
+        .driver_clients
+        .clone()
+        .unwrap_or_else(|| workers.clone());
+    let mut executors = Vec::new();
+    for name in &args.executors {
+        executors.push(match name.trim() {
+            "driver" => Executor::Driver,
+            "worker" => Executor::Worker,
+            other => return Err(format!("unknown executor `{other}` (driver, worker)").into()),
+        });
+    }
+    let idle_runs = args.idle_runs.unwrap_or(if args.smoke { 5 } else { 50 });
+    let ceiling_secs = args
+        .ceiling_secs
+        .unwrap_or(if args.smoke { 0.5 } else { 3.0 });
+    let json_path = args.json.clone().unwrap_or_else(|| {
+        PathBuf::from(if args.smoke {
+            "bench-results/smoke.json"
+        } else {
+            "bench-results/latest.json"
+        })
+    });
+
+    // DATABASE_URL, or a throwaway server shared by this process (stopped when it exits).
+    let admin_url = pgflow_client::throwaway::database_url()?;
+    let admin = PgPoolOptions::new()
+        .max_connections(2)
+        .connect(&admin_url)
+        .await?;
+    let load_before = measure::load_average();
+    let env = Env {
+        admin,
+        batch: args.batch,
+        concurrency: args.concurrency,
+        profile: args.profile,
+        row_timeout: Duration::from_secs(args.row_timeout.unwrap_or(if args.smoke {
+            120
+        } else {
+            900
+        })),
+        postmaster: measure::throwaway_postmaster(),
+    };
+    let server = measure::server_settings(&env.admin).await?;
+    let machine = measure::machine();
+    println!(
+        "pgflow benchmark{} — PostgreSQL {} ({}), {} CPUs ({}), fsync={}, synchronous_commit={}",
+        if args.smoke { " (smoke)" } else { "" },
+        server["server_version"].as_str().unwrap_or("?"),
+        if std::env::var("DATABASE_URL").is_ok_and(|url| !url.trim().is_empty()) {
+            "DATABASE_URL"
+        } else {
+            "throwaway server"
+        },
+        machine["cpus"],
+        machine["cpu_model"].as_str().unwrap_or("?"),
+        server["fsync"].as_str().unwrap_or("?"),
+        server["synchronous_commit"].as_str().unwrap_or("?"),
+    );
+    println!(
+        "load average before: {} (other processes on this machine compete for its CPUs)",
+        load_before.map_or("?".to_owned(), |l| format!("{l:.2}"))
+    );
+
+    // The ceiling, on a database of its own on the same server.
+    let mut ceilings = Vec::new();
+    {
+        let db = TestDatabase::new().await?;
+        for variant in [
+            CeilingVariant::Plain,
+            CeilingVariant::SyncCommitOff,
+            CeilingVariant::WithNotify,
+        ] {
+            let tps = measure::ceiling(db.url(), 4, ceiling_secs, variant).await?;
+            println!("ceiling ({}, 4 clients): {tps:.0} tx/s", variant.label());
+            ceilings.push((variant, tps));
+        }
+    }
+    let ceiling = ceilings[0].1;
+
+    let mut rows = Vec::new();
+    let has_chain = workloads.iter().any(|w| w.kind() == flows::Kind::Chain5);
+    if has_chain && idle_runs > 0 {
+        for &executor in &executors {
+            let row = idle_row(&env, executor, idle_runs).await?;
+            print_progress(&row);
+            rows.push(row);
+        }
+    }
+    for workload in &workloads {
+        for &executor in &executors {
+            let counts = match executor {
+                // The driver baseline runs on chain5, where pgflow's original numbers are.
+                Executor::Driver if !args.driver_all && workload.kind() != flows::Kind::Chain5 => {
+                    continue;
+                }
+                Executor::Driver => &driver_clients,
+                Executor::Worker => &workers,
+            };
+            for &parallel in counts {
+                let row = load_row(&env, *workload, executor, parallel).await?;
+                print_progress(&row);
+                rows.push(row);
+            }
+        }
+    }
+
+    let load_after = measure::load_average();
+    let table = render_table(&rows, ceiling, &ceilings);
+    println!("\n{table}");
+    let calls = render_calls(&rows);
+    if !calls.is_empty() {
+        println!("{calls}");
+    }
+    if env.profile {
+        println!("{}", render_profiles(&rows));
+    }
+
+    let results = json!({
+        "format": 1,
+        "command": command,
+        "smoke": args.smoke,
+        "unix_time": std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0),
+        "git_commit": git_commit(),
+        "machine": machine,
+        "load_average": { "before": load_before, "after": load_after },
+        "server": server,
+        "settings": {
+            "batch": env.batch,
+            "worker_concurrency": env.concurrency,
+            "driver_poll_interval_ms": driver::POLL_INTERVAL_MS,
+            "start_chunk": START_CHUNK,
+            "profile": env.profile,
+        },
+        "ceiling": ceilings.iter().map(|(variant, tps)| json!({
+            "variant": variant.key(),
+            "description": variant.label(),
+            "clients": 4,
+            "seconds": ceiling_secs,
+            "tx_per_sec": tps.round(),
+        })).collect::<Vec<_>>(),
+        "rows": rows.iter().map(|row| row_json(row, ceiling)).collect::<Vec<_>>(),
+    });
+    if let Some(dir) = json_path.parent().filter(|dir| !dir.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir)?;
+    }
+    std::fs::write(&json_path, serde_json::to_string_pretty(&results)? + "\n")?;
+    println!("results written to {}", json_path.display());
+    env.admin.close().await;
+    Ok(())
+}
+
+fn select_workloads(names: &[String], smoke: bool) -> BoxResult<Vec<Workload>> {
+    let (runs, fanout) = if smoke {
+        (
+            20,
+            Workload {
+                name: "fanout100",
+                runs: 2,
+                width: 100,
+            },
+        )
+    } else {
+        (
+            500,
+            Workload {
+                name: "fanout1000",
+                runs: 20,
+                width: 1000,
+            },
+        )
+    };
+    let chain5 = Workload {
+        name: "chain5",
+        runs,
+        width: 0,
+    };
+    let diamond = Workload {
+        name: "diamond",
+        runs,
+        width: 0,
+    };
+    let mut selected = Vec::new();
+    for name in names {
+        match name.trim() {
+            "all" => selected.extend([chain5, diamond, fanout]),
+            "chain5" => selected.push(chain5),
+            "diamond" => selected.push(diamond),
+            "fanout1000" | "fanout" => selected.push(fanout),
+            other => {
+                return Err(format!(
+                    "unknown workload `{other}` (chain5, diamond, fanout1000, all)"
+                )
+                .into());
+            }
+        }
+    }
+    selected.dedup_by_key(|w| w.name);
+    Ok(selected)
+}
+
+/// Tasks executing, whichever executor runs them.
+enum Running {
+    Driver(driver::Driver),
+    Worker(worker::Workers),
+}
+
+impl Running {
+    async fn start(
+        env: &Env,
+        url: &str,
+        flow: &pgflow_core::Flow<u64>,
+        executor: Executor,
+        parallel: usize,
+    ) -> BoxResult<Self> {
+        Ok(match executor {
+            Executor::Driver => Self::Driver(
+                driver::Driver::start(url, flow, parallel, i32::try_from(env.batch)?).await?,
+            ),
+            Executor::Worker => Self::Worker(
+                worker::Workers::start(url, flow, parallel, env.concurrency, env.batch).await?,
+            ),
+        })
+    }
+
+    async fn stop(self) -> BoxResult<Option<driver::CallTimes>> {
+        match self {
+            Self::Driver(driver) => Ok(Some(driver.stop().await?)),
+            Self::Worker(workers) => {
+                workers.stop().await?;
+                Ok(None)
+            }
+        }
+    }
+}
+
+/// A fresh database holding `workload`'s flow, with per-function timing on if asked.
+async fn prepare(env: &Env, workload: &Workload) -> BoxResult<TestDatabase> {
+    let db = TestDatabase::new().await?;
+    if env.profile {
+        measure::enable_profile(&env.admin, db.name()).await?;
+    }
+    Client::new(db.pool().clone())
+        .compile(&workload.flow())
+        .await?;
+    Ok(db)
+}
+
+/// Drains `workload.runs` runs started in a burst (chunks of [`START_CHUNK`] from one
+/// connection, while the executor is already polling).
+async fn load_row(
+    env: &Env,
+    workload: Workload,
+    executor: Executor,
+    parallel: usize,
+) -> BoxResult<Row> {
+    let db = prepare(env, &workload).await?;
+    let flow = workload.flow();
+    let rss_reset = measure::reset_peak_rss();
+    let running = Running::start(env, db.url(), &flow, executor, parallel).await?;
+
+    let mark = CpuMark::now(env.postmaster);
+    let began = Instant::now();
+    let mut starter = PgConnection::connect(db.url()).await?;
+    let mut started = 0;
+    while started < workload.runs {
+        let n = START_CHUNK.min(workload.runs - started);
+        start_runs(&mut starter, &workload, started, n).await?;
+        started += n;
+    }
+    starter.close().await?;
+    measure::wait_for_runs(
+        db.pool(),
+        workload.runs,
+        Duration::from_millis(10),
+        env.row_timeout,
+    )
+    .await
+    .map_err(|error| format!("{} {}: {error}", workload.name, executor.name()))?;
+    let wall_secs = began.elapsed().as_secs_f64();
+    let cpu = mark.spent();
+    let peak_rss_mib = if rss_reset {
+        measure::peak_rss_mib()
+    } else {
+        None
+    };
+    let calls = running.stop().await?;
+    let stats = measure::run_stats(db.pool()).await?;
+    let expected = workload.runs * workload.tasks_per_run();
+    if stats.tasks != expected {
+        return Err(format!(
+            "{}: {} step tasks completed, expected {expected}",
+            workload.name, stats.tasks
+        )
+        .into());
+    }
+    let profile = if env.profile {
+        measure::function_profile(db.pool()).await?
+    } else {
+        Vec::new()
+    };
+    Ok(Row {
+        workload: workload.name.to_owned(),
+        executor,
+        parallel,
+        idle: false,
+        stats,
+        wall_secs,
+        peak_rss_mib,
+        cpu,
+        calls,
+        profile,
+    })
+}
+
+/// `runs` single runs of chain5, one at a time on an otherwise idle server: end-to-end and
+/// dispatch latency without queueing.
+async fn idle_row(env: &Env, executor: Executor, runs: usize) -> BoxResult<Row> {
+    let workload = Workload {
+        name: "chain5",
+        runs,
+        width: 0,
+    };
+    let db = prepare(env, &workload).await?;
+    let flow = workload.flow();
+    let rss_reset = measure::reset_peak_rss();
+    let running = Running::start(env, db.url(), &flow, executor, 1).await?;
+    let mut listener = PgListener::connect(db.url()).await?;
+    listener.listen("pgflow").await?;
+    let mut starter = PgConnection::connect(db.url()).await?;
+    // Let the executor settle into its idle wait.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+
+    let mark = CpuMark::now(env.postmaster);
+    let began = Instant::now();
+    for i in 0..runs {
+        let run_id = start_runs(&mut starter, &workload, i, 1).await?;
+        let run_id = run_id
+            .first()
+            .ok_or("start_flow returned no run")?
+            .to_string();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let note = tokio::time::timeout(left, listener.recv())
+                .await
+                .map_err(|_| format!("idle run {run_id} did not complete within 30 s"))??;
+            let event: Value = serde_json::from_str(note.payload()).unwrap_or(Value::Null);
+            if event["run_id"] == run_id.as_str() {
+                match event["event_type"].as_str() {
+                    Some("run:completed") => break,
+                    Some("run:failed") => return Err(format!("idle run {run_id} failed").into()),
+                    _ => {}
+                }
+            }
+        }
+        // Back to idle before the next run.
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let wall_secs = began.elapsed().as_secs_f64();
+    let cpu = mark.spent();
+    let peak_rss_mib = if rss_reset {
+        measure::peak_rss_mib()
+    } else {
+        None
+    };
+    starter.close().await?;
+    drop(listener);
+    let calls = running.stop().await?;
+    let stats = measure::run_stats(db.pool()).await?;
+    let profile = if env.profile {
+        measure::function_profile(db.pool()).await?
+    } else {
+        Vec::new()
+    };
+    Ok(Row {
+        workload: "chain5 idle".to_owned(),
+        executor,
+        parallel: 1,
+        idle: true,
+        stats,
+        wall_secs,
+        peak_rss_mib,
+        cpu,
+        calls,
+        profile,
+    })
+}
+
+/// Starts runs `first .. first + n` of `workload` in one statement; returns their ids.
+async fn start_runs(
+    conn: &mut PgConnection,
+    workload: &Workload,
+    first: usize,
+    n: usize,
+) -> BoxResult<Vec<uuid::Uuid>> {
+    let first = i64::try_from(first)?;
+    let last = first + i64::try_from(n)? - 1;
+    let fixed = workload.fixed_input().map(i64::try_from).transpose()?;
+    // The input must mention `g.i` even when it is fixed: a call whose arguments fold to
+    // constants is not lateral any more, and would start one run for all of the series.
+    let ids = sqlx::query_scalar(
+        "SELECT r.run_id
+           FROM generate_series($2::bigint, $3::bigint) AS g(i),
+                LATERAL pgflow.start_flow($1, to_jsonb(coalesce($4::bigint, g.i) + 0 * g.i)) AS r",
+    )
+    .bind(workload.flow().slug())
+    .bind(first)
+    .bind(last)
+    .bind(fixed)
+    .fetch_all(conn)
+    .await?;
+    Ok(ids)
+}
+
+fn print_progress(row: &Row) {
+    println!(
+        "  {:<12} {:<17} {:>6} tasks in {:>6.2} s: {:>7.0} tasks/s, run p50 {:.1} ms, dispatch p50 {:.2} ms, pickup p50 {:.2} ms",
+        row.workload,
+        row.label(),
+        row.stats.tasks,
+        row.stats.span_secs,
+        row.tasks_per_sec(),
+        row.stats.run_latency_ms.p50,
+        row.stats.dispatch_ms.p50,
+        row.stats.pickup_ms.p50,
+    );
+}
+
+fn render_table(rows: &[Row], ceiling: f64, ceilings: &[(CeilingVariant, f64)]) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "| workload | executor | step-tasks/s | × ceiling | runs/s | run p50 / p95 / p99 (ms) | dispatch p50 / p99 (ms) | peak RSS (MiB) | CPU µs/task server / bench |"
+    );
+    let _ = writeln!(out, "|---|---|--:|--:|--:|--:|--:|--:|--:|");
+    for (variant, tps) in ceilings {
+        let _ = writeln!(
+            out,
+            "| ceiling: {} | 4 clients | {tps:.0} | {:.2} | | | | | |",
+            variant.label(),
+            tps / ceiling
+        );
+    }
+    for row in rows {
+        let run = row.stats.run_latency_ms;
+        let dispatch = row.stats.dispatch_ms;
+        let (cpu_server, cpu_own) = row.cpu_per_task();
+        let (tasks, ratio, runs) = if row.idle {
+            ("—".to_owned(), "—".to_owned(), "—".to_owned())
+        } else {
+            (
+                format!("{:.0}", row.tasks_per_sec()),
+                format!("{:.2}", row.tasks_per_sec() / ceiling),
+                format!("{:.1}", row.runs_per_sec()),
+            )
+        };
+        let _ = writeln!(
+            out,
+            "| {} | {} | {tasks} | {ratio} | {runs} | {} / {} / {} | {} / {} | {} | {} / {} |",
+            row.workload,
+            row.label(),
+            ms(run.p50),
+            ms(run.p95),
+            ms(run.p99),
+            ms(dispatch.p50),
+            ms(dispatch.p99),
+            row.peak_rss_mib
+                .map_or("?".to_owned(), |m| format!("{m:.0}")),
+            cpu_server.map_or("?".to_owned(), |c| format!("{c:.0}")),
+            cpu_own.map_or("?".to_owned(), |c| format!("{c:.0}")),
+        );
+    }
+    out
+}
+
+fn ms(x: f64) -> String {
+    if x >= 100.0 {
+        format!("{x:.0}")
+    } else if x >= 10.0 {
+        format!("{x:.1}")
+    } else {
+        format!("{x:.2}")
+    }
+}
+
+/// The driver's client-side time per SQL call.
+fn render_calls(rows: &[Row]) -> String {
+    let mut out = String::new();
+    for row in rows {
+        let Some(calls) = &row.calls else { continue };
+        if out.is_empty() {
+            let _ = writeln!(
+                out,
+                "driver: client-side time per call (µs), p50 / p99 / mean, n\n"
+            );
+            let _ = writeln!(out, "| row | call | p50 | p99 | mean | n |");
+            let _ = writeln!(out, "|---|---|--:|--:|--:|--:|");
+        }
+        for (call, p) in calls.summary() {
+            let _ = writeln!(
+                out,
+                "| {} {} | {call} | {:.0} | {:.0} | {:.0} | {} |",
+                row.workload,
+                row.label(),
+                p.p50,
+                p.p99,
+                p.mean,
+                p.n
+            );
+        }
+    }
+    out
+}
+
+fn render_profiles(rows: &[Row]) -> String {
+    let mut out = String::from("per-function time (track_functions = pl), top 8 by self time\n");
+    for row in rows {
+        let tasks = row.stats.tasks.max(1) as f64;
+        let _ = writeln!(
+            out,
+            "\n{} {} ({} tasks)\n| function | calls | total ms | self ms | self µs/task |\n|---|--:|--:|--:|--:|",
+            row.workload,
+            row.label(),
+            row.stats.tasks
+        );
+        for f in row.profile.iter().take(8) {
+            let _ = writeln!(
+                out,
+                "| {} | {} | {:.0} | {:.0} | {:.1} |",
+                f.name,
+                f.calls,
+                f.total_ms,
+                f.self_ms,
+                f.self_ms * 1000.0 / tasks
+            );
+        }
+    }
+    out
+}
+
+fn row_json(row: &Row, ceiling: f64) -> Value {
+    let percentiles = |p: Percentiles| p.to_json();
+    json!({
+        "workload": row.workload,
+        "executor": row.executor.name(),
+        "parallel": row.parallel,
+        "idle": row.idle,
+        "runs": row.stats.runs,
+        "step_tasks": row.stats.tasks,
+        "span_secs": round3(row.stats.span_secs),
+        "wall_secs": round3(row.wall_secs),
+        "step_tasks_per_sec": row.tasks_per_sec().round(),
+        "runs_per_sec": round3(row.runs_per_sec()),
+        "ratio_to_ceiling": round3(row.tasks_per_sec() / ceiling),
+        "run_latency_ms": percentiles(row.stats.run_latency_ms),
+        "dispatch_latency_ms": percentiles(row.stats.dispatch_ms),
+        "pickup_latency_ms": percentiles(row.stats.pickup_ms),
+        "peak_rss_mib": row.peak_rss_mib.map(round3),
+        "cpu_secs": { "server": row.cpu.server_secs.map(round3), "bench_process": row.cpu.own_secs.map(round3) },
+        "cpu_us_per_task": {
+            "server": row.cpu_per_task().0.map(f64::round),
+            "bench_process": row.cpu_per_task().1.map(f64::round),
+        },
+        "driver_call_us": row.calls.as_ref().map(|calls| {
+            calls.summary().into_iter().map(|(call, p)| (call.to_owned(), p.to_json()))
+                .collect::<serde_json::Map<_, _>>()
+        }),
+        "profile": row.profile.iter().map(|f| json!({
+            "function": f.name,
+            "calls": f.calls,
+            "total_ms": round3(f.total_ms),
+            "self_ms": round3(f.self_ms),
+        })).collect::<Vec<_>>(),
+    })
+}
+
+fn git_commit() -> Option<String> {
+    let out = std::process::Command::new("git")
+        .args(["rev-parse", "--short", "HEAD"])
+        .output()
+        .ok()?;
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).trim().to_owned())
+}
