@@ -8,5 +8,6 @@ mod cli;
 mod client;
 mod engine;
 mod install;
+mod reliability;
 mod security;
 mod worker;

@@ -25,7 +25,7 @@
 //! ```
 
 use std::fmt;
-use std::io::Read;
+use std::io::{Read, Write};
 use std::net::TcpListener;
 use std::os::unix::fs::MetadataExt;
 use std::os::unix::process::CommandExt;
@@ -44,18 +44,29 @@ const START_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// The watchdog: creates the cluster, starts the server, then blocks on stdin. EOF on stdin means
 /// the owning process is gone or dropped its handle, so the server is stopped and its directory
-/// removed. Signals are ignored so that only the pipe decides.
+/// removed. Signals are ignored so that only the pipe decides. A line `restart INT` or
+/// `restart QUIT` on stdin stops the server with that signal (fast or immediate shutdown) and
+/// starts it again on the same data directory and port ([`ThrowawayServer::restart`]).
 const WATCHDOG: &str = r#"
 bin="$1"; dir="$2"; port="$3"
 trap '' INT TERM HUP QUIT
 if ! "$bin/initdb" -D "$dir/data" -U postgres -A trust -E UTF8 --locale=C --no-sync >"$dir/initdb.log" 2>&1; then
   echo "initdb failed" >"$dir/failed"; cat "$dir/initdb.log" >>"$dir/failed"; read -r _ignored; rm -rf "$dir"; exit 1
 fi
-"$bin/postgres" -D "$dir/data" -p "$port" -k "$dir" -c listen_addresses=127.0.0.1 \
-  -c fsync=off -c full_page_writes=off -c max_connections=300 -c shared_buffers=256MB \
-  -c max_locks_per_transaction=256 -c log_min_messages=warning >"$dir/postgres.log" 2>&1 &
-pid=$!
-read -r _ignored
+serve() {
+  "$bin/postgres" -D "$dir/data" -p "$port" -k "$dir" -c listen_addresses=127.0.0.1 \
+    -c fsync=off -c full_page_writes=off -c max_connections=300 -c shared_buffers=256MB \
+    -c max_locks_per_transaction=256 -c log_min_messages=warning >>"$dir/postgres.log" 2>&1 &
+  pid=$!
+}
+serve
+while read -r command signal; do
+  if [ "$command" = restart ]; then
+    kill "-$signal" "$pid" 2>/dev/null
+    wait "$pid"
+    serve
+  fi
+done
 kill -INT "$pid" 2>/dev/null
 wait "$pid"
 rm -rf "$dir"
@@ -220,6 +231,66 @@ impl ThrowawayServer {
         &self.bin_dir
     }
 
+    /// Stops the server and starts it again on the same data directory and port, waiting until
+    /// it accepts connections again: for tests of what survives a database restart. Every
+    /// connection is closed by the server; data committed before survives.
+    ///
+    /// [`Shutdown::Fast`] is a clean shutdown (`pg_ctl stop -m fast`: open transactions roll
+    /// back, a checkpoint is written); [`Shutdown::Immediate`] is a crash as far as the data is
+    /// concerned (`-m immediate`: no checkpoint, WAL replayed at the next start).
+    ///
+    /// ```no_run
+    /// # fn demo() -> pgflow_client::Result<()> {
+    /// use pgflow_client::throwaway::{Shutdown, ThrowawayServer};
+    ///
+    /// let server = ThrowawayServer::start()?;
+    /// server.restart(Shutdown::Immediate)?;
+    /// # Ok(()) }
+    /// ```
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Throwaway`] if the server was stopped or does not come back.
+    pub fn restart(&self, shutdown: Shutdown) -> Result<()> {
+        let pid_file = self.dir.join("data").join("postmaster.pid");
+        let old_pid = std::fs::read_to_string(&pid_file)
+            .ok()
+            .and_then(|text| text.lines().next().map(str::to_owned));
+        {
+            let mut guard = self.watchdog.lock().unwrap_or_else(|p| p.into_inner());
+            let Some((_, stdin)) = guard.as_mut() else {
+                return Err(Error::Throwaway("the server was stopped".into()));
+            };
+            let signal = match shutdown {
+                Shutdown::Fast => "INT",
+                Shutdown::Immediate => "QUIT",
+            };
+            writeln!(stdin, "restart {signal}")
+                .and_then(|()| stdin.flush())
+                .map_err(|err| Error::Throwaway(format!("cannot reach the watchdog: {err}")))?;
+        }
+        // The new postmaster writes a postmaster.pid of its own: wait until the old one is gone.
+        let deadline = Instant::now() + START_TIMEOUT;
+        while old_pid.is_some()
+            && std::fs::read_to_string(&pid_file)
+                .ok()
+                .and_then(|text| text.lines().next().map(str::to_owned))
+                == old_pid
+        {
+            if Instant::now() > deadline {
+                return Err(Error::Throwaway("the server did not stop".into()));
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        self.wait_until_ready()?;
+        tracing::debug!(
+            port = self.port,
+            ?shutdown,
+            "throwaway PostgreSQL restarted"
+        );
+        Ok(())
+    }
+
     /// Stops the server and deletes its directory, waiting until both are done.
     pub fn stop(&self) {
         let taken = self
@@ -234,6 +305,15 @@ impl ThrowawayServer {
         }
         let _ = std::fs::remove_dir_all(&self.dir);
     }
+}
+
+/// How [`ThrowawayServer::restart`] stops the server before starting it again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Shutdown {
+    /// SIGINT: sessions are ended, open transactions roll back, a checkpoint is written.
+    Fast,
+    /// SIGQUIT: the server stops at once, as in a crash; recovery replays the WAL at start.
+    Immediate,
 }
 
 impl Drop for ThrowawayServer {

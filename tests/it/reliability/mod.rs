@@ -1,0 +1,257 @@
+//! Reliability: faults injected for real (a worker process killed with SIGKILL, the database
+//! server restarted, connections cut while results are reported), random flows checked against
+//! a reference model of the spec, load, and bad input. After every scenario the invariant
+//! checker must find nothing. `docs/guarantees.md` names these tests line by line.
+//!
+//! Everything here runs in a bounded short form; the longer variants are `#[ignore]`d and sized
+//! by environment variables (`PGFLOW_SOAK_RUNS`, `PGFLOW_MODEL_CASES`).
+
+mod bad_input;
+mod connection;
+mod crash;
+mod model;
+mod restart;
+mod soak;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use pgflow_client::Worker;
+use pgflow_client::WorkerHandle;
+use pgflow_core::{Flow, StepContext, StepError, step_fn};
+use serde_json::{Value, json};
+use sqlx::PgPool;
+use uuid::Uuid;
+
+/// A task: (run, step, task index).
+type TaskKey = (Uuid, String, u32);
+
+/// Counts handler executions per task: how many times a handler ran for it.
+#[derive(Clone, Default)]
+pub struct Executions(Arc<Mutex<HashMap<TaskKey, u32>>>);
+
+impl Executions {
+    pub fn record(&self, ctx: &StepContext) {
+        let key = (ctx.run_id(), ctx.step_slug().to_owned(), ctx.task_index());
+        *self
+            .0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(key)
+            .or_default() += 1;
+    }
+
+    pub fn of(&self, run_id: Uuid, step: &str, index: u32) -> u32 {
+        self.0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&(run_id, step.to_owned(), index))
+            .copied()
+            .unwrap_or(0)
+    }
+}
+
+/// `n` → `[0, 1, .., n-1]` → each squared after `delay` (a map step) → their sum.
+///
+/// Step timeouts of 2 s: a task whose worker was lost reappears 4 s after it started.
+pub fn squares(slug: &str, delay: Duration, executions: &Executions) -> Flow<u64> {
+    let seen = executions.clone();
+    let range =
+        step_fn("range")
+            .timeout(2)
+            .base_delay(0)
+            .handler(move |n: u64, ctx: StepContext| {
+                seen.record(&ctx);
+                async move { Ok::<_, StepError>((0..n).collect::<Vec<u64>>()) }
+            });
+    let seen = executions.clone();
+    let square = step_fn("square")
+        .map_over(&range)
+        .timeout(2)
+        .base_delay(0)
+        .handler(move |x: u64, ctx: StepContext| {
+            seen.record(&ctx);
+            async move {
+                tokio::time::sleep(delay).await;
+                Ok::<_, StepError>(x * x)
+            }
+        });
+    let seen = executions.clone();
+    let sum = step_fn("sum")
+        .depends_on(&square)
+        .timeout(2)
+        .base_delay(0)
+        .handler(move |_n: u64, squares: Vec<u64>, ctx: StepContext| {
+            seen.record(&ctx);
+            async move { Ok::<_, StepError>(squares.iter().sum::<u64>()) }
+        });
+    Flow::new(slug)
+        .max_attempts(5)
+        .base_delay(0)
+        .step(range)
+        .step(square)
+        .step(sum)
+        .build()
+}
+
+/// The sum of the squares below `n`: what a run of [`squares`] outputs under `sum`.
+pub fn sum_of_squares(n: u64) -> u64 {
+    (0..n).map(|x| x * x).sum()
+}
+
+/// Starts a run of flow `slug` through the SQL API.
+pub async fn start(pool: &PgPool, slug: &str, input: Value) -> Uuid {
+    sqlx::query_scalar("SELECT run_id FROM pgflow.start_flow($1, $2)")
+        .bind(slug)
+        .bind(input)
+        .fetch_one(pool)
+        .await
+        .expect("run starts")
+}
+
+/// Waits until every run of `runs` is no longer `started`, tolerating a database that comes
+/// and goes meanwhile; returns each run's status and output, in order.
+pub async fn finished_all(
+    pool: &PgPool,
+    runs: &[Uuid],
+    within: Duration,
+) -> Vec<(String, Option<Value>)> {
+    let deadline = Instant::now() + within;
+    loop {
+        let rows: Result<Vec<(Uuid, String, Option<Value>)>, _> =
+            sqlx::query_as("SELECT run_id, status, output FROM pgflow.runs WHERE run_id = ANY($1)")
+                .bind(runs)
+                .fetch_all(pool)
+                .await;
+        if let Ok(rows) = rows
+            && rows.len() == runs.len()
+            && rows.iter().all(|(_, status, _)| status != "started")
+        {
+            let by_id: HashMap<Uuid, (String, Option<Value>)> = rows
+                .into_iter()
+                .map(|(id, status, output)| (id, (status, output)))
+                .collect();
+            return runs.iter().map(|id| by_id[id].clone()).collect();
+        }
+        if Instant::now() > deadline {
+            let counts: Vec<(String, String, i64)> = sqlx::query_as(
+                "SELECT step_slug, status, count(*) FROM pgflow.step_tasks \
+                  WHERE run_id = ANY($1) GROUP BY 1, 2 ORDER BY 1, 2",
+            )
+            .bind(runs)
+            .fetch_all(pool)
+            .await
+            .unwrap_or_default();
+            panic!("runs still started after {within:?}; tasks by step and status: {counts:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+/// One task row: (run, step, index, status, attempts, error).
+pub type TaskRow = (Uuid, String, i32, String, i32, Option<String>);
+
+/// Every task of the given runs, ordered.
+pub async fn tasks_of(pool: &PgPool, runs: &[Uuid]) -> Vec<TaskRow> {
+    sqlx::query_as(
+        "SELECT run_id, step_slug, task_index, status, attempts_count, error_message \
+           FROM pgflow.step_tasks WHERE run_id = ANY($1) \
+          ORDER BY run_id, step_slug, task_index",
+    )
+    .bind(runs)
+    .fetch_all(pool)
+    .await
+    .expect("tasks")
+}
+
+/// The invariant checker finds nothing.
+pub async fn assert_consistent(pool: &PgPool) {
+    let violations = pgflow_client::check(pool).await.expect("check runs");
+    assert!(
+        violations.is_empty(),
+        "invariants broken:\n{}",
+        violations
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+}
+
+/// Checks runs of [`squares`] with inputs `inputs` after faults: every run completed with the
+/// right output, every task completed exactly once (its step and run agree, see the checker),
+/// and no task's handler ran more often than the engine counted attempts (at least once each).
+pub async fn assert_squares_completed(
+    pool: &PgPool,
+    runs: &[Uuid],
+    inputs: &[u64],
+    executions: &Executions,
+    within: Duration,
+) {
+    let results = finished_all(pool, runs, within).await;
+    for ((run, n), (status, output)) in runs.iter().zip(inputs).zip(&results) {
+        assert_eq!(status, "completed", "run {run}");
+        assert_eq!(
+            output.as_ref(),
+            Some(&json!({"sum": sum_of_squares(*n)})),
+            "run {run}"
+        );
+    }
+    let tasks = tasks_of(pool, runs).await;
+    let expected: u64 = inputs.iter().map(|n| n + 2).sum();
+    assert_eq!(
+        u64::try_from(tasks.len()).unwrap_or_default(),
+        expected,
+        "one row per task"
+    );
+    for (run, step, index, status, attempts, _) in &tasks {
+        assert_eq!(status, "completed", "{run} {step} {index}");
+        let ran = executions.of(*run, step, u32::try_from(*index).unwrap_or_default());
+        assert!(
+            ran >= 1 && i64::from(ran) <= i64::from(*attempts),
+            "{run} {step}/{index}: handler ran {ran} times for {attempts} attempts"
+        );
+    }
+    assert_consistent(pool).await;
+}
+
+/// Spawns a worker for `flow` on `pool`, polling often while notifications are down.
+pub fn worker<I>(pool: &PgPool, flow: &Flow<I>, concurrency: usize) -> WorkerHandle {
+    Worker::builder(pool.clone())
+        .flow(flow.clone())
+        .concurrency(concurrency)
+        .poll_interval(Duration::from_millis(50))
+        .max_poll_wait(Duration::from_secs(1))
+        .shutdown_timeout(Duration::from_secs(10))
+        .spawn()
+        .expect("worker")
+}
+
+/// How many tasks of the database are completed (0 while the database is unreachable).
+pub async fn completed_tasks(pool: &PgPool) -> i64 {
+    sqlx::query_scalar("SELECT count(*) FROM pgflow.step_tasks WHERE status = 'completed'")
+        .fetch_one(pool)
+        .await
+        .unwrap_or(0)
+}
+
+/// Waits until `completed_tasks` reaches `at_least`.
+pub async fn until_completed(pool: &PgPool, at_least: i64, within: Duration) {
+    let deadline = Instant::now() + within;
+    while completed_tasks(pool).await < at_least {
+        assert!(
+            Instant::now() < deadline,
+            "fewer than {at_least} tasks completed after {within:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// A size from the environment, or `default`.
+pub fn env_size(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|value| value.trim().parse().ok())
+        .unwrap_or(default)
+}
