@@ -11,7 +11,7 @@ use chrono::{DateTime, Utc};
 use futures_util::Stream;
 use serde::{Deserialize, Serialize};
 use sqlx::PgPool;
-use sqlx::postgres::PgListener;
+use sqlx::postgres::{PgListener, PgPoolOptions};
 use uuid::Uuid;
 
 use crate::Result;
@@ -131,6 +131,9 @@ impl fmt::Display for RunEvent {
 /// ```
 pub struct Subscription {
     listener: PgListener,
+    /// The listener's own one-connection pool: the application's pool is not drained by
+    /// long-lived subscriptions, and closing this one waits for the listener's connection.
+    pool: PgPool,
 }
 
 impl fmt::Debug for Subscription {
@@ -140,11 +143,24 @@ impl fmt::Debug for Subscription {
 }
 
 impl Subscription {
-    /// Opens a `LISTEN` connection on the engine's channel.
+    /// Opens a `LISTEN` connection on the engine's channel: a connection of its own, made with
+    /// `pool`'s connect options, outside `pool`.
     pub async fn listen(pool: &PgPool) -> Result<Self> {
-        let mut listener = PgListener::connect_with(pool).await?;
+        let pool = PgPoolOptions::new()
+            .max_connections(1)
+            .min_connections(0)
+            .connect_lazy_with((*pool.connect_options()).clone());
+        let mut listener = PgListener::connect_with(&pool).await?;
         listener.listen(CHANNEL).await?;
-        Ok(Self { listener })
+        Ok(Self { listener, pool })
+    }
+
+    /// Stops listening and closes the connection, waiting until it is closed. Dropping a
+    /// subscription also ends it, in the background.
+    pub async fn close(self) {
+        let Self { listener, pool } = self;
+        drop(listener);
+        pool.close().await;
     }
 
     /// The next event of any run. Payloads that are not events are skipped.
@@ -168,8 +184,11 @@ impl Subscription {
                     loop {
                         match subscription.next_event().await {
                             Ok(event) if event.run_id == run_id => {
-                                let next = (!event.kind.ends_run()).then_some(subscription);
-                                return Some((Ok(event), next));
+                                if event.kind.ends_run() {
+                                    subscription.close().await;
+                                    return Some((Ok(event), None));
+                                }
+                                return Some((Ok(event), Some(subscription)));
                             }
                             Ok(_) => {}
                             Err(err) => return Some((Err(err), None)),

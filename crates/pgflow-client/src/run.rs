@@ -49,11 +49,13 @@ impl RunHandle {
     /// Wakes on the engine's `run:completed`/`run:failed` notifications (no busy polling), and
     /// re-reads the run every few seconds as a safety net. A failed run is
     /// [`Error::RunFailed`], with the failing step, task, attempt and message.
-    #[tracing::instrument(skip_all, fields(run_id = %self.run_id), err)]
+    // A failed run is an answer, not a fault of waiting: it is not logged as an error here.
+    #[tracing::instrument(skip_all, fields(run_id = %self.run_id))]
     pub async fn wait(&self) -> Result<RunOutput> {
         let mut subscription = Subscription::listen(&self.pool).await?;
         loop {
             if let Some(done) = self.finished().await? {
+                subscription.close().await;
                 return done;
             }
             // Any event of this run may be its end; anything else (or silence) just re-checks.
