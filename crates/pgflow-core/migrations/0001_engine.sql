@@ -18,6 +18,7 @@
 --   3. runs rows,                            in run_id order;
 --        taken only when a step finishes, when a run fails, or by the internal
 --        follow-ups (cascade, start_ready_steps, maybe_complete_run) on their own run;
+--        _start_steps takes none itself: its callers hold it (or created the run);
 --   4. step_states rows of *other* steps of a run (dependents, ready steps),
 --        only while holding that run's row lock;
 --   5. pgmq message rows, last of all, sorted by (queue, msg_id).
@@ -373,6 +374,10 @@ $$;
 -- Bookkeeping of a step that just finished with tasks (the caller holds the run lock
 -- and has marked the step state completed): its event first, so a parent's event always
 -- precedes those of the children it unblocks, then dependents and the run counter.
+-- Returns what the caller needs to advance the run without scanning it: the run's
+-- remaining_steps after the decrement, the dependents this completion made startable
+-- (no deps left, tasks to run), and whether one of them is a taskless step (an empty
+-- map), which only the cascade completes.
 CREATE FUNCTION pgflow._on_step_completed(
   p_run_id     uuid,
   p_flow_slug  text,
@@ -380,9 +385,11 @@ CREATE FUNCTION pgflow._on_step_completed(
   p_step_type  text,
   p_task_count integer,
   p_output     jsonb,
-  p_started_at timestamptz
+  p_started_at timestamptz,
+  OUT remaining_steps integer,
+  OUT ready_steps     text[],
+  OUT needs_cascade   boolean
 )
-RETURNS void
 LANGUAGE plpgsql
 VOLATILE
 SET search_path = ''
@@ -414,28 +421,38 @@ BEGIN
 
   -- A dependent map learns its task count here: the length of a single parent's array,
   -- or the task count of a map parent (the type-violation check ran before).
-  UPDATE pgflow.step_states child
-     SET remaining_deps = child.remaining_deps - 1,
-         initial_tasks = CASE
-           WHEN child_step.step_type = 'map' AND child.initial_tasks IS NULL THEN
-             CASE
-               WHEN p_step_type = 'map' THEN p_task_count
-               WHEN jsonb_typeof(p_output) = 'array' THEN jsonb_array_length(p_output)
-             END
-           ELSE child.initial_tasks
-         END
-    FROM pgflow.deps d
-    JOIN pgflow.steps child_step
-      ON child_step.flow_slug = d.flow_slug
-     AND child_step.step_slug = d.step_slug
-   WHERE d.flow_slug = p_flow_slug
-     AND d.dep_slug = p_step_slug
-     AND child.run_id = p_run_id
-     AND child.step_slug = d.step_slug;
+  WITH released AS (
+    UPDATE pgflow.step_states child
+       SET remaining_deps = child.remaining_deps - 1,
+           initial_tasks = CASE
+             WHEN child_step.step_type = 'map' AND child.initial_tasks IS NULL THEN
+               CASE
+                 WHEN p_step_type = 'map' THEN p_task_count
+                 WHEN jsonb_typeof(p_output) = 'array' THEN jsonb_array_length(p_output)
+               END
+             ELSE child.initial_tasks
+           END
+      FROM pgflow.deps d
+      JOIN pgflow.steps child_step
+        ON child_step.flow_slug = d.flow_slug
+       AND child_step.step_slug = d.step_slug
+     WHERE d.flow_slug = p_flow_slug
+       AND d.dep_slug = p_step_slug
+       AND child.run_id = p_run_id
+       AND child.step_slug = d.step_slug
+    RETURNING child.step_slug, child.status, child.remaining_deps, child.initial_tasks
+  )
+  SELECT array_agg(rel.step_slug) FILTER (WHERE rel.initial_tasks > 0),
+         coalesce(bool_or(rel.initial_tasks IS NULL OR rel.initial_tasks = 0), false)
+    INTO ready_steps, needs_cascade
+    FROM released rel
+   WHERE rel.status = 'created'
+     AND rel.remaining_deps = 0;
 
   UPDATE pgflow.runs r
      SET remaining_steps = r.remaining_steps - 1
-   WHERE r.run_id = p_run_id;
+   WHERE r.run_id = p_run_id
+  RETURNING r.remaining_steps INTO remaining_steps;
 END;
 $$;
 
@@ -734,7 +751,11 @@ BEGIN
 END;
 $$;
 
-CREATE FUNCTION pgflow.start_ready_steps(run_id uuid)
+-- Starts the run's steps that are ready (created, no deps left, tasks to run), or only
+-- those of them named in p_step_slugs when it is not NULL, in step_index order: one
+-- step:started event, one send_batch and the task rows per step. The caller holds the
+-- run's row lock (or created the run in this transaction) and knows it has not failed.
+CREATE FUNCTION pgflow._start_steps(p_run_id uuid, p_flow_slug text, p_step_slugs text[])
 RETURNS void
 LANGUAGE plpgsql
 VOLATILE
@@ -742,44 +763,31 @@ SET search_path = ''
 SET plan_cache_mode = force_generic_plan
 AS $$
 DECLARE
-  v_flow_slug text;
-  v_status    text;
-  v_step      record;
-  v_msg_ids   bigint[];
+  v_step    record;
+  v_msg_ids bigint[];
 BEGIN
-  SELECT r.flow_slug, r.status INTO v_flow_slug, v_status
-    FROM pgflow.runs r
-   WHERE r.run_id = start_ready_steps.run_id
-     FOR NO KEY UPDATE;
-  IF NOT FOUND OR v_status = 'failed' THEN
-    RETURN;
-  END IF;
-
-  -- Empty maps complete through the cascade, which also releases their dependents and
-  -- counts them off the run, so nothing is left half-done.
-  PERFORM pgflow.cascade_complete_taskless_steps(start_ready_steps.run_id);
-
   FOR v_step IN
     WITH started AS (
       UPDATE pgflow.step_states ss
          SET status = 'started',
              started_at = now(),
              remaining_tasks = ss.initial_tasks
-       WHERE ss.run_id = start_ready_steps.run_id
+       WHERE ss.run_id = p_run_id
          AND ss.status = 'created'
          AND ss.remaining_deps = 0
          AND ss.initial_tasks > 0
+         AND (p_step_slugs IS NULL OR ss.step_slug = ANY(p_step_slugs))
       RETURNING ss.step_slug, ss.initial_tasks, ss.remaining_deps, ss.started_at
     )
     SELECT started.*, s.step_index, coalesce(s.opt_start_delay, 0) AS start_delay
       FROM started
-      JOIN pgflow.steps s ON s.flow_slug = v_flow_slug AND s.step_slug = started.step_slug
+      JOIN pgflow.steps s ON s.flow_slug = p_flow_slug AND s.step_slug = started.step_slug
      ORDER BY s.step_index
   LOOP
     PERFORM pgflow._emit(jsonb_build_object(
       'event_type', 'step:started',
-      'run_id', start_ready_steps.run_id,
-      'flow_slug', v_flow_slug,
+      'run_id', p_run_id,
+      'flow_slug', p_flow_slug,
       'step_slug', v_step.step_slug,
       'status', 'started',
       'started_at', v_step.started_at,
@@ -792,11 +800,11 @@ BEGIN
     SELECT array_agg(sent.msg_id ORDER BY sent.msg_id)
       INTO v_msg_ids
       FROM pgmq.send_batch(
-        v_flow_slug,
+        p_flow_slug,
         ARRAY(
           SELECT jsonb_build_object(
-                   'flow_slug', v_flow_slug,
-                   'run_id', start_ready_steps.run_id,
+                   'flow_slug', p_flow_slug,
+                   'run_id', p_run_id,
                    'step_slug', v_step.step_slug,
                    'task_index', i)
             FROM generate_series(0, v_step.initial_tasks - 1) AS i
@@ -806,9 +814,35 @@ BEGIN
       ) AS sent(msg_id);
 
     INSERT INTO pgflow.step_tasks (flow_slug, run_id, step_slug, task_index, message_id)
-    SELECT v_flow_slug, start_ready_steps.run_id, v_step.step_slug, (m.ord - 1)::integer, m.msg_id
+    SELECT p_flow_slug, p_run_id, v_step.step_slug, (m.ord - 1)::integer, m.msg_id
       FROM unnest(v_msg_ids) WITH ORDINALITY AS m(msg_id, ord);
   END LOOP;
+END;
+$$;
+
+CREATE FUNCTION pgflow.start_ready_steps(run_id uuid)
+RETURNS void
+LANGUAGE plpgsql
+VOLATILE
+SET search_path = ''
+SET plan_cache_mode = force_generic_plan
+AS $$
+DECLARE
+  v_flow_slug text;
+  v_status    text;
+BEGIN
+  SELECT r.flow_slug, r.status INTO v_flow_slug, v_status
+    FROM pgflow.runs r
+   WHERE r.run_id = start_ready_steps.run_id
+     FOR NO KEY UPDATE;
+  IF NOT FOUND OR v_status = 'failed' THEN
+    RETURN;
+  END IF;
+
+  -- Empty maps complete through the cascade, which also releases their dependents and
+  -- counts them off the run, so nothing is left half-done.
+  PERFORM pgflow.cascade_complete_taskless_steps(start_ready_steps.run_id);
+  PERFORM pgflow._start_steps(start_ready_steps.run_id, v_flow_slug, NULL);
 END;
 $$;
 
@@ -915,9 +949,17 @@ BEGIN
     'input', v_run.input
   ));
 
-  PERFORM pgflow.cascade_complete_taskless_steps(v_run.run_id);
-  PERFORM pgflow.start_ready_steps(v_run.run_id);
-  PERFORM pgflow.maybe_complete_run(v_run.run_id);
+  -- Only an empty root map makes a taskless step at start (a dependent map learns its
+  -- count later): then the full path with its cascade, else start the roots directly.
+  -- Nobody else sees the new run yet, so its row needs no lock here.
+  IF v_root_tasks = 0 THEN
+    PERFORM pgflow.start_ready_steps(v_run.run_id);
+  ELSE
+    PERFORM pgflow._start_steps(v_run.run_id, v_run.flow_slug, NULL);
+  END IF;
+  IF v_root_tasks = 0 OR v_step_count = 0 THEN
+    PERFORM pgflow.maybe_complete_run(v_run.run_id);
+  END IF;
 
   RETURN QUERY SELECT * FROM pgflow.runs r WHERE r.run_id = v_run.run_id;
 END;
@@ -1121,6 +1163,13 @@ DECLARE
   v_run_status  text;
   v_run_locked  boolean := false;
   v_advance     boolean := false;
+  -- follow-ups of the current run: dependents made startable, an empty map among them,
+  -- the run's remaining_steps after the last step that finished
+  v_ready       text[] := '{}';
+  v_cascade     boolean := false;
+  v_left        integer;
+  v_follow      record;
+  v_run_flow    text;
   v_completes   boolean;
   v_output      jsonb;
   v_child       text;
@@ -1190,14 +1239,26 @@ BEGIN
     i := g_first[j];
 
     IF v_rows[i].run_id IS DISTINCT FROM v_run_id THEN
-      -- Follow-up work for the previous run, only if one of its steps finished.
-      IF v_advance THEN
+      -- Follow-up work for the previous run, only if one of its steps finished: start
+      -- the dependents it released (the cascade only when one of them is an empty
+      -- map), complete the run only when no step is left.
+      IF v_advance AND v_cascade THEN
         PERFORM pgflow.start_ready_steps(v_run_id);
         PERFORM pgflow.maybe_complete_run(v_run_id);
+      ELSIF v_advance THEN
+        IF cardinality(v_ready) > 0 THEN
+          PERFORM pgflow._start_steps(v_run_id, v_run_flow, v_ready);
+        END IF;
+        IF v_left = 0 THEN
+          PERFORM pgflow.maybe_complete_run(v_run_id);
+        END IF;
       END IF;
       v_run_id := v_rows[i].run_id;
+      v_run_flow := v_rows[i].flow_slug;
       v_run_locked := false;
       v_advance := false;
+      v_ready := '{}';
+      v_cascade := false;
       -- Read after the step states are locked: a run failed by a transaction that held
       -- one of them is seen here.
       SELECT r.status INTO v_run_status FROM pgflow.runs r WHERE r.run_id = v_run_id;
@@ -1300,16 +1361,27 @@ BEGIN
        AND ss.step_slug = v_rows[i].step_slug;
 
     IF v_completes THEN
-      PERFORM pgflow._on_step_completed(
-        v_run_id, v_rows[i].flow_slug, v_rows[i].step_slug, v_ss.step_type,
-        v_ss.initial_tasks, v_output, v_ss.started_at);
+      SELECT * INTO v_follow
+        FROM pgflow._on_step_completed(
+          v_run_id, v_rows[i].flow_slug, v_rows[i].step_slug, v_ss.step_type,
+          v_ss.initial_tasks, v_output, v_ss.started_at);
+      v_ready := v_ready || v_follow.ready_steps;
+      v_cascade := v_cascade OR v_follow.needs_cascade;
+      v_left := v_follow.remaining_steps;
       v_advance := true;
     END IF;
   END LOOP;
 
-  IF v_advance THEN
+  IF v_advance AND v_cascade THEN
     PERFORM pgflow.start_ready_steps(v_run_id);
     PERFORM pgflow.maybe_complete_run(v_run_id);
+  ELSIF v_advance THEN
+    IF cardinality(v_ready) > 0 THEN
+      PERFORM pgflow._start_steps(v_run_id, v_run_flow, v_ready);
+    END IF;
+    IF v_left = 0 THEN
+      PERFORM pgflow.maybe_complete_run(v_run_id);
+    END IF;
   END IF;
 
   -- Lock level 5, last: archive per queue, in (queue, msg_id) order.
