@@ -795,23 +795,25 @@ BEGIN
       'remaining_deps', v_step.remaining_deps
     ));
 
-    -- One send_batch per step; msg ids are assigned in array order, so the i-th
-    -- smallest id belongs to task i.
-    SELECT array_agg(sent.msg_id ORDER BY sent.msg_id)
+    -- One statement per step sends its messages: what pgmq.send_batch(queue, msgs,
+    -- delay) inserts (vt = one clock_timestamp() + delay for the batch, headers NULL),
+    -- without its three function layers and format_table_name. The queue is the flow
+    -- slug (is_valid_slug), so its table is pgmq.q_<lower(slug)>, as pgmq names it; a
+    -- missing queue fails on that table (42P01) as pgmq would. Msg ids are assigned in
+    -- task order, so the i-th smallest id belongs to task i.
+    EXECUTE format(
+      'WITH sent AS ('
+      '  INSERT INTO pgmq.%I (vt, message)'
+      '  SELECT $1, jsonb_build_object(''flow_slug'', $2, ''run_id'', $3,'
+      '                                ''step_slug'', $4, ''task_index'', i)'
+      '    FROM generate_series(0, $5 - 1) AS i'
+      '   ORDER BY i'
+      '  RETURNING msg_id'
+      ') SELECT array_agg(sent.msg_id ORDER BY sent.msg_id) FROM sent',
+      'q_' || lower(p_flow_slug))
       INTO v_msg_ids
-      FROM pgmq.send_batch(
-        p_flow_slug,
-        ARRAY(
-          SELECT jsonb_build_object(
-                   'flow_slug', p_flow_slug,
-                   'run_id', p_run_id,
-                   'step_slug', v_step.step_slug,
-                   'task_index', i)
-            FROM generate_series(0, v_step.initial_tasks - 1) AS i
-           ORDER BY i
-        ),
-        v_step.start_delay
-      ) AS sent(msg_id);
+      USING clock_timestamp() + make_interval(secs => v_step.start_delay),
+            p_flow_slug, p_run_id, v_step.step_slug, v_step.initial_tasks;
 
     INSERT INTO pgflow.step_tasks (flow_slug, run_id, step_slug, task_index, message_id)
     SELECT p_flow_slug, p_run_id, v_step.step_slug, (m.ord - 1)::integer, m.msg_id
