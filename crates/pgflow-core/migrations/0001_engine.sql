@@ -1110,8 +1110,19 @@ BEGIN
   END IF;
 
   -- Messages last (lock level 5): the handler gets timeout + 2 seconds before the
-  -- message reappears for another worker.
-  PERFORM pgflow.set_vt_batch(start_tasks.flow_slug, v_msg_ids, v_vt_offsets);
+  -- message reappears for another worker. set_vt_batch's statement, run here directly
+  -- (no function layer, no format_table_name, no rows returned): tasks were found, so
+  -- flow_slug is a valid slug and its queue table is pgmq.q_<lower(slug)>.
+  EXECUTE format(
+    'WITH locked AS ('
+    '  SELECT q.msg_id FROM pgmq.%1$I q WHERE q.msg_id = ANY($1) ORDER BY q.msg_id FOR UPDATE'
+    ') UPDATE pgmq.%1$I q'
+    '     SET vt = clock_timestamp() + make_interval(secs => o.vt_offset)'
+    '    FROM locked'
+    '    JOIN unnest($1, $2) AS o(msg_id, vt_offset) ON o.msg_id = locked.msg_id'
+    '   WHERE q.msg_id = locked.msg_id',
+    'q_' || lower(start_tasks.flow_slug))
+    USING v_msg_ids, v_vt_offsets;
 
   RETURN QUERY
   SELECT start_tasks.flow_slug, u.run_id, u.step_slug, u.input, u.msg_id, u.task_index
