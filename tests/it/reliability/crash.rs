@@ -6,7 +6,6 @@
 //! started the slow step's task, kills it outright, and lets a worker of its own finish the run
 //! once the task's message reappears.
 
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use pgflow_client::throwaway::TestDatabase;
@@ -16,7 +15,7 @@ use serde_json::json;
 use sqlx::PgPool;
 use uuid::Uuid;
 
-use super::{assert_consistent, finished_all, start, tasks_of};
+use super::{ChildProcess, assert_consistent, finished_all, serve_in_child, start, tasks_of};
 
 /// The database the child worker serves.
 const CHILD_DB: &str = "PGFLOW_CHILD_WORKER_DB";
@@ -77,68 +76,26 @@ fn child_worker() {
     let Some(url) = std::env::var_os(CHILD_DB) else {
         return;
     };
-    let url = url.to_string_lossy().into_owned();
     let attempts = std::env::var(CHILD_ATTEMPTS)
         .ok()
         .and_then(|value| value.parse().ok())
         .unwrap_or(3);
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime");
-    runtime.block_on(async move {
-        let pool = PgPool::connect(&url).await.expect("child connects");
-        let _worker = Worker::builder(pool)
+    serve_in_child(&url.to_string_lossy(), |pool| {
+        Worker::builder(pool)
             .flow(crash_flow(attempts))
             .poll_interval(Duration::from_millis(50))
-            .spawn()
-            .expect("child worker");
-        tokio::time::sleep(Duration::from_secs(60)).await;
     });
 }
 
-/// The child process; killed when dropped, so a failing test leaves none behind.
-struct ChildWorker(Child);
-
-impl ChildWorker {
-    fn spawn(url: &str, slow_attempts: u32) -> Self {
-        let exe = std::env::current_exe().expect("the test binary");
-        let child = Command::new(exe)
-            .args([
-                "--exact",
-                "reliability::crash::child_worker",
-                "--nocapture",
-                "--include-ignored",
-                "--test-threads=1",
-            ])
-            .env(CHILD_DB, url)
-            .env(CHILD_ATTEMPTS, slow_attempts.to_string())
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("child worker starts");
-        Self(child)
-    }
-
-    /// SIGKILL, and reap it.
-    fn kill(&mut self) {
-        self.0.kill().expect("SIGKILL");
-        let status = self.0.wait().expect("child reaped");
-        assert!(!status.success(), "killed, not exited: {status:?}");
-    }
-
-    fn pid(&self) -> i64 {
-        i64::from(self.0.id())
-    }
-}
-
-impl Drop for ChildWorker {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
+/// The child worker process serving [`crash_flow`] on `url`.
+fn spawn_child(url: &str, slow_attempts: u32) -> ChildProcess {
+    ChildProcess::spawn(
+        "reliability::crash::child_worker",
+        &[
+            (CHILD_DB, url.to_owned()),
+            (CHILD_ATTEMPTS, slow_attempts.to_string()),
+        ],
+    )
 }
 
 /// A database with the flow compiled and the `executions` table; starts a run of `n`.
@@ -160,7 +117,7 @@ async fn prepare(slow_attempts: u32) -> (TestDatabase, Uuid) {
 }
 
 /// Waits until the child's handler of the slow task is running; returns its worker id.
-async fn until_slow_started(pool: &PgPool, run: Uuid, child: &mut ChildWorker) -> Uuid {
+async fn until_slow_started(pool: &PgPool, run: Uuid, child: &mut ChildProcess) -> Uuid {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let started: Option<(Uuid, i32)> = sqlx::query_as(
@@ -203,7 +160,7 @@ async fn executions(pool: &PgPool, run: Uuid) -> Vec<(String, i32, i64)> {
 /// Kills the child while its handler of `slow` runs; returns the child's pid and worker id.
 async fn kill_mid_task(db: &TestDatabase, run: Uuid, slow_attempts: u32) -> (i64, Uuid) {
     let pool = db.pool();
-    let mut child = ChildWorker::spawn(db.url(), slow_attempts);
+    let mut child = spawn_child(db.url(), slow_attempts);
     let child_worker = until_slow_started(pool, run, &mut child).await;
     child.kill();
     let pid = child.pid();

@@ -15,11 +15,12 @@ mod restart;
 mod soak;
 
 use std::collections::HashMap;
+use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use pgflow_client::Worker;
-use pgflow_client::WorkerHandle;
+use pgflow_client::{WorkerBuilder, WorkerHandle};
 use pgflow_core::{Flow, StepContext, StepError, step_fn};
 use serde_json::{Value, json};
 use sqlx::PgPool;
@@ -255,4 +256,56 @@ pub fn env_size(name: &str, default: usize) -> usize {
         .ok()
         .and_then(|value| value.trim().parse().ok())
         .unwrap_or(default)
+}
+
+/// A worker in a child process: this test binary re-executed to run only the ignored test
+/// `test`, with `env` set; killed and reaped when dropped, so a failing test leaves none behind.
+pub struct ChildProcess(pub Child);
+
+impl ChildProcess {
+    pub fn spawn(test: &str, env: &[(&str, String)]) -> Self {
+        let exe = std::env::current_exe().expect("the test binary");
+        let child = Command::new(exe)
+            .args(["--exact", test, "--include-ignored", "--test-threads=1"])
+            .envs(env.iter().map(|(key, value)| (*key, value.as_str())))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("child process starts");
+        Self(child)
+    }
+
+    /// SIGKILL, and reap it.
+    pub fn kill(&mut self) {
+        self.0.kill().expect("SIGKILL");
+        let status = self.0.wait().expect("child reaped");
+        assert!(!status.success(), "killed, not exited: {status:?}");
+    }
+
+    pub fn pid(&self) -> i64 {
+        i64::from(self.0.id())
+    }
+}
+
+impl Drop for ChildProcess {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// The body of a child worker process: the worker `configure` builds on a pool of `url`,
+/// served until the process is killed (or a minute has passed, should the parent be gone).
+pub fn serve_in_child(url: &str, configure: impl FnOnce(PgPool) -> WorkerBuilder) {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    runtime.block_on(async move {
+        let pool = PgPool::connect(url).await.expect("child connects");
+        let _worker = configure(pool).spawn().expect("child worker");
+        tokio::time::sleep(Duration::from_secs(60)).await;
+    });
 }

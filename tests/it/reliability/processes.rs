@@ -4,16 +4,14 @@
 //! test that serves the flow on the database named by `PGFLOW_PROCESS_WORKER_DB` (and does
 //! nothing without it). Each handler records which process ran which attempt of which task.
 
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use pgflow_client::throwaway::TestDatabase;
 use pgflow_client::{Client, StepContextExt, Worker};
 use pgflow_core::{Flow, StepContext, StepError, step_fn};
 use serde_json::json;
-use sqlx::PgPool;
 
-use super::{assert_consistent, finished_all, start};
+use super::{ChildProcess, assert_consistent, finished_all, serve_in_child, start};
 
 const PROCESS_DB: &str = "PGFLOW_PROCESS_WORKER_DB";
 const RUNS: usize = 10;
@@ -69,51 +67,17 @@ fn process_worker() {
     let Some(url) = std::env::var_os(PROCESS_DB) else {
         return;
     };
-    let url = url.to_string_lossy().into_owned();
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime");
-    runtime.block_on(async move {
-        let pool = PgPool::connect(&url).await.expect("child connects");
-        let _worker = Worker::builder(pool)
-            .flow(shared_flow())
-            .concurrency(8)
-            .spawn()
-            .expect("child worker");
-        tokio::time::sleep(Duration::from_secs(60)).await;
+    serve_in_child(&url.to_string_lossy(), |pool| {
+        Worker::builder(pool).flow(shared_flow()).concurrency(8)
     });
 }
 
-/// A worker process, killed and reaped when dropped.
-struct WorkerProcess(Child);
-
-impl WorkerProcess {
-    fn spawn(url: &str) -> Self {
-        let exe = std::env::current_exe().expect("the test binary");
-        let child = Command::new(exe)
-            .args([
-                "--exact",
-                "reliability::processes::process_worker",
-                "--include-ignored",
-                "--test-threads=1",
-            ])
-            .env(PROCESS_DB, url)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("worker process starts");
-        Self(child)
-    }
-}
-
-impl Drop for WorkerProcess {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
+/// A worker process serving [`shared_flow`] on `url`.
+fn spawn_worker(url: &str) -> ChildProcess {
+    ChildProcess::spawn(
+        "reliability::processes::process_worker",
+        &[(PROCESS_DB, url.to_owned())],
+    )
 }
 
 #[tokio::test]
@@ -132,10 +96,7 @@ async fn two_worker_processes_never_run_the_same_task_attempt_twice() {
         .await
         .expect("compile");
 
-    let workers = [
-        WorkerProcess::spawn(db.url()),
-        WorkerProcess::spawn(db.url()),
-    ];
+    let workers = [spawn_worker(db.url()), spawn_worker(db.url())];
     let mut runs = Vec::new();
     for _ in 0..RUNS {
         runs.push(start(pool, "shared", json!(ITEMS)).await);
