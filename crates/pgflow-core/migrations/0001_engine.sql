@@ -340,6 +340,7 @@ SET plan_cache_mode = force_generic_plan
 AS $$
 DECLARE
   v_ids bigint[];
+  v_try integer;
 BEGIN
   IF cardinality(p_msg_ids) = 1 THEN
     IF p_msg_ids[1] IS NOT NULL THEN
@@ -362,12 +363,26 @@ BEGIN
     RETURN;
   END IF;
 
-  EXECUTE format(
-    'SELECT count(*) FROM (SELECT 1 FROM pgmq.%I q WHERE q.msg_id = ANY($1) '
-    'ORDER BY q.msg_id FOR UPDATE) locked',
-    pgmq.format_table_name(p_queue_name, 'q')
-  ) USING v_ids;
-  PERFORM pgmq.archive(p_queue_name, v_ids);
+  -- Rarely, a concurrent transaction still ends up waiting on messages this one locks
+  -- while holding one that this one needs; the deadlock detector then aborts one side.
+  -- Locking and archiving run in a subtransaction, so when this side is chosen only its
+  -- message locks are released, the other side goes on, and the archive is retried.
+  FOR v_try IN 1 .. 5 LOOP
+    BEGIN
+      EXECUTE format(
+        'SELECT count(*) FROM (SELECT 1 FROM pgmq.%I q WHERE q.msg_id = ANY($1) '
+        'ORDER BY q.msg_id FOR UPDATE) locked',
+        pgmq.format_table_name(p_queue_name, 'q')
+      ) USING v_ids;
+      PERFORM pgmq.archive(p_queue_name, v_ids);
+      RETURN;
+    EXCEPTION WHEN deadlock_detected THEN
+      IF v_try = 5 THEN
+        RAISE;
+      END IF;
+      PERFORM pg_sleep(0.001 * v_try);
+    END;
+  END LOOP;
 END;
 $$;
 
