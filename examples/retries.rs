@@ -84,8 +84,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
-                // The worker logs each failed attempt, and `wait` the failed run, at ERROR level;
-                // this example prints them itself.
+                // The worker logs each failed attempt at ERROR level; this example prints
+                // them itself.
                 .unwrap_or_else(|_| "warn,pgflow_client=off".into()),
         )
         .init();

@@ -1146,6 +1146,37 @@ BEGIN
 END;
 $$;
 
+-- Follow-up work for a run after some of its steps finished (the caller holds the run
+-- lock): start the dependents they released, through the cascade only when one of them is
+-- an empty map, and complete the run only when no step is left.
+CREATE FUNCTION pgflow._advance_run(
+  p_run_id uuid,
+  p_flow_slug text,
+  p_ready text[],
+  p_cascade boolean,
+  p_remaining_steps integer
+)
+RETURNS void
+LANGUAGE plpgsql
+VOLATILE
+SET search_path = ''
+SET plan_cache_mode = force_generic_plan
+AS $$
+BEGIN
+  IF p_cascade THEN
+    PERFORM pgflow.start_ready_steps(p_run_id);
+    PERFORM pgflow.maybe_complete_run(p_run_id);
+    RETURN;
+  END IF;
+  IF cardinality(p_ready) > 0 THEN
+    PERFORM pgflow._start_steps(p_run_id, p_flow_slug, p_ready);
+  END IF;
+  IF p_remaining_steps = 0 THEN
+    PERFORM pgflow.maybe_complete_run(p_run_id);
+  END IF;
+END;
+$$;
+
 -- EXTENSION beyond pgflow 0.8.1: complete many tasks in one call and one transaction,
 -- with exactly the semantics of calling complete_task for each of them: the Rust worker
 -- reports a finished batch with it. Task i is (run_ids[i], step_slugs[i],
@@ -1270,16 +1301,8 @@ BEGIN
       -- Follow-up work for the previous run, only if one of its steps finished: start
       -- the dependents it released (the cascade only when one of them is an empty
       -- map), complete the run only when no step is left.
-      IF v_advance AND v_cascade THEN
-        PERFORM pgflow.start_ready_steps(v_run_id);
-        PERFORM pgflow.maybe_complete_run(v_run_id);
-      ELSIF v_advance THEN
-        IF cardinality(v_ready) > 0 THEN
-          PERFORM pgflow._start_steps(v_run_id, v_run_flow, v_ready);
-        END IF;
-        IF v_left = 0 THEN
-          PERFORM pgflow.maybe_complete_run(v_run_id);
-        END IF;
+      IF v_advance THEN
+        PERFORM pgflow._advance_run(v_run_id, v_run_flow, v_ready, v_cascade, v_left);
       END IF;
       v_run_id := v_rows[i].run_id;
       v_run_flow := v_rows[i].flow_slug;
@@ -1400,16 +1423,8 @@ BEGIN
     END IF;
   END LOOP;
 
-  IF v_advance AND v_cascade THEN
-    PERFORM pgflow.start_ready_steps(v_run_id);
-    PERFORM pgflow.maybe_complete_run(v_run_id);
-  ELSIF v_advance THEN
-    IF cardinality(v_ready) > 0 THEN
-      PERFORM pgflow._start_steps(v_run_id, v_run_flow, v_ready);
-    END IF;
-    IF v_left = 0 THEN
-      PERFORM pgflow.maybe_complete_run(v_run_id);
-    END IF;
+  IF v_advance THEN
+    PERFORM pgflow._advance_run(v_run_id, v_run_flow, v_ready, v_cascade, v_left);
   END IF;
 
   -- Lock level 5, last: archive per queue, in (queue, msg_id) order.
