@@ -992,6 +992,7 @@ LANGUAGE plpgsql
 VOLATILE
 SET search_path = ''
 SET plan_cache_mode = force_generic_plan
+ROWS 10
 AS $$
 DECLARE
   v_run_ids      uuid[];

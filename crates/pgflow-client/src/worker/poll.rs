@@ -20,20 +20,22 @@ use super::report::Report;
 /// `pgmq.read` returns, plus what the worker needs besides the engine's record (the attempt
 /// number and the step's timeout).
 ///
-/// The step_tasks row joined here is the version before `start_tasks` changed it (the statement's
-/// snapshot predates the function's own updates), hence `attempts_count + 1`. One statement
-/// means one transaction: read and start commit together, and the read's row locks on the
-/// messages cannot deadlock with the engine (they only meet tasks that are `queued`, which
-/// nothing else locks while their message is locked).
+/// The step_tasks row read here is the version before `start_tasks` changed it (the statement's
+/// snapshot predates the function's own updates), hence `attempts_count + 1`. Both are scalar
+/// subqueries, so each is one primary-key lookup per started task: as joins, the planner would
+/// size them by the function's row estimate and may hash a scan of all of step_tasks instead.
+/// One statement means one transaction: read and start commit together, and the read's row
+/// locks on the messages cannot deadlock with the engine (they only meet tasks that are
+/// `queued`, which nothing else locks while their message is locked).
 const FETCH_SQL: &str = "\
 SELECT t.run_id, t.step_slug, t.input, t.task_index, \
-       st.attempts_count + 1 AS attempt, \
-       coalesce(s.opt_timeout, f.opt_timeout) AS timeout \
-  FROM pgflow.start_tasks($1, ARRAY(SELECT m.msg_id FROM pgmq.read($1, $2, $3) m), $4) t \
-  LEFT JOIN pgflow.step_tasks st \
-    ON st.run_id = t.run_id AND st.step_slug = t.step_slug AND st.task_index = t.task_index \
-  LEFT JOIN pgflow.steps s ON s.flow_slug = t.flow_slug AND s.step_slug = t.step_slug \
-  LEFT JOIN pgflow.flows f ON f.flow_slug = t.flow_slug";
+       (SELECT st.attempts_count + 1 FROM pgflow.step_tasks st \
+         WHERE st.run_id = t.run_id AND st.step_slug = t.step_slug \
+           AND st.task_index = t.task_index) AS attempt, \
+       (SELECT coalesce(s.opt_timeout, f.opt_timeout) FROM pgflow.steps s \
+          JOIN pgflow.flows f ON f.flow_slug = s.flow_slug \
+         WHERE s.flow_slug = t.flow_slug AND s.step_slug = t.step_slug) AS timeout \
+  FROM pgflow.start_tasks($1, ARRAY(SELECT m.msg_id FROM pgmq.read($1, $2, $3) m), $4) t";
 
 /// The step timeout when the database names none (the engine's default).
 const DEFAULT_TIMEOUT_SECONDS: i32 = 60;
