@@ -69,6 +69,9 @@ struct Args {
     /// Handlers running at once per worker instance.
     #[arg(long, default_value_t = 10)]
     concurrency: usize,
+    /// Runs of chain5 and diamond (default 500, smoke: 20): more make steadier figures.
+    #[arg(long)]
+    runs: Option<usize>,
     /// Sequential single runs of chain5 for the idle latency rows.
     #[arg(long)]
     idle_runs: Option<usize>,
@@ -166,7 +169,7 @@ async fn main() -> Result<(), Box<dyn Error + Send + Sync>> {
     let args = Args::parse();
     let command = std::env::args().collect::<Vec<_>>().join(" ");
 
-    let workloads = select_workloads(&args.workload, args.smoke)?;
+    let workloads = select_workloads(&args.workload, args.smoke, args.runs)?;
     let workers = args
         .workers
         .clone()
@@ -326,8 +329,12 @@ async fn main() -> Result<(), Box<dyn Error + Send + Sync>> {
     Ok(())
 }
 
-fn select_workloads(names: &[String], smoke: bool) -> BoxResult<Vec<Workload>> {
-    let (runs, fanout) = if smoke {
+fn select_workloads(
+    names: &[String],
+    smoke: bool,
+    runs: Option<usize>,
+) -> BoxResult<Vec<Workload>> {
+    let (runs_default, fanout) = if smoke {
         (
             20,
             Workload {
@@ -346,6 +353,7 @@ fn select_workloads(names: &[String], smoke: bool) -> BoxResult<Vec<Workload>> {
             },
         )
     };
+    let runs = runs.unwrap_or(runs_default);
     let chain5 = Workload {
         name: "chain5",
         runs,

@@ -18,7 +18,9 @@
 --   3. runs rows,                            in run_id order;
 --        taken only when a step finishes, when a run fails, or by the internal
 --        follow-ups (cascade, start_ready_steps, maybe_complete_run) on their own run;
---        _start_steps takes none itself: its callers hold it (or created the run);
+--        complete_tasks locks every run in which a step of its batch finishes, all
+--        at once; _start_ready_steps takes none: its callers hold them (or created
+--        the run);
 --   4. step_states rows of *other* steps of a run (dependents, ready steps),
 --        only while holding that run's row lock;
 --   5. pgmq message rows, last of all, sorted by (queue, msg_id).
@@ -36,7 +38,10 @@
 --
 -- Hot functions run with plan_cache_mode = force_generic_plan: their statements are
 -- primary-key lookups whose generic plans are right, and re-planning them on every call
--- would cost more than running them.
+-- would cost more than running them. They also run with sequential scans, hash joins
+-- and merge joins disabled: a backend caches its plans for its lifetime, and a plan
+-- made while a table was small (or never analysed) would hash a scan of the whole table
+-- against the batch long after the table has grown; key lookups are right at any size.
 --
 -- Row locks are FOR NO KEY UPDATE (what a plain UPDATE takes): they do not conflict with
 -- the KEY SHARE locks that foreign-key checks take on runs / step_states / flows.
@@ -180,6 +185,9 @@ CREATE TABLE pgflow.runs (
 CREATE INDEX idx_runs_flow_slug ON pgflow.runs (flow_slug);
 CREATE INDEX idx_runs_status ON pgflow.runs (status);
 
+-- step_states and step_tasks rows are updated two or three times each, always by primary
+-- key: pages keep 30% free so that the new versions fit beside the old ones (HOT updates,
+-- no new index entries).
 CREATE TABLE pgflow.step_states (
   flow_slug       text        NOT NULL,
   run_id          uuid        NOT NULL,
@@ -207,14 +215,12 @@ CREATE TABLE pgflow.step_states (
   CONSTRAINT started_at_is_after_created_at CHECK (started_at IS NULL OR started_at >= created_at),
   CONSTRAINT completed_at_is_after_started_at CHECK (completed_at IS NULL OR completed_at >= started_at),
   CONSTRAINT failed_at_is_after_started_at CHECK (failed_at IS NULL OR failed_at >= started_at)
-);
+) WITH (fillfactor = 70);
 
--- Steps that may start now (start_ready_steps, cascade_complete_taskless_steps).
-CREATE INDEX idx_step_states_ready ON pgflow.step_states (run_id)
-  WHERE status = 'created' AND remaining_deps = 0;
--- Failed states, for the failure-inspection queries of operators.
-CREATE INDEX idx_step_states_failed ON pgflow.step_states (run_id, step_slug)
-  WHERE status = 'failed';
+-- Deliberately no partial index on status (ready steps, failed steps): a column in an
+-- index predicate makes every update of it a non-HOT update, and each step state changes
+-- status two or three times; the dead entries such an index gathers under load are what
+-- a scan of it then reads. The primary key's run_id prefix finds a run's steps.
 
 CREATE TABLE pgflow.step_tasks (
   flow_slug      text        NOT NULL,
@@ -243,7 +249,7 @@ CREATE TABLE pgflow.step_tasks (
   CONSTRAINT started_at_is_after_queued_at CHECK (started_at IS NULL OR started_at >= queued_at),
   CONSTRAINT completed_at_is_after_started_at CHECK (completed_at IS NULL OR completed_at >= started_at),
   CONSTRAINT failed_at_is_after_started_at CHECK (failed_at IS NULL OR failed_at >= started_at)
-);
+) WITH (fillfactor = 70);
 
 -- start_tasks finds tasks by the pgmq message ids a worker just read.
 CREATE INDEX idx_step_tasks_message_id ON pgflow.step_tasks (message_id);
@@ -271,6 +277,9 @@ LANGUAGE plpgsql
 VOLATILE
 SET search_path = ''
 SET plan_cache_mode = force_generic_plan
+SET enable_seqscan = off
+SET enable_hashjoin = off
+SET enable_mergejoin = off
 AS $$
 DECLARE
   v_event_type text := event ->> 'event_type';
@@ -306,6 +315,9 @@ LANGUAGE plpgsql
 STABLE
 SET search_path = ''
 SET plan_cache_mode = force_generic_plan
+SET enable_seqscan = off
+SET enable_hashjoin = off
+SET enable_mergejoin = off
 AS $$
 BEGIN
   IF p_step_type = 'map' THEN
@@ -337,6 +349,9 @@ LANGUAGE plpgsql
 VOLATILE
 SET search_path = ''
 SET plan_cache_mode = force_generic_plan
+SET enable_seqscan = off
+SET enable_hashjoin = off
+SET enable_mergejoin = off
 AS $$
 DECLARE
   v_ids bigint[];
@@ -370,11 +385,10 @@ BEGIN
   FOR v_try IN 1 .. 5 LOOP
     BEGIN
       EXECUTE format(
-        'SELECT count(*) FROM (SELECT 1 FROM pgmq.%I q WHERE q.msg_id = ANY($1) '
-        'ORDER BY q.msg_id FOR UPDATE) locked',
+        'SELECT count(*) FROM pgmq.archive($1, ARRAY('
+        '  SELECT q.msg_id FROM pgmq.%I q WHERE q.msg_id = ANY($2) ORDER BY q.msg_id FOR UPDATE))',
         pgmq.format_table_name(p_queue_name, 'q')
-      ) USING v_ids;
-      PERFORM pgmq.archive(p_queue_name, v_ids);
+      ) USING p_queue_name, v_ids;
       RETURN;
     EXCEPTION WHEN deadlock_detected THEN
       IF v_try = 5 THEN
@@ -386,88 +400,37 @@ BEGIN
 END;
 $$;
 
--- Bookkeeping of a step that just finished with tasks (the caller holds the run lock
--- and has marked the step state completed): its event first, so a parent's event always
--- precedes those of the children it unblocks, then dependents and the run counter.
--- Returns what the caller needs to advance the run without scanning it: the run's
--- remaining_steps after the decrement, the dependents this completion made startable
--- (no deps left, tasks to run), and whether one of them is a taskless step (an empty
--- map), which only the cascade completes.
-CREATE FUNCTION pgflow._on_step_completed(
-  p_run_id     uuid,
-  p_flow_slug  text,
-  p_step_slug  text,
-  p_step_type  text,
-  p_task_count integer,
-  p_output     jsonb,
-  p_started_at timestamptz,
-  OUT remaining_steps integer,
-  OUT ready_steps     text[],
-  OUT needs_cascade   boolean
-)
+-- _archive_messages for messages of several queues (queues[i] holds msg_ids[i]), one
+-- queue at a time in queue order.
+CREATE FUNCTION pgflow._archive_batch(p_queues text[], p_msg_ids bigint[])
+RETURNS void
 LANGUAGE plpgsql
 VOLATILE
 SET search_path = ''
 SET plan_cache_mode = force_generic_plan
+SET enable_seqscan = off
+SET enable_hashjoin = off
+SET enable_mergejoin = off
 AS $$
 DECLARE
-  v_output jsonb := p_output;
+  v_queue text;
+  v_msgs  bigint[];
 BEGIN
-  -- A map's assembled array only travels in realtime payloads (NOTIFY drops outputs),
-  -- so build it only where realtime exists.
-  IF p_step_type = 'map' THEN
-    v_output := CASE
-      WHEN to_regprocedure('realtime.send(jsonb,text,text,boolean)') IS NOT NULL
-        THEN pgflow._step_output(p_run_id, p_step_slug, 'map')
-    END;
+  IF coalesce(cardinality(p_msg_ids), 0) = 0 THEN
+    RETURN;
   END IF;
-
-  PERFORM pgflow._emit(jsonb_build_object(
-    'event_type', 'step:completed',
-    'run_id', p_run_id,
-    'flow_slug', p_flow_slug,
-    'step_slug', p_step_slug,
-    'status', 'completed',
-    'started_at', p_started_at,
-    'completed_at', now(),
-    'remaining_tasks', 0,
-    'output', v_output
-  ));
-
-  -- A dependent map learns its task count here: the length of a single parent's array,
-  -- or the task count of a map parent (the type-violation check ran before).
-  WITH released AS (
-    UPDATE pgflow.step_states child
-       SET remaining_deps = child.remaining_deps - 1,
-           initial_tasks = CASE
-             WHEN child_step.step_type = 'map' AND child.initial_tasks IS NULL THEN
-               CASE
-                 WHEN p_step_type = 'map' THEN p_task_count
-                 WHEN jsonb_typeof(p_output) = 'array' THEN jsonb_array_length(p_output)
-               END
-             ELSE child.initial_tasks
-           END
-      FROM pgflow.deps d
-      JOIN pgflow.steps child_step
-        ON child_step.flow_slug = d.flow_slug
-       AND child_step.step_slug = d.step_slug
-     WHERE d.flow_slug = p_flow_slug
-       AND d.dep_slug = p_step_slug
-       AND child.run_id = p_run_id
-       AND child.step_slug = d.step_slug
-    RETURNING child.step_slug, child.status, child.remaining_deps, child.initial_tasks
-  )
-  SELECT array_agg(rel.step_slug) FILTER (WHERE rel.initial_tasks > 0),
-         coalesce(bool_or(rel.initial_tasks IS NULL OR rel.initial_tasks = 0), false)
-    INTO ready_steps, needs_cascade
-    FROM released rel
-   WHERE rel.status = 'created'
-     AND rel.remaining_deps = 0;
-
-  UPDATE pgflow.runs r
-     SET remaining_steps = r.remaining_steps - 1
-   WHERE r.run_id = p_run_id
-  RETURNING r.remaining_steps INTO remaining_steps;
+  IF p_queues[1] = ALL(p_queues) THEN
+    PERFORM pgflow._archive_messages(p_queues[1], p_msg_ids);
+    RETURN;
+  END IF;
+  FOR v_queue, v_msgs IN
+    SELECT a.queue, array_agg(a.msg_id)
+      FROM unnest(p_queues, p_msg_ids) AS a(queue, msg_id)
+     GROUP BY a.queue
+     ORDER BY a.queue
+  LOOP
+    PERFORM pgflow._archive_messages(v_queue, v_msgs);
+  END LOOP;
 END;
 $$;
 
@@ -485,6 +448,9 @@ LANGUAGE plpgsql
 VOLATILE
 SET search_path = ''
 SET plan_cache_mode = force_generic_plan
+SET enable_seqscan = off
+SET enable_hashjoin = off
+SET enable_mergejoin = off
 AS $$
 BEGIN
   UPDATE pgflow.step_states ss
@@ -641,6 +607,9 @@ LANGUAGE plpgsql
 VOLATILE
 SET search_path = ''
 SET plan_cache_mode = force_generic_plan
+SET enable_seqscan = off
+SET enable_hashjoin = off
+SET enable_mergejoin = off
 AS $$
 BEGIN
   IF coalesce(cardinality(set_vt_batch.msg_ids), 0) <> coalesce(cardinality(set_vt_batch.vt_offsets), 0) THEN
@@ -678,6 +647,9 @@ LANGUAGE plpgsql
 VOLATILE
 SET search_path = ''
 SET plan_cache_mode = force_generic_plan
+SET enable_seqscan = off
+SET enable_hashjoin = off
+SET enable_mergejoin = off
 AS $$
 DECLARE
   v_flow_slug  text;
@@ -766,74 +738,111 @@ BEGIN
 END;
 $$;
 
--- Starts the run's steps that are ready (created, no deps left, tasks to run), or only
--- those of them named in p_step_slugs when it is not NULL, in step_index order: one
--- step:started event, one send_batch and the task rows per step. The caller holds the
--- run's row lock (or created the run in this transaction) and knows it has not failed.
+-- Starts the given steps of runs of one flow that are ready (created, no deps left, tasks
+-- to run), set-based across runs: one step:started event per step, in (run, step_index)
+-- order, and one statement that sends all their messages and inserts their task rows.
+-- The caller holds the runs' row locks (or created them in this transaction) and knows
+-- they have not failed.
+CREATE FUNCTION pgflow._start_ready_steps(p_flow_slug text, p_run_ids uuid[], p_step_slugs text[])
+RETURNS void
+LANGUAGE plpgsql
+VOLATILE
+SET search_path = ''
+SET plan_cache_mode = force_generic_plan
+SET enable_seqscan = off
+SET enable_hashjoin = off
+SET enable_mergejoin = off
+AS $$
+DECLARE
+  v_runs    uuid[];
+  v_steps   text[];
+  v_counts  integer[];
+  v_delays  integer[];
+  v_deps    integer[];
+  v_started timestamptz[];
+BEGIN
+  WITH started AS (
+    UPDATE pgflow.step_states ss
+       SET status = 'started',
+           started_at = now(),
+           remaining_tasks = ss.initial_tasks
+      FROM unnest(p_run_ids, p_step_slugs) AS p(run_id, step_slug)
+     WHERE ss.run_id = p.run_id
+       AND ss.step_slug = p.step_slug
+       AND ss.status = 'created'
+       AND ss.remaining_deps = 0
+       AND ss.initial_tasks > 0
+    RETURNING ss.run_id, ss.step_slug, ss.initial_tasks, ss.remaining_deps, ss.started_at
+  ),
+  ordered AS (
+    SELECT started.*, coalesce(s.opt_start_delay, 0) AS start_delay
+      FROM started
+      JOIN pgflow.steps s ON s.flow_slug = p_flow_slug AND s.step_slug = started.step_slug
+     ORDER BY started.run_id, s.step_index
+  )
+  SELECT array_agg(o.run_id), array_agg(o.step_slug), array_agg(o.initial_tasks),
+         array_agg(o.start_delay), array_agg(o.remaining_deps), array_agg(o.started_at)
+    INTO v_runs, v_steps, v_counts, v_delays, v_deps, v_started
+    FROM ordered o;
+
+  IF v_runs IS NULL THEN
+    RETURN;
+  END IF;
+
+  PERFORM pgflow._emit(jsonb_build_object(
+            'event_type', 'step:started',
+            'run_id', e.run_id,
+            'flow_slug', p_flow_slug,
+            'step_slug', e.step_slug,
+            'status', 'started',
+            'started_at', e.started_at,
+            'remaining_tasks', e.n,
+            'remaining_deps', e.deps))
+     FROM unnest(v_runs, v_steps, v_counts, v_deps, v_started)
+          AS e(run_id, step_slug, n, deps, started_at);
+
+  -- What pgmq.send_batch(queue, msgs, delay) inserts per step (vt = one clock_timestamp()
+  -- + the step's delay, headers NULL), for every step at once and without pgmq's function
+  -- layers, and the task rows made from what was sent. The queue is the flow slug
+  -- (is_valid_slug), so its table is pgmq.q_<lower(slug)>, as pgmq names it; a missing
+  -- queue fails on that table (42P01) as pgmq would.
+  EXECUTE format(
+    'WITH sent AS ('
+    '  INSERT INTO pgmq.%I (vt, message)'
+    '  SELECT $2 + make_interval(secs => s.delay),'
+    '         jsonb_build_object(''flow_slug'', $1, ''run_id'', s.run_id,'
+    '                            ''step_slug'', s.step_slug, ''task_index'', i)'
+    '    FROM unnest($3, $4, $5, $6) WITH ORDINALITY AS s(run_id, step_slug, n, delay, ord)'
+    '   CROSS JOIN LATERAL generate_series(0, s.n - 1) AS i'
+    '   ORDER BY s.ord, i'
+    '  RETURNING msg_id, message'
+    ') INSERT INTO pgflow.step_tasks (flow_slug, run_id, step_slug, task_index, message_id)'
+    '  SELECT $1, (sent.message ->> ''run_id'')::uuid, sent.message ->> ''step_slug'','
+    '         (sent.message ->> ''task_index'')::integer, sent.msg_id'
+    '    FROM sent',
+    'q_' || lower(p_flow_slug))
+    USING p_flow_slug, clock_timestamp(), v_runs, v_steps, v_counts, v_delays;
+END;
+$$;
+
+-- _start_ready_steps for one run: the named steps, or every step of the flow when
+-- p_step_slugs is NULL.
 CREATE FUNCTION pgflow._start_steps(p_run_id uuid, p_flow_slug text, p_step_slugs text[])
 RETURNS void
 LANGUAGE plpgsql
 VOLATILE
 SET search_path = ''
 SET plan_cache_mode = force_generic_plan
+SET enable_seqscan = off
+SET enable_hashjoin = off
+SET enable_mergejoin = off
 AS $$
 DECLARE
-  v_step    record;
-  v_msg_ids bigint[];
+  v_slugs text[] := coalesce(p_step_slugs,
+    ARRAY(SELECT s.step_slug FROM pgflow.steps s WHERE s.flow_slug = p_flow_slug));
 BEGIN
-  FOR v_step IN
-    WITH started AS (
-      UPDATE pgflow.step_states ss
-         SET status = 'started',
-             started_at = now(),
-             remaining_tasks = ss.initial_tasks
-       WHERE ss.run_id = p_run_id
-         AND ss.status = 'created'
-         AND ss.remaining_deps = 0
-         AND ss.initial_tasks > 0
-         AND (p_step_slugs IS NULL OR ss.step_slug = ANY(p_step_slugs))
-      RETURNING ss.step_slug, ss.initial_tasks, ss.remaining_deps, ss.started_at
-    )
-    SELECT started.*, s.step_index, coalesce(s.opt_start_delay, 0) AS start_delay
-      FROM started
-      JOIN pgflow.steps s ON s.flow_slug = p_flow_slug AND s.step_slug = started.step_slug
-     ORDER BY s.step_index
-  LOOP
-    PERFORM pgflow._emit(jsonb_build_object(
-      'event_type', 'step:started',
-      'run_id', p_run_id,
-      'flow_slug', p_flow_slug,
-      'step_slug', v_step.step_slug,
-      'status', 'started',
-      'started_at', v_step.started_at,
-      'remaining_tasks', v_step.initial_tasks,
-      'remaining_deps', v_step.remaining_deps
-    ));
-
-    -- One statement per step sends its messages: what pgmq.send_batch(queue, msgs,
-    -- delay) inserts (vt = one clock_timestamp() + delay for the batch, headers NULL),
-    -- without its three function layers and format_table_name. The queue is the flow
-    -- slug (is_valid_slug), so its table is pgmq.q_<lower(slug)>, as pgmq names it; a
-    -- missing queue fails on that table (42P01) as pgmq would. Msg ids are assigned in
-    -- task order, so the i-th smallest id belongs to task i.
-    EXECUTE format(
-      'WITH sent AS ('
-      '  INSERT INTO pgmq.%I (vt, message)'
-      '  SELECT $1, jsonb_build_object(''flow_slug'', $2, ''run_id'', $3,'
-      '                                ''step_slug'', $4, ''task_index'', i)'
-      '    FROM generate_series(0, $5 - 1) AS i'
-      '   ORDER BY i'
-      '  RETURNING msg_id'
-      ') SELECT array_agg(sent.msg_id ORDER BY sent.msg_id) FROM sent',
-      'q_' || lower(p_flow_slug))
-      INTO v_msg_ids
-      USING clock_timestamp() + make_interval(secs => v_step.start_delay),
-            p_flow_slug, p_run_id, v_step.step_slug, v_step.initial_tasks;
-
-    INSERT INTO pgflow.step_tasks (flow_slug, run_id, step_slug, task_index, message_id)
-    SELECT p_flow_slug, p_run_id, v_step.step_slug, (m.ord - 1)::integer, m.msg_id
-      FROM unnest(v_msg_ids) WITH ORDINALITY AS m(msg_id, ord);
-  END LOOP;
+  PERFORM pgflow._start_ready_steps(
+    p_flow_slug, array_fill(p_run_id, ARRAY[cardinality(v_slugs)]), v_slugs);
 END;
 $$;
 
@@ -843,6 +852,9 @@ LANGUAGE plpgsql
 VOLATILE
 SET search_path = ''
 SET plan_cache_mode = force_generic_plan
+SET enable_seqscan = off
+SET enable_hashjoin = off
+SET enable_mergejoin = off
 AS $$
 DECLARE
   v_flow_slug text;
@@ -869,6 +881,9 @@ LANGUAGE plpgsql
 VOLATILE
 SET search_path = ''
 SET plan_cache_mode = force_generic_plan
+SET enable_seqscan = off
+SET enable_hashjoin = off
+SET enable_mergejoin = off
 AS $$
 DECLARE
   v_run pgflow.runs;
@@ -992,6 +1007,9 @@ LANGUAGE plpgsql
 VOLATILE
 SET search_path = ''
 SET plan_cache_mode = force_generic_plan
+SET enable_seqscan = off
+SET enable_hashjoin = off
+SET enable_mergejoin = off
 ROWS 10
 AS $$
 DECLARE
@@ -1147,47 +1165,20 @@ BEGIN
 END;
 $$;
 
--- Follow-up work for a run after some of its steps finished (the caller holds the run
--- lock): start the dependents they released, through the cascade only when one of them is
--- an empty map, and complete the run only when no step is left.
-CREATE FUNCTION pgflow._advance_run(
-  p_run_id uuid,
-  p_flow_slug text,
-  p_ready text[],
-  p_cascade boolean,
-  p_remaining_steps integer
-)
-RETURNS void
-LANGUAGE plpgsql
-VOLATILE
-SET search_path = ''
-SET plan_cache_mode = force_generic_plan
-AS $$
-BEGIN
-  IF p_cascade THEN
-    PERFORM pgflow.start_ready_steps(p_run_id);
-    PERFORM pgflow.maybe_complete_run(p_run_id);
-    RETURN;
-  END IF;
-  IF cardinality(p_ready) > 0 THEN
-    PERFORM pgflow._start_steps(p_run_id, p_flow_slug, p_ready);
-  END IF;
-  IF p_remaining_steps = 0 THEN
-    PERFORM pgflow.maybe_complete_run(p_run_id);
-  END IF;
-END;
-$$;
-
 -- EXTENSION beyond pgflow 0.8.1: complete many tasks in one call and one transaction,
--- with exactly the semantics of calling complete_task for each of them: the Rust worker
--- reports a finished batch with it. Task i is (run_ids[i], step_slugs[i],
--- task_indexes[i]) with output outputs[i]; the arrays must have the same length. A task
--- listed twice keeps its first output. Returns one row per listed task that exists,
--- ordered by (run_id, step_slug, task_index), except tasks that caused a type
--- violation (as complete_task, which is this function with a batch of one).
+-- with the semantics of calling complete_task for each of them: the Rust worker reports
+-- a finished batch with it. Task i is (run_ids[i], step_slugs[i], task_indexes[i]) with
+-- output outputs[i]; the arrays must have the same length. A task listed twice keeps its
+-- first output. Returns one row per listed task that exists, ordered by (run_id,
+-- step_slug, task_index), except tasks that caused a type violation (as complete_task,
+-- which is this function with a batch of one). A type violation fails its run before any
+-- other task of that run in the batch is looked at, as if its complete_task came first.
 --
--- Every statement on the hot path is a full primary-key lookup or a TID scan, so cached
--- generic plans stay right however small or unanalysed the tables are.
+-- The work is set-based across the batch: one statement per kind of change (tasks, step
+-- states, released dependents, run counters, started steps, sent messages), whatever
+-- the number of tasks, steps and runs in it. Every statement joins on full primary keys
+-- or tuple ids, so cached generic plans stay right however small or unanalysed the
+-- tables are.
 CREATE FUNCTION pgflow.complete_tasks(
   run_ids      uuid[],
   step_slugs   text[],
@@ -1199,45 +1190,52 @@ LANGUAGE plpgsql
 VOLATILE
 SET search_path = ''
 SET plan_cache_mode = force_generic_plan
+SET enable_seqscan = off
+SET enable_hashjoin = off
+SET enable_mergejoin = off
+ROWS 10
 AS $$
 DECLARE
   v_n           integer := coalesce(cardinality(complete_tasks.run_ids), 0);
-  v_item        record;
-  v_task        pgflow.step_tasks;
-  -- the batch's distinct tasks that exist, in key order (lock order)
-  v_rows        pgflow.step_tasks[] := '{}';
-  v_ctids       tid[] := '{}';
-  v_locked      record;
-  v_group_ctids tid[];
-  v_outputs     jsonb[] := '{}';
-  v_skip        boolean[] := '{}';
-  -- one group per (run, step) with started tasks: positions first .. last in v_rows
-  g_first       integer[] := '{}';
-  g_last        integer[] := '{}';
-  g_count       integer[] := '{}';
-  i             integer;
-  j             integer;
-  k             integer;
-  v_ss          record;
-  v_run_id      uuid;
-  v_run_status  text;
-  v_run_locked  boolean := false;
-  v_advance     boolean := false;
-  -- follow-ups of the current run: dependents made startable, an empty map among them,
-  -- the run's remaining_steps after the last step that finished
-  v_ready       text[] := '{}';
-  v_cascade     boolean := false;
-  v_left        integer;
-  v_follow      record;
-  v_run_flow    text;
-  v_completes   boolean;
-  v_output      jsonb;
-  v_child       text;
+  -- the batch's distinct tasks that exist, locked, in key order (lock order)
+  v_rows        pgflow.step_tasks[];
+  v_tids        tid[];
+  u_tids        tid[];
+  u_outputs     jsonb[];
+  v_outputs     jsonb[];
+  -- one group per (run, step) with started tasks, in key order
+  g_run         uuid[];
+  g_step        text[];
+  g_flow        text[];
+  g_type        text[];
+  g_count       integer[];
+  g_first       integer[];
+  g_completes   boolean[];
+  g_initial     integer[];
+  g_started_at  timestamptz[];
+  v_failed      uuid[];
+  -- dependents released by the steps that finished
+  d_run         uuid[];
+  d_step        text[];
+  d_count       integer[];
+  d_tasks       integer[];
+  d_is_map      boolean[];
+  v_skip        integer[] := '{}';
+  v_violation   record;
   v_type        text;
   v_msgs        bigint[];
+  v_archive     bigint[] := '{}';
   v_archive_q   text[] := '{}';
-  v_archive_ids bigint[] := '{}';
-  v_queue       text;
+  v_realtime    boolean;
+  v_ready_runs  uuid[];
+  v_ready       text[];
+  v_ready_flows text[];
+  v_start_runs  uuid[];
+  v_start_steps text[];
+  v_cascade     uuid[];
+  v_finished    uuid[];
+  v_flow        text;
+  v_run         uuid;
 BEGIN
   IF coalesce(cardinality(complete_tasks.step_slugs), 0) <> v_n
      OR coalesce(cardinality(complete_tasks.task_indexes), 0) <> v_n
@@ -1249,203 +1247,280 @@ BEGIN
   END IF;
 
   -- Lock level 1: every task row of the batch, in key order, before anything else.
-  FOR v_item IN
-    SELECT DISTINCT ON (b.run_id, b.step_slug, b.task_index)
-           b.run_id, b.step_slug, b.task_index, b.output
-      FROM unnest(complete_tasks.run_ids, complete_tasks.step_slugs,
-                  complete_tasks.task_indexes, complete_tasks.outputs)
-           WITH ORDINALITY AS b(run_id, step_slug, task_index, output, ord)
-     ORDER BY b.run_id, b.step_slug, b.task_index, b.ord
-  LOOP
-    SELECT t.ctid AS tid, t AS task INTO v_locked
-      FROM pgflow.step_tasks t
-     WHERE t.run_id = v_item.run_id
-       AND t.step_slug = v_item.step_slug
-       AND t.task_index = v_item.task_index
-       FOR NO KEY UPDATE;
-    CONTINUE WHEN NOT FOUND;
+  SELECT array_agg(l.task), array_agg(l.tid), array_agg(l.output)
+    INTO v_rows, v_tids, v_outputs
+    FROM (
+      SELECT t AS task, t.ctid AS tid, b.output
+        FROM (
+          SELECT DISTINCT ON (u.run_id, u.step_slug, u.task_index)
+                 u.run_id, u.step_slug, u.task_index, u.output
+            FROM unnest(complete_tasks.run_ids, complete_tasks.step_slugs,
+                        complete_tasks.task_indexes, complete_tasks.outputs)
+                 WITH ORDINALITY AS u(run_id, step_slug, task_index, output, ord)
+           ORDER BY u.run_id, u.step_slug, u.task_index, u.ord
+        ) b
+        JOIN pgflow.step_tasks t
+          ON t.run_id = b.run_id AND t.step_slug = b.step_slug AND t.task_index = b.task_index
+       ORDER BY t.run_id, t.step_slug, t.task_index
+         FOR NO KEY UPDATE OF t
+    ) l;
 
-    v_task := v_locked.task;
-    v_rows := v_rows || v_task;
-    v_ctids := v_ctids || v_locked.tid;
-    v_outputs := v_outputs || v_item.output;
-    v_skip := v_skip || false;
-    i := cardinality(v_rows);
-    IF v_task.status = 'started' THEN
-      IF cardinality(g_first) > 0
-         AND v_rows[g_last[cardinality(g_last)]].run_id = v_task.run_id
-         AND v_rows[g_last[cardinality(g_last)]].step_slug = v_task.step_slug THEN
-        g_last[cardinality(g_last)] := i;
-        g_count[cardinality(g_count)] := g_count[cardinality(g_count)] + 1;
-      ELSE
-        g_first := g_first || i;
-        g_last := g_last || i;
-        g_count := g_count || 1;
-      END IF;
-    END IF;
-  END LOOP;
+  IF v_rows IS NULL THEN
+    RETURN;
+  END IF;
 
-  -- Lock level 2: the step states of those groups, in key order, all of them before
+  -- Lock level 2: the step states of the started tasks, in key order, all of them before
   -- any run lock is taken.
-  FOR j IN 1 .. cardinality(g_first) LOOP
-    PERFORM 1
-       FROM pgflow.step_states ss
-      WHERE ss.run_id = v_rows[g_first[j]].run_id
-        AND ss.step_slug = v_rows[g_first[j]].step_slug
-        FOR NO KEY UPDATE;
+  PERFORM 1
+     FROM pgflow.step_states ss
+     JOIN (SELECT DISTINCT x.run_id, x.step_slug
+             FROM unnest(v_rows) AS x
+            WHERE x.status = 'started') g
+       ON ss.run_id = g.run_id AND ss.step_slug = g.step_slug
+    ORDER BY ss.run_id, ss.step_slug
+      FOR NO KEY UPDATE OF ss;
+
+  -- The groups, read after their step states are locked: a run failed by a transaction
+  -- that held one of them is seen here.
+  SELECT array_agg(q.run_id), array_agg(q.step_slug), array_agg(q.flow_slug),
+         array_agg(q.step_type), array_agg(q.n), array_agg(q.first_ord),
+         array_agg(q.completes), array_agg(q.initial_tasks), array_agg(q.started_at)
+    INTO g_run, g_step, g_flow, g_type, g_count, g_first, g_completes, g_initial, g_started_at
+    FROM (
+      SELECT g.run_id, g.step_slug, ss.flow_slug, s.step_type, g.n, g.first_ord,
+             ss.status = 'started' AND ss.remaining_tasks <= g.n AS completes,
+             ss.initial_tasks, ss.started_at
+        FROM (SELECT x.run_id, x.step_slug, count(*)::integer AS n,
+                     min(x.ordinality)::integer AS first_ord
+                FROM unnest(v_rows) WITH ORDINALITY AS x
+               WHERE x.status = 'started'
+               GROUP BY x.run_id, x.step_slug) g
+        JOIN pgflow.step_states ss ON ss.run_id = g.run_id AND ss.step_slug = g.step_slug
+        JOIN pgflow.steps s ON s.flow_slug = ss.flow_slug AND s.step_slug = ss.step_slug
+       ORDER BY g.run_id, g.step_slug
+    ) q;
+
+  IF g_run IS NULL THEN
+    RETURN QUERY SELECT x.* FROM unnest(v_rows) AS x;
+    RETURN;
+  END IF;
+
+  -- Lock level 3: the runs in which a step finishes, in run_id order, before any change.
+  PERFORM 1
+     FROM pgflow.runs r
+    WHERE r.run_id IN (SELECT c.run_id FROM unnest(g_run, g_completes) AS c(run_id, completes)
+                        WHERE c.completes)
+    ORDER BY r.run_id
+      FOR NO KEY UPDATE;
+
+  v_failed := ARRAY(
+    SELECT r.run_id FROM pgflow.runs r
+     WHERE r.run_id = ANY(g_run) AND r.status = 'failed');
+
+  -- Type violations: a single step that finishes with a non-array output while a map
+  -- depending on it still waits for its array fails its task and its run.
+  FOR v_violation IN
+    SELECT j, child.step_slug AS child_slug
+      FROM generate_subscripts(g_run, 1) AS j
+     CROSS JOIN LATERAL (
+       SELECT cs.step_slug
+         FROM pgflow.deps d
+         JOIN pgflow.steps cs ON cs.flow_slug = d.flow_slug AND cs.step_slug = d.step_slug
+         JOIN pgflow.step_states css ON css.run_id = g_run[j] AND css.step_slug = d.step_slug
+        WHERE d.flow_slug = g_flow[j]
+          AND d.dep_slug = g_step[j]
+          AND cs.step_type = 'map'
+          AND css.initial_tasks IS NULL
+        ORDER BY cs.step_index
+        LIMIT 1
+     ) child
+     WHERE g_completes[j]
+       AND g_type[j] = 'single'
+       AND jsonb_typeof(v_outputs[g_first[j]]) IS DISTINCT FROM 'array'
+       AND NOT (g_run[j] = ANY(v_failed))
+     ORDER BY j
+  LOOP
+    v_type := coalesce(jsonb_typeof(v_outputs[g_first[v_violation.j]]), 'null');
+
+    UPDATE pgflow.step_tasks t
+       SET status = 'failed',
+           failed_at = now(),
+           output = v_outputs[g_first[v_violation.j]],
+           error_message = '[TYPE_VIOLATION] Produced ' || v_type || ' instead of array'
+     WHERE t.ctid = v_tids[g_first[v_violation.j]];
+
+    v_msgs := pgflow._fail_run(
+      g_run[v_violation.j], g_flow[v_violation.j], g_step[v_violation.j],
+      '[TYPE_VIOLATION] Map step ' || v_violation.child_slug
+        || ' expects array input but dependency ' || g_step[v_violation.j]
+        || ' produced ' || v_type);
+
+    v_msgs := v_msgs || v_rows[g_first[v_violation.j]].message_id;
+    v_archive_q := v_archive_q || array_fill(g_flow[v_violation.j], ARRAY[cardinality(v_msgs)]);
+    v_archive := v_archive || v_msgs;
+    v_skip := v_skip || g_first[v_violation.j];
+    v_failed := v_failed || g_run[v_violation.j];
   END LOOP;
 
-  FOR j IN 1 .. cardinality(g_first) LOOP
-    i := g_first[j];
+  -- The tasks, by the tuple ids locked above; their messages are archived last.
+  SELECT array_agg(v_tids[x.ordinality]), array_agg(v_outputs[x.ordinality])
+    INTO u_tids, u_outputs
+    FROM unnest(v_rows) WITH ORDINALITY AS x
+   WHERE x.status = 'started'
+     AND NOT (x.run_id = ANY(v_failed));
 
-    IF v_rows[i].run_id IS DISTINCT FROM v_run_id THEN
-      -- Follow-up work for the previous run, only if one of its steps finished: start
-      -- the dependents it released (the cascade only when one of them is an empty
-      -- map), complete the run only when no step is left.
-      IF v_advance THEN
-        PERFORM pgflow._advance_run(v_run_id, v_run_flow, v_ready, v_cascade, v_left);
-      END IF;
-      v_run_id := v_rows[i].run_id;
-      v_run_flow := v_rows[i].flow_slug;
-      v_run_locked := false;
-      v_advance := false;
-      v_ready := '{}';
-      v_cascade := false;
-      -- Read after the step states are locked: a run failed by a transaction that held
-      -- one of them is seen here.
-      SELECT r.status INTO v_run_status FROM pgflow.runs r WHERE r.run_id = v_run_id;
-    END IF;
+  WITH done AS (
+    UPDATE pgflow.step_tasks t
+       SET status = 'completed',
+           completed_at = now(),
+           output = u.output
+      FROM unnest(u_tids, u_outputs) AS u(tid, output)
+     WHERE t.ctid = u.tid
+    RETURNING t.flow_slug, t.message_id
+  )
+  SELECT v_archive_q || coalesce(array_agg(done.flow_slug), '{}'),
+         v_archive || coalesce(array_agg(done.message_id), '{}')
+    INTO v_archive_q, v_archive
+    FROM done;
 
-    CONTINUE WHEN v_run_status = 'failed';
+  UPDATE pgflow.step_states ss
+     SET remaining_tasks = CASE WHEN c.completes THEN 0 ELSE ss.remaining_tasks - c.n END,
+         status = CASE WHEN c.completes THEN 'completed' ELSE ss.status END,
+         completed_at = CASE WHEN c.completes THEN now() ELSE ss.completed_at END
+    FROM unnest(g_run, g_step, g_count, g_completes) AS c(run_id, step_slug, n, completes)
+   WHERE ss.run_id = c.run_id
+     AND ss.step_slug = c.step_slug
+     AND NOT (c.run_id = ANY(v_failed));
 
-    SELECT ss.status, ss.remaining_tasks, ss.initial_tasks, ss.started_at, s.step_type
-      INTO v_ss
-      FROM pgflow.step_states ss
-      JOIN pgflow.steps s ON s.flow_slug = ss.flow_slug AND s.step_slug = ss.step_slug
-     WHERE ss.run_id = v_run_id
-       AND ss.step_slug = v_rows[i].step_slug;
+  -- Follow-up work only when a step finished.
+  IF EXISTS (SELECT 1 FROM unnest(g_run, g_completes) AS c(run_id, completes)
+              WHERE c.completes AND NOT (c.run_id = ANY(v_failed))) THEN
+    -- Steps that finished: their events first, in key order, so a parent's event precedes
+    -- those of the children it releases. A map's assembled array only travels in realtime
+    -- payloads (NOTIFY drops outputs), so it is built only where realtime exists.
+    v_realtime := to_regprocedure('realtime.send(jsonb,text,text,boolean)') IS NOT NULL;
+    PERFORM pgflow._emit(jsonb_build_object(
+              'event_type', 'step:completed',
+              'run_id', c.run_id,
+              'flow_slug', c.flow_slug,
+              'step_slug', c.step_slug,
+              'status', 'completed',
+              'started_at', c.started_at,
+              'completed_at', now(),
+              'remaining_tasks', 0,
+              'output', CASE
+                WHEN c.step_type = 'single' THEN v_outputs[c.first_ord]
+                WHEN v_realtime THEN pgflow._step_output(c.run_id, c.step_slug, 'map')
+              END))
+       FROM unnest(g_run, g_step, g_flow, g_type, g_first, g_started_at, g_completes)
+            AS c(run_id, step_slug, flow_slug, step_type, first_ord, started_at, completes)
+      WHERE c.completes
+        AND NOT (c.run_id = ANY(v_failed));
 
-    v_completes := v_ss.status = 'started' AND v_ss.remaining_tasks <= g_count[j];
+    -- Their dependents (lock level 4, under the run locks taken above): one dependency
+    -- fewer per finished parent. A dependent map learns its task count here: the length of
+    -- its single parent's array, or its map parent's task count (a map has one parent,
+    -- and the type-violation check ran before). Keys are gathered first so that each
+    -- update joins a list of full primary keys to one table: a plan cached while the
+    -- tables were small cannot then pick a partial key.
+    SELECT array_agg(rel.run_id), array_agg(rel.step_slug), array_agg(rel.n),
+           array_agg(rel.map_tasks), array_agg(rel.is_map)
+      INTO d_run, d_step, d_count, d_tasks, d_is_map
+      FROM (
+        SELECT f.run_id, d.step_slug, count(*)::integer AS n,
+               bool_and(cs.step_type = 'map') AS is_map,
+               max(CASE
+                     WHEN f.step_type = 'map' THEN f.initial_tasks
+                     WHEN jsonb_typeof(v_outputs[f.first_ord]) = 'array'
+                       THEN jsonb_array_length(v_outputs[f.first_ord])
+                   END) AS map_tasks
+          FROM unnest(g_run, g_step, g_flow, g_type, g_initial, g_first, g_completes)
+               AS f(run_id, step_slug, flow_slug, step_type, initial_tasks, first_ord, completes)
+          JOIN pgflow.deps d ON d.flow_slug = f.flow_slug AND d.dep_slug = f.step_slug
+          JOIN pgflow.steps cs ON cs.flow_slug = d.flow_slug AND cs.step_slug = d.step_slug
+         WHERE f.completes
+           AND NOT (f.run_id = ANY(v_failed))
+         GROUP BY f.run_id, d.step_slug
+         ORDER BY f.run_id, d.step_slug
+      ) rel;
 
-    -- Lock level 3, only for tasks that finish their step, and before any change.
-    IF v_completes AND NOT v_run_locked THEN
-      SELECT r.status INTO v_run_status
-        FROM pgflow.runs r
-       WHERE r.run_id = v_run_id
-         FOR NO KEY UPDATE;
-      v_run_locked := true;
-      CONTINUE WHEN v_run_status = 'failed';
-    END IF;
+    WITH released AS (
+      UPDATE pgflow.step_states child
+         SET remaining_deps = child.remaining_deps - rel.n,
+             initial_tasks = CASE
+               WHEN rel.is_map AND child.initial_tasks IS NULL THEN rel.map_tasks
+               ELSE child.initial_tasks
+             END
+        FROM unnest(d_run, d_step, d_count, d_tasks, d_is_map)
+             AS rel(run_id, step_slug, n, map_tasks, is_map)
+       WHERE child.run_id = rel.run_id
+         AND child.step_slug = rel.step_slug
+      RETURNING child.run_id, child.flow_slug, child.step_slug, child.status,
+                child.remaining_deps, child.initial_tasks
+    ),
+    counted AS (
+      UPDATE pgflow.runs r
+         SET remaining_steps = r.remaining_steps - f.n
+        FROM (SELECT c.run_id, count(*)::integer AS n
+                FROM unnest(g_run, g_completes) AS c(run_id, completes)
+               WHERE c.completes
+                 AND NOT (c.run_id = ANY(v_failed))
+               GROUP BY c.run_id) f
+       WHERE r.run_id = f.run_id
+      RETURNING r.run_id, r.remaining_steps
+    )
+    SELECT (SELECT array_agg(rel.run_id ORDER BY rel.run_id, rel.step_slug)
+              FROM released rel
+             WHERE rel.status = 'created' AND rel.remaining_deps = 0 AND rel.initial_tasks > 0),
+           (SELECT array_agg(rel.step_slug ORDER BY rel.run_id, rel.step_slug)
+              FROM released rel
+             WHERE rel.status = 'created' AND rel.remaining_deps = 0 AND rel.initial_tasks > 0),
+           (SELECT array_agg(rel.flow_slug ORDER BY rel.run_id, rel.step_slug)
+              FROM released rel
+             WHERE rel.status = 'created' AND rel.remaining_deps = 0 AND rel.initial_tasks > 0),
+           (SELECT array_agg(DISTINCT rel.run_id)
+              FROM released rel
+             WHERE rel.status = 'created' AND rel.remaining_deps = 0
+               AND coalesce(rel.initial_tasks, 0) = 0),
+           (SELECT array_agg(cnt.run_id ORDER BY cnt.run_id)
+              FROM counted cnt WHERE cnt.remaining_steps = 0)
+      INTO v_ready_runs, v_ready, v_ready_flows, v_cascade, v_finished;
 
-    -- A single step has one task: this group is it.
-    v_output := CASE WHEN v_ss.step_type = 'single' THEN v_outputs[i] END;
+    -- Follow-ups only for runs where a step finished: start the dependents released (a run
+    -- with an empty map among them goes through the cascade, which starts the others too),
+    -- then complete the runs with no step left.
+    FOR v_run IN SELECT unnest(v_cascade) LOOP
+      PERFORM pgflow.start_ready_steps(v_run);
+      PERFORM pgflow.maybe_complete_run(v_run);
+    END LOOP;
 
-    -- Type violation: a dependent map still waiting for its array gets a non-array.
-    IF v_completes AND v_ss.step_type = 'single'
-       AND jsonb_typeof(v_output) IS DISTINCT FROM 'array' THEN
-      SELECT cs.step_slug INTO v_child
-        FROM pgflow.deps d
-        JOIN pgflow.steps cs ON cs.flow_slug = d.flow_slug AND cs.step_slug = d.step_slug
-        JOIN pgflow.step_states css ON css.run_id = v_run_id AND css.step_slug = d.step_slug
-       WHERE d.flow_slug = v_rows[i].flow_slug
-         AND d.dep_slug = v_rows[i].step_slug
-         AND cs.step_type = 'map'
-         AND css.initial_tasks IS NULL
-       ORDER BY cs.step_index
-       LIMIT 1;
-
-      IF FOUND THEN
-        v_type := coalesce(jsonb_typeof(v_output), 'null');
-
-        UPDATE pgflow.step_tasks t
-           SET status = 'failed',
-               failed_at = now(),
-               output = v_output,
-               error_message = '[TYPE_VIOLATION] Produced ' || v_type || ' instead of array'
-         WHERE t.run_id = v_run_id
-           AND t.step_slug = v_rows[i].step_slug
-           AND t.task_index = v_rows[i].task_index;
-
-        v_msgs := pgflow._fail_run(
-          v_run_id, v_rows[i].flow_slug, v_rows[i].step_slug,
-          '[TYPE_VIOLATION] Map step ' || v_child || ' expects array input but dependency '
-            || v_rows[i].step_slug || ' produced ' || v_type);
-
-        v_msgs := v_msgs || v_rows[i].message_id;
-        v_archive_q := v_archive_q || array_fill(v_rows[i].flow_slug, ARRAY[cardinality(v_msgs)]);
-        v_archive_ids := v_archive_ids || v_msgs;
-        v_skip[i] := true;
-        v_run_status := 'failed';
-        v_advance := false;
-        CONTINUE;
-      END IF;
-    END IF;
-
-    -- One statement for the group, addressed by the tuple ids of the rows locked above
-    -- (a TID scan: no plan choice to get wrong, and the check constraints are set up
-    -- once per group rather than once per task).
-    v_group_ctids := v_ctids[g_first[j]:g_last[j]];
-    FOR v_task IN
-      UPDATE pgflow.step_tasks t
-         SET status = 'completed',
-             completed_at = now(),
-             output = v_outputs[g_first[j] - 1 + array_position(v_group_ctids, t.ctid)]
-       WHERE t.ctid = ANY(v_group_ctids)
-      RETURNING *
-    LOOP
-      -- rows of a group are consecutive and sorted by task_index
-      FOR k IN g_first[j] .. g_last[j] LOOP
-        IF v_rows[k].task_index = v_task.task_index THEN
-          v_rows[k] := v_task;
-          EXIT;
-        END IF;
+    IF v_ready IS NOT NULL THEN
+      FOR v_flow IN SELECT DISTINCT f.flow FROM unnest(v_ready_flows) AS f(flow) LOOP
+        SELECT array_agg(p.run_id), array_agg(p.step_slug)
+          INTO v_start_runs, v_start_steps
+          FROM unnest(v_ready_runs, v_ready, v_ready_flows) AS p(run_id, step_slug, flow)
+         WHERE p.flow = v_flow
+           AND NOT (p.run_id = ANY(coalesce(v_cascade, '{}')));
+        CONTINUE WHEN v_start_runs IS NULL;
+        PERFORM pgflow._start_ready_steps(v_flow, v_start_runs, v_start_steps);
       END LOOP;
-      v_archive_q := v_archive_q || v_task.flow_slug;
-      v_archive_ids := v_archive_ids || v_task.message_id;
-    END LOOP;
-
-    UPDATE pgflow.step_states ss
-       SET remaining_tasks = CASE WHEN v_completes THEN 0
-                                  ELSE ss.remaining_tasks - g_count[j] END,
-           status = CASE WHEN v_completes THEN 'completed' ELSE ss.status END,
-           completed_at = CASE WHEN v_completes THEN now() ELSE ss.completed_at END
-     WHERE ss.run_id = v_run_id
-       AND ss.step_slug = v_rows[i].step_slug;
-
-    IF v_completes THEN
-      SELECT * INTO v_follow
-        FROM pgflow._on_step_completed(
-          v_run_id, v_rows[i].flow_slug, v_rows[i].step_slug, v_ss.step_type,
-          v_ss.initial_tasks, v_output, v_ss.started_at);
-      v_ready := v_ready || v_follow.ready_steps;
-      v_cascade := v_cascade OR v_follow.needs_cascade;
-      v_left := v_follow.remaining_steps;
-      v_advance := true;
     END IF;
-  END LOOP;
 
-  IF v_advance THEN
-    PERFORM pgflow._advance_run(v_run_id, v_run_flow, v_ready, v_cascade, v_left);
-  END IF;
-
-  -- Lock level 5, last: archive per queue, in (queue, msg_id) order.
-  IF cardinality(v_archive_ids) > 0 AND v_archive_q[1] = ALL(v_archive_q) THEN
-    PERFORM pgflow._archive_messages(v_archive_q[1], v_archive_ids);
-  ELSIF cardinality(v_archive_ids) > 0 THEN
-    FOR v_queue, v_msgs IN
-      SELECT a.queue, array_agg(a.msg_id)
-        FROM unnest(v_archive_q, v_archive_ids) AS a(queue, msg_id)
-       GROUP BY a.queue
-       ORDER BY a.queue
-    LOOP
-      PERFORM pgflow._archive_messages(v_queue, v_msgs);
+    FOR v_run IN SELECT unnest(v_finished) LOOP
+      CONTINUE WHEN v_run = ANY(coalesce(v_cascade, '{}'));
+      PERFORM pgflow.maybe_complete_run(v_run);
     END LOOP;
   END IF;
 
-  FOR i IN 1 .. cardinality(v_rows) LOOP
-    CONTINUE WHEN v_skip[i];
-    RETURN NEXT v_rows[i];
-  END LOOP;
+  -- Lock level 5, last.
+  PERFORM pgflow._archive_batch(v_archive_q, v_archive);
+
+  RETURN QUERY
+    SELECT t.* FROM unnest(v_rows) WITH ORDINALITY AS x
+      JOIN pgflow.step_tasks t
+        ON t.run_id = x.run_id AND t.step_slug = x.step_slug AND t.task_index = x.task_index
+     WHERE NOT x.ordinality = ANY(v_skip)
+     ORDER BY x.ordinality;
 END;
 $$;
 
@@ -1455,6 +1530,9 @@ LANGUAGE plpgsql
 VOLATILE
 SET search_path = ''
 SET plan_cache_mode = force_generic_plan
+SET enable_seqscan = off
+SET enable_hashjoin = off
+SET enable_mergejoin = off
 AS $$
 BEGIN
   RETURN QUERY
@@ -1472,6 +1550,9 @@ LANGUAGE plpgsql
 VOLATILE
 SET search_path = ''
 SET plan_cache_mode = force_generic_plan
+SET enable_seqscan = off
+SET enable_hashjoin = off
+SET enable_mergejoin = off
 AS $$
 DECLARE
   v_flow_slug    text;
