@@ -291,7 +291,15 @@ BEGIN
   END IF;
   PERFORM pg_notify('pgflow', v_notify::text);
 
-  IF to_regprocedure('realtime.send(jsonb,text,text,boolean)') IS NOT NULL THEN
+  -- realtime.send(jsonb, text, text, boolean), by the fixed oids of those built-in types:
+  -- a catalog lookup with a cached plan, where to_regprocedure would run the SQL parser
+  -- on the signature for every event.
+  IF EXISTS (SELECT 1
+               FROM pg_catalog.pg_proc p
+               JOIN pg_catalog.pg_namespace n ON n.oid = p.pronamespace
+              WHERE n.nspname = 'realtime'
+                AND p.proname = 'send'
+                AND p.proargtypes = '3802 25 25 16'::pg_catalog.oidvector) THEN
     PERFORM realtime.send(
       event,
       CASE
@@ -740,7 +748,7 @@ $$;
 
 -- Starts the given steps of runs of one flow that are ready (created, no deps left, tasks
 -- to run), set-based across runs: one step:started event per step, in (run, step_index)
--- order, and one statement that sends all their messages and inserts their task rows.
+-- order, one insert that sends all their messages, and their task rows.
 -- The caller holds the runs' row locks (or created them in this transaction) and knows
 -- they have not failed.
 CREATE FUNCTION pgflow._start_ready_steps(p_flow_slug text, p_run_ids uuid[], p_step_slugs text[])
@@ -760,6 +768,14 @@ DECLARE
   v_delays  integer[];
   v_deps    integer[];
   v_started timestamptz[];
+  v_now     timestamptz := clock_timestamp();
+  -- one entry per task to send
+  v_task_runs    uuid[];
+  v_task_steps   text[];
+  v_task_indexes integer[];
+  v_vts          timestamptz[];
+  v_messages     jsonb[];
+  v_msg_ids      bigint[];
 BEGIN
   WITH started AS (
     UPDATE pgflow.step_states ss
@@ -801,27 +817,43 @@ BEGIN
      FROM unnest(v_runs, v_steps, v_counts, v_deps, v_started)
           AS e(run_id, step_slug, n, deps, started_at);
 
+  -- The messages, one per task in (run, step, task_index) order, built by static SQL.
+  SELECT array_agg(m.run_id), array_agg(m.step_slug), array_agg(m.task_index),
+         array_agg(m.vt), array_agg(m.message)
+    INTO v_task_runs, v_task_steps, v_task_indexes, v_vts, v_messages
+    FROM (
+      SELECT s.run_id, s.step_slug, i AS task_index,
+             v_now + make_interval(secs => s.delay) AS vt,
+             jsonb_build_object('flow_slug', p_flow_slug, 'run_id', s.run_id,
+                                'step_slug', s.step_slug, 'task_index', i) AS message
+        FROM unnest(v_runs, v_steps, v_counts, v_delays) WITH ORDINALITY
+             AS s(run_id, step_slug, n, delay, ord)
+       CROSS JOIN LATERAL generate_series(0, s.n - 1) AS i
+       ORDER BY s.ord, i
+    ) m;
+
   -- What pgmq.send_batch(queue, msgs, delay) inserts per step (vt = one clock_timestamp()
   -- + the step's delay, headers NULL), for every step at once and without pgmq's function
-  -- layers, and the task rows made from what was sent. The queue is the flow slug
-  -- (is_valid_slug), so its table is pgmq.q_<lower(slug)>, as pgmq names it; a missing
-  -- queue fails on that table (42P01) as pgmq would.
+  -- layers. The queue is the flow slug (is_valid_slug), so its table is
+  -- pgmq.q_<lower(slug)>, as pgmq names it; a missing queue fails on that table (42P01)
+  -- as pgmq would. Only this insert is dynamic (planned on every call), so it is kept
+  -- to the least: ids are assigned in insertion order, so the i-th smallest belongs to
+  -- the i-th task.
   EXECUTE format(
     'WITH sent AS ('
     '  INSERT INTO pgmq.%I (vt, message)'
-    '  SELECT $2 + make_interval(secs => s.delay),'
-    '         jsonb_build_object(''flow_slug'', $1, ''run_id'', s.run_id,'
-    '                            ''step_slug'', s.step_slug, ''task_index'', i)'
-    '    FROM unnest($3, $4, $5, $6) WITH ORDINALITY AS s(run_id, step_slug, n, delay, ord)'
-    '   CROSS JOIN LATERAL generate_series(0, s.n - 1) AS i'
-    '   ORDER BY s.ord, i'
-    '  RETURNING msg_id, message'
-    ') INSERT INTO pgflow.step_tasks (flow_slug, run_id, step_slug, task_index, message_id)'
-    '  SELECT $1, (sent.message ->> ''run_id'')::uuid, sent.message ->> ''step_slug'','
-    '         (sent.message ->> ''task_index'')::integer, sent.msg_id'
-    '    FROM sent',
+    '  SELECT m.vt, m.message FROM unnest($1::timestamptz[], $2::jsonb[]) WITH ORDINALITY AS m(vt, message, ord)'
+    '   ORDER BY m.ord'
+    '  RETURNING msg_id'
+    ') SELECT array_agg(sent.msg_id ORDER BY sent.msg_id) FROM sent',
     'q_' || lower(p_flow_slug))
-    USING p_flow_slug, clock_timestamp(), v_runs, v_steps, v_counts, v_delays;
+    INTO v_msg_ids
+    USING v_vts, v_messages;
+
+  INSERT INTO pgflow.step_tasks (flow_slug, run_id, step_slug, task_index, message_id)
+  SELECT p_flow_slug, t.run_id, t.step_slug, t.task_index, t.msg_id
+    FROM unnest(v_task_runs, v_task_steps, v_task_indexes, v_msg_ids)
+         AS t(run_id, step_slug, task_index, msg_id);
 END;
 $$;
 
