@@ -37,6 +37,11 @@ SELECT t.run_id, t.step_slug, t.input, t.task_index, \
          WHERE s.flow_slug = t.flow_slug AND s.step_slug = t.step_slug) AS timeout \
   FROM pgflow.start_tasks($1, ARRAY(SELECT m.msg_id FROM pgmq.read($1, $2, $3) m), $4) t";
 
+/// How long a read waits for the handlers of the previous one to hand back their permits,
+/// when the previous read filled its batch (the queue is likely not empty): one full read
+/// costs the database much less than several partial ones.
+const BATCH_FILL_WAIT: Duration = Duration::from_millis(2);
+
 /// The step timeout when the database names none (the engine's default).
 const DEFAULT_TIMEOUT_SECONDS: i32 = 60;
 
@@ -102,8 +107,9 @@ pub(crate) async fn run(shared: Arc<Shared>, flow: Arc<FlowEntry>, reports: mpsc
     let mut backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(10));
     tracing::debug!(flow_slug = %flow.slug, worker_id = %flow.worker_id, "polling");
 
+    let mut queue_busy = false;
     loop {
-        let Some(mut permits) = take_permits(&shared, &flow).await else {
+        let Some(mut permits) = take_permits(&shared, &flow, queue_busy).await else {
             break;
         };
         let qty = permits.num_permits();
@@ -137,8 +143,9 @@ pub(crate) async fn run(shared: Arc<Shared>, flow: Arc<FlowEntry>, reports: mpsc
             dispatch::spawn(&shared, &flow, task, permit, reports.clone());
         }
         drop(permits);
+        queue_busy = started == settings.batch_size;
         if started == qty {
-            // A full batch: there may be more right away.
+            // A full read: there may be more right away.
             continue;
         }
         if !idle_wait(&shared, &flow).await {
@@ -149,8 +156,13 @@ pub(crate) async fn run(shared: Arc<Shared>, flow: Arc<FlowEntry>, reports: mpsc
 }
 
 /// Waits for at least one free permit, then takes as many more as are free, up to the batch
-/// size. `None` when the flow stops first.
-async fn take_permits(shared: &Shared, flow: &FlowEntry) -> Option<OwnedSemaphorePermit> {
+/// size; when `queue_busy`, waits up to [`BATCH_FILL_WAIT`] for a whole batch. `None` when the
+/// flow stops first.
+async fn take_permits(
+    shared: &Shared,
+    flow: &FlowEntry,
+    queue_busy: bool,
+) -> Option<OwnedSemaphorePermit> {
     let mut permits = tokio::select! {
         biased;
         () = flow.stop.cancelled() => return None,
@@ -165,6 +177,20 @@ async fn take_permits(shared: &Shared, flow: &FlowEntry) -> Option<OwnedSemaphor
             let more = u32::try_from(more).unwrap_or(u32::MAX);
             if let Ok(extra) = Arc::clone(&shared.semaphore).try_acquire_many_owned(more) {
                 permits.merge(extra);
+            }
+        }
+        let missing = batch.saturating_sub(permits.num_permits());
+        if queue_busy && missing > 0 {
+            let missing = u32::try_from(missing).unwrap_or(u32::MAX);
+            let fill = Arc::clone(&shared.semaphore).acquire_many_owned(missing);
+            tokio::select! {
+                biased;
+                () = flow.stop.cancelled() => {}
+                result = tokio::time::timeout(BATCH_FILL_WAIT, fill) => {
+                    if let Ok(Ok(extra)) = result {
+                        permits.merge(extra);
+                    }
+                }
             }
         }
     }
