@@ -48,6 +48,8 @@
 --
 -- EVENTS
 -- ------
+-- Besides them, every transaction that queues tasks notifies channel `pgflow_tasks` with
+-- the flow slug as payload, once per flow: what workers listen to for wake-ups.
 -- Every state change emits one event from pgflow._emit, in the transaction making it:
 --   * pg_notify on the single channel `pgflow`; the payload is the event's JSON object
 --     without `input` / `output` (NOTIFY payloads must stay under 8000 bytes; listeners
@@ -854,6 +856,12 @@ BEGIN
   SELECT p_flow_slug, t.run_id, t.step_slug, t.task_index, t.msg_id
     FROM unnest(v_task_runs, v_task_steps, v_task_indexes, v_msg_ids)
          AS t(run_id, step_slug, task_index, msg_id);
+
+  -- Workers' wake-up (EXTENSION beyond pgflow 0.8.1): channel pgflow_tasks, payload the
+  -- flow slug. PostgreSQL delivers a (channel, payload) pair once per transaction, so a
+  -- worker's listener gets one notification per transaction that queues its flow's tasks
+  -- instead of every event on channel pgflow.
+  PERFORM pg_notify('pgflow_tasks', p_flow_slug);
 END;
 $$;
 

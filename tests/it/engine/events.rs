@@ -286,3 +286,37 @@ async fn realtime_gets_no_events_after_a_type_violation_failed_the_run() {
         json!("[TYPE_VIOLATION] Map step m expects array input but dependency a produced number")
     );
 }
+
+#[tokio::test]
+async fn queueing_tasks_notifies_pgflow_tasks_with_the_flow_slug_once_per_transaction() {
+    let engine = Engine::new().await;
+    engine
+        .flow("wide", &[("a", &[], "single"), ("b", &[], "single")])
+        .await;
+    engine.flow("idle", &[("only", &[], "single")]).await;
+    let mut listener = PgListener::connect(engine.url()).await.unwrap();
+    listener.listen("pgflow_tasks").await.unwrap();
+
+    // Two runs of two root steps each, in one transaction: four steps queued, one wake-up.
+    engine
+        .exec(
+            "BEGIN; \
+             SELECT pgflow.start_flow('wide', '{}'::jsonb); \
+             SELECT pgflow.start_flow('wide', '{}'::jsonb); \
+             COMMIT;",
+        )
+        .await;
+    let mut payloads = Vec::new();
+    while let Ok(Ok(notification)) =
+        tokio::time::timeout(Duration::from_millis(500), listener.recv()).await
+    {
+        assert_eq!(notification.channel(), "pgflow_tasks");
+        payloads.push(notification.payload().to_owned());
+    }
+    assert_eq!(payloads, vec!["wide"]);
+
+    // Completing a task that releases nothing queues nothing.
+    engine.drain("wide", |_| json!(null)).await;
+    let quiet = tokio::time::timeout(Duration::from_millis(300), listener.recv()).await;
+    assert!(quiet.is_err(), "unexpected notification: {quiet:?}");
+}

@@ -1,12 +1,13 @@
-//! Waking flows on the engine's events: `LISTEN pgflow` on a dedicated connection, reconnecting
-//! with backoff, and telling the poll loops whether notifications can be relied on.
+//! Waking flows when the engine queues their tasks: `LISTEN pgflow_tasks` on a dedicated
+//! connection, reconnecting with backoff, and telling the poll loops whether notifications can
+//! be relied on.
 //!
-//! Only the engine's own channel is used. pgmq's insert notifications would need a trigger on
+//! The engine notifies `pgflow_tasks` with the flow slug once per transaction that queues tasks
+//! of that flow. Listening to the events on channel `pgflow` instead would make the server send
+//! every worker every event, a few per task. pgmq's insert notifications would need a trigger on
 //! every queue table, installed by the worker, that updates one throttle row per inserted
-//! message: a serialisation point for every producer. The engine already announces every step
-//! that gets tasks with a `step:started` event, in the transaction that queues them.
+//! message: a serialisation point for every producer.
 
-use std::borrow::Cow;
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -20,17 +21,8 @@ use super::Shared;
 use super::backoff::{Backoff, sleep_or_stop};
 use super::registry::FlowEntry;
 
-/// The channel `pgflow._emit` notifies on.
-const CHANNEL: &str = "pgflow";
-
-/// The fields of an event the worker looks at.
-#[derive(serde::Deserialize)]
-struct Event<'a> {
-    #[serde(borrow)]
-    event_type: Cow<'a, str>,
-    #[serde(borrow, default)]
-    flow_slug: Option<Cow<'a, str>>,
-}
+/// The channel the engine notifies with a flow slug when it queues tasks of that flow.
+const CHANNEL: &str = "pgflow_tasks";
 
 /// Listens until `stop` fires.
 pub(crate) async fn run(shared: Arc<Shared>, flows: Vec<Arc<FlowEntry>>, stop: CancellationToken) {
@@ -54,7 +46,7 @@ pub(crate) async fn run(shared: Arc<Shared>, flows: Vec<Arc<FlowEntry>>, stop: C
         let mut listener = match connected {
             Ok(listener) => listener,
             Err(error) => {
-                tracing::warn!(%error, "cannot listen for pgflow events; polling meanwhile");
+                tracing::warn!(%error, "cannot listen for queued tasks; polling meanwhile");
                 if sleep_or_stop(backoff.next_delay(), &stop).await {
                     continue;
                 }
@@ -62,9 +54,9 @@ pub(crate) async fn run(shared: Arc<Shared>, flows: Vec<Arc<FlowEntry>>, stop: C
             }
         };
         if backoff.failures() > 0 {
-            tracing::warn!("listening for pgflow events again");
+            tracing::warn!("listening for queued tasks again");
         } else {
-            tracing::debug!("listening for pgflow events");
+            tracing::debug!("listening for queued tasks");
         }
         backoff.reset();
         shared.listening.store(true, Ordering::Release);
@@ -105,16 +97,10 @@ async fn listen(pool: &PgPool) -> sqlx::Result<PgListener> {
     Ok(listener)
 }
 
-/// Wakes the flow a `step:started` event is about.
-fn wake(flows: &HashMap<&str, &FlowEntry>, payload: &str) {
-    let Ok(event) = serde_json::from_str::<Event<'_>>(payload) else {
-        return;
-    };
-    if event.event_type != "step:started" {
-        return;
-    }
-    if let Some(flow) = event.flow_slug.as_deref().and_then(|slug| flows.get(slug)) {
-        tracing::trace!(flow_slug = %flow.slug, "woken by step:started");
+/// Wakes the flow whose slug is the payload.
+fn wake(flows: &HashMap<&str, &FlowEntry>, flow_slug: &str) {
+    if let Some(flow) = flows.get(flow_slug) {
+        tracing::trace!(flow_slug = %flow.slug, "woken: tasks queued");
         flow.wake.notify_one();
     }
 }
@@ -128,5 +114,5 @@ fn wake_all(flows: &[Arc<FlowEntry>]) {
 fn lost(shared: &Shared, flows: &[Arc<FlowEntry>], error: &str) {
     shared.listening.store(false, Ordering::Release);
     wake_all(flows);
-    tracing::warn!(%error, "lost the connection listening for pgflow events; reconnecting");
+    tracing::warn!(%error, "lost the connection listening for queued tasks; reconnecting");
 }

@@ -20,8 +20,8 @@
 //! previous report was in flight: no timer, so a lone task is reported at once) and fails
 //! tasks one by one with `pgflow.fail_task`.
 //!
-//! An idle loop sleeps until something can be there: the engine's `step:started` event for its
-//! flow (on the `pgflow` NOTIFY channel), the moment the next delayed message of its queue
+//! An idle loop sleeps until something can be there: the engine's notification that it queued
+//! tasks of its flow (channel `pgflow_tasks`, payload the flow slug), the moment the next delayed message of its queue
 //! becomes visible (retry backoff, `start_delay`), or at the latest after
 //! [`max_poll_wait`](WorkerBuilder::max_poll_wait). While notifications are unavailable it
 //! polls every [`poll_interval`](WorkerBuilder::poll_interval) instead.
