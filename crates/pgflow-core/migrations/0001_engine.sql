@@ -350,9 +350,10 @@ BEGIN
 END;
 $$;
 
--- Archive messages with their rows locked in msg_id order (lock level 5): pgmq.archive's
--- own DELETE locks in plan order, and two multi-message archivers / set_vt_batch calls
--- locking overlapping sets in different orders could deadlock.
+-- Archive messages with their rows locked in msg_id order (lock level 5): what
+-- pgmq.archive does, in one statement instead of pgmq's function layers and two dynamic
+-- ones, and locking in order: two multi-message archivers / set_vt_batch calls locking
+-- overlapping sets in different orders could deadlock.
 CREATE FUNCTION pgflow._archive_messages(p_queue_name text, p_msg_ids bigint[])
 RETURNS void
 LANGUAGE plpgsql
@@ -364,16 +365,12 @@ SET enable_hashjoin = off
 SET enable_mergejoin = off
 AS $$
 DECLARE
-  v_ids bigint[];
-  v_try integer;
+  v_queue text := lower(p_queue_name);
+  v_ids   bigint[];
+  v_cols  text;
+  v_sql   text;
+  v_try   integer;
 BEGIN
-  IF cardinality(p_msg_ids) = 1 THEN
-    IF p_msg_ids[1] IS NOT NULL THEN
-      PERFORM pgmq.archive(p_queue_name, p_msg_ids[1]);
-    END IF;
-    RETURN;
-  END IF;
-
   SELECT array_agg(DISTINCT m.id ORDER BY m.id)
     INTO v_ids
     FROM unnest(p_msg_ids) AS m(id)
@@ -383,8 +380,34 @@ BEGIN
     RETURN;
   END IF;
 
+  -- The archive row gets every column of the queue row (pgmq versions differ: headers,
+  -- last_read_at) and archived_at from its default, as pgmq.archive inserts it.
+  SELECT string_agg(quote_ident(qa.attname), ', ' ORDER BY qa.attnum)
+    INTO v_cols
+    FROM pg_catalog.pg_namespace n
+    JOIN pg_catalog.pg_class qc ON qc.relnamespace = n.oid AND qc.relname = 'q_' || v_queue
+    JOIN pg_catalog.pg_class ac ON ac.relnamespace = n.oid AND ac.relname = 'a_' || v_queue
+    JOIN pg_catalog.pg_attribute qa ON qa.attrelid = qc.oid AND qa.attnum > 0 AND NOT qa.attisdropped
+    JOIN pg_catalog.pg_attribute aa ON aa.attrelid = ac.oid AND aa.attname = qa.attname
+                                   AND NOT aa.attisdropped
+   WHERE n.nspname = 'pgmq';
+
+  IF v_cols IS NULL THEN
+    -- No such queue: pgmq says so in its own words.
+    PERFORM pgmq.archive(p_queue_name, v_ids);
+    RETURN;
+  END IF;
+
+  v_sql := format(
+    'WITH locked AS ('
+    '  SELECT q.msg_id FROM pgmq.%1$I q WHERE q.msg_id = ANY($1) ORDER BY q.msg_id FOR UPDATE'
+    '), gone AS ('
+    '  DELETE FROM pgmq.%1$I q USING locked WHERE q.msg_id = locked.msg_id RETURNING q.*'
+    ') INSERT INTO pgmq.%2$I (%3$s) SELECT %3$s FROM gone',
+    'q_' || v_queue, 'a_' || v_queue, v_cols);
+
   IF cardinality(v_ids) = 1 THEN
-    PERFORM pgmq.archive(p_queue_name, v_ids[1]);
+    EXECUTE v_sql USING v_ids;
     RETURN;
   END IF;
 
@@ -394,11 +417,7 @@ BEGIN
   -- message locks are released, the other side goes on, and the archive is retried.
   FOR v_try IN 1 .. 5 LOOP
     BEGIN
-      EXECUTE format(
-        'SELECT count(*) FROM pgmq.archive($1, ARRAY('
-        '  SELECT q.msg_id FROM pgmq.%I q WHERE q.msg_id = ANY($2) ORDER BY q.msg_id FOR UPDATE))',
-        pgmq.format_table_name(p_queue_name, 'q')
-      ) USING p_queue_name, v_ids;
+      EXECUTE v_sql USING v_ids;
       RETURN;
     EXCEPTION WHEN deadlock_detected THEN
       IF v_try = 5 THEN

@@ -11,7 +11,7 @@
 //! `function_name` = `rust:<flow slug>`) and one polling loop. A loop takes as many permits of the
 //! worker-wide concurrency limit as are free (at most the batch size), then reads that many
 //! messages from the flow's queue and starts their tasks, in one statement and one round trip
-//! (`pgflow.start_tasks` over the ids `pgmq.read` returns). Each task's handler runs in its own
+//! (`pgflow.start_tasks` over the ids of the messages it reads). Each task's handler runs in its own
 //! Tokio task, holding one permit, so no more than [`concurrency`](WorkerBuilder::concurrency)
 //! handlers ever run at once across all flows.
 //!

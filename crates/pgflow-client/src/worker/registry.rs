@@ -3,7 +3,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use pgflow_core::ErasedHandler;
 use tokio::sync::Notify;
@@ -26,6 +26,8 @@ pub(crate) struct FlowEntry {
     pub(crate) stop: CancellationToken,
     /// `SELECT` of the seconds until the next message of the queue becomes visible.
     pub(crate) next_visible_sql: String,
+    /// The statement that reads and starts tasks, once the queue's table is known.
+    pub(crate) fetch_sql: OnceLock<String>,
 }
 
 impl fmt::Debug for FlowEntry {
@@ -75,6 +77,7 @@ impl FlowEntry {
             wake: Notify::new(),
             stop: shutdown.child_token(),
             next_visible_sql,
+            fetch_sql: OnceLock::new(),
         }
     }
 }
