@@ -12,6 +12,8 @@
 
 #[path = "bench/driver.rs"]
 mod driver;
+#[path = "bench/floors.rs"]
+mod floors;
 #[path = "bench/flows.rs"]
 mod flows;
 #[path = "bench/measure.rs"]
@@ -254,6 +256,19 @@ async fn main() -> Result<(), Box<dyn Error + Send + Sync>> {
     }
     let ceiling = ceilings[0].1;
 
+    let floors = floors::measure(args.smoke).await?;
+    for floor in &floors {
+        println!(
+            "floor: {}: {:.3} {} (limit {} {}, {:.0}% of it)",
+            floor.name,
+            floor.measured,
+            floor.unit,
+            floor.limit,
+            floor.unit,
+            floor.ratio() * 100.0
+        );
+    }
+
     let mut rows = Vec::new();
     let has_chain = workloads.iter().any(|w| w.kind() == flows::Kind::Chain5);
     if has_chain && idle_runs > 0 {
@@ -284,6 +299,7 @@ async fn main() -> Result<(), Box<dyn Error + Send + Sync>> {
     let load_after = measure::load_average();
     let table = render_table(&rows, ceiling, &ceilings);
     println!("\n{table}");
+    println!("{}", render_floors(&floors));
     let calls = render_calls(&rows);
     if !calls.is_empty() {
         println!("{calls}");
@@ -319,6 +335,7 @@ async fn main() -> Result<(), Box<dyn Error + Send + Sync>> {
             "tx_per_sec": tps.round(),
         })).collect::<Vec<_>>(),
         "rows": rows.iter().map(|row| row_json(row, ceiling)).collect::<Vec<_>>(),
+        "floors": floors.iter().map(floors::Floor::to_json).collect::<Vec<_>>(),
     });
     if let Some(dir) = json_path.parent().filter(|dir| !dir.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir)?;
@@ -653,6 +670,26 @@ fn render_table(rows: &[Row], ceiling: f64, ceilings: &[(CeilingVariant, f64)]) 
                 .map_or("?".to_owned(), |m| format!("{m:.0}")),
             cpu_server.map_or("?".to_owned(), |c| format!("{c:.0}")),
             cpu_own.map_or("?".to_owned(), |c| format!("{c:.0}")),
+        );
+    }
+    out
+}
+
+/// The spec's speed floors, as a Markdown table.
+fn render_floors(floors: &[floors::Floor]) -> String {
+    let mut out = String::from(
+        "| speed floor (SQL spec) | measured | limit | measured ÷ limit |\n|---|--:|--:|--:|\n",
+    );
+    for floor in floors {
+        let _ = writeln!(
+            out,
+            "| {} | {:.3} {} | {} {} | {:.2} |",
+            floor.name,
+            floor.measured,
+            floor.unit,
+            floor.limit,
+            floor.unit,
+            floor.ratio()
         );
     }
     out
