@@ -1259,8 +1259,6 @@ DECLARE
   -- the batch's distinct tasks that exist, locked, in key order (lock order)
   v_rows        pgflow.step_tasks[];
   v_tids        tid[];
-  u_tids        tid[];
-  u_outputs     jsonb[];
   v_outputs     jsonb[];
   -- one group per (run, step) with started tasks, in key order
   g_run         uuid[];
@@ -1273,6 +1271,7 @@ DECLARE
   g_initial     integer[];
   g_started_at  timestamptz[];
   v_failed      uuid[];
+  v_may_violate boolean;
   -- dependents released by the steps that finished
   d_run         uuid[];
   d_step        text[];
@@ -1329,22 +1328,17 @@ BEGIN
   END IF;
 
   -- Lock level 2: the step states of the started tasks, in key order, all of them before
-  -- any run lock is taken.
-  PERFORM 1
-     FROM pgflow.step_states ss
-     JOIN (SELECT DISTINCT x.run_id, x.step_slug
-             FROM unnest(v_rows) AS x
-            WHERE x.status = 'started') g
-       ON ss.run_id = g.run_id AND ss.step_slug = g.step_slug
-    ORDER BY ss.run_id, ss.step_slug
-      FOR NO KEY UPDATE OF ss;
-
-  -- The groups, read after their step states are locked: a run failed by a transaction
-  -- that held one of them is seen here.
+  -- any run lock is taken, read as locked (the latest versions). Whether a finishing
+  -- single step's output is not an array is noted here, so that the type-violation query
+  -- runs only when one might be.
   SELECT array_agg(q.run_id), array_agg(q.step_slug), array_agg(q.flow_slug),
          array_agg(q.step_type), array_agg(q.n), array_agg(q.first_ord),
-         array_agg(q.completes), array_agg(q.initial_tasks), array_agg(q.started_at)
-    INTO g_run, g_step, g_flow, g_type, g_count, g_first, g_completes, g_initial, g_started_at
+         array_agg(q.completes), array_agg(q.initial_tasks), array_agg(q.started_at),
+         coalesce(bool_or(q.completes AND q.step_type = 'single'
+                          AND jsonb_typeof(v_outputs[q.first_ord]) IS DISTINCT FROM 'array'),
+                  false)
+    INTO g_run, g_step, g_flow, g_type, g_count, g_first, g_completes, g_initial, g_started_at,
+         v_may_violate
     FROM (
       SELECT g.run_id, g.step_slug, ss.flow_slug, s.step_type, g.n, g.first_ord,
              ss.status = 'started' AND ss.remaining_tasks <= g.n AS completes,
@@ -1357,6 +1351,7 @@ BEGIN
         JOIN pgflow.step_states ss ON ss.run_id = g.run_id AND ss.step_slug = g.step_slug
         JOIN pgflow.steps s ON s.flow_slug = ss.flow_slug AND s.step_slug = ss.step_slug
        ORDER BY g.run_id, g.step_slug
+         FOR NO KEY UPDATE OF ss
     ) q;
 
   IF g_run IS NULL THEN
@@ -1378,62 +1373,61 @@ BEGIN
 
   -- Type violations: a single step that finishes with a non-array output while a map
   -- depending on it still waits for its array fails its task and its run.
-  FOR v_violation IN
-    SELECT j, child.step_slug AS child_slug
-      FROM generate_subscripts(g_run, 1) AS j
-     CROSS JOIN LATERAL (
-       SELECT cs.step_slug
-         FROM pgflow.deps d
-         JOIN pgflow.steps cs ON cs.flow_slug = d.flow_slug AND cs.step_slug = d.step_slug
-         JOIN pgflow.step_states css ON css.run_id = g_run[j] AND css.step_slug = d.step_slug
-        WHERE d.flow_slug = g_flow[j]
-          AND d.dep_slug = g_step[j]
-          AND cs.step_type = 'map'
-          AND css.initial_tasks IS NULL
-        ORDER BY cs.step_index
-        LIMIT 1
-     ) child
-     WHERE g_completes[j]
-       AND g_type[j] = 'single'
-       AND jsonb_typeof(v_outputs[g_first[j]]) IS DISTINCT FROM 'array'
-       AND NOT (g_run[j] = ANY(v_failed))
-     ORDER BY j
-  LOOP
-    v_type := coalesce(jsonb_typeof(v_outputs[g_first[v_violation.j]]), 'null');
+  IF v_may_violate THEN
+    FOR v_violation IN
+      SELECT j, child.step_slug AS child_slug
+        FROM generate_subscripts(g_run, 1) AS j
+       CROSS JOIN LATERAL (
+         SELECT cs.step_slug
+           FROM pgflow.deps d
+           JOIN pgflow.steps cs ON cs.flow_slug = d.flow_slug AND cs.step_slug = d.step_slug
+           JOIN pgflow.step_states css ON css.run_id = g_run[j] AND css.step_slug = d.step_slug
+          WHERE d.flow_slug = g_flow[j]
+            AND d.dep_slug = g_step[j]
+            AND cs.step_type = 'map'
+            AND css.initial_tasks IS NULL
+          ORDER BY cs.step_index
+          LIMIT 1
+       ) child
+       WHERE g_completes[j]
+         AND g_type[j] = 'single'
+         AND jsonb_typeof(v_outputs[g_first[j]]) IS DISTINCT FROM 'array'
+         AND NOT (g_run[j] = ANY(v_failed))
+       ORDER BY j
+    LOOP
+      v_type := coalesce(jsonb_typeof(v_outputs[g_first[v_violation.j]]), 'null');
 
-    UPDATE pgflow.step_tasks t
-       SET status = 'failed',
-           failed_at = now(),
-           output = v_outputs[g_first[v_violation.j]],
-           error_message = '[TYPE_VIOLATION] Produced ' || v_type || ' instead of array'
-     WHERE t.ctid = v_tids[g_first[v_violation.j]];
+      UPDATE pgflow.step_tasks t
+         SET status = 'failed',
+             failed_at = now(),
+             output = v_outputs[g_first[v_violation.j]],
+             error_message = '[TYPE_VIOLATION] Produced ' || v_type || ' instead of array'
+       WHERE t.ctid = v_tids[g_first[v_violation.j]];
 
-    v_msgs := pgflow._fail_run(
-      g_run[v_violation.j], g_flow[v_violation.j], g_step[v_violation.j],
-      '[TYPE_VIOLATION] Map step ' || v_violation.child_slug
-        || ' expects array input but dependency ' || g_step[v_violation.j]
-        || ' produced ' || v_type);
+      v_msgs := pgflow._fail_run(
+        g_run[v_violation.j], g_flow[v_violation.j], g_step[v_violation.j],
+        '[TYPE_VIOLATION] Map step ' || v_violation.child_slug
+          || ' expects array input but dependency ' || g_step[v_violation.j]
+          || ' produced ' || v_type);
 
-    v_msgs := v_msgs || v_rows[g_first[v_violation.j]].message_id;
-    v_archive_q := v_archive_q || array_fill(g_flow[v_violation.j], ARRAY[cardinality(v_msgs)]);
-    v_archive := v_archive || v_msgs;
-    v_skip := v_skip || g_first[v_violation.j];
-    v_failed := v_failed || g_run[v_violation.j];
-  END LOOP;
+      v_msgs := v_msgs || v_rows[g_first[v_violation.j]].message_id;
+      v_archive_q := v_archive_q || array_fill(g_flow[v_violation.j], ARRAY[cardinality(v_msgs)]);
+      v_archive := v_archive || v_msgs;
+      v_skip := v_skip || g_first[v_violation.j];
+      v_failed := v_failed || g_run[v_violation.j];
+    END LOOP;
+  END IF;
 
   -- The tasks, by the tuple ids locked above; their messages are archived last.
-  SELECT array_agg(v_tids[x.ordinality]), array_agg(v_outputs[x.ordinality])
-    INTO u_tids, u_outputs
-    FROM unnest(v_rows) WITH ORDINALITY AS x
-   WHERE x.status = 'started'
-     AND NOT (x.run_id = ANY(v_failed));
-
   WITH done AS (
     UPDATE pgflow.step_tasks t
        SET status = 'completed',
            completed_at = now(),
            output = u.output
-      FROM unnest(u_tids, u_outputs) AS u(tid, output)
+      FROM (SELECT v_tids[x.ordinality] AS tid, v_outputs[x.ordinality] AS output
+              FROM unnest(v_rows) WITH ORDINALITY AS x
+             WHERE x.status = 'started'
+               AND NOT (x.run_id = ANY(v_failed))) u
      WHERE t.ctid = u.tid
     RETURNING t.flow_slug, t.message_id
   )
