@@ -4,7 +4,7 @@
 use serde_json::{Value, json};
 use uuid::Uuid;
 
-use super::Engine;
+use super::{Engine, Task};
 
 #[tokio::test]
 async fn a_root_map_fans_out_over_the_input_array() {
@@ -440,6 +440,91 @@ async fn complete_tasks_completes_a_batch_across_runs_and_steps_like_complete_ta
             .scalar::<i64>("SELECT count(*) FROM pgflow.complete_tasks('{}', '{}', '{}', '{}')")
             .await,
         0
+    );
+}
+
+#[tokio::test]
+async fn one_complete_tasks_batch_advances_runs_of_two_flows_and_a_cascade() {
+    let engine = Engine::new().await;
+    // Flow "one": a list feeding a map, then a reducer. Flow "two": a single-step flow.
+    engine
+        .flow(
+            "one",
+            &[
+                ("list", &[], "single"),
+                ("each", &["list"], "map"),
+                ("sum", &["each"], "single"),
+            ],
+        )
+        .await;
+    engine.flow("two", &[("only", &[], "single")]).await;
+    let fills = engine.start("one", json!("fills")).await;
+    let empties = engine.start("one", json!("empties")).await;
+    let finishes = engine.start("two", json!({})).await;
+    let mut tasks = engine.poll("one").await;
+    tasks.extend(engine.poll("two").await);
+    assert_eq!(tasks.len(), 3);
+
+    // One batch: `list` of the first run releases a map over two elements, `list` of the
+    // second releases an empty map (completed by the cascade, which starts `sum`), and the
+    // only step of the run of "two" finishes its run.
+    let output = |t: &Task| {
+        if t.run_id == fills {
+            json!([10, 20])
+        } else if t.run_id == empties {
+            json!([])
+        } else {
+            json!("done")
+        }
+    };
+    let run_ids: Vec<Uuid> = tasks.iter().map(|t| t.run_id).collect();
+    let steps: Vec<String> = tasks.iter().map(|t| t.step_slug.clone()).collect();
+    let indexes: Vec<i32> = tasks.iter().map(|t| t.task_index).collect();
+    let outputs: Vec<Value> = tasks.iter().map(output).collect();
+    let completed: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM pgflow.complete_tasks($1, $2, $3, $4)")
+            .bind(&run_ids)
+            .bind(&steps)
+            .bind(&indexes)
+            .bind(&outputs)
+            .fetch_one(engine.pool())
+            .await
+            .unwrap();
+    assert_eq!(completed, 3);
+
+    // Every message of the batch is archived, in its own flow's queue.
+    assert_eq!(engine.queue_counts("two").await, (0, 1));
+    assert_eq!(
+        engine.run(finishes).await,
+        ("completed".into(), Some(json!({"only": "done"})))
+    );
+
+    assert_eq!(
+        engine.step(fills, "each").await,
+        ("started".into(), Some(2), Some(2), 0)
+    );
+    assert_eq!(
+        engine.step(empties, "each").await,
+        ("completed".into(), Some(0), Some(0), 0)
+    );
+    assert_eq!(engine.step(empties, "sum").await.0, "started");
+    let next = engine.poll("one").await;
+    let mut got: Vec<(bool, String, Value)> = next
+        .iter()
+        .map(|t| (t.run_id == fills, t.step_slug.clone(), t.input.clone()))
+        .collect();
+    got.sort_by(|a, b| format!("{a:?}").cmp(&format!("{b:?}")));
+    assert_eq!(
+        got,
+        vec![
+            (
+                false,
+                "sum".to_string(),
+                json!({"run": "empties", "each": []})
+            ),
+            (true, "each".to_string(), json!(10)),
+            (true, "each".to_string(), json!(20)),
+        ]
     );
 }
 
