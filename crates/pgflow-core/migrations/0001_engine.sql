@@ -934,7 +934,10 @@ BEGIN
 END;
 $$;
 
-CREATE FUNCTION pgflow.maybe_complete_run(run_id uuid)
+-- Completes the given runs that have no step left, in run_id order: their output (the
+-- leaf steps' outputs), status and run:completed event. The callers hold the runs' row
+-- locks or created them.
+CREATE FUNCTION pgflow._complete_runs(p_run_ids uuid[])
 RETURNS void
 LANGUAGE plpgsql
 VOLATILE
@@ -945,41 +948,67 @@ SET enable_hashjoin = off
 SET enable_mergejoin = off
 AS $$
 DECLARE
-  v_run pgflow.runs;
+  v_runs    uuid[];
+  v_flows   text[];
+  v_started timestamptz[];
+  v_done    timestamptz[];
+  v_outputs jsonb[];
 BEGIN
-  -- The leaf-output aggregate is only evaluated for the row actually completing.
-  UPDATE pgflow.runs r
-     SET status = 'completed',
-         completed_at = now(),
-         output = (
-           SELECT coalesce(
-                    jsonb_object_agg(leaf.step_slug,
-                                     pgflow._step_output(r.run_id, leaf.step_slug, leaf.step_type)),
-                    '{}'::jsonb)
-             FROM pgflow.steps leaf
-            WHERE leaf.flow_slug = r.flow_slug
-              AND NOT EXISTS (
-                SELECT 1 FROM pgflow.deps d
-                 WHERE d.flow_slug = leaf.flow_slug
-                   AND d.dep_slug = leaf.step_slug
-              )
-         )
-   WHERE r.run_id = maybe_complete_run.run_id
-     AND r.remaining_steps = 0
-     AND r.status = 'started'
-  RETURNING * INTO v_run;
+  -- The leaf-output aggregate is only evaluated for the rows actually completing.
+  WITH done AS (
+    UPDATE pgflow.runs r
+       SET status = 'completed',
+           completed_at = now(),
+           output = (
+             SELECT coalesce(
+                      jsonb_object_agg(leaf.step_slug,
+                                       pgflow._step_output(r.run_id, leaf.step_slug, leaf.step_type)),
+                      '{}'::jsonb)
+               FROM pgflow.steps leaf
+              WHERE leaf.flow_slug = r.flow_slug
+                AND NOT EXISTS (
+                  SELECT 1 FROM pgflow.deps d
+                   WHERE d.flow_slug = leaf.flow_slug
+                     AND d.dep_slug = leaf.step_slug
+                )
+           )
+      FROM unnest(p_run_ids) AS f(run_id)
+     WHERE r.run_id = f.run_id
+       AND r.remaining_steps = 0
+       AND r.status = 'started'
+    RETURNING r.run_id, r.flow_slug, r.started_at, r.completed_at, r.output
+  )
+  SELECT array_agg(d.run_id ORDER BY d.run_id), array_agg(d.flow_slug ORDER BY d.run_id),
+         array_agg(d.started_at ORDER BY d.run_id), array_agg(d.completed_at ORDER BY d.run_id),
+         array_agg(d.output ORDER BY d.run_id)
+    INTO v_runs, v_flows, v_started, v_done, v_outputs
+    FROM done d;
 
-  IF FOUND THEN
-    PERFORM pgflow._emit(jsonb_build_object(
-      'event_type', 'run:completed',
-      'run_id', v_run.run_id,
-      'flow_slug', v_run.flow_slug,
-      'status', 'completed',
-      'started_at', v_run.started_at,
-      'completed_at', v_run.completed_at,
-      'output', v_run.output
-    ));
-  END IF;
+  PERFORM pgflow._emit(jsonb_build_object(
+            'event_type', 'run:completed',
+            'run_id', e.run_id,
+            'flow_slug', e.flow_slug,
+            'status', 'completed',
+            'started_at', e.started_at,
+            'completed_at', e.completed_at,
+            'output', e.output))
+     FROM unnest(v_runs, v_flows, v_started, v_done, v_outputs)
+          AS e(run_id, flow_slug, started_at, completed_at, output);
+END;
+$$;
+
+CREATE FUNCTION pgflow.maybe_complete_run(run_id uuid)
+RETURNS void
+LANGUAGE plpgsql
+VOLATILE
+SET search_path = ''
+SET plan_cache_mode = force_generic_plan
+SET enable_seqscan = off
+SET enable_hashjoin = off
+SET enable_mergejoin = off
+AS $$
+BEGIN
+  PERFORM pgflow._complete_runs(ARRAY[maybe_complete_run.run_id]);
 END;
 $$;
 
@@ -995,12 +1024,14 @@ SET search_path = ''
 AS $$
 DECLARE
   v_step_count    integer;
+  v_roots         text[];
   v_has_root_map  boolean;
   v_root_tasks    integer;
   v_run           pgflow.runs;
 BEGIN
-  SELECT count(*)::integer, coalesce(bool_or(s.step_type = 'map' AND s.deps_count = 0), false)
-    INTO v_step_count, v_has_root_map
+  SELECT count(*)::integer, coalesce(bool_or(s.step_type = 'map' AND s.deps_count = 0), false),
+         array_agg(s.step_slug) FILTER (WHERE s.deps_count = 0)
+    INTO v_step_count, v_has_root_map, v_roots
     FROM pgflow.steps s
    WHERE s.flow_slug = start_flow.flow_slug;
 
@@ -1045,8 +1076,9 @@ BEGIN
   -- Nobody else sees the new run yet, so its row needs no lock here.
   IF v_root_tasks = 0 THEN
     PERFORM pgflow.start_ready_steps(v_run.run_id);
-  ELSE
-    PERFORM pgflow._start_steps(v_run.run_id, v_run.flow_slug, NULL);
+  ELSIF v_roots IS NOT NULL THEN
+    PERFORM pgflow._start_ready_steps(
+      v_run.flow_slug, array_fill(v_run.run_id, ARRAY[cardinality(v_roots)]), v_roots);
   END IF;
   IF v_root_tasks = 0 OR v_step_count = 0 THEN
     PERFORM pgflow.maybe_complete_run(v_run.run_id);
@@ -1559,10 +1591,11 @@ BEGIN
       END LOOP;
     END IF;
 
-    FOR v_run IN SELECT unnest(v_finished) LOOP
-      CONTINUE WHEN v_run = ANY(coalesce(v_cascade, '{}'));
-      PERFORM pgflow.maybe_complete_run(v_run);
-    END LOOP;
+    IF v_finished IS NOT NULL THEN
+      PERFORM pgflow._complete_runs(ARRAY(
+        SELECT f.run_id FROM unnest(v_finished) AS f(run_id)
+         WHERE NOT (f.run_id = ANY(coalesce(v_cascade, '{}')))));
+    END IF;
   END IF;
 
   -- Lock level 5, last.
