@@ -528,21 +528,16 @@ async fn one_complete_tasks_batch_advances_runs_of_two_flows_and_a_cascade() {
     );
 }
 
+/// How fast it starts is the benchmark's to measure (the spec's floor, `examples/bench`);
+/// this checks what it builds.
 #[tokio::test]
-async fn a_big_root_map_starts_fast_and_its_tasks_read_single_elements() {
+async fn a_big_root_map_starts_in_one_call_and_its_tasks_read_single_elements() {
     let engine = Engine::new().await;
     engine.flow("big", &[("m", &[], "map")]).await;
     let input: Vec<i64> = (0..10_000).collect();
-    let started = std::time::Instant::now();
     let run = engine.start("big", json!(input)).await;
-    let elapsed = started.elapsed();
     assert_eq!(engine.step(run, "m").await.2, Some(10_000));
     assert_eq!(engine.queue_counts("big").await.0, 10_000);
-    // A generous bound (the spec's floor is 800 ms on a small machine; CI shares its cores).
-    assert!(
-        elapsed.as_millis() < 4_000,
-        "start_flow over 10,000 elements took {elapsed:?}"
-    );
 
     let msg_ids: Vec<i64> = sqlx::query_scalar(
         "SELECT message_id FROM pgflow.step_tasks WHERE run_id = $1 AND task_index IN (0, 4242, 9999) ORDER BY task_index",
