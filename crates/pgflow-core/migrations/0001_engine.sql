@@ -272,6 +272,24 @@ CREATE TYPE pgflow.step_task_record AS (
 -- Internal helpers (underscore-prefixed: not part of the pgflow 0.8.1 surface)
 -- -------------------------------------------------------------------------------------
 
+-- Whether realtime.send(jsonb, text, text, boolean) exists (Supabase), found by the fixed
+-- oids of those built-in types: a catalog lookup with a cached plan, where to_regprocedure
+-- would run the SQL parser on the signature for every event.
+CREATE FUNCTION pgflow._has_realtime()
+RETURNS boolean
+LANGUAGE sql
+STABLE
+SET search_path = ''
+AS $$
+  SELECT EXISTS (
+    SELECT 1
+      FROM pg_catalog.pg_proc p
+      JOIN pg_catalog.pg_namespace n ON n.oid = p.pronamespace
+     WHERE n.nspname = 'realtime'
+       AND p.proname = 'send'
+       AND p.proargtypes = '3802 25 25 16'::pg_catalog.oidvector)
+$$;
+
 -- The one place events leave the engine (see EVENTS at the top).
 CREATE FUNCTION pgflow._emit(event jsonb)
 RETURNS void
@@ -293,15 +311,7 @@ BEGIN
   END IF;
   PERFORM pg_notify('pgflow', v_notify::text);
 
-  -- realtime.send(jsonb, text, text, boolean), by the fixed oids of those built-in types:
-  -- a catalog lookup with a cached plan, where to_regprocedure would run the SQL parser
-  -- on the signature for every event.
-  IF EXISTS (SELECT 1
-               FROM pg_catalog.pg_proc p
-               JOIN pg_catalog.pg_namespace n ON n.oid = p.pronamespace
-              WHERE n.nspname = 'realtime'
-                AND p.proname = 'send'
-                AND p.proargtypes = '3802 25 25 16'::pg_catalog.oidvector) THEN
+  IF pgflow._has_realtime() THEN
     PERFORM realtime.send(
       event,
       CASE
@@ -884,27 +894,6 @@ BEGIN
 END;
 $$;
 
--- _start_ready_steps for one run: the named steps, or every step of the flow when
--- p_step_slugs is NULL.
-CREATE FUNCTION pgflow._start_steps(p_run_id uuid, p_flow_slug text, p_step_slugs text[])
-RETURNS void
-LANGUAGE plpgsql
-VOLATILE
-SET search_path = ''
-SET plan_cache_mode = force_generic_plan
-SET enable_seqscan = off
-SET enable_hashjoin = off
-SET enable_mergejoin = off
-AS $$
-DECLARE
-  v_slugs text[] := coalesce(p_step_slugs,
-    ARRAY(SELECT s.step_slug FROM pgflow.steps s WHERE s.flow_slug = p_flow_slug));
-BEGIN
-  PERFORM pgflow._start_ready_steps(
-    p_flow_slug, array_fill(p_run_id, ARRAY[cardinality(v_slugs)]), v_slugs);
-END;
-$$;
-
 CREATE FUNCTION pgflow.start_ready_steps(run_id uuid)
 RETURNS void
 LANGUAGE plpgsql
@@ -918,6 +907,7 @@ AS $$
 DECLARE
   v_flow_slug text;
   v_status    text;
+  v_slugs     text[];
 BEGIN
   SELECT r.flow_slug, r.status INTO v_flow_slug, v_status
     FROM pgflow.runs r
@@ -930,7 +920,9 @@ BEGIN
   -- Empty maps complete through the cascade, which also releases their dependents and
   -- counts them off the run, so nothing is left half-done.
   PERFORM pgflow.cascade_complete_taskless_steps(start_ready_steps.run_id);
-  PERFORM pgflow._start_steps(start_ready_steps.run_id, v_flow_slug, NULL);
+  SELECT array_agg(s.step_slug) INTO v_slugs FROM pgflow.steps s WHERE s.flow_slug = v_flow_slug;
+  PERFORM pgflow._start_ready_steps(
+    v_flow_slug, array_fill(start_ready_steps.run_id, ARRAY[cardinality(v_slugs)]), v_slugs);
 END;
 $$;
 
@@ -1483,7 +1475,7 @@ BEGIN
     -- Steps that finished: their events first, in key order, so a parent's event precedes
     -- those of the children it releases. A map's assembled array only travels in realtime
     -- payloads (NOTIFY drops outputs), so it is built only where realtime exists.
-    v_realtime := to_regprocedure('realtime.send(jsonb,text,text,boolean)') IS NOT NULL;
+    v_realtime := pgflow._has_realtime();
     PERFORM pgflow._emit(jsonb_build_object(
               'event_type', 'step:completed',
               'run_id', c.run_id,
@@ -1554,22 +1546,22 @@ BEGIN
        WHERE r.run_id = f.run_id
       RETURNING r.run_id, r.remaining_steps
     )
-    SELECT (SELECT array_agg(rel.run_id ORDER BY rel.run_id, rel.step_slug)
+    -- Released steps with tasks to run start here; an empty map among them (no tasks)
+    -- sends its run through the cascade.
+    SELECT ready.runs, ready.steps, ready.flows, ready.cascade, finished.runs
+      INTO v_ready_runs, v_ready, v_ready_flows, v_cascade, v_finished
+      FROM (SELECT array_agg(rel.run_id ORDER BY rel.run_id, rel.step_slug)
+                     FILTER (WHERE rel.initial_tasks > 0) AS runs,
+                   array_agg(rel.step_slug ORDER BY rel.run_id, rel.step_slug)
+                     FILTER (WHERE rel.initial_tasks > 0) AS steps,
+                   array_agg(rel.flow_slug ORDER BY rel.run_id, rel.step_slug)
+                     FILTER (WHERE rel.initial_tasks > 0) AS flows,
+                   array_agg(DISTINCT rel.run_id)
+                     FILTER (WHERE coalesce(rel.initial_tasks, 0) = 0) AS cascade
               FROM released rel
-             WHERE rel.status = 'created' AND rel.remaining_deps = 0 AND rel.initial_tasks > 0),
-           (SELECT array_agg(rel.step_slug ORDER BY rel.run_id, rel.step_slug)
-              FROM released rel
-             WHERE rel.status = 'created' AND rel.remaining_deps = 0 AND rel.initial_tasks > 0),
-           (SELECT array_agg(rel.flow_slug ORDER BY rel.run_id, rel.step_slug)
-              FROM released rel
-             WHERE rel.status = 'created' AND rel.remaining_deps = 0 AND rel.initial_tasks > 0),
-           (SELECT array_agg(DISTINCT rel.run_id)
-              FROM released rel
-             WHERE rel.status = 'created' AND rel.remaining_deps = 0
-               AND coalesce(rel.initial_tasks, 0) = 0),
-           (SELECT array_agg(cnt.run_id ORDER BY cnt.run_id)
-              FROM counted cnt WHERE cnt.remaining_steps = 0)
-      INTO v_ready_runs, v_ready, v_ready_flows, v_cascade, v_finished;
+             WHERE rel.status = 'created' AND rel.remaining_deps = 0) ready,
+           (SELECT array_agg(cnt.run_id ORDER BY cnt.run_id) AS runs
+              FROM counted cnt WHERE cnt.remaining_steps = 0) finished;
 
     -- Follow-ups only for runs where a step finished: start the dependents released (a run
     -- with an empty map among them goes through the cascade, which starts the others too),

@@ -71,12 +71,11 @@ async fn fetch_sql<'a>(pool: &PgPool, flow: &'a FlowEntry) -> sqlx::Result<Cow<'
     if let Some(sql) = flow.fetch_sql.get() {
         return Ok(Cow::Borrowed(sql));
     }
-    let table = format!("q_{}", flow.slug.to_lowercase());
+    let table = &flow.queue_table;
     let (exists, last_read_at): (bool, bool) = sqlx::query_as(QUEUE_COLUMNS_SQL)
-        .bind(&table)
+        .bind(table)
         .fetch_one(pool)
         .await?;
-    // A valid slug needs no escaping; the quotes keep the lowercase name from being folded.
     let sql = FETCH_SQL
         .replace("{queue}", &format!("\"{table}\""))
         .replace(

@@ -24,6 +24,8 @@ pub(crate) struct FlowEntry {
     pub(crate) wake: Notify,
     /// Cancelled when the worker shuts down or this flow's row is marked deprecated.
     pub(crate) stop: CancellationToken,
+    /// The queue's table in schema `pgmq`: `q_<lower(slug)>`, as pgmq names it.
+    pub(crate) queue_table: String,
     /// `SELECT` of the seconds until the next message of the queue becomes visible.
     pub(crate) next_visible_sql: String,
     /// The statement that reads and starts tasks, once the queue's table is known.
@@ -53,11 +55,11 @@ impl FlowEntry {
         steps: BTreeMap<String, Arc<dyn ErasedHandler>>,
         shutdown: &CancellationToken,
     ) -> Self {
-        // pgmq's table for queue `q` is `pgmq.q_<lower(q)>`; a valid slug needs no escaping,
-        // the quotes only keep the lowercase name from being folded again.
+        // A valid slug needs no escaping in SQL text; the quotes only keep the lowercase name
+        // from being folded again.
+        let queue_table = format!("q_{}", slug.to_lowercase());
         let next_visible_sql = format!(
-            "SELECT extract(epoch FROM min(vt) - clock_timestamp())::float8 FROM pgmq.\"q_{}\"",
-            slug.to_lowercase()
+            "SELECT extract(epoch FROM min(vt) - clock_timestamp())::float8 FROM pgmq.\"{queue_table}\""
         );
         let steps = steps
             .into_iter()
@@ -76,6 +78,7 @@ impl FlowEntry {
             steps,
             wake: Notify::new(),
             stop: shutdown.child_token(),
+            queue_table,
             next_visible_sql,
             fetch_sql: OnceLock::new(),
         }
