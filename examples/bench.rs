@@ -7,8 +7,8 @@
 //! ```
 //!
 //! With `DATABASE_URL` set it uses that server (the user needs `CREATEDB`); without it, it starts
-//! a throwaway server from the PostgreSQL binaries on this machine. Every measured row gets a
-//! fresh database. See the "Performance" section of README.md for what each column means.
+//! a throwaway server from the PostgreSQL binaries on this machine, durable as a production
+//! server is (`fsync` on) unless `--no-fsync`. Every measured row gets a fresh database. See the "Performance" section of README.md for what each column means.
 
 #[path = "bench/driver.rs"]
 mod driver;
@@ -28,7 +28,7 @@ use std::time::{Duration, Instant};
 
 use clap::Parser;
 use pgflow_client::Client;
-use pgflow_client::throwaway::TestDatabase;
+use pgflow_client::throwaway::{TestDatabase, ThrowawayServer};
 use serde_json::{Value, json};
 use sqlx::postgres::{PgListener, PgPoolOptions};
 use sqlx::{Connection, PgConnection};
@@ -86,6 +86,10 @@ struct Args {
     /// Where to write the results (default bench-results/latest.json, smoke: bench-results/smoke.json).
     #[arg(long)]
     json: Option<PathBuf>,
+    /// Start the throwaway server with `fsync=off`, as the tests do: commits stop waiting for
+    /// the disk, which leaves the CPU cost alone (and makes `synchronous_commit` moot).
+    #[arg(long)]
+    no_fsync: bool,
 }
 
 /// Who executes the tasks.
@@ -159,6 +163,8 @@ fn per_sec(count: usize, secs: f64) -> f64 {
 #[derive(Debug)]
 struct Env {
     admin: sqlx::PgPool,
+    /// Where `CREATE DATABASE` runs: each row's database is made on this server.
+    admin_url: String,
     batch: usize,
     concurrency: usize,
     profile: bool,
@@ -200,8 +206,23 @@ async fn main() -> Result<(), Box<dyn Error + Send + Sync>> {
         })
     });
 
-    // DATABASE_URL, or a throwaway server shared by this process (stopped when it exits).
-    let admin_url = pgflow_client::throwaway::database_url()?;
+    // DATABASE_URL, or a throwaway server of our own, stopped when `_server` drops. Durable
+    // by default: the ceiling is commits, and a commit that need not reach the disk is not one
+    // that a production server makes.
+    let from_env = std::env::var("DATABASE_URL")
+        .ok()
+        .filter(|url| !url.trim().is_empty());
+    let (admin_url, _server) = match &from_env {
+        Some(url) => (url.clone(), None),
+        None => {
+            let server = if args.no_fsync {
+                ThrowawayServer::start()?
+            } else {
+                ThrowawayServer::start_durable()?
+            };
+            (server.url("postgres"), Some(server))
+        }
+    };
     let admin = PgPoolOptions::new()
         .max_connections(2)
         .connect(&admin_url)
@@ -209,6 +230,7 @@ async fn main() -> Result<(), Box<dyn Error + Send + Sync>> {
     let load_before = measure::load_average();
     let env = Env {
         admin,
+        admin_url: admin_url.clone(),
         batch: args.batch,
         concurrency: args.concurrency,
         profile: args.profile,
@@ -217,7 +239,7 @@ async fn main() -> Result<(), Box<dyn Error + Send + Sync>> {
         } else {
             900
         })),
-        postmaster: measure::throwaway_postmaster(),
+        postmaster: _server.as_ref().and_then(measure::postmaster_pid),
     };
     let server = measure::server_settings(&env.admin).await?;
     let machine = measure::machine();
@@ -225,7 +247,7 @@ async fn main() -> Result<(), Box<dyn Error + Send + Sync>> {
         "pgflow benchmark{} — PostgreSQL {} ({}), {} CPUs ({}), fsync={}, synchronous_commit={}",
         if args.smoke { " (smoke)" } else { "" },
         server["server_version"].as_str().unwrap_or("?"),
-        if std::env::var("DATABASE_URL").is_ok_and(|url| !url.trim().is_empty()) {
+        if from_env.is_some() {
             "DATABASE_URL"
         } else {
             "throwaway server"
@@ -243,7 +265,7 @@ async fn main() -> Result<(), Box<dyn Error + Send + Sync>> {
     // The ceiling, on a database of its own on the same server.
     let mut ceilings = Vec::new();
     {
-        let db = TestDatabase::new().await?;
+        let db = TestDatabase::new_in(&admin_url).await?;
         for variant in [
             CeilingVariant::Plain,
             CeilingVariant::SyncCommitOff,
@@ -256,7 +278,7 @@ async fn main() -> Result<(), Box<dyn Error + Send + Sync>> {
     }
     let ceiling = ceilings[0].1;
 
-    let floors = floors::measure(args.smoke).await?;
+    let floors = floors::measure(&admin_url, args.smoke).await?;
     for floor in &floors {
         println!(
             "floor: {}: {:.3} {} (limit {} {}, {:.0}% of it)",
@@ -437,7 +459,7 @@ impl Running {
 
 /// A fresh database holding `workload`'s flow, with per-function timing on if asked.
 async fn prepare(env: &Env, workload: &Workload) -> BoxResult<TestDatabase> {
-    let db = TestDatabase::new().await?;
+    let db = TestDatabase::new_in(&env.admin_url).await?;
     if env.profile {
         measure::enable_profile(&env.admin, db.name()).await?;
     }

@@ -40,9 +40,9 @@ impl Floor {
     }
 }
 
-/// Measures every floor; `smoke` repeats each measurement once.
-pub(crate) async fn measure(smoke: bool) -> BoxResult<Vec<Floor>> {
-    let db = TestDatabase::new().await?;
+/// Measures every floor on the server of `admin_url`; `smoke` repeats each measurement once.
+pub(crate) async fn measure(admin_url: &str, smoke: bool) -> BoxResult<Vec<Floor>> {
+    let db = TestDatabase::new_in(admin_url).await?;
     let pool = db.pool();
     let repeats = if smoke { 1 } else { 5 };
     exec(

@@ -4,6 +4,7 @@
 use std::error::Error;
 use std::time::{Duration, Instant};
 
+use pgflow_client::throwaway::ThrowawayServer;
 use serde_json::{Value, json};
 use sqlx::{Connection, PgConnection, PgPool};
 
@@ -440,12 +441,8 @@ pub(crate) fn server_cpu_secs(postmaster: u32) -> Option<f64> {
     Some(ticks as f64 / TICKS_PER_SEC)
 }
 
-/// The postmaster's pid of the throwaway server, when the benchmark runs on one.
-pub(crate) fn throwaway_postmaster() -> Option<u32> {
-    if std::env::var("DATABASE_URL").is_ok_and(|url| !url.trim().is_empty()) {
-        return None;
-    }
-    let server = pgflow_client::throwaway::shared_server().ok()?;
+/// The postmaster's pid of a throwaway server, for its CPU time.
+pub(crate) fn postmaster_pid(server: &ThrowawayServer) -> Option<u32> {
     let pid_file =
         std::fs::read_to_string(server.dir().join("data").join("postmaster.pid")).ok()?;
     pid_file.lines().next()?.trim().parse().ok()

@@ -2,8 +2,9 @@
 //!
 //! Examples and tests need a database with no set-up. [`ThrowawayServer::start`] runs `initdb` and
 //! `postgres` from the binaries installed on the machine in a private temporary directory, on its
-//! own port, with settings that trade durability for speed. When the process runs as root the
-//! server runs as the unprivileged `postgres` OS user (PostgreSQL refuses root).
+//! own port, with settings that trade durability for speed ([`ThrowawayServer::start_durable`]
+//! keeps PostgreSQL's durable defaults, for benchmarks). When the process runs as root the server
+//! runs as the unprivileged `postgres` OS user (PostgreSQL refuses root).
 //!
 //! The server is supervised by a small `sh` watchdog that holds the read end of a pipe whose write
 //! end only this process has. When the handle drops, when the process exits, panics, gets Ctrl-C
@@ -46,17 +47,17 @@ const START_TIMEOUT: Duration = Duration::from_secs(60);
 /// the owning process is gone or dropped its handle, so the server is stopped and its directory
 /// removed. Signals are ignored so that only the pipe decides. A line `restart INT` or
 /// `restart QUIT` on stdin stops the server with that signal (fast or immediate shutdown) and
-/// starts it again on the same data directory and port ([`ThrowawayServer::restart`]).
+/// starts it again on the same data directory and port ([`ThrowawayServer::restart`]). `$4` holds
+/// extra server settings, split on spaces.
 const WATCHDOG: &str = r#"
-bin="$1"; dir="$2"; port="$3"
+bin="$1"; dir="$2"; port="$3"; settings="$4"
 trap '' INT TERM HUP QUIT
 if ! "$bin/initdb" -D "$dir/data" -U postgres -A trust -E UTF8 --locale=C --no-sync >"$dir/initdb.log" 2>&1; then
   echo "initdb failed" >"$dir/failed"; cat "$dir/initdb.log" >>"$dir/failed"; read -r _ignored; rm -rf "$dir"; exit 1
 fi
 serve() {
   "$bin/postgres" -D "$dir/data" -p "$port" -k "$dir" -c listen_addresses=127.0.0.1 \
-    -c fsync=off -c full_page_writes=off -c max_connections=300 -c shared_buffers=256MB \
-    -c max_locks_per_transaction=256 -c log_min_messages=warning >>"$dir/postgres.log" 2>&1 &
+    $settings -c max_connections=300 -c shared_buffers=256MB -c max_locks_per_transaction=256 -c log_min_messages=warning >>"$dir/postgres.log" 2>&1 &
   pid=$!
 }
 serve
@@ -71,6 +72,10 @@ kill -INT "$pid" 2>/dev/null
 wait "$pid"
 rm -rf "$dir"
 "#;
+
+/// What [`ThrowawayServer::start`] trades: a crash of the machine may lose or corrupt the data,
+/// which for a throwaway server does not matter, and commits no longer wait for the disk.
+const FAST_SETTINGS: &str = "-c fsync=off -c full_page_writes=off";
 
 /// A PostgreSQL server started from the machine's binaries, deleted when dropped.
 ///
@@ -104,12 +109,31 @@ impl ThrowawayServer {
     /// The binaries are looked for in `PGFLOW_PG_BIN`, then next to `pg_config --bindir` or
     /// `initdb` on `PATH`, then in `/usr/lib/postgresql/*/bin`, newest version first.
     pub fn start() -> Result<Self> {
+        Self::start_with(FAST_SETTINGS)
+    }
+
+    /// Starts a new server that keeps PostgreSQL's durable defaults (`fsync` and
+    /// `full_page_writes` on): a commit waits for the disk, as on a production server. Slower
+    /// than [`start`](Self::start); what a benchmark needs, since the cost of a commit is part of
+    /// what it measures.
+    ///
+    /// ```no_run
+    /// # fn demo() -> pgflow_client::Result<()> {
+    /// let server = pgflow_client::throwaway::ThrowawayServer::start_durable()?;
+    /// println!("benchmark against {}", server.url("postgres"));
+    /// # Ok(()) }
+    /// ```
+    pub fn start_durable() -> Result<Self> {
+        Self::start_with("")
+    }
+
+    fn start_with(settings: &str) -> Result<Self> {
         let bin_dir = find_bin_dir()?;
         let mut last_error = None;
         // Picking a free port and binding it later is racy; a second attempt covers the
         // rare collision with another process.
         for _ in 0..3 {
-            match Self::start_in(&bin_dir) {
+            match Self::start_in(&bin_dir, settings) {
                 Ok(server) => return Ok(server),
                 Err(err) => last_error = Some(err),
             }
@@ -117,7 +141,7 @@ impl ThrowawayServer {
         Err(last_error.unwrap_or_else(|| Error::Throwaway("server did not start".into())))
     }
 
-    fn start_in(bin_dir: &Path) -> Result<Self> {
+    fn start_in(bin_dir: &Path, settings: &str) -> Result<Self> {
         let owner = server_owner()?;
         let dir = tempfile::Builder::new()
             .prefix("pgflow-pg-")
@@ -139,6 +163,7 @@ impl ThrowawayServer {
             .arg(bin_dir)
             .arg(&dir)
             .arg(port.to_string())
+            .arg(settings)
             .stdin(Stdio::piped())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -437,16 +462,34 @@ impl fmt::Debug for TestDatabase {
 impl TestDatabase {
     /// Creates a fresh database holding pgmq and the pgflow schema.
     pub async fn new() -> Result<Self> {
-        Self::create(true).await
+        Self::create_default(true).await
     }
 
     /// Creates a fresh, empty database (no pgmq, no schema), for testing installation itself.
     pub async fn empty() -> Result<Self> {
-        Self::create(false).await
+        Self::create_default(false).await
     }
 
-    async fn create(with_schema: bool) -> Result<Self> {
-        let admin_url = database_url()?;
+    /// Like [`new`](Self::new), on the server that `admin_url` connects to: the URL of a
+    /// database in which `CREATE DATABASE` may be run.
+    ///
+    /// ```no_run
+    /// # async fn demo() -> pgflow_client::Result<()> {
+    /// use pgflow_client::throwaway::{TestDatabase, ThrowawayServer};
+    ///
+    /// let server = ThrowawayServer::start_durable()?;
+    /// let db = TestDatabase::new_in(&server.url("postgres")).await?;
+    /// # Ok(()) }
+    /// ```
+    pub async fn new_in(admin_url: &str) -> Result<Self> {
+        Self::create(admin_url.to_owned(), true).await
+    }
+
+    async fn create_default(with_schema: bool) -> Result<Self> {
+        Self::create(database_url()?, with_schema).await
+    }
+
+    async fn create(admin_url: String, with_schema: bool) -> Result<Self> {
         let name = format!("pgflow_test_{}", uuid::Uuid::new_v4().simple());
         let mut admin = PgConnection::connect(&admin_url).await?;
         if with_schema {
