@@ -967,7 +967,9 @@ BEGIN
       FROM unnest(p_run_ids) AS f(run_id)
      WHERE r.run_id = f.run_id
        AND r.remaining_steps = 0
-       AND r.status = 'started'
+       -- IS TRUE keeps this off idx_runs_status: a plan cached while few runs were
+       -- 'started' would otherwise scan every started run on each call.
+       AND (r.status = 'started') IS TRUE
     RETURNING r.run_id, r.flow_slug, r.started_at, r.completed_at, r.output
   )
   SELECT array_agg(d.run_id ORDER BY d.run_id), array_agg(d.flow_slug ORDER BY d.run_id),
@@ -1391,9 +1393,10 @@ BEGIN
     ORDER BY r.run_id
       FOR NO KEY UPDATE;
 
+  -- By key, never through idx_runs_status: failed runs pile up over time.
   v_failed := ARRAY(
     SELECT r.run_id FROM pgflow.runs r
-     WHERE r.run_id = ANY(g_run) AND r.status = 'failed');
+     WHERE r.run_id = ANY(g_run) AND (r.status = 'failed') IS TRUE);
 
   -- Type violations: a single step that finishes with a non-array output while a map
   -- depending on it still waits for its array fails its task and its run.

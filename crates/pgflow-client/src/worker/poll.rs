@@ -31,6 +31,8 @@ use super::report::Report;
 /// snapshot predates the function's own updates), hence `attempts_count + 1`. Both are scalar
 /// subqueries, so each is one primary-key lookup per started task: as joins, the planner would
 /// size them by the function's row estimate and may hash a scan of all of step_tasks instead.
+/// The messages read are updated by `msg_id = ANY(array)`, an index lookup whatever the
+/// statistics: joined to `next`, the planner would hash a scan of the whole queue table.
 /// One statement means one transaction: read and start commit together, and the read's row
 /// locks on the messages cannot deadlock with the engine (they only meet tasks that are
 /// `queued`, which nothing else locks while their message is locked).
@@ -44,7 +46,7 @@ WITH next AS ( \
 read AS ( \
   UPDATE pgmq.{queue} q \
      SET vt = clock_timestamp() + make_interval(secs => $2), read_ct = q.read_ct + 1{last_read} \
-    FROM next WHERE q.msg_id = next.msg_id \
+   WHERE q.msg_id = ANY(ARRAY(SELECT next.msg_id FROM next)) \
   RETURNING q.msg_id \
 ) \
 SELECT t.run_id, t.step_slug, t.input, t.task_index, \
