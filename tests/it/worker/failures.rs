@@ -133,6 +133,15 @@ async fn a_no_retry_error_fails_the_run_at_once() {
         .await
         .expect("an error message");
     assert!(error.starts_with("invalid order (not retried"), "{error}");
+    // One attempt was made, and the task says so (not the step's 5).
+    let attempts: i32 = sqlx::query_scalar(
+        "SELECT attempts_count FROM pgflow.step_tasks WHERE run_id = $1 AND step_slug = 'refuse'",
+    )
+    .bind(run)
+    .fetch_one(pool)
+    .await
+    .expect("task");
+    assert_eq!(attempts, 1);
     worker.shutdown().await.expect("shutdown");
 }
 

@@ -320,7 +320,8 @@ async fn fail_task(shared: &Shared, key: &TaskKey, message: &str) -> sqlx::Resul
 }
 
 /// Fails the task for good: `fail_task` retries while `attempts_count` is below the step's
-/// `max_attempts`, so raise it to that first, in the same transaction.
+/// `max_attempts`, so raise it to that first, in the same transaction, and put the attempts
+/// actually made back afterwards: the failed task then says how many attempts it took.
 async fn fail_now(shared: &Shared, key: &TaskKey, message: &str) -> sqlx::Result<()> {
     let mut tx = shared.pool.begin().await?;
     sqlx::query(
@@ -346,6 +347,16 @@ async fn fail_now(shared: &Shared, key: &TaskKey, message: &str) -> sqlx::Result
         .bind(message)
         .fetch_one(&mut *tx)
         .await?;
+    sqlx::query(
+        "UPDATE pgflow.step_tasks SET attempts_count = $4 \
+          WHERE run_id = $1 AND step_slug = $2 AND task_index = $3 AND status = 'failed'",
+    )
+    .bind(key.run_id)
+    .bind(&*key.step_slug)
+    .bind(key.task_index)
+    .bind(key.attempt)
+    .execute(&mut *tx)
+    .await?;
     tx.commit().await
 }
 
