@@ -273,21 +273,25 @@ CREATE TYPE pgflow.step_task_record AS (
 -- -------------------------------------------------------------------------------------
 
 -- Whether realtime.send(jsonb, text, text, boolean) exists (Supabase), found by the fixed
--- oids of those built-in types: a catalog lookup with a cached plan, where to_regprocedure
--- would run the SQL parser on the signature for every event.
+-- oids of those built-in types, where to_regprocedure would run the SQL parser on the
+-- signature for every event. PL/pgSQL, not SQL: a SQL function with a SET clause is never
+-- inlined and plans its query on every call (before PostgreSQL 18), and this runs once
+-- per event; PL/pgSQL keeps the plan for the session.
 CREATE FUNCTION pgflow._has_realtime()
 RETURNS boolean
-LANGUAGE sql
+LANGUAGE plpgsql
 STABLE
 SET search_path = ''
 AS $$
-  SELECT EXISTS (
+BEGIN
+  RETURN EXISTS (
     SELECT 1
       FROM pg_catalog.pg_proc p
       JOIN pg_catalog.pg_namespace n ON n.oid = p.pronamespace
      WHERE n.nspname = 'realtime'
        AND p.proname = 'send'
-       AND p.proargtypes = '3802 25 25 16'::pg_catalog.oidvector)
+       AND p.proargtypes = '3802 25 25 16'::pg_catalog.oidvector);
+END;
 $$;
 
 -- The one place events leave the engine (see EVENTS at the top).
