@@ -90,6 +90,11 @@ struct Args {
     /// the disk, which leaves the CPU cost alone (and makes `synchronous_commit` moot).
     #[arg(long)]
     no_fsync: bool,
+    /// After the other rows, run fanout1000 once more at the largest worker count with this
+    /// batch size and concurrency (default 50, smoke: none; 0 skips it): what a worker sized
+    /// for many short tasks does.
+    #[arg(long)]
+    tuned: Option<usize>,
 }
 
 /// Who executes the tasks.
@@ -114,6 +119,8 @@ struct Row {
     workload: String,
     executor: Executor,
     parallel: usize,
+    /// Batch size and concurrency, when not the run's defaults (`--batch`, `--concurrency`).
+    tuned: Option<Tuning>,
     idle: bool,
     stats: RunStats,
     wall_secs: f64,
@@ -146,8 +153,11 @@ impl Row {
             Executor::Driver => "client",
             Executor::Worker => "worker",
         };
+        let tuned = self.tuned.map_or(String::new(), |t| {
+            format!(", batch {} / concurrency {}", t.batch, t.concurrency)
+        });
         format!(
-            "{} {} {unit}{}",
+            "{} {} {unit}{}{tuned}",
             self.executor.name(),
             self.parallel,
             if self.parallel == 1 { "" } else { "s" }
@@ -159,14 +169,21 @@ fn per_sec(count: usize, secs: f64) -> f64 {
     if secs > 0.0 { count as f64 / secs } else { 0.0 }
 }
 
+/// Messages per read and handlers at once, per executor instance.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Tuning {
+    batch: usize,
+    concurrency: usize,
+}
+
 /// What every row needs.
 #[derive(Debug)]
 struct Env {
     admin: sqlx::PgPool,
     /// Where `CREATE DATABASE` runs: each row's database is made on this server.
     admin_url: String,
-    batch: usize,
-    concurrency: usize,
+    /// `--batch` and `--concurrency`.
+    tuning: Tuning,
     profile: bool,
     row_timeout: Duration,
     postmaster: Option<u32>,
@@ -231,8 +248,10 @@ async fn main() -> Result<(), Box<dyn Error + Send + Sync>> {
     let env = Env {
         admin,
         admin_url: admin_url.clone(),
-        batch: args.batch,
-        concurrency: args.concurrency,
+        tuning: Tuning {
+            batch: args.batch,
+            concurrency: args.concurrency,
+        },
         profile: args.profile,
         row_timeout: Duration::from_secs(args.row_timeout.unwrap_or(if args.smoke {
             120
@@ -311,11 +330,25 @@ async fn main() -> Result<(), Box<dyn Error + Send + Sync>> {
                 Executor::Worker => &workers,
             };
             for &parallel in counts {
-                let row = load_row(&env, *workload, executor, parallel).await?;
+                let row = load_row(&env, *workload, executor, parallel, None).await?;
                 print_progress(&row);
                 rows.push(row);
             }
         }
+    }
+    let tuned = args.tuned.unwrap_or(if args.smoke { 0 } else { 50 });
+    let fanout = workloads.iter().find(|w| w.kind() == flows::Kind::Fanout);
+    let most_workers = workers.iter().copied().max();
+    if let (true, Some(fanout), Some(parallel)) = (tuned > 0, fanout, most_workers)
+        && executors.contains(&Executor::Worker)
+    {
+        let tuning = Tuning {
+            batch: tuned,
+            concurrency: tuned,
+        };
+        let row = load_row(&env, *fanout, Executor::Worker, parallel, Some(tuning)).await?;
+        print_progress(&row);
+        rows.push(row);
     }
 
     let load_after = measure::load_average();
@@ -343,8 +376,8 @@ async fn main() -> Result<(), Box<dyn Error + Send + Sync>> {
         "load_average": { "before": load_before, "after": load_after },
         "server": server,
         "settings": {
-            "batch": env.batch,
-            "worker_concurrency": env.concurrency,
+            "batch": env.tuning.batch,
+            "worker_concurrency": env.tuning.concurrency,
             "driver_poll_interval_ms": driver::POLL_INTERVAL_MS,
             "start_chunk": START_CHUNK,
             "profile": env.profile,
@@ -430,7 +463,7 @@ enum Running {
 
 impl Running {
     async fn start(
-        env: &Env,
+        tuning: Tuning,
         url: &str,
         flow: &pgflow_core::Flow<u64>,
         executor: Executor,
@@ -438,10 +471,11 @@ impl Running {
     ) -> BoxResult<Self> {
         Ok(match executor {
             Executor::Driver => Self::Driver(
-                driver::Driver::start(url, flow, parallel, i32::try_from(env.batch)?).await?,
+                driver::Driver::start(url, flow, parallel, i32::try_from(tuning.batch)?).await?,
             ),
             Executor::Worker => Self::Worker(
-                worker::Workers::start(url, flow, parallel, env.concurrency, env.batch).await?,
+                worker::Workers::start(url, flow, parallel, tuning.concurrency, tuning.batch)
+                    .await?,
             ),
         })
     }
@@ -476,11 +510,13 @@ async fn load_row(
     workload: Workload,
     executor: Executor,
     parallel: usize,
+    tuned: Option<Tuning>,
 ) -> BoxResult<Row> {
     let db = prepare(env, &workload).await?;
     let flow = workload.flow();
     let rss_reset = measure::reset_peak_rss();
-    let running = Running::start(env, db.url(), &flow, executor, parallel).await?;
+    let tuning = tuned.unwrap_or(env.tuning);
+    let running = Running::start(tuning, db.url(), &flow, executor, parallel).await?;
 
     let mark = CpuMark::now(env.postmaster);
     let began = Instant::now();
@@ -526,6 +562,7 @@ async fn load_row(
         workload: workload.name.to_owned(),
         executor,
         parallel,
+        tuned,
         idle: false,
         stats,
         wall_secs,
@@ -547,7 +584,7 @@ async fn idle_row(env: &Env, executor: Executor, runs: usize) -> BoxResult<Row> 
     let db = prepare(env, &workload).await?;
     let flow = workload.flow();
     let rss_reset = measure::reset_peak_rss();
-    let running = Running::start(env, db.url(), &flow, executor, 1).await?;
+    let running = Running::start(env.tuning, db.url(), &flow, executor, 1).await?;
     let mut listener = PgListener::connect(db.url()).await?;
     listener.listen("pgflow").await?;
     let mut starter = PgConnection::connect(db.url()).await?;
@@ -600,6 +637,7 @@ async fn idle_row(env: &Env, executor: Executor, runs: usize) -> BoxResult<Row> 
         workload: "chain5 idle".to_owned(),
         executor,
         parallel: 1,
+        tuned: None,
         idle: true,
         stats,
         wall_secs,
@@ -788,6 +826,8 @@ fn row_json(row: &Row, ceiling: f64) -> Value {
         "workload": row.workload,
         "executor": row.executor.name(),
         "parallel": row.parallel,
+        // Null when the row ran with the run's `settings`.
+        "tuned": row.tuned.map(|t| json!({ "batch": t.batch, "concurrency": t.concurrency })),
         "idle": row.idle,
         "runs": row.stats.runs,
         "step_tasks": row.stats.tasks,
