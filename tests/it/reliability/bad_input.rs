@@ -314,10 +314,7 @@ async fn input_that_does_not_decode_fails_its_task_with_the_reason_and_nothing_e
     .fetch_one(pool)
     .await
     .expect("attempts");
-    assert_eq!(
-        attempts, 3,
-        "raised to max_attempts so that the engine stops"
-    );
+    assert_eq!(attempts, 1, "one attempt, and the task says so");
     assert_consistent(pool).await;
     worker.shutdown().await.expect("shutdown");
 }

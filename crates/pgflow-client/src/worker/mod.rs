@@ -31,8 +31,9 @@
 //! - A handler's [`StepError`], or a panic (its payload becomes the message), fails the attempt
 //!   with `pgflow.fail_task`; the engine retries it per the step's `max_attempts` and
 //!   `base_delay`. A [`StepError::no_retry`] error fails the task at once: the worker raises the
-//!   task's `attempts_count` to the step's `max_attempts` before calling `fail_task` (in one
-//!   transaction), so the engine sees the attempts exhausted. The error message says so.
+//!   task's `attempts_count` to the step's `max_attempts` before calling `fail_task`, so the
+//!   engine sees the attempts exhausted, then puts back the attempts actually made, all in one
+//!   transaction. The error message says so.
 //! - A handler still running after the step's timeout (`coalesce(step timeout, flow timeout)`,
 //!   60 s when neither is set) has its cancellation token fired, is dropped, and its attempt fails.
 //! - Lost connections are retried with capped, jittered exponential backoff. A report whose
