@@ -294,8 +294,10 @@ BEGIN
 END;
 $$;
 
--- The one place events leave the engine (see EVENTS at the top).
-CREATE FUNCTION pgflow._emit(event jsonb)
+-- The one place events leave the engine (see EVENTS at the top): every event of
+-- `events`, in array order. One call per statement that changes many rows: a call per
+-- event cost a function call with its settings, and a realtime lookup, each time.
+CREATE FUNCTION pgflow._emit_all(events jsonb[])
 RETURNS void
 LANGUAGE plpgsql
 VOLATILE
@@ -305,28 +307,47 @@ SET enable_seqscan = off
 SET enable_hashjoin = off
 SET enable_mergejoin = off
 AS $$
-DECLARE
-  v_event_type text := event ->> 'event_type';
-  v_notify     jsonb := event - 'output' - 'input';
 BEGIN
-  IF jsonb_typeof(v_notify -> 'error_message') = 'string' THEN
-    v_notify := jsonb_set(v_notify, '{error_message}',
-                          to_jsonb(left(v_notify ->> 'error_message', 1000)));
+  IF coalesce(cardinality(events), 0) = 0 THEN
+    RETURN;
   END IF;
-  PERFORM pg_notify('pgflow', v_notify::text);
+
+  PERFORM pg_notify('pgflow', (
+            CASE
+              WHEN jsonb_typeof(e.event -> 'error_message') = 'string'
+                THEN jsonb_set(e.event - 'output' - 'input', '{error_message}',
+                               to_jsonb(left(e.event ->> 'error_message', 1000)))
+              ELSE e.event - 'output' - 'input'
+            END)::text)
+     FROM unnest(events) WITH ORDINALITY AS e(event, ord)
+    ORDER BY e.ord;
 
   IF pgflow._has_realtime() THEN
     PERFORM realtime.send(
-      event,
-      CASE
-        WHEN v_event_type LIKE 'step:%'
-          THEN 'step:' || (event ->> 'step_slug') || ':' || split_part(v_event_type, ':', 2)
-        ELSE v_event_type
-      END,
-      'pgflow:run:' || (event ->> 'run_id'),
-      false
-    );
+              e.event,
+              CASE
+                WHEN e.event ->> 'event_type' LIKE 'step:%'
+                  THEN 'step:' || (e.event ->> 'step_slug') || ':'
+                       || split_part(e.event ->> 'event_type', ':', 2)
+                ELSE e.event ->> 'event_type'
+              END,
+              'pgflow:run:' || (e.event ->> 'run_id'),
+              false)
+       FROM unnest(events) WITH ORDINALITY AS e(event, ord)
+      ORDER BY e.ord;
   END IF;
+END;
+$$;
+
+-- One event.
+CREATE FUNCTION pgflow._emit(event jsonb)
+RETURNS void
+LANGUAGE plpgsql
+VOLATILE
+SET search_path = ''
+AS $$
+BEGIN
+  PERFORM pgflow._emit_all(ARRAY[event]);
 END;
 $$;
 
@@ -840,17 +861,19 @@ BEGIN
     RETURN;
   END IF;
 
-  PERFORM pgflow._emit(jsonb_build_object(
-            'event_type', 'step:started',
-            'run_id', e.run_id,
-            'flow_slug', p_flow_slug,
-            'step_slug', e.step_slug,
-            'status', 'started',
-            'started_at', e.started_at,
-            'remaining_tasks', e.n,
-            'remaining_deps', e.deps))
-     FROM unnest(v_runs, v_steps, v_counts, v_deps, v_started)
-          AS e(run_id, step_slug, n, deps, started_at);
+  PERFORM pgflow._emit_all(ARRAY(
+    SELECT jsonb_build_object(
+             'event_type', 'step:started',
+             'run_id', e.run_id,
+             'flow_slug', p_flow_slug,
+             'step_slug', e.step_slug,
+             'status', 'started',
+             'started_at', e.started_at,
+             'remaining_tasks', e.n,
+             'remaining_deps', e.deps)
+      FROM unnest(v_runs, v_steps, v_counts, v_deps, v_started) WITH ORDINALITY
+           AS e(run_id, step_slug, n, deps, started_at, ord)
+     ORDER BY e.ord));
 
   -- The messages, one per task in (run, step, task_index) order, built by static SQL.
   SELECT array_agg(m.run_id), array_agg(m.step_slug), array_agg(m.task_index),
@@ -982,16 +1005,18 @@ BEGIN
     INTO v_runs, v_flows, v_started, v_done, v_outputs
     FROM done d;
 
-  PERFORM pgflow._emit(jsonb_build_object(
-            'event_type', 'run:completed',
-            'run_id', e.run_id,
-            'flow_slug', e.flow_slug,
-            'status', 'completed',
-            'started_at', e.started_at,
-            'completed_at', e.completed_at,
-            'output', e.output))
-     FROM unnest(v_runs, v_flows, v_started, v_done, v_outputs)
-          AS e(run_id, flow_slug, started_at, completed_at, output);
+  PERFORM pgflow._emit_all(ARRAY(
+    SELECT jsonb_build_object(
+             'event_type', 'run:completed',
+             'run_id', e.run_id,
+             'flow_slug', e.flow_slug,
+             'status', 'completed',
+             'started_at', e.started_at,
+             'completed_at', e.completed_at,
+             'output', e.output)
+      FROM unnest(v_runs, v_flows, v_started, v_done, v_outputs) WITH ORDINALITY
+           AS e(run_id, flow_slug, started_at, completed_at, output, ord)
+     ORDER BY e.ord));
 END;
 $$;
 
@@ -1483,23 +1508,26 @@ BEGIN
     -- those of the children it releases. A map's assembled array only travels in realtime
     -- payloads (NOTIFY drops outputs), so it is built only where realtime exists.
     v_realtime := pgflow._has_realtime();
-    PERFORM pgflow._emit(jsonb_build_object(
-              'event_type', 'step:completed',
-              'run_id', c.run_id,
-              'flow_slug', c.flow_slug,
-              'step_slug', c.step_slug,
-              'status', 'completed',
-              'started_at', c.started_at,
-              'completed_at', now(),
-              'remaining_tasks', 0,
-              'output', CASE
-                WHEN c.step_type = 'single' THEN v_outputs[c.first_ord]
-                WHEN v_realtime THEN pgflow._step_output(c.run_id, c.step_slug, 'map')
-              END))
-       FROM unnest(g_run, g_step, g_flow, g_type, g_first, g_started_at, g_completes)
-            AS c(run_id, step_slug, flow_slug, step_type, first_ord, started_at, completes)
-      WHERE c.completes
-        AND NOT (c.run_id = ANY(v_failed));
+    PERFORM pgflow._emit_all(ARRAY(
+      SELECT jsonb_build_object(
+               'event_type', 'step:completed',
+               'run_id', c.run_id,
+               'flow_slug', c.flow_slug,
+               'step_slug', c.step_slug,
+               'status', 'completed',
+               'started_at', c.started_at,
+               'completed_at', now(),
+               'remaining_tasks', 0,
+               'output', CASE
+                 WHEN c.step_type = 'single' THEN v_outputs[c.first_ord]
+                 WHEN v_realtime THEN pgflow._step_output(c.run_id, c.step_slug, 'map')
+               END)
+        FROM unnest(g_run, g_step, g_flow, g_type, g_first, g_started_at, g_completes)
+             WITH ORDINALITY
+             AS c(run_id, step_slug, flow_slug, step_type, first_ord, started_at, completes, ord)
+       WHERE c.completes
+         AND NOT (c.run_id = ANY(v_failed))
+       ORDER BY c.ord));
 
     -- Their dependents (lock level 4, under the run locks taken above): one dependency
     -- fewer per finished parent. A dependent map learns its task count here: the length of
