@@ -380,3 +380,127 @@ async fn maybe_complete_run_and_start_ready_steps_are_callable_and_harmless() {
     assert_eq!(engine.tasks(run).await.len(), 1);
     assert_eq!(engine.queue_counts("f").await, (1, 0));
 }
+
+/// Reads, starts and completes every visible task of `flow` on one connection, until none is
+/// left; returns how many tasks ran.
+async fn drain_on(conn: &mut sqlx::PgConnection, flow: &str) -> usize {
+    let mut ran = 0;
+    loop {
+        let tasks: Vec<(Uuid, String, i32)> = sqlx::query_as(
+            "SELECT t.run_id, t.step_slug, t.task_index FROM pgflow.start_tasks($1, \
+               ARRAY(SELECT msg_id FROM pgmq.read($1, 30, 100)), $2) t",
+        )
+        .bind(flow)
+        .bind(super::WORKER)
+        .fetch_all(&mut *conn)
+        .await
+        .unwrap();
+        if tasks.is_empty() {
+            return ran;
+        }
+        for (run_id, step_slug, task_index) in tasks {
+            sqlx::query("SELECT count(*) FROM pgflow.complete_task($1, $2, $3, '1')")
+                .bind(run_id)
+                .bind(&step_slug)
+                .bind(task_index)
+                .execute(&mut *conn)
+                .await
+                .unwrap();
+            ran += 1;
+        }
+    }
+}
+
+/// The archive statement is prepared once per session and marked in a setting. Whatever parts
+/// the two (DEALLOCATE, RESET after a rolled-back transaction, a queue dropped and created
+/// again), the next completion still archives its message.
+#[tokio::test]
+async fn the_prepared_archive_survives_deallocate_rollback_and_a_recreated_queue() {
+    let engine = Engine::new().await;
+    engine
+        .flow("prep", &[("a", &[], "single"), ("b", &["a"], "single")])
+        .await;
+    let mut conn = engine.pool().acquire().await.unwrap();
+    let start = "SELECT run_id FROM pgflow.start_flow('prep', '{}')";
+    let mut runs = Vec::new();
+
+    runs.push(
+        sqlx::query_scalar(start)
+            .fetch_one(&mut *conn)
+            .await
+            .unwrap(),
+    );
+    assert_eq!(drain_on(&mut conn, "prep").await, 2);
+    let marked: Option<String> =
+        sqlx::query_scalar("SELECT current_setting('pgflow.pgflow_archive_prep', true)")
+            .fetch_one(&mut *conn)
+            .await
+            .unwrap();
+    assert_eq!(marked.as_deref(), Some("prepared"));
+    assert_eq!(engine.queue_counts("prep").await, (0, 2));
+
+    // Deallocated behind the engine's back: prepared again.
+    let deallocate = "DEALLOCATE pgflow_archive_prep";
+    sqlx::raw_sql(deallocate).execute(&mut *conn).await.unwrap();
+    runs.push(
+        sqlx::query_scalar(start)
+            .fetch_one(&mut *conn)
+            .await
+            .unwrap(),
+    );
+    assert_eq!(drain_on(&mut conn, "prep").await, 2);
+    assert_eq!(engine.queue_counts("prep").await, (0, 4));
+
+    // Prepared in a transaction that rolls back: the statement stays, its mark does not.
+    sqlx::raw_sql(deallocate).execute(&mut *conn).await.unwrap();
+    sqlx::raw_sql("RESET ALL")
+        .execute(&mut *conn)
+        .await
+        .unwrap();
+    sqlx::raw_sql(
+        "BEGIN; \
+         SELECT pgflow._archive_messages('prep', ARRAY[pgmq.send('prep', '{}')]); \
+         ROLLBACK",
+    )
+    .execute(&mut *conn)
+    .await
+    .unwrap();
+    runs.push(
+        sqlx::query_scalar(start)
+            .fetch_one(&mut *conn)
+            .await
+            .unwrap(),
+    );
+    assert_eq!(drain_on(&mut conn, "prep").await, 2);
+    assert_eq!(engine.queue_counts("prep").await, (0, 6));
+
+    // The queue dropped and created again: the statement follows the new tables.
+    sqlx::raw_sql("SELECT pgmq.drop_queue('prep'); SELECT pgmq.create('prep')")
+        .execute(&mut *conn)
+        .await
+        .unwrap();
+    runs.push(
+        sqlx::query_scalar(start)
+            .fetch_one(&mut *conn)
+            .await
+            .unwrap(),
+    );
+    assert_eq!(drain_on(&mut conn, "prep").await, 2);
+    assert_eq!(engine.queue_counts("prep").await, (0, 2));
+
+    // A queue that does not exist gets pgmq's own error, not one about a statement.
+    let error = sqlx::query("SELECT pgflow._archive_messages('no_such_queue', ARRAY[1::bigint])")
+        .execute(&mut *conn)
+        .await
+        .unwrap_err();
+    let message = error.as_database_error().map(|e| e.message().to_owned());
+    assert_eq!(
+        message.as_deref(),
+        Some("relation \"pgmq.q_no_such_queue\" does not exist")
+    );
+    drop(conn);
+
+    for run in runs {
+        assert_eq!(engine.run(run).await.0, "completed");
+    }
+}
