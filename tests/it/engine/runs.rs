@@ -381,9 +381,14 @@ async fn maybe_complete_run_and_start_ready_steps_are_callable_and_harmless() {
     assert_eq!(engine.queue_counts("f").await, (1, 0));
 }
 
-/// Reads, starts and completes every visible task of `flow` on one connection, until none is
-/// left; returns how many tasks ran.
-async fn drain_on(conn: &mut sqlx::PgConnection, flow: &str) -> usize {
+/// Starts a run of `flow` on `conn`, then reads, starts and completes every visible task on that
+/// same connection until none is left; returns the run and how many tasks ran.
+async fn run_on(conn: &mut sqlx::PgConnection, flow: &str) -> (Uuid, usize) {
+    let run: Uuid = sqlx::query_scalar("SELECT run_id FROM pgflow.start_flow($1, '{}')")
+        .bind(flow)
+        .fetch_one(&mut *conn)
+        .await
+        .unwrap();
     let mut ran = 0;
     loop {
         let tasks: Vec<(Uuid, String, i32)> = sqlx::query_as(
@@ -396,7 +401,7 @@ async fn drain_on(conn: &mut sqlx::PgConnection, flow: &str) -> usize {
         .await
         .unwrap();
         if tasks.is_empty() {
-            return ran;
+            return (run, ran);
         }
         for (run_id, step_slug, task_index) in tasks {
             sqlx::query("SELECT count(*) FROM pgflow.complete_task($1, $2, $3, '1')")
@@ -421,16 +426,12 @@ async fn the_prepared_archive_survives_deallocate_rollback_and_a_recreated_queue
         .flow("prep", &[("a", &[], "single"), ("b", &["a"], "single")])
         .await;
     let mut conn = engine.pool().acquire().await.unwrap();
-    let start = "SELECT run_id FROM pgflow.start_flow('prep', '{}')";
     let mut runs = Vec::new();
+    let exec = async |conn: &mut sqlx::PgConnection, sql: &str| {
+        sqlx::raw_sql(sql).execute(conn).await.unwrap();
+    };
 
-    runs.push(
-        sqlx::query_scalar(start)
-            .fetch_one(&mut *conn)
-            .await
-            .unwrap(),
-    );
-    assert_eq!(drain_on(&mut conn, "prep").await, 2);
+    runs.push(run_on(&mut conn, "prep").await);
     let marked: Option<String> =
         sqlx::query_scalar("SELECT current_setting('pgflow.pgflow_archive_prep', true)")
             .fetch_one(&mut *conn)
@@ -440,52 +441,29 @@ async fn the_prepared_archive_survives_deallocate_rollback_and_a_recreated_queue
     assert_eq!(engine.queue_counts("prep").await, (0, 2));
 
     // Deallocated behind the engine's back: prepared again.
-    let deallocate = "DEALLOCATE pgflow_archive_prep";
-    sqlx::raw_sql(deallocate).execute(&mut *conn).await.unwrap();
-    runs.push(
-        sqlx::query_scalar(start)
-            .fetch_one(&mut *conn)
-            .await
-            .unwrap(),
-    );
-    assert_eq!(drain_on(&mut conn, "prep").await, 2);
+    exec(&mut conn, "DEALLOCATE pgflow_archive_prep").await;
+    runs.push(run_on(&mut conn, "prep").await);
     assert_eq!(engine.queue_counts("prep").await, (0, 4));
 
     // Prepared in a transaction that rolls back: the statement stays, its mark does not.
-    sqlx::raw_sql(deallocate).execute(&mut *conn).await.unwrap();
-    sqlx::raw_sql("RESET ALL")
-        .execute(&mut *conn)
-        .await
-        .unwrap();
-    sqlx::raw_sql(
+    exec(&mut conn, "DEALLOCATE pgflow_archive_prep; RESET ALL").await;
+    exec(
+        &mut conn,
         "BEGIN; \
          SELECT pgflow._archive_messages('prep', ARRAY[pgmq.send('prep', '{}')]); \
          ROLLBACK",
     )
-    .execute(&mut *conn)
-    .await
-    .unwrap();
-    runs.push(
-        sqlx::query_scalar(start)
-            .fetch_one(&mut *conn)
-            .await
-            .unwrap(),
-    );
-    assert_eq!(drain_on(&mut conn, "prep").await, 2);
+    .await;
+    runs.push(run_on(&mut conn, "prep").await);
     assert_eq!(engine.queue_counts("prep").await, (0, 6));
 
     // The queue dropped and created again: the statement follows the new tables.
-    sqlx::raw_sql("SELECT pgmq.drop_queue('prep'); SELECT pgmq.create('prep')")
-        .execute(&mut *conn)
-        .await
-        .unwrap();
-    runs.push(
-        sqlx::query_scalar(start)
-            .fetch_one(&mut *conn)
-            .await
-            .unwrap(),
-    );
-    assert_eq!(drain_on(&mut conn, "prep").await, 2);
+    exec(
+        &mut conn,
+        "SELECT pgmq.drop_queue('prep'); SELECT pgmq.create('prep')",
+    )
+    .await;
+    runs.push(run_on(&mut conn, "prep").await);
     assert_eq!(engine.queue_counts("prep").await, (0, 2));
 
     // A queue that does not exist gets pgmq's own error, not one about a statement.
@@ -500,7 +478,8 @@ async fn the_prepared_archive_survives_deallocate_rollback_and_a_recreated_queue
     );
     drop(conn);
 
-    for run in runs {
+    for (run, ran) in runs {
+        assert_eq!(ran, 2);
         assert_eq!(engine.run(run).await.0, "completed");
     }
 }
