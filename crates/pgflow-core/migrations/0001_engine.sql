@@ -50,7 +50,7 @@
 -- ------
 -- Besides them, every transaction that queues tasks notifies channel `pgflow_tasks` with
 -- the flow slug as payload, once per flow: what workers listen to for wake-ups.
--- Every state change emits one event from pgflow._emit, in the transaction making it:
+-- Every state change emits one event from pgflow._emit_all, in the transaction making it:
 --   * pg_notify on the single channel `pgflow`; the payload is the event's JSON object
 --     without `input` / `output` (NOTIFY payloads must stay under 8000 bytes; listeners
 --     read outputs from the tables) and with error_message cut to 1000 characters;
