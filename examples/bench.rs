@@ -8,7 +8,8 @@
 //!
 //! With `DATABASE_URL` set it uses that server (the user needs `CREATEDB`); without it, it starts
 //! a throwaway server from the PostgreSQL binaries on this machine, durable as a production
-//! server is (`fsync` on) unless `--no-fsync`. Every measured row gets a fresh database. See the "Performance" section of README.md for what each column means.
+//! server is (`fsync` on) unless `--no-fsync`. Every measured row gets a fresh database. See the
+//! "Performance" section of README.md for what each column means.
 
 #[path = "bench/driver.rs"]
 mod driver;
@@ -223,13 +224,13 @@ async fn main() -> Result<(), Box<dyn Error + Send + Sync>> {
         })
     });
 
-    // DATABASE_URL, or a throwaway server of our own, stopped when `_server` drops. Durable
+    // DATABASE_URL, or a throwaway server of our own, stopped when `throwaway` drops. Durable
     // by default: the ceiling is commits, and a commit that need not reach the disk is not one
     // that a production server makes.
     let from_env = std::env::var("DATABASE_URL")
         .ok()
         .filter(|url| !url.trim().is_empty());
-    let (admin_url, _server) = match &from_env {
+    let (admin_url, throwaway) = match &from_env {
         Some(url) => (url.clone(), None),
         None => {
             let server = if args.no_fsync {
@@ -258,7 +259,7 @@ async fn main() -> Result<(), Box<dyn Error + Send + Sync>> {
         } else {
             900
         })),
-        postmaster: _server.as_ref().and_then(measure::postmaster_pid),
+        postmaster: throwaway.as_ref().and_then(measure::postmaster_pid),
     };
     let server = measure::server_settings(&env.admin).await?;
     let machine = measure::machine();
