@@ -57,7 +57,8 @@ if ! "$bin/initdb" -D "$dir/data" -U postgres -A trust -E UTF8 --locale=C --no-s
 fi
 serve() {
   "$bin/postgres" -D "$dir/data" -p "$port" -k "$dir" -c listen_addresses=127.0.0.1 \
-    $settings -c max_connections=300 -c shared_buffers=256MB -c max_locks_per_transaction=256 -c log_min_messages=warning >>"$dir/postgres.log" 2>&1 &
+    $settings -c max_connections=300 -c shared_buffers=256MB -c max_locks_per_transaction=256 \
+    -c log_min_messages=warning >>"$dir/postgres.log" 2>&1 &
   pid=$!
 }
 serve

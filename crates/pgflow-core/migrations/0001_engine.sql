@@ -386,11 +386,11 @@ END;
 $$;
 
 -- Prepares this session's archive statement for queue `p_queue` (lower case) under the
--- name pgflow_archive_<queue>, and marks it prepared in setting pgflow.<that name>; false
--- when the queue's tables do not exist. The statement locks the messages in msg_id order,
--- deletes them and inserts them into the archive table with every column the two tables
--- share (pgmq versions differ: headers, last_read_at) and archived_at from its default,
--- as pgmq.archive does.
+-- name `p_name` (_archive_messages names it), and marks it prepared in setting
+-- pgflow.<p_name>; false when the queue's tables do not exist. The statement locks the
+-- messages in msg_id order, deletes them and inserts them into the archive table with every
+-- column the two tables share (pgmq versions differ: headers, last_read_at) and
+-- archived_at from its default, as pgmq.archive does.
 --
 -- Why prepared: a queue's table names are only known at run time, so the statement is
 -- dynamic SQL, which PL/pgSQL parses and plans on every EXECUTE: about 0.3 ms per call
@@ -398,14 +398,13 @@ $$;
 -- are not, so the two can part: a statement left over by a rolled-back transaction is
 -- replaced here, and _archive_messages prepares again when the statement was deallocated
 -- behind its back or the queue's tables changed. DISCARD ALL and new sessions drop both.
-CREATE FUNCTION pgflow._prepare_archive(p_queue text)
+CREATE FUNCTION pgflow._prepare_archive(p_name text, p_queue text)
 RETURNS boolean
 LANGUAGE plpgsql
 VOLATILE
 SET search_path = ''
 AS $$
 DECLARE
-  v_name text := 'pgflow_archive_' || p_queue;
   v_cols text;
   v_sql  text;
 BEGIN
@@ -420,7 +419,7 @@ BEGIN
    WHERE n.nspname = 'pgmq';
 
   IF v_cols IS NULL THEN
-    PERFORM set_config('pgflow.' || v_name, '', false);
+    PERFORM set_config('pgflow.' || p_name, '', false);
     RETURN false;
   END IF;
 
@@ -430,14 +429,14 @@ BEGIN
     '), gone AS ('
     '  DELETE FROM pgmq.%2$I q USING locked WHERE q.msg_id = locked.msg_id RETURNING q.*'
     ') INSERT INTO pgmq.%3$I (%4$s) SELECT %4$s FROM gone',
-    v_name, 'q_' || p_queue, 'a_' || p_queue, v_cols);
+    p_name, 'q_' || p_queue, 'a_' || p_queue, v_cols);
   BEGIN
     EXECUTE v_sql;
   EXCEPTION WHEN duplicate_prepared_statement THEN
-    EXECUTE format('DEALLOCATE %I', v_name);
+    EXECUTE format('DEALLOCATE %I', p_name);
     EXECUTE v_sql;
   END;
-  PERFORM set_config('pgflow.' || v_name, 'prepared', false);
+  PERFORM set_config('pgflow.' || p_name, 'prepared', false);
   RETURN true;
 END;
 $$;
@@ -458,6 +457,7 @@ SET enable_mergejoin = off
 AS $$
 DECLARE
   v_queue text := lower(p_queue_name);
+  -- The session's prepared statement for this queue (_prepare_archive).
   v_name  text := 'pgflow_archive_' || lower(p_queue_name);
   v_ids   bigint[];
   v_try   integer;
@@ -472,7 +472,7 @@ BEGIN
   END IF;
 
   IF current_setting('pgflow.' || v_name, true) IS DISTINCT FROM 'prepared'
-     AND NOT pgflow._prepare_archive(v_queue) THEN
+     AND NOT pgflow._prepare_archive(v_name, v_queue) THEN
     -- No such queue: pgmq says so in its own words.
     PERFORM pgmq.archive(p_queue_name, v_ids);
     RETURN;
@@ -498,7 +498,7 @@ BEGIN
         IF v_try = 5 THEN
           RAISE;
         END IF;
-        IF NOT pgflow._prepare_archive(v_queue) THEN
+        IF NOT pgflow._prepare_archive(v_name, v_queue) THEN
           PERFORM pgmq.archive(p_queue_name, v_ids);
           RETURN;
         END IF;
@@ -764,7 +764,6 @@ DECLARE
   v_total      integer := 0;
   v_iterations integer := 0;
   v_slugs      text[];
-  v_slug       text;
 BEGIN
   SELECT r.flow_slug, r.status INTO v_flow_slug, v_status
     FROM pgflow.runs r
@@ -801,20 +800,20 @@ BEGIN
 
     EXIT WHEN v_slugs IS NULL;
 
-    FOREACH v_slug IN ARRAY v_slugs LOOP
-      PERFORM pgflow._emit(jsonb_build_object(
-        'event_type', 'step:completed',
-        'run_id', cascade_complete_taskless_steps.run_id,
-        'flow_slug', v_flow_slug,
-        'step_slug', v_slug,
-        'status', 'completed',
-        'started_at', now(),
-        'completed_at', now(),
-        'remaining_tasks', 0,
-        'remaining_deps', 0,
-        'output', '[]'::jsonb
-      ));
-    END LOOP;
+    PERFORM pgflow._emit_all(ARRAY(
+      SELECT jsonb_build_object(
+               'event_type', 'step:completed',
+               'run_id', cascade_complete_taskless_steps.run_id,
+               'flow_slug', v_flow_slug,
+               'step_slug', c.step_slug,
+               'status', 'completed',
+               'started_at', now(),
+               'completed_at', now(),
+               'remaining_tasks', 0,
+               'remaining_deps', 0,
+               'output', '[]'::jsonb)
+        FROM unnest(v_slugs) WITH ORDINALITY AS c(step_slug, ord)
+       ORDER BY c.ord));
 
     -- A map fed by an empty step has nothing to map over either.
     UPDATE pgflow.step_states child

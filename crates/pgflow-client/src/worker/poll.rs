@@ -25,14 +25,15 @@ use super::report::Report;
 /// through `pgmq.read`, whose dynamic SQL PostgreSQL parses and plans on every call; this way the
 /// statement is prepared once per connection. It marks the messages read as `pgmq.read` does:
 /// hidden for `$2` seconds, `read_ct` + 1, and `last_read_at` where the pgmq version has it
-/// (`{last_read}`).
+/// (`{last_read}`). The messages read are updated by `msg_id = ANY(array)`, an index lookup
+/// whatever the statistics: joined to `next`, the planner would hash a scan of the whole queue
+/// table.
 ///
 /// The step_tasks row read here is the version before `start_tasks` changed it (the statement's
 /// snapshot predates the function's own updates), hence `attempts_count + 1`. Both are scalar
 /// subqueries, so each is one primary-key lookup per started task: as joins, the planner would
 /// size them by the function's row estimate and may hash a scan of all of step_tasks instead.
-/// The messages read are updated by `msg_id = ANY(array)`, an index lookup whatever the
-/// statistics: joined to `next`, the planner would hash a scan of the whole queue table.
+///
 /// One statement means one transaction: read and start commit together, and the read's row
 /// locks on the messages cannot deadlock with the engine (they only meet tasks that are
 /// `queued`, which nothing else locks while their message is locked).
