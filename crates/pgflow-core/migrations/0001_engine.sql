@@ -259,6 +259,19 @@ CREATE INDEX idx_step_tasks_message_id ON pgflow.step_tasks (message_id);
 -- status changes on every task transition, and such an index would make every update a
 -- non-HOT one and tempt the planner away from primary-key lookups on small tables.
 
+-- What _start_tasks returns: a step_task_record plus what a worker needs to run the task
+-- (its attempt number, counting this one, and the step's timeout in seconds).
+CREATE TYPE pgflow._started_task AS (
+  flow_slug  text,
+  run_id     uuid,
+  step_slug  text,
+  input      jsonb,
+  msg_id     bigint,
+  task_index integer,
+  attempt    integer,
+  timeout    integer
+);
+
 CREATE TYPE pgflow.step_task_record AS (
   flow_slug  text,
   run_id     uuid,
@@ -1157,8 +1170,10 @@ $$;
 -- Worker protocol: start_tasks -> complete_task(s) / fail_task
 -- -------------------------------------------------------------------------------------
 
-CREATE FUNCTION pgflow.start_tasks(flow_slug text, msg_ids bigint[], worker_id uuid)
-RETURNS SETOF pgflow.step_task_record
+CREATE FUNCTION pgflow._start_tasks(
+  flow_slug text, msg_ids bigint[], worker_id uuid, p_set_vt boolean
+)
+RETURNS SETOF pgflow._started_task
 LANGUAGE plpgsql
 VOLATILE
 SET search_path = ''
@@ -1175,6 +1190,8 @@ DECLARE
   v_msg_ids      bigint[];
   v_inputs       jsonb[];
   v_vt_offsets   integer[];
+  v_attempts     integer[];
+  v_timeouts     integer[];
   v_stale        record;
 BEGIN
   -- Inputs are built in the same statement that starts the tasks. A map task reads one
@@ -1192,8 +1209,8 @@ BEGIN
       JOIN pgflow.runs r ON r.run_id = t.run_id
       JOIN pgflow.steps s ON s.flow_slug = t.flow_slug AND s.step_slug = t.step_slug
       JOIN pgflow.flows f ON f.flow_slug = t.flow_slug
-     WHERE t.flow_slug = start_tasks.flow_slug
-       AND t.message_id = ANY(start_tasks.msg_ids)
+     WHERE t.flow_slug = _start_tasks.flow_slug
+       AND t.message_id = ANY(_start_tasks.msg_ids)
        AND t.status = 'started'
        AND r.status <> 'failed'
        AND t.started_at <= now() - make_interval(secs => coalesce(s.opt_timeout, f.opt_timeout))
@@ -1211,8 +1228,8 @@ BEGIN
       JOIN pgflow.runs r ON r.run_id = t.run_id
       JOIN pgflow.steps s ON s.flow_slug = t.flow_slug AND s.step_slug = t.step_slug
       JOIN pgflow.flows f ON f.flow_slug = t.flow_slug
-     WHERE t.flow_slug = start_tasks.flow_slug
-       AND t.message_id = ANY(start_tasks.msg_ids)
+     WHERE t.flow_slug = _start_tasks.flow_slug
+       AND t.message_id = ANY(_start_tasks.msg_ids)
        AND r.status <> 'failed'
        AND (t.status = 'queued'
             OR (t.status = 'started'
@@ -1226,12 +1243,12 @@ BEGIN
        SET status = 'started',
            attempts_count = t.attempts_count + 1,
            started_at = now(),
-           last_worker_id = start_tasks.worker_id
+           last_worker_id = _start_tasks.worker_id
       FROM locked l
      WHERE t.run_id = l.run_id
        AND t.step_slug = l.step_slug
        AND t.task_index = l.task_index
-    RETURNING t.run_id, t.step_slug, t.task_index, t.message_id
+    RETURNING t.run_id, t.step_slug, t.task_index, t.message_id, t.attempts_count
   ),
   -- The arrays map tasks take elements from, fetched and decompressed once per
   -- (run, step) of the batch rather than once per task: `||` with an empty array hands
@@ -1239,7 +1256,7 @@ BEGIN
   arrays AS MATERIALIZED (
     SELECT g.run_id, g.step_slug, src.arr || '[]'::jsonb AS arr
       FROM (SELECT DISTINCT st.run_id, st.step_slug FROM started st) g
-      JOIN pgflow.steps s ON s.flow_slug = start_tasks.flow_slug AND s.step_slug = g.step_slug
+      JOIN pgflow.steps s ON s.flow_slug = _start_tasks.flow_slug AND s.step_slug = g.step_slug
       CROSS JOIN LATERAL (
         SELECT CASE
                  WHEN s.deps_count = 0 THEN
@@ -1260,8 +1277,8 @@ BEGIN
        AND src.arr IS NOT NULL
   ),
   prepared AS (
-    SELECT st.run_id, st.step_slug, st.task_index, st.message_id,
-           coalesce(s.opt_timeout, f.opt_timeout) + 2 AS vt_offset,
+    SELECT st.run_id, st.step_slug, st.task_index, st.message_id, st.attempts_count,
+           coalesce(s.opt_timeout, f.opt_timeout) AS timeout,
            CASE
              WHEN s.step_type = 'map' AND a.arr IS NOT NULL THEN
                a.arr -> st.task_index
@@ -1284,15 +1301,17 @@ BEGIN
            END AS input
       FROM started st
       JOIN pgflow.runs r ON r.run_id = st.run_id
-      JOIN pgflow.steps s ON s.flow_slug = start_tasks.flow_slug AND s.step_slug = st.step_slug
-      JOIN pgflow.flows f ON f.flow_slug = start_tasks.flow_slug
+      JOIN pgflow.steps s ON s.flow_slug = _start_tasks.flow_slug AND s.step_slug = st.step_slug
+      JOIN pgflow.flows f ON f.flow_slug = _start_tasks.flow_slug
       LEFT JOIN arrays a ON a.run_id = st.run_id AND a.step_slug = st.step_slug
   )
   -- Plain aggregates over a sorted input: ordered aggregates cost more to set up than
   -- this whole statement takes to run for a small batch.
   SELECT array_agg(p.run_id), array_agg(p.step_slug), array_agg(p.task_index),
-         array_agg(p.message_id), array_agg(p.input), array_agg(p.vt_offset)
-    INTO v_run_ids, v_step_slugs, v_task_indexes, v_msg_ids, v_inputs, v_vt_offsets
+         array_agg(p.message_id), array_agg(p.input), array_agg(p.timeout + 2),
+         array_agg(p.attempts_count), array_agg(p.timeout)
+    INTO v_run_ids, v_step_slugs, v_task_indexes, v_msg_ids, v_inputs, v_vt_offsets,
+         v_attempts, v_timeouts
     FROM (SELECT * FROM prepared ORDER BY prepared.message_id) p;
 
   IF v_msg_ids IS NULL THEN
@@ -1300,24 +1319,131 @@ BEGIN
   END IF;
 
   -- Messages last (lock level 5): the handler gets timeout + 2 seconds before the
-  -- message reappears for another worker. set_vt_batch's statement, run here directly
+  -- message reappears for another worker (unless the caller read them with that
+  -- visibility already: _read_and_start). set_vt_batch's statement, run here directly
   -- (no function layer, no format_table_name, no rows returned): tasks were found, so
   -- flow_slug is a valid slug and its queue table is pgmq.q_<lower(slug)>.
-  EXECUTE format(
-    'WITH locked AS ('
-    '  SELECT q.msg_id FROM pgmq.%1$I q WHERE q.msg_id = ANY($1) ORDER BY q.msg_id FOR UPDATE'
-    ') UPDATE pgmq.%1$I q'
-    '     SET vt = clock_timestamp() + make_interval(secs => o.vt_offset)'
-    '    FROM locked'
-    '    JOIN unnest($1, $2) AS o(msg_id, vt_offset) ON o.msg_id = locked.msg_id'
-    '   WHERE q.msg_id = locked.msg_id',
-    'q_' || lower(start_tasks.flow_slug))
-    USING v_msg_ids, v_vt_offsets;
+  IF p_set_vt THEN
+    EXECUTE format(
+      'WITH locked AS ('
+      '  SELECT q.msg_id FROM pgmq.%1$I q WHERE q.msg_id = ANY($1) ORDER BY q.msg_id FOR UPDATE'
+      ') UPDATE pgmq.%1$I q'
+      '     SET vt = clock_timestamp() + make_interval(secs => o.vt_offset)'
+      '    FROM locked'
+      '    JOIN unnest($1, $2) AS o(msg_id, vt_offset) ON o.msg_id = locked.msg_id'
+      '   WHERE q.msg_id = locked.msg_id',
+      'q_' || lower(_start_tasks.flow_slug))
+      USING v_msg_ids, v_vt_offsets;
+  END IF;
 
   RETURN QUERY
-  SELECT start_tasks.flow_slug, u.run_id, u.step_slug, u.input, u.msg_id, u.task_index
-    FROM unnest(v_run_ids, v_step_slugs, v_inputs, v_msg_ids, v_task_indexes)
-         AS u(run_id, step_slug, input, msg_id, task_index);
+  SELECT _start_tasks.flow_slug, u.run_id, u.step_slug, u.input, u.msg_id, u.task_index,
+         u.attempt, u.timeout
+    FROM unnest(v_run_ids, v_step_slugs, v_inputs, v_msg_ids, v_task_indexes, v_attempts,
+                v_timeouts)
+         AS u(run_id, step_slug, input, msg_id, task_index, attempt, timeout);
+END;
+$$;
+
+CREATE FUNCTION pgflow.start_tasks(flow_slug text, msg_ids bigint[], worker_id uuid)
+RETURNS SETOF pgflow.step_task_record
+LANGUAGE plpgsql
+VOLATILE
+SET search_path = ''
+ROWS 10
+AS $$
+BEGIN
+  RETURN QUERY
+  SELECT t.flow_slug, t.run_id, t.step_slug, t.input, t.msg_id, t.task_index
+    FROM pgflow._start_tasks(start_tasks.flow_slug, start_tasks.msg_ids,
+                             start_tasks.worker_id, true) AS t;
+END;
+$$;
+
+-- EXTENSION beyond pgflow 0.8.1: what pgmq.read(flow_slug, p_vt, p_qty) followed by
+-- start_tasks over the ids read does, in one call: the Rust worker's read. Each message
+-- read is hidden for its step's timeout + 2 seconds at once (what start_tasks would set
+-- next), so a started task's message is updated once, not twice; a message whose task
+-- does not start is hidden for p_vt seconds, as pgmq.read would leave it. Returns the
+-- tasks started, with their attempt number and timeout. Messages are locked before
+-- their tasks, which cannot deadlock with the engine: a message nobody has read only
+-- meets a queued task, which nothing else locks.
+--
+-- The queue's table is only known at run time, so the read is dynamic SQL; it is kept
+-- to one small statement whose plan is cheap, and everything else is static.
+CREATE FUNCTION pgflow._read_and_start(
+  p_flow_slug text, p_qty integer, p_vt integer, p_worker_id uuid
+)
+RETURNS SETOF pgflow._started_task
+LANGUAGE plpgsql
+VOLATILE
+SET search_path = ''
+SET plan_cache_mode = force_generic_plan
+SET enable_seqscan = off
+SET enable_hashjoin = off
+SET enable_mergejoin = off
+ROWS 10
+AS $$
+DECLARE
+  v_queue     text := 'q_' || lower(p_flow_slug);
+  v_steps     text[];
+  v_offsets   integer[];
+  v_last_read boolean;
+  v_ids       bigint[];
+  v_tasks     pgflow._started_task[];
+BEGIN
+  SELECT array_agg(s.step_slug), array_agg(coalesce(s.opt_timeout, f.opt_timeout) + 2)
+    INTO v_steps, v_offsets
+    FROM pgflow.steps s
+    JOIN pgflow.flows f ON f.flow_slug = s.flow_slug
+   WHERE s.flow_slug = p_flow_slug;
+
+  -- pgmq 1.8 and later record when a message was last read.
+  v_last_read := EXISTS (
+    SELECT 1 FROM pg_catalog.pg_attribute a
+     WHERE a.attrelid = to_regclass('pgmq.' || quote_ident(v_queue))
+       AND a.attname = 'last_read_at'
+       AND NOT a.attisdropped);
+
+  -- The messages read are updated by msg_id = ANY(array), an index lookup whatever the
+  -- statistics: joined to `next`, the planner would hash a scan of the whole queue table.
+  -- A missing queue fails here with PostgreSQL's 42P01, as pgmq.read would.
+  EXECUTE format(
+    'WITH next AS ('
+    '  SELECT q.msg_id FROM pgmq.%1$I q WHERE q.vt <= clock_timestamp()'
+    '   ORDER BY q.msg_id LIMIT $1 FOR UPDATE SKIP LOCKED'
+    '), read AS ('
+    '  UPDATE pgmq.%1$I q'
+    '     SET vt = clock_timestamp() + make_interval(secs => coalesce('
+    '           (SELECT o.vt_offset FROM unnest($3::text[], $4::integer[]) AS o(step_slug, vt_offset)'
+    '             WHERE o.step_slug = q.message ->> ''step_slug''), $2)),'
+    '         read_ct = q.read_ct + 1%2$s'
+    '   WHERE q.msg_id = ANY(ARRAY(SELECT next.msg_id FROM next))'
+    '  RETURNING q.msg_id'
+    ') SELECT array_agg(read.msg_id ORDER BY read.msg_id) FROM read',
+    v_queue, CASE WHEN v_last_read THEN ', last_read_at = clock_timestamp()' ELSE '' END)
+    INTO v_ids
+    USING p_qty, p_vt, v_steps, v_offsets;
+
+  IF v_ids IS NULL THEN
+    RETURN;
+  END IF;
+
+  v_tasks := ARRAY(
+    SELECT t FROM pgflow._start_tasks(p_flow_slug, v_ids, p_worker_id, false) AS t);
+
+  -- Rare: messages whose task did not start (a duplicate, a stray message) get the
+  -- visibility pgmq.read gives.
+  IF cardinality(v_tasks) < cardinality(v_ids) THEN
+    EXECUTE format(
+      'UPDATE pgmq.%I q SET vt = clock_timestamp() + make_interval(secs => $2)'
+      ' WHERE q.msg_id = ANY($1)', v_queue)
+      USING ARRAY(SELECT i FROM unnest(v_ids) AS i
+                  EXCEPT SELECT t.msg_id FROM unnest(v_tasks) AS t),
+            p_vt;
+  END IF;
+
+  RETURN QUERY SELECT * FROM unnest(v_tasks);
 END;
 $$;
 

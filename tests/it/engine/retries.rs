@@ -318,6 +318,80 @@ async fn start_delay_delays_the_first_delivery() {
     assert_eq!(engine.visible_in("f", b_msg).await, 30);
 }
 
+/// The Rust worker's read (`_read_and_start`): each message is hidden for its step's timeout
+/// + 2 seconds in the read itself, as start_tasks would set next; a message whose task does not
+/// start keeps the visibility pgmq.read gives.
+#[tokio::test]
+async fn read_and_start_hides_each_message_for_its_steps_timeout_at_once() {
+    let engine = Engine::new().await;
+    engine
+        .exec("SELECT pgflow.create_flow('f', timeout => 10)")
+        .await;
+    engine.exec("SELECT pgflow.add_step('f', 'a')").await;
+    engine
+        .exec("SELECT pgflow.add_step('f', 'b', timeout => 20)")
+        .await;
+    let run = engine.start("f", json!({})).await;
+    let stray: i64 = engine
+        .scalar("SELECT pgmq.send('f', '{\"not\": \"a task\"}')")
+        .await;
+
+    let read = "SELECT step_slug, input, attempt, timeout \
+                  FROM pgflow._read_and_start('f', 10, 5, $1) ORDER BY step_slug";
+    let started: Vec<(String, serde_json::Value, i32, i32)> = sqlx::query_as(read)
+        .bind(super::WORKER)
+        .fetch_all(engine.pool())
+        .await
+        .unwrap();
+    assert_eq!(
+        started,
+        vec![
+            ("a".to_string(), json!({"run": {}}), 1, 10),
+            ("b".to_string(), json!({"run": {}}), 1, 20),
+        ]
+    );
+    let tasks = engine.tasks(run).await;
+    assert!(
+        tasks
+            .iter()
+            .all(|t| t.status == "started" && t.attempts_count == 1)
+    );
+    assert_eq!(
+        engine.visible_in("f", tasks[0].message_id.unwrap()).await,
+        12
+    );
+    assert_eq!(
+        engine.visible_in("f", tasks[1].message_id.unwrap()).await,
+        22
+    );
+    assert_eq!(engine.visible_in("f", stray).await, 5);
+    assert_eq!(
+        engine
+            .scalar::<i64>("SELECT sum(read_ct) FROM pgmq.q_f")
+            .await,
+        3
+    );
+
+    // Nothing visible: nothing read, nothing started.
+    let again: Vec<(String, serde_json::Value, i32, i32)> = sqlx::query_as(read)
+        .bind(super::WORKER)
+        .fetch_all(engine.pool())
+        .await
+        .unwrap();
+    assert!(again.is_empty());
+
+    // A queue that does not exist is PostgreSQL's undefined_table, as pgmq.read gives.
+    assert_eq!(
+        engine
+            .error_code(
+                "SELECT * FROM pgflow._read_and_start('missing', 1, 1, \
+                 '00000000-0000-0000-0000-000000000001')"
+            )
+            .await,
+        "42P01"
+    );
+}
+
 #[tokio::test]
 async fn set_vt_batch_sets_each_offset_in_one_call() {
     let engine = Engine::new().await;

@@ -1,7 +1,6 @@
 //! One flow's loop: take free permits, read and start that many tasks in one round trip, hand
 //! them to the dispatcher, and sleep until work can be there.
 
-use std::borrow::Cow;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -17,84 +16,14 @@ use super::dispatch;
 use super::registry::FlowEntry;
 use super::report::Report;
 
-/// Reads messages and starts their tasks in one statement: what `pgmq.read` does, then
-/// `start_tasks` over the ids read, plus what the worker needs besides the engine's record (the
-/// attempt number and the step's timeout).
-///
-/// The read is written against the queue's table (`pgmq.q_<slug>`, `{queue}` below) rather than
-/// through `pgmq.read`, whose dynamic SQL PostgreSQL parses and plans on every call; this way the
-/// statement is prepared once per connection. It marks the messages read as `pgmq.read` does:
-/// hidden for `$2` seconds, `read_ct` + 1, and `last_read_at` where the pgmq version has it
-/// (`{last_read}`). The messages read are updated by `msg_id = ANY(array)`, an index lookup
-/// whatever the statistics: joined to `next`, the planner would hash a scan of the whole queue
-/// table.
-///
-/// The step_tasks row read here is the version before `start_tasks` changed it (the statement's
-/// snapshot predates the function's own updates), hence `attempts_count + 1`. Both are scalar
-/// subqueries, so each is one primary-key lookup per started task: as joins, the planner would
-/// size them by the function's row estimate and may hash a scan of all of step_tasks instead.
-///
-/// One statement means one transaction: read and start commit together, and the read's row
-/// locks on the messages cannot deadlock with the engine (they only meet tasks that are
-/// `queued`, which nothing else locks while their message is locked).
+/// Reads messages and starts their tasks in one call (`pgflow._read_and_start`): what
+/// `pgmq.read` then `start_tasks` over the ids read do, in one transaction, plus what the worker
+/// needs besides the engine's record (the attempt number and the step's timeout). The statement
+/// is the same for every flow, so it is prepared once per connection and its plan is generic;
+/// the engine keeps the queue's own statement to one small dynamic read.
 const FETCH_SQL: &str = "\
-WITH next AS ( \
-  SELECT q.msg_id FROM pgmq.{queue} q \
-   WHERE q.vt <= clock_timestamp() \
-   ORDER BY q.msg_id LIMIT $3 \
-     FOR UPDATE SKIP LOCKED \
-), \
-read AS ( \
-  UPDATE pgmq.{queue} q \
-     SET vt = clock_timestamp() + make_interval(secs => $2), read_ct = q.read_ct + 1{last_read} \
-   WHERE q.msg_id = ANY(ARRAY(SELECT next.msg_id FROM next)) \
-  RETURNING q.msg_id \
-) \
-SELECT t.run_id, t.step_slug, t.input, t.task_index, \
-       (SELECT st.attempts_count + 1 FROM pgflow.step_tasks st \
-         WHERE st.run_id = t.run_id AND st.step_slug = t.step_slug \
-           AND st.task_index = t.task_index) AS attempt, \
-       (SELECT coalesce(s.opt_timeout, f.opt_timeout) FROM pgflow.steps s \
-          JOIN pgflow.flows f ON f.flow_slug = s.flow_slug \
-         WHERE s.flow_slug = t.flow_slug AND s.step_slug = t.step_slug) AS timeout \
-  FROM pgflow.start_tasks($1, ARRAY(SELECT read.msg_id FROM read ORDER BY read.msg_id), $4) t";
-
-/// Whether the queue's table exists and has pgmq's `last_read_at` column (pgmq 1.8 and later).
-const QUEUE_COLUMNS_SQL: &str = "\
-SELECT c.oid IS NOT NULL, coalesce(bool_or(a.attname = 'last_read_at'), false) \
-  FROM (SELECT 1) one \
-  LEFT JOIN pg_catalog.pg_namespace n ON n.nspname = 'pgmq' \
-  LEFT JOIN pg_catalog.pg_class c ON c.relnamespace = n.oid AND c.relname = $1 \
-  LEFT JOIN pg_catalog.pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped \
- GROUP BY c.oid";
-
-/// The read statement for `flow`'s queue, built on first use: the queue may be created after the
-/// worker starts, and only then does its table say which pgmq version made it.
-async fn fetch_sql<'a>(pool: &PgPool, flow: &'a FlowEntry) -> sqlx::Result<Cow<'a, str>> {
-    if let Some(sql) = flow.fetch_sql.get() {
-        return Ok(Cow::Borrowed(sql));
-    }
-    let table = &flow.queue_table;
-    let (exists, last_read_at): (bool, bool) = sqlx::query_as(QUEUE_COLUMNS_SQL)
-        .bind(table)
-        .fetch_one(pool)
-        .await?;
-    let sql = FETCH_SQL
-        .replace("{queue}", &format!("\"{table}\""))
-        .replace(
-            "{last_read}",
-            if last_read_at {
-                ", last_read_at = clock_timestamp()"
-            } else {
-                ""
-            },
-        );
-    if !exists {
-        // Not there yet: the read fails with PostgreSQL's 42P01, which the loop reports.
-        return Ok(Cow::Owned(sql));
-    }
-    Ok(Cow::Borrowed(flow.fetch_sql.get_or_init(|| sql)))
-}
+SELECT t.run_id, t.step_slug, t.input, t.task_index, t.attempt, t.timeout \
+  FROM pgflow._read_and_start($1, $3, $2, $4) t";
 
 /// How long a read waits for the handlers of the previous one to hand back their permits,
 /// when the previous read filled its batch (the queue is likely not empty): one full read
@@ -124,8 +53,7 @@ async fn fetch(
     vt: i32,
     qty: i32,
 ) -> sqlx::Result<Vec<StartedTask>> {
-    let sql = fetch_sql(pool, flow).await?;
-    let rows: Vec<FetchRow> = sqlx::query_as(&sql)
+    let rows: Vec<FetchRow> = sqlx::query_as(FETCH_SQL)
         .bind(&*flow.slug)
         .bind(vt)
         .bind(qty)

@@ -3,7 +3,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 
 use pgflow_core::ErasedHandler;
 use tokio::sync::Notify;
@@ -24,12 +24,8 @@ pub(crate) struct FlowEntry {
     pub(crate) wake: Notify,
     /// Cancelled when the worker shuts down or this flow's row is marked deprecated.
     pub(crate) stop: CancellationToken,
-    /// The queue's table in schema `pgmq`: `q_<lower(slug)>`, as pgmq names it.
-    pub(crate) queue_table: String,
     /// `SELECT` of the seconds until the next message of the queue becomes visible.
     pub(crate) next_visible_sql: String,
-    /// The statement that reads and starts tasks, once the queue's table is known.
-    pub(crate) fetch_sql: OnceLock<String>,
 }
 
 impl fmt::Debug for FlowEntry {
@@ -78,9 +74,7 @@ impl FlowEntry {
             steps,
             wake: Notify::new(),
             stop: shutdown.child_token(),
-            queue_table,
             next_visible_sql,
-            fetch_sql: OnceLock::new(),
         }
     }
 }
