@@ -91,8 +91,8 @@ struct Args {
     /// the disk, which leaves the CPU cost alone (and makes `synchronous_commit` moot).
     #[arg(long)]
     no_fsync: bool,
-    /// After the other rows, run fanout1000 once more at the largest worker count with this
-    /// batch size and concurrency (default 50, smoke: none; 0 skips it): what a worker sized
+    /// After the other rows, run each workload once more at the largest worker count with this
+    /// batch size and concurrency (default 50, smoke: none; 0 skips them): what a worker sized
     /// for many short tasks does.
     #[arg(long)]
     tuned: Option<usize>,
@@ -338,18 +338,19 @@ async fn main() -> Result<(), Box<dyn Error + Send + Sync>> {
         }
     }
     let tuned = args.tuned.unwrap_or(if args.smoke { 0 } else { 50 });
-    let fanout = workloads.iter().find(|w| w.kind() == flows::Kind::Fanout);
     let most_workers = workers.iter().copied().max();
-    if let (true, Some(fanout), Some(parallel)) = (tuned > 0, fanout, most_workers)
+    if let (true, Some(parallel)) = (tuned > 0, most_workers)
         && executors.contains(&Executor::Worker)
     {
         let tuning = Tuning {
             batch: tuned,
             concurrency: tuned,
         };
-        let row = load_row(&env, *fanout, Executor::Worker, parallel, Some(tuning)).await?;
-        print_progress(&row);
-        rows.push(row);
+        for workload in &workloads {
+            let row = load_row(&env, *workload, Executor::Worker, parallel, Some(tuning)).await?;
+            print_progress(&row);
+            rows.push(row);
+        }
     }
 
     let load_after = measure::load_average();
