@@ -861,8 +861,12 @@ $$;
 -- to run), set-based across runs: one step:started event per step, in (run, step_index)
 -- order, one insert that sends all their messages, and their task rows.
 -- The caller holds the runs' row locks (or created them in this transaction) and knows
--- they have not failed.
-CREATE FUNCTION pgflow._start_ready_steps(p_flow_slug text, p_run_ids uuid[], p_step_slugs text[])
+-- they have not failed. With p_started, the caller has already marked exactly these steps
+-- started, in the statement that created or released them: one row version and one
+-- statement fewer per started step than updating them again here.
+CREATE FUNCTION pgflow._start_ready_steps(
+  p_flow_slug text, p_run_ids uuid[], p_step_slugs text[], p_started boolean DEFAULT false
+)
 RETURNS void
 LANGUAGE plpgsql
 VOLATILE
@@ -888,29 +892,43 @@ DECLARE
   v_messages     jsonb[];
   v_msg_ids      bigint[];
 BEGIN
-  WITH started AS (
-    UPDATE pgflow.step_states ss
-       SET status = 'started',
-           started_at = now(),
-           remaining_tasks = ss.initial_tasks
-      FROM unnest(p_run_ids, p_step_slugs) AS p(run_id, step_slug)
-     WHERE ss.run_id = p.run_id
-       AND ss.step_slug = p.step_slug
-       AND ss.status = 'created'
-       AND ss.remaining_deps = 0
-       AND ss.initial_tasks > 0
-    RETURNING ss.run_id, ss.step_slug, ss.initial_tasks, ss.remaining_deps, ss.started_at
-  ),
-  ordered AS (
-    SELECT started.*, coalesce(s.opt_start_delay, 0) AS start_delay
-      FROM started
-      JOIN pgflow.steps s ON s.flow_slug = p_flow_slug AND s.step_slug = started.step_slug
-     ORDER BY started.run_id, s.step_index
-  )
-  SELECT array_agg(o.run_id), array_agg(o.step_slug), array_agg(o.initial_tasks),
-         array_agg(o.start_delay), array_agg(o.remaining_deps), array_agg(o.started_at)
-    INTO v_runs, v_steps, v_counts, v_delays, v_deps, v_started
-    FROM ordered o;
+  IF p_started THEN
+    SELECT array_agg(o.run_id), array_agg(o.step_slug), array_agg(o.initial_tasks),
+           array_agg(o.start_delay), array_agg(o.remaining_deps), array_agg(o.started_at)
+      INTO v_runs, v_steps, v_counts, v_delays, v_deps, v_started
+      FROM (
+        SELECT ss.run_id, ss.step_slug, ss.initial_tasks, ss.remaining_deps, ss.started_at,
+               coalesce(s.opt_start_delay, 0) AS start_delay
+          FROM unnest(p_run_ids, p_step_slugs) AS p(run_id, step_slug)
+          JOIN pgflow.step_states ss ON ss.run_id = p.run_id AND ss.step_slug = p.step_slug
+          JOIN pgflow.steps s ON s.flow_slug = p_flow_slug AND s.step_slug = p.step_slug
+         ORDER BY ss.run_id, s.step_index
+      ) o;
+  ELSE
+    WITH started AS (
+      UPDATE pgflow.step_states ss
+         SET status = 'started',
+             started_at = now(),
+             remaining_tasks = ss.initial_tasks
+        FROM unnest(p_run_ids, p_step_slugs) AS p(run_id, step_slug)
+       WHERE ss.run_id = p.run_id
+         AND ss.step_slug = p.step_slug
+         AND ss.status = 'created'
+         AND ss.remaining_deps = 0
+         AND ss.initial_tasks > 0
+      RETURNING ss.run_id, ss.step_slug, ss.initial_tasks, ss.remaining_deps, ss.started_at
+    ),
+    ordered AS (
+      SELECT started.*, coalesce(s.opt_start_delay, 0) AS start_delay
+        FROM started
+        JOIN pgflow.steps s ON s.flow_slug = p_flow_slug AND s.step_slug = started.step_slug
+       ORDER BY started.run_id, s.step_index
+    )
+    SELECT array_agg(o.run_id), array_agg(o.step_slug), array_agg(o.initial_tasks),
+           array_agg(o.start_delay), array_agg(o.remaining_deps), array_agg(o.started_at)
+      INTO v_runs, v_steps, v_counts, v_delays, v_deps, v_started
+      FROM ordered o;
+  END IF;
 
   IF v_runs IS NULL THEN
     RETURN;
@@ -1131,13 +1149,23 @@ BEGIN
           start_flow.input, v_step_count)
   RETURNING * INTO v_run;
 
-  INSERT INTO pgflow.step_states (flow_slug, run_id, step_slug, remaining_deps, initial_tasks)
-  SELECT s.flow_slug, v_run.run_id, s.step_slug, s.deps_count,
-         CASE
-           WHEN s.step_type = 'single' THEN 1
-           WHEN s.deps_count = 0 THEN v_root_tasks
-         END
+  -- Roots are inserted started, unless an empty root map sends the run through the
+  -- cascade below: every root then has tasks (a single step one, a root map the input's
+  -- length).
+  INSERT INTO pgflow.step_states (flow_slug, run_id, step_slug, remaining_deps, initial_tasks,
+                                  status, started_at, remaining_tasks)
+  SELECT s.flow_slug, v_run.run_id, s.step_slug, s.deps_count, n.tasks,
+         CASE WHEN n.starts THEN 'started' ELSE 'created' END,
+         CASE WHEN n.starts THEN now() END,
+         CASE WHEN n.starts THEN n.tasks END
     FROM pgflow.steps s
+   CROSS JOIN LATERAL (
+     SELECT CASE
+              WHEN s.step_type = 'single' THEN 1
+              WHEN s.deps_count = 0 THEN v_root_tasks
+            END AS tasks,
+            s.deps_count = 0 AND v_root_tasks IS DISTINCT FROM 0 AS starts
+   ) n
    WHERE s.flow_slug = start_flow.flow_slug;
 
   PERFORM pgflow._emit(jsonb_build_object(
@@ -1156,7 +1184,7 @@ BEGIN
     PERFORM pgflow.start_ready_steps(v_run.run_id);
   ELSIF v_roots IS NOT NULL THEN
     PERFORM pgflow._start_ready_steps(
-      v_run.flow_slug, array_fill(v_run.run_id, ARRAY[cardinality(v_roots)]), v_roots);
+      v_run.flow_slug, array_fill(v_run.run_id, ARRAY[cardinality(v_roots)]), v_roots, true);
   END IF;
   IF v_root_tasks = 0 OR v_step_count = 0 THEN
     PERFORM pgflow.maybe_complete_run(v_run.run_id);
@@ -1501,6 +1529,7 @@ DECLARE
   d_count       integer[];
   d_tasks       integer[];
   d_is_map      boolean[];
+  d_starts      boolean[];
   v_skip        integer[] := '{}';
   v_violation   record;
   v_type        text;
@@ -1703,25 +1732,44 @@ BEGIN
     -- and the type-violation check ran before). Keys are gathered first so that each
     -- update joins a list of full primary keys to one table: a plan cached while the
     -- tables were small cannot then pick a partial key.
+    -- A dependent that becomes ready with tasks is marked started in the same update
+    -- (and its tasks sent below), unless its run has an empty map becoming ready too:
+    -- such a run goes through the cascade, which starts its ready steps in order.
     SELECT array_agg(rel.run_id), array_agg(rel.step_slug), array_agg(rel.n),
-           array_agg(rel.map_tasks), array_agg(rel.is_map)
-      INTO d_run, d_step, d_count, d_tasks, d_is_map
+           array_agg(rel.map_tasks), array_agg(rel.is_map), array_agg(rel.starts)
+      INTO d_run, d_step, d_count, d_tasks, d_is_map, d_starts
       FROM (
-        SELECT f.run_id, d.step_slug, count(*)::integer AS n,
-               bool_and(cs.step_type = 'map') AS is_map,
-               max(CASE
-                     WHEN f.step_type = 'map' THEN f.initial_tasks
-                     WHEN jsonb_typeof(v_outputs[f.first_ord]) = 'array'
-                       THEN jsonb_array_length(v_outputs[f.first_ord])
-                   END) AS map_tasks
-          FROM unnest(g_run, g_step, g_flow, g_type, g_initial, g_first, g_completes)
-               AS f(run_id, step_slug, flow_slug, step_type, initial_tasks, first_ord, completes)
-          JOIN pgflow.deps d ON d.flow_slug = f.flow_slug AND d.dep_slug = f.step_slug
-          JOIN pgflow.steps cs ON cs.flow_slug = d.flow_slug AND cs.step_slug = d.step_slug
-         WHERE f.completes
-           AND NOT (f.run_id = ANY(v_failed))
-         GROUP BY f.run_id, d.step_slug
-         ORDER BY f.run_id, d.step_slug
+        SELECT x.run_id, x.step_slug, x.n, x.map_tasks, x.is_map,
+               x.ready AND x.tasks > 0
+                 AND NOT bool_or(x.ready AND coalesce(x.tasks, 0) = 0)
+                           OVER (PARTITION BY x.run_id) AS starts
+          FROM (
+            SELECT g.run_id, g.step_slug, g.n, g.map_tasks, g.is_map,
+                   ss.status = 'created' AND ss.remaining_deps = g.n AS ready,
+                   CASE
+                     WHEN g.is_map AND ss.initial_tasks IS NULL THEN g.map_tasks
+                     ELSE ss.initial_tasks
+                   END AS tasks
+              FROM (
+                SELECT f.run_id, d.step_slug, count(*)::integer AS n,
+                       bool_and(cs.step_type = 'map') AS is_map,
+                       max(CASE
+                             WHEN f.step_type = 'map' THEN f.initial_tasks
+                             WHEN jsonb_typeof(v_outputs[f.first_ord]) = 'array'
+                               THEN jsonb_array_length(v_outputs[f.first_ord])
+                           END) AS map_tasks
+                  FROM unnest(g_run, g_step, g_flow, g_type, g_initial, g_first, g_completes)
+                       AS f(run_id, step_slug, flow_slug, step_type, initial_tasks, first_ord,
+                            completes)
+                  JOIN pgflow.deps d ON d.flow_slug = f.flow_slug AND d.dep_slug = f.step_slug
+                  JOIN pgflow.steps cs ON cs.flow_slug = d.flow_slug AND cs.step_slug = d.step_slug
+                 WHERE f.completes
+                   AND NOT (f.run_id = ANY(v_failed))
+                 GROUP BY f.run_id, d.step_slug
+              ) g
+              JOIN pgflow.step_states ss ON ss.run_id = g.run_id AND ss.step_slug = g.step_slug
+          ) x
+         ORDER BY x.run_id, x.step_slug
       ) rel;
 
     WITH released AS (
@@ -1730,13 +1778,20 @@ BEGIN
              initial_tasks = CASE
                WHEN rel.is_map AND child.initial_tasks IS NULL THEN rel.map_tasks
                ELSE child.initial_tasks
+             END,
+             status = CASE WHEN rel.starts THEN 'started' ELSE child.status END,
+             started_at = CASE WHEN rel.starts THEN now() ELSE child.started_at END,
+             remaining_tasks = CASE
+               WHEN NOT rel.starts THEN child.remaining_tasks
+               WHEN rel.is_map AND child.initial_tasks IS NULL THEN rel.map_tasks
+               ELSE child.initial_tasks
              END
-        FROM unnest(d_run, d_step, d_count, d_tasks, d_is_map)
-             AS rel(run_id, step_slug, n, map_tasks, is_map)
+        FROM unnest(d_run, d_step, d_count, d_tasks, d_is_map, d_starts)
+             AS rel(run_id, step_slug, n, map_tasks, is_map, starts)
        WHERE child.run_id = rel.run_id
          AND child.step_slug = rel.step_slug
       RETURNING child.run_id, child.flow_slug, child.step_slug, child.status,
-                child.remaining_deps, child.initial_tasks
+                child.remaining_deps, child.initial_tasks, rel.starts
     ),
     counted AS (
       UPDATE pgflow.runs r
@@ -1749,20 +1804,20 @@ BEGIN
        WHERE r.run_id = f.run_id
       RETURNING r.run_id, r.remaining_steps
     )
-    -- Released steps with tasks to run start here; an empty map among them (no tasks)
-    -- sends its run through the cascade.
+    -- Released steps marked started above have their tasks sent here; an empty map among
+    -- the released (no tasks) sends its run through the cascade.
     SELECT ready.runs, ready.steps, ready.flows, ready.cascade, finished.runs
       INTO v_ready_runs, v_ready, v_ready_flows, v_cascade, v_finished
       FROM (SELECT array_agg(rel.run_id ORDER BY rel.run_id, rel.step_slug)
-                     FILTER (WHERE rel.initial_tasks > 0) AS runs,
+                     FILTER (WHERE rel.starts) AS runs,
                    array_agg(rel.step_slug ORDER BY rel.run_id, rel.step_slug)
-                     FILTER (WHERE rel.initial_tasks > 0) AS steps,
+                     FILTER (WHERE rel.starts) AS steps,
                    array_agg(rel.flow_slug ORDER BY rel.run_id, rel.step_slug)
-                     FILTER (WHERE rel.initial_tasks > 0) AS flows,
+                     FILTER (WHERE rel.starts) AS flows,
                    array_agg(DISTINCT rel.run_id)
-                     FILTER (WHERE coalesce(rel.initial_tasks, 0) = 0) AS cascade
-              FROM released rel
-             WHERE rel.status = 'created' AND rel.remaining_deps = 0) ready,
+                     FILTER (WHERE rel.status = 'created' AND rel.remaining_deps = 0
+                               AND coalesce(rel.initial_tasks, 0) = 0) AS cascade
+              FROM released rel) ready,
            (SELECT array_agg(cnt.run_id ORDER BY cnt.run_id) AS runs
               FROM counted cnt WHERE cnt.remaining_steps = 0) finished;
 
@@ -1779,10 +1834,8 @@ BEGIN
         SELECT array_agg(p.run_id), array_agg(p.step_slug)
           INTO v_start_runs, v_start_steps
           FROM unnest(v_ready_runs, v_ready, v_ready_flows) AS p(run_id, step_slug, flow)
-         WHERE p.flow = v_flow
-           AND NOT (p.run_id = ANY(coalesce(v_cascade, '{}')));
-        CONTINUE WHEN v_start_runs IS NULL;
-        PERFORM pgflow._start_ready_steps(v_flow, v_start_runs, v_start_steps);
+         WHERE p.flow = v_flow;
+        PERFORM pgflow._start_ready_steps(v_flow, v_start_runs, v_start_steps, true);
       END LOOP;
     END IF;
 

@@ -207,6 +207,56 @@ async fn a_single_step_returning_an_empty_array_completes_its_map_child_at_once(
     assert_eq!(fin[0].input, json!({"run": {}, "each": []}));
 }
 
+/// One finished step releases an empty map and a step with a task at once: the run goes
+/// through the cascade, and every step with tasks starts exactly once, with one message.
+#[tokio::test]
+async fn an_empty_map_released_beside_a_step_with_tasks_starts_each_step_once() {
+    let engine = Engine::new().await;
+    engine
+        .flow(
+            "f",
+            &[
+                ("list", &[], "single"),
+                ("each", &["list"], "map"),
+                ("other", &["list"], "single"),
+                ("fin", &["each"], "single"),
+            ],
+        )
+        .await;
+    let run = engine.start("f", json!({})).await;
+    let list = engine.poll("f").await;
+    engine.complete(&list[0], json!([])).await;
+
+    assert_eq!(
+        engine.step(run, "each").await,
+        ("completed".into(), Some(0), Some(0), 0)
+    );
+    assert_eq!(
+        engine.step(run, "other").await,
+        ("started".into(), Some(1), Some(1), 0)
+    );
+    assert_eq!(
+        engine.step(run, "fin").await,
+        ("started".into(), Some(1), Some(1), 0)
+    );
+    let mut next: Vec<(String, Value)> = engine
+        .poll("f")
+        .await
+        .into_iter()
+        .map(|t| (t.step_slug, t.input))
+        .collect();
+    next.sort_by(|a, b| a.0.cmp(&b.0));
+    assert_eq!(
+        next,
+        vec![
+            ("fin".to_string(), json!({"run": {}, "each": []})),
+            ("other".to_string(), json!({"run": {}, "list": []})),
+        ]
+    );
+    // The finished list's message is archived; one message each for other and fin.
+    assert_eq!(engine.queue_counts("f").await, (2, 1));
+}
+
 #[tokio::test]
 async fn cascade_complete_taskless_steps_counts_what_it_completes() {
     let engine = Engine::new().await;
