@@ -613,6 +613,127 @@ BEGIN
 END;
 $$;
 
+-- The queue's own functions: _queue_send_<queue> and _queue_read_<queue>, the engine's send
+-- and the Rust worker's read with the queue's table named in static SQL. A queue's table
+-- is only known at run time, so without them each call runs dynamic SQL, which PL/pgSQL
+-- parses and plans every time (more than running it, for a send of one task); in a
+-- function of their own the statements are planned once per session, and the caller only
+-- plans a function call. create_flow makes them; a queue without them (made by
+-- pgmq.create directly) falls back to dynamic SQL. Re-running this function replaces them,
+-- for a queue whose table changed (pgmq versions differ: last_read_at).
+CREATE FUNCTION pgflow._create_queue_functions(p_queue text)
+RETURNS void
+LANGUAGE plpgsql
+VOLATILE
+SET search_path = ''
+AS $gen$
+DECLARE
+  v_queue     text := lower(p_queue);
+  v_table     text := 'q_' || lower(p_queue);
+  v_last_read boolean;
+  v_settings  text := $s$SET search_path = ''
+SET plan_cache_mode = force_generic_plan
+SET enable_seqscan = off
+SET enable_hashjoin = off
+SET enable_mergejoin = off$s$;
+BEGIN
+  v_last_read := EXISTS (
+    SELECT 1 FROM pg_catalog.pg_attribute a
+     WHERE a.attrelid = to_regclass('pgmq.' || quote_ident(v_table))
+       AND a.attname = 'last_read_at'
+       AND NOT a.attisdropped);
+
+  -- What pgmq.send_batch inserts (headers NULL), one message per vt; ids are assigned in
+  -- insertion order, so the i-th smallest belongs to the i-th message.
+  EXECUTE format($f$
+CREATE OR REPLACE FUNCTION pgflow.%1$I(p_vts timestamptz[], p_messages jsonb[])
+RETURNS bigint[]
+LANGUAGE plpgsql
+VOLATILE
+%3$s
+AS $body$
+DECLARE
+  v_ids bigint[];
+BEGIN
+  WITH sent AS (
+    INSERT INTO pgmq.%2$I (vt, message)
+    SELECT m.vt, m.message
+      FROM unnest(p_vts, p_messages) WITH ORDINALITY AS m(vt, message, ord)
+     ORDER BY m.ord
+    RETURNING msg_id
+  )
+  SELECT array_agg(sent.msg_id ORDER BY sent.msg_id) INTO v_ids FROM sent;
+  RETURN v_ids;
+END;
+$body$$f$, '_queue_send_' || v_queue, v_table, v_settings);
+
+  -- What pgmq.read(queue, p_vt, p_qty) does, except that a message of a step of flow
+  -- p_flow_slug is hidden for the step's timeout + 2 seconds at once (_read_and_start).
+  -- The messages read are updated by msg_id = ANY(array), an index lookup whatever the
+  -- statistics: joined to `next`, the planner would hash a scan of the whole queue table.
+  EXECUTE format($f$
+CREATE OR REPLACE FUNCTION pgflow.%1$I(p_flow_slug text, p_qty integer, p_vt integer)
+RETURNS bigint[]
+LANGUAGE plpgsql
+VOLATILE
+%3$s
+AS $body$
+DECLARE
+  v_ids bigint[];
+BEGIN
+  WITH next AS (
+    SELECT q.msg_id FROM pgmq.%2$I q
+     WHERE q.vt <= clock_timestamp()
+     ORDER BY q.msg_id
+     LIMIT p_qty
+       FOR UPDATE SKIP LOCKED
+  ),
+  read AS (
+    UPDATE pgmq.%2$I q
+       SET vt = clock_timestamp() + make_interval(secs => coalesce(
+             (SELECT coalesce(s.opt_timeout, f.opt_timeout) + 2
+                FROM pgflow.steps s
+                JOIN pgflow.flows f ON f.flow_slug = s.flow_slug
+               WHERE s.flow_slug = p_flow_slug
+                 AND s.step_slug = q.message ->> 'step_slug'),
+             p_vt)),
+           read_ct = q.read_ct + 1%4$s
+     WHERE q.msg_id = ANY(ARRAY(SELECT next.msg_id FROM next))
+    RETURNING q.msg_id
+  )
+  SELECT array_agg(read.msg_id ORDER BY read.msg_id) INTO v_ids FROM read;
+  RETURN v_ids;
+END;
+$body$$f$, '_queue_read_' || v_queue, v_table, v_settings,
+    CASE WHEN v_last_read THEN ', last_read_at = clock_timestamp()' ELSE '' END);
+
+  EXECUTE format('REVOKE ALL ON FUNCTION pgflow.%I(timestamptz[], jsonb[]) FROM public',
+                 '_queue_send_' || v_queue);
+  EXECUTE format('REVOKE ALL ON FUNCTION pgflow.%I(text, integer, integer) FROM public',
+                 '_queue_read_' || v_queue);
+END;
+$gen$;
+
+-- The name of queue p_queue's function `kind` (_create_queue_functions), or NULL when the
+-- queue has none.
+CREATE FUNCTION pgflow._queue_function(p_kind text, p_queue text)
+RETURNS text
+LANGUAGE plpgsql
+STABLE
+SET search_path = ''
+AS $$
+DECLARE
+  v_name text := '_queue_' || p_kind || '_' || lower(p_queue);
+BEGIN
+  IF EXISTS (SELECT 1 FROM pg_catalog.pg_proc p
+              WHERE p.proname = v_name
+                AND p.pronamespace = 'pgflow'::regnamespace) THEN
+    RETURN v_name;
+  END IF;
+  RETURN NULL;
+END;
+$$;
+
 -- -------------------------------------------------------------------------------------
 -- Definitions API
 -- -------------------------------------------------------------------------------------
@@ -645,6 +766,11 @@ BEGIN
     SELECT 1 FROM pgmq.list_queues() q WHERE q.queue_name = create_flow.flow_slug
   ) THEN
     PERFORM pgmq.create(create_flow.flow_slug);
+    PERFORM pgflow._create_queue_functions(create_flow.flow_slug);
+  ELSIF pgflow._queue_function('read', create_flow.flow_slug) IS NULL
+     OR pgflow._queue_function('send', create_flow.flow_slug) IS NULL THEN
+    -- A queue made before its flow, or by an installation without these functions.
+    PERFORM pgflow._create_queue_functions(create_flow.flow_slug);
   END IF;
 
   RETURN v_flow;
@@ -891,6 +1017,7 @@ DECLARE
   v_vts          timestamptz[];
   v_messages     jsonb[];
   v_msg_ids      bigint[];
+  v_send         text;
 BEGIN
   IF p_started THEN
     SELECT array_agg(o.run_id), array_agg(o.step_slug), array_agg(o.initial_tasks),
@@ -965,21 +1092,27 @@ BEGIN
 
   -- What pgmq.send_batch(queue, msgs, delay) inserts per step (vt = one clock_timestamp()
   -- + the step's delay, headers NULL), for every step at once and without pgmq's function
-  -- layers. The queue is the flow slug (is_valid_slug), so its table is
-  -- pgmq.q_<lower(slug)>, as pgmq names it; a missing queue fails on that table (42P01)
-  -- as pgmq would. Only this insert is dynamic (planned on every call), so it is kept
-  -- to the least: ids are assigned in insertion order, so the i-th smallest belongs to
-  -- the i-th task.
-  EXECUTE format(
-    'WITH sent AS ('
-    '  INSERT INTO pgmq.%I (vt, message)'
-    '  SELECT m.vt, m.message FROM unnest($1::timestamptz[], $2::jsonb[]) WITH ORDINALITY AS m(vt, message, ord)'
-    '   ORDER BY m.ord'
-    '  RETURNING msg_id'
-    ') SELECT array_agg(sent.msg_id ORDER BY sent.msg_id) FROM sent',
-    'q_' || lower(p_flow_slug))
-    INTO v_msg_ids
-    USING v_vts, v_messages;
+  -- layers: through the queue's send function (_create_queue_functions), whose plan is
+  -- cached, else by the same insert as dynamic SQL. The queue is the flow slug
+  -- (is_valid_slug), so its table is pgmq.q_<lower(slug)>, as pgmq names it; a missing
+  -- queue fails on that table (42P01) as pgmq would.
+  v_send := pgflow._queue_function('send', p_flow_slug);
+  IF v_send IS NOT NULL THEN
+    EXECUTE format('SELECT pgflow.%I($1, $2)', v_send)
+      INTO v_msg_ids
+      USING v_vts, v_messages;
+  ELSE
+    EXECUTE format(
+      'WITH sent AS ('
+      '  INSERT INTO pgmq.%I (vt, message)'
+      '  SELECT m.vt, m.message FROM unnest($1::timestamptz[], $2::jsonb[]) WITH ORDINALITY AS m(vt, message, ord)'
+      '   ORDER BY m.ord'
+      '  RETURNING msg_id'
+      ') SELECT array_agg(sent.msg_id ORDER BY sent.msg_id) FROM sent',
+      'q_' || lower(p_flow_slug))
+      INTO v_msg_ids
+      USING v_vts, v_messages;
+  END IF;
 
   INSERT INTO pgflow.step_tasks (flow_slug, run_id, step_slug, task_index, message_id)
   SELECT p_flow_slug, t.run_id, t.step_slug, t.task_index, t.msg_id
@@ -1397,8 +1530,9 @@ $$;
 -- their tasks, which cannot deadlock with the engine: a message nobody has read only
 -- meets a queued task, which nothing else locks.
 --
--- The queue's table is only known at run time, so the read is dynamic SQL; it is kept
--- to one small statement whose plan is cheap, and everything else is static.
+-- The read goes through the queue's read function (_create_queue_functions), whose plan
+-- is cached; a queue without one is read by pgmq.read, and start_tasks then sets the
+-- visibility.
 CREATE FUNCTION pgflow._read_and_start(
   p_flow_slug text, p_qty integer, p_vt integer, p_worker_id uuid
 )
@@ -1413,45 +1547,25 @@ SET enable_mergejoin = off
 ROWS 10
 AS $$
 DECLARE
-  v_queue     text := 'q_' || lower(p_flow_slug);
-  v_steps     text[];
-  v_offsets   integer[];
-  v_last_read boolean;
-  v_ids       bigint[];
-  v_tasks     pgflow._started_task[];
+  v_ids   bigint[];
+  v_tasks pgflow._started_task[];
+  v_read  text;
 BEGIN
-  SELECT array_agg(s.step_slug), array_agg(coalesce(s.opt_timeout, f.opt_timeout) + 2)
-    INTO v_steps, v_offsets
-    FROM pgflow.steps s
-    JOIN pgflow.flows f ON f.flow_slug = s.flow_slug
-   WHERE s.flow_slug = p_flow_slug;
+  v_read := pgflow._queue_function('read', p_flow_slug);
+  IF v_read IS NULL THEN
+    -- A queue without its functions: pgmq's own read (a missing queue fails there with
+    -- PostgreSQL's 42P01), and start_tasks sets the visibility as for any worker.
+    RETURN QUERY
+    SELECT * FROM pgflow._start_tasks(
+      p_flow_slug,
+      ARRAY(SELECT m.msg_id FROM pgmq.read(p_flow_slug, p_vt, p_qty) AS m ORDER BY m.msg_id),
+      p_worker_id, true);
+    RETURN;
+  END IF;
 
-  -- pgmq 1.8 and later record when a message was last read.
-  v_last_read := EXISTS (
-    SELECT 1 FROM pg_catalog.pg_attribute a
-     WHERE a.attrelid = to_regclass('pgmq.' || quote_ident(v_queue))
-       AND a.attname = 'last_read_at'
-       AND NOT a.attisdropped);
-
-  -- The messages read are updated by msg_id = ANY(array), an index lookup whatever the
-  -- statistics: joined to `next`, the planner would hash a scan of the whole queue table.
-  -- A missing queue fails here with PostgreSQL's 42P01, as pgmq.read would.
-  EXECUTE format(
-    'WITH next AS ('
-    '  SELECT q.msg_id FROM pgmq.%1$I q WHERE q.vt <= clock_timestamp()'
-    '   ORDER BY q.msg_id LIMIT $1 FOR UPDATE SKIP LOCKED'
-    '), read AS ('
-    '  UPDATE pgmq.%1$I q'
-    '     SET vt = clock_timestamp() + make_interval(secs => coalesce('
-    '           (SELECT o.vt_offset FROM unnest($3::text[], $4::integer[]) AS o(step_slug, vt_offset)'
-    '             WHERE o.step_slug = q.message ->> ''step_slug''), $2)),'
-    '         read_ct = q.read_ct + 1%2$s'
-    '   WHERE q.msg_id = ANY(ARRAY(SELECT next.msg_id FROM next))'
-    '  RETURNING q.msg_id'
-    ') SELECT array_agg(read.msg_id ORDER BY read.msg_id) FROM read',
-    v_queue, CASE WHEN v_last_read THEN ', last_read_at = clock_timestamp()' ELSE '' END)
+  EXECUTE format('SELECT pgflow.%I($1, $2, $3)', v_read)
     INTO v_ids
-    USING p_qty, p_vt, v_steps, v_offsets;
+    USING p_flow_slug, p_qty, p_vt;
 
   IF v_ids IS NULL THEN
     RETURN;
@@ -1465,7 +1579,7 @@ BEGIN
   IF cardinality(v_tasks) < cardinality(v_ids) THEN
     EXECUTE format(
       'UPDATE pgmq.%I q SET vt = clock_timestamp() + make_interval(secs => $2)'
-      ' WHERE q.msg_id = ANY($1)', v_queue)
+      ' WHERE q.msg_id = ANY($1)', 'q_' || lower(p_flow_slug))
       USING ARRAY(SELECT i FROM unnest(v_ids) AS i
                   EXCEPT SELECT t.msg_id FROM unnest(v_tasks) AS t),
             p_vt;

@@ -483,3 +483,77 @@ async fn the_prepared_archive_survives_deallocate_rollback_and_a_recreated_queue
         assert_eq!(engine.run(run).await.0, "completed");
     }
 }
+
+/// Drains a run of `flow` through `_read_and_start`, the Rust worker's read, checking that every
+/// started task's message is hidden for the flow's default timeout (60 s) + 2 s; returns the run
+/// and how many tasks ran.
+async fn run_through_read_and_start(engine: &Engine, flow: &str) -> (Uuid, usize) {
+    let run = engine.start(flow, serde_json::json!({})).await;
+    let mut ran = 0;
+    loop {
+        let tasks: Vec<(Uuid, String, i32, i64)> = sqlx::query_as(
+            "SELECT run_id, step_slug, task_index, msg_id \
+               FROM pgflow._read_and_start($1, 10, 30, $2)",
+        )
+        .bind(flow)
+        .bind(super::WORKER)
+        .fetch_all(engine.pool())
+        .await
+        .unwrap();
+        if tasks.is_empty() {
+            return (run, ran);
+        }
+        for (run_id, step_slug, task_index, msg_id) in tasks {
+            assert_eq!(engine.visible_in(flow, msg_id).await, 62, "{step_slug}");
+            sqlx::query("SELECT count(*) FROM pgflow.complete_task($1, $2, $3, '1')")
+                .bind(run_id)
+                .bind(&step_slug)
+                .bind(task_index)
+                .execute(engine.pool())
+                .await
+                .unwrap();
+            ran += 1;
+        }
+    }
+}
+
+/// create_flow gives each queue its own send and read functions (static SQL, plans cached per
+/// session). The engine works the same without them (a queue made by pgmq.create alone), the
+/// next create_flow makes them again, and they follow a queue dropped and created again.
+#[tokio::test]
+async fn the_queue_functions_come_with_create_flow_and_are_optional() {
+    let engine = Engine::new().await;
+    engine
+        .flow("qf", &[("a", &[], "single"), ("b", &["a"], "single")])
+        .await;
+    let functions = "SELECT coalesce(array_agg(proname::text ORDER BY proname), '{}') \
+                       FROM pg_catalog.pg_proc \
+                      WHERE pronamespace = 'pgflow'::regnamespace \
+                        AND proname IN ('_queue_read_qf', '_queue_send_qf')";
+    let both = vec!["_queue_read_qf".to_string(), "_queue_send_qf".to_string()];
+    assert_eq!(engine.scalar::<Vec<String>>(functions).await, both);
+    let mut runs = vec![run_through_read_and_start(&engine, "qf").await];
+
+    engine
+        .exec(
+            "DROP FUNCTION pgflow._queue_read_qf(text, integer, integer); \
+             DROP FUNCTION pgflow._queue_send_qf(timestamptz[], jsonb[])",
+        )
+        .await;
+    assert!(engine.scalar::<Vec<String>>(functions).await.is_empty());
+    runs.push(run_through_read_and_start(&engine, "qf").await);
+
+    engine.exec("SELECT pgflow.create_flow('qf')").await;
+    assert_eq!(engine.scalar::<Vec<String>>(functions).await, both);
+    runs.push(run_through_read_and_start(&engine, "qf").await);
+
+    engine
+        .exec("SELECT pgmq.drop_queue('qf'); SELECT pgmq.create('qf')")
+        .await;
+    runs.push(run_through_read_and_start(&engine, "qf").await);
+
+    for (run, ran) in runs {
+        assert_eq!(ran, 2);
+        assert_eq!(engine.run(run).await.0, "completed");
+    }
+}
