@@ -1321,9 +1321,12 @@ BEGIN
   END IF;
   IF v_root_tasks = 0 OR v_step_count = 0 THEN
     PERFORM pgflow.maybe_complete_run(v_run.run_id);
+    RETURN QUERY SELECT * FROM pgflow.runs r WHERE r.run_id = v_run.run_id;
+    RETURN;
   END IF;
 
-  RETURN QUERY SELECT * FROM pgflow.runs r WHERE r.run_id = v_run.run_id;
+  -- Starting root steps leaves the run's row as inserted.
+  RETURN NEXT v_run;
 END;
 $$;
 
@@ -1451,9 +1454,21 @@ BEGIN
                 WHERE d.flow_slug = s.flow_slug
                   AND d.step_slug = s.step_slug)
              ELSE
+               -- A single parent's output is read here, not through _step_output: that
+               -- would be a function call per dependency of every task.
                jsonb_build_object('run', r.input) || coalesce((
-                 SELECT jsonb_object_agg(d.dep_slug,
-                                         pgflow._step_output(st.run_id, d.dep_slug, parent.step_type))
+                 SELECT jsonb_object_agg(
+                          d.dep_slug,
+                          CASE
+                            WHEN parent.step_type = 'single' THEN (
+                              SELECT pt.output
+                                FROM pgflow.step_tasks pt
+                               WHERE pt.run_id = st.run_id
+                                 AND pt.step_slug = d.dep_slug
+                                 AND pt.task_index = 0
+                                 AND pt.status = 'completed')
+                            ELSE pgflow._step_output(st.run_id, d.dep_slug, 'map')
+                          END)
                    FROM pgflow.deps d
                    JOIN pgflow.steps parent
                      ON parent.flow_slug = d.flow_slug AND parent.step_slug = d.dep_slug
