@@ -95,9 +95,41 @@ async fn roles_get_exactly_what_the_documented_grants_give() {
         .await
         .unwrap();
 
+    // A flow compiled after the grants: its queue's own functions get the same EXECUTE
+    // grants as the engine functions that call them, so the app runs it through the Rust
+    // worker's read as well.
+    let later =
+        step_fn("only").handler(|v: Value, _ctx: StepContext| async move { Ok::<_, StepError>(v) });
+    let later: Flow<Value> = Flow::new("secured_later").step(later).build();
+    client.compile(&later).await.unwrap();
+    let later_run: uuid::Uuid =
+        sqlx::query_scalar("SELECT run_id FROM pgflow.start_flow('secured_later', '{}')")
+            .fetch_one(&mut app)
+            .await
+            .unwrap();
+    let started: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM pgflow._read_and_start('secured_later', 10, 30, $1)",
+    )
+    .bind(worker)
+    .fetch_one(&mut app)
+    .await
+    .unwrap();
+    assert_eq!(started, 1);
+    sqlx::query("SELECT pgflow.complete_task($1, 'only', 0, '\"done\"')")
+        .bind(later_run)
+        .execute(&mut app)
+        .await
+        .unwrap();
+
     let mut reader = connect_as(&db, &format!("reader_{role_suffix}")).await;
     let status: String = sqlx::query_scalar("SELECT status FROM pgflow.runs WHERE run_id = $1")
         .bind(run_id)
+        .fetch_one(&mut reader)
+        .await
+        .unwrap();
+    assert_eq!(status, "completed");
+    let status: String = sqlx::query_scalar("SELECT status FROM pgflow.runs WHERE run_id = $1")
+        .bind(later_run)
         .fetch_one(&mut reader)
         .await
         .unwrap();

@@ -631,6 +631,7 @@ DECLARE
   v_queue     text := lower(p_queue);
   v_table     text := 'q_' || lower(p_queue);
   v_last_read boolean;
+  v_grant     record;
   v_settings  text := $s$SET search_path = ''
 SET plan_cache_mode = force_generic_plan
 SET enable_seqscan = off
@@ -707,10 +708,31 @@ END;
 $body$$f$, '_queue_read_' || v_queue, v_table, v_settings,
     CASE WHEN v_last_read THEN ', last_read_at = clock_timestamp()' ELSE '' END);
 
+  -- Privileges: none for public, as for every function of the schema; and EXECUTE for
+  -- every role that may execute the functions calling them (the send: _start_ready_steps,
+  -- the read: _read_and_start), so that roles granted the schema's functions before this
+  -- flow existed can run it.
   EXECUTE format('REVOKE ALL ON FUNCTION pgflow.%I(timestamptz[], jsonb[]) FROM public',
                  '_queue_send_' || v_queue);
   EXECUTE format('REVOKE ALL ON FUNCTION pgflow.%I(text, integer, integer) FROM public',
                  '_queue_read_' || v_queue);
+  FOR v_grant IN
+    SELECT DISTINCT g.signature, acl.grantee::regrole::text AS grantee
+      FROM (VALUES
+              ('pgflow._start_ready_steps(text, uuid[], text[], boolean)'::regprocedure,
+               format('pgflow.%I(timestamptz[], jsonb[])', '_queue_send_' || v_queue)),
+              ('pgflow._read_and_start(text, integer, integer, uuid)'::regprocedure,
+               format('pgflow.%I(text, integer, integer)', '_queue_read_' || v_queue))
+           ) AS g(caller, signature)
+      JOIN pg_catalog.pg_proc p ON p.oid = g.caller
+     CROSS JOIN LATERAL pg_catalog.aclexplode(p.proacl) AS acl
+     WHERE acl.privilege_type = 'EXECUTE'
+       AND acl.grantee <> 0
+       AND acl.grantee <> p.proowner
+     ORDER BY 1, 2
+  LOOP
+    EXECUTE format('GRANT EXECUTE ON FUNCTION %s TO %s', v_grant.signature, v_grant.grantee);
+  END LOOP;
 END;
 $gen$;
 
