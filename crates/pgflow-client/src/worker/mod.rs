@@ -97,7 +97,7 @@ impl Worker {
     /// Starts configuring a worker that talks to the database through `pool`.
     ///
     /// The worker takes a few connections of its own from the pool (one per flow while reading,
-    /// up to three while reporting, one for heartbeats), plus whatever the handlers use through
+    /// one while reporting results, one for heartbeats), plus whatever the handlers use through
     /// [`StepContextExt::pool`]; size the pool for both. Notifications use one dedicated
     /// connection opened with the pool's connect options, outside the pool.
     pub fn builder(pool: PgPool) -> WorkerBuilder {
