@@ -76,21 +76,28 @@ pub(crate) struct RunStats {
     pub(crate) pickup_ms: Percentiles,
 }
 
-pub(crate) async fn run_stats(pool: &PgPool) -> BoxResult<RunStats> {
+/// Figures of the runs started at or after `since` (seconds since the epoch; 0 for all): the
+/// idle rows leave out their warm-up run.
+pub(crate) async fn run_stats(pool: &PgPool, since: f64) -> BoxResult<RunStats> {
     let (runs, span): (i64, Option<f64>) = sqlx::query_as(
         "SELECT count(*), EXTRACT(EPOCH FROM max(completed_at) - min(started_at))::float8
-           FROM pgflow.runs WHERE status = 'completed'",
+           FROM pgflow.runs WHERE status = 'completed' AND started_at >= to_timestamp($1)",
     )
+    .bind(since)
     .fetch_one(pool)
     .await?;
-    let tasks: i64 =
-        sqlx::query_scalar("SELECT count(*) FROM pgflow.step_tasks WHERE status = 'completed'")
-            .fetch_one(pool)
-            .await?;
+    let tasks: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM pgflow.step_tasks t JOIN pgflow.runs r ON r.run_id = t.run_id
+          WHERE t.status = 'completed' AND r.started_at >= to_timestamp($1)",
+    )
+    .bind(since)
+    .fetch_one(pool)
+    .await?;
     let latencies: Vec<f64> = sqlx::query_scalar(
         "SELECT EXTRACT(EPOCH FROM completed_at - started_at)::float8 * 1000
-           FROM pgflow.runs WHERE status = 'completed'",
+           FROM pgflow.runs WHERE status = 'completed' AND started_at >= to_timestamp($1)",
     )
+    .bind(since)
     .fetch_all(pool)
     .await?;
     let dispatch: Vec<Option<f64>> = sqlx::query_scalar(
@@ -104,9 +111,12 @@ pub(crate) async fn run_stats(pool: &PgPool) -> BoxResult<RunStats> {
                     WHERE d.flow_slug = ss.flow_slug AND d.step_slug = ss.step_slug)
                 )::float8 * 1000
            FROM pgflow.step_states ss
-          WHERE EXISTS (SELECT 1 FROM pgflow.deps d
+           JOIN pgflow.runs r ON r.run_id = ss.run_id
+          WHERE r.started_at >= to_timestamp($1)
+            AND EXISTS (SELECT 1 FROM pgflow.deps d
                          WHERE d.flow_slug = ss.flow_slug AND d.step_slug = ss.step_slug)",
     )
+    .bind(since)
     .fetch_all(pool)
     .await?;
     let pickup: Vec<Option<f64>> = sqlx::query_scalar(
@@ -116,9 +126,11 @@ pub(crate) async fn run_stats(pool: &PgPool) -> BoxResult<RunStats> {
                 - r.started_at)::float8 * 1000
            FROM pgflow.step_states ss
            JOIN pgflow.runs r ON r.run_id = ss.run_id
-          WHERE NOT EXISTS (SELECT 1 FROM pgflow.deps d
+          WHERE r.started_at >= to_timestamp($1)
+            AND NOT EXISTS (SELECT 1 FROM pgflow.deps d
                              WHERE d.flow_slug = ss.flow_slug AND d.step_slug = ss.step_slug)",
     )
+    .bind(since)
     .fetch_all(pool)
     .await?;
     Ok(RunStats {
