@@ -719,7 +719,7 @@ $body$$f$, '_queue_read_' || v_queue, v_table, v_settings,
   FOR v_grant IN
     SELECT DISTINCT g.signature, acl.grantee::regrole::text AS grantee
       FROM (VALUES
-              ('pgflow._start_ready_steps(text, uuid[], text[], boolean)'::regprocedure,
+              ('pgflow._start_ready_steps(text, uuid[], text[], boolean, jsonb[])'::regprocedure,
                format('pgflow.%I(timestamptz[], jsonb[])', '_queue_send_' || v_queue)),
               ('pgflow._read_and_start(text, integer, integer, uuid)'::regprocedure,
                format('pgflow.%I(text, integer, integer)', '_queue_read_' || v_queue))
@@ -1011,9 +1011,11 @@ $$;
 -- The caller holds the runs' row locks (or created them in this transaction) and knows
 -- they have not failed. With p_started, the caller has already marked exactly these steps
 -- started, in the statement that created or released them: one row version and one
--- statement fewer per started step than updating them again here.
+-- statement fewer per started step than updating them again here. p_events go out first,
+-- in the same call as the step:started events (start_flow's run:started).
 CREATE FUNCTION pgflow._start_ready_steps(
-  p_flow_slug text, p_run_ids uuid[], p_step_slugs text[], p_started boolean DEFAULT false
+  p_flow_slug text, p_run_ids uuid[], p_step_slugs text[], p_started boolean DEFAULT false,
+  p_events jsonb[] DEFAULT '{}'
 )
 RETURNS void
 LANGUAGE plpgsql
@@ -1080,10 +1082,11 @@ BEGIN
   END IF;
 
   IF v_runs IS NULL THEN
+    PERFORM pgflow._emit_all(p_events);
     RETURN;
   END IF;
 
-  PERFORM pgflow._emit_all(ARRAY(
+  PERFORM pgflow._emit_all(p_events || ARRAY(
     SELECT jsonb_build_object(
              'event_type', 'step:started',
              'run_id', e.run_id,
@@ -1279,6 +1282,7 @@ DECLARE
   v_has_root_map  boolean;
   v_root_tasks    integer;
   v_run           pgflow.runs;
+  v_started       jsonb;
 BEGIN
   SELECT count(*)::integer, coalesce(bool_or(s.step_type = 'map' AND s.deps_count = 0), false),
          array_agg(s.step_slug) FILTER (WHERE s.deps_count = 0)
@@ -1323,23 +1327,28 @@ BEGIN
    ) n
    WHERE s.flow_slug = start_flow.flow_slug;
 
-  PERFORM pgflow._emit(jsonb_build_object(
+  v_started := jsonb_build_object(
     'event_type', 'run:started',
     'run_id', v_run.run_id,
     'flow_slug', v_run.flow_slug,
     'status', 'started',
     'started_at', v_run.started_at,
     'input', v_run.input
-  ));
+  );
 
   -- Only an empty root map makes a taskless step at start (a dependent map learns its
-  -- count later): then the full path with its cascade, else start the roots directly.
+  -- count later): then the full path with its cascade, else start the roots directly,
+  -- with run:started in the same call as their step:started events.
   -- Nobody else sees the new run yet, so its row needs no lock here.
   IF v_root_tasks = 0 THEN
+    PERFORM pgflow._emit(v_started);
     PERFORM pgflow.start_ready_steps(v_run.run_id);
   ELSIF v_roots IS NOT NULL THEN
     PERFORM pgflow._start_ready_steps(
-      v_run.flow_slug, array_fill(v_run.run_id, ARRAY[cardinality(v_roots)]), v_roots, true);
+      v_run.flow_slug, array_fill(v_run.run_id, ARRAY[cardinality(v_roots)]), v_roots, true,
+      ARRAY[v_started]);
+  ELSE
+    PERFORM pgflow._emit(v_started);
   END IF;
   IF v_root_tasks = 0 OR v_step_count = 0 THEN
     PERFORM pgflow.maybe_complete_run(v_run.run_id);
