@@ -10,8 +10,9 @@
 //! For each flow the worker keeps one row in `pgflow.workers` (`queue_name` = the flow slug,
 //! `function_name` = `rust:<flow slug>`) and one polling loop. A loop takes as many permits of the
 //! worker-wide concurrency limit as are free (at most the batch size), then reads that many
-//! messages from the flow's queue and starts their tasks, in one statement and one round trip
-//! (`pgflow.start_tasks` over the ids of the messages it reads). Each task's handler runs in its own
+//! messages from the flow's queue and starts their tasks, in one call and one round trip
+//! (`pgflow._read_and_start`: what `pgmq.read` then `pgflow.start_tasks` do, with each message
+//! hidden for its step's timeout at once). Each task's handler runs in its own
 //! Tokio task, holding one permit, so no more than [`concurrency`](WorkerBuilder::concurrency)
 //! handlers ever run at once across all flows.
 //!

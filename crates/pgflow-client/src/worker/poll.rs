@@ -20,7 +20,7 @@ use super::report::Report;
 /// `pgmq.read` then `start_tasks` over the ids read do, in one transaction, plus what the worker
 /// needs besides the engine's record (the attempt number and the step's timeout). The statement
 /// is the same for every flow, so it is prepared once per connection and its plan is generic;
-/// the engine keeps the queue's own statement to one small dynamic read.
+/// the engine reads the queue through the queue's own read function, planned once per session.
 const FETCH_SQL: &str = "\
 SELECT t.run_id, t.step_slug, t.input, t.task_index, t.attempt, t.timeout \
   FROM pgflow._read_and_start($1, $3, $2, $4) t";
