@@ -227,9 +227,7 @@ async fn main() -> Result<(), Box<dyn Error + Send + Sync>> {
     // DATABASE_URL, or a throwaway server of our own, stopped when `throwaway` drops. Durable
     // by default: the ceiling is commits, and a commit that need not reach the disk is not one
     // that a production server makes.
-    let from_env = std::env::var("DATABASE_URL")
-        .ok()
-        .filter(|url| !url.trim().is_empty());
+    let from_env = pgflow_client::throwaway::database_url_from_env();
     let (admin_url, throwaway) = match &from_env {
         Some(url) => (url.clone(), None),
         None => {

@@ -363,13 +363,25 @@ pub fn shared_server() -> Result<&'static ThrowawayServer> {
     Ok(SHARED.get_or_init(|| server))
 }
 
+/// `DATABASE_URL`, when it is set and not blank: the server the user chose over a throwaway one.
+///
+/// ```
+/// let chosen = pgflow_client::throwaway::database_url_from_env();
+/// println!("{}", chosen.as_deref().unwrap_or("no DATABASE_URL: a throwaway server"));
+/// ```
+pub fn database_url_from_env() -> Option<String> {
+    std::env::var("DATABASE_URL")
+        .ok()
+        .filter(|url| !url.trim().is_empty())
+}
+
 /// Where to connect: `DATABASE_URL` when set, else a database on the shared throwaway server.
 ///
 /// Returns the URL of an administrative database (one in which `CREATE DATABASE` may be run).
 pub fn database_url() -> Result<String> {
-    match std::env::var("DATABASE_URL") {
-        Ok(url) if !url.trim().is_empty() => Ok(url),
-        _ => Ok(shared_server()?.url("postgres")),
+    match database_url_from_env() {
+        Some(url) => Ok(url),
+        None => Ok(shared_server()?.url("postgres")),
     }
 }
 
@@ -403,9 +415,9 @@ impl fmt::Debug for LocalDatabase {
 impl LocalDatabase {
     /// Connects to `DATABASE_URL`, or starts a throwaway server when it is not set.
     pub async fn connect() -> Result<Self> {
-        let (url, server) = match std::env::var("DATABASE_URL") {
-            Ok(url) if !url.trim().is_empty() => (url, None),
-            _ => {
+        let (url, server) = match database_url_from_env() {
+            Some(url) => (url, None),
+            None => {
                 let server = ThrowawayServer::start()?;
                 tracing::info!(
                     port = server.port(),

@@ -613,6 +613,28 @@ BEGIN
 END;
 $$;
 
+-- The send of messages to queue table pgmq.<p_table>, with the messages and their vt
+-- as $2 and $1 (what pgmq.send_batch inserts, headers NULL), returning the new ids in
+-- order: ids are assigned in insertion order, so the i-th smallest belongs to the i-th
+-- message. The queue's send function runs it as static SQL, and _start_ready_steps as
+-- dynamic SQL for a queue without one.
+CREATE FUNCTION pgflow._send_statement(p_table text)
+RETURNS text
+LANGUAGE sql
+IMMUTABLE
+SET search_path = ''
+AS $$
+  SELECT format(
+    'WITH sent AS ('
+    '  INSERT INTO pgmq.%I (vt, message)'
+    '  SELECT m.vt, m.message'
+    '    FROM unnest($1::timestamptz[], $2::jsonb[]) WITH ORDINALITY AS m(vt, message, ord)'
+    '   ORDER BY m.ord'
+    '  RETURNING msg_id'
+    ') SELECT array_agg(sent.msg_id ORDER BY sent.msg_id) FROM sent',
+    p_table)
+$$;
+
 -- The queue's own functions: _queue_send_<queue> and _queue_read_<queue>, the engine's send
 -- and the Rust worker's read with the queue's table named in static SQL. A queue's table
 -- is only known at run time, so without them each call runs dynamic SQL, which PL/pgSQL
@@ -644,8 +666,7 @@ BEGIN
        AND a.attname = 'last_read_at'
        AND NOT a.attisdropped);
 
-  -- What pgmq.send_batch inserts (headers NULL), one message per vt; ids are assigned in
-  -- insertion order, so the i-th smallest belongs to the i-th message.
+  -- The send (_send_statement), whose $1 and $2 are this function's parameters.
   EXECUTE format($f$
 CREATE OR REPLACE FUNCTION pgflow.%1$I(p_vts timestamptz[], p_messages jsonb[])
 RETURNS bigint[]
@@ -656,17 +677,10 @@ AS $body$
 DECLARE
   v_ids bigint[];
 BEGIN
-  WITH sent AS (
-    INSERT INTO pgmq.%2$I (vt, message)
-    SELECT m.vt, m.message
-      FROM unnest(p_vts, p_messages) WITH ORDINALITY AS m(vt, message, ord)
-     ORDER BY m.ord
-    RETURNING msg_id
-  )
-  SELECT array_agg(sent.msg_id ORDER BY sent.msg_id) INTO v_ids FROM sent;
+  %2$s INTO v_ids;
   RETURN v_ids;
 END;
-$body$$f$, '_queue_send_' || v_queue, v_table, v_settings);
+$body$$f$, '_queue_send_' || v_queue, pgflow._send_statement(v_table), v_settings);
 
   -- What pgmq.read(queue, p_vt, p_qty) does, except that a message of a step of flow
   -- p_flow_slug is hidden for the step's timeout + 2 seconds at once (_read_and_start).
@@ -1118,23 +1132,16 @@ BEGIN
   -- What pgmq.send_batch(queue, msgs, delay) inserts per step (vt = one clock_timestamp()
   -- + the step's delay, headers NULL), for every step at once and without pgmq's function
   -- layers: through the queue's send function (_create_queue_functions), whose plan is
-  -- cached, else by the same insert as dynamic SQL. The queue is the flow slug
-  -- (is_valid_slug), so its table is pgmq.q_<lower(slug)>, as pgmq names it; a missing
-  -- queue fails on that table (42P01) as pgmq would.
+  -- cached, else by the same statement (_send_statement) as dynamic SQL. The queue is the
+  -- flow slug (is_valid_slug), so its table is pgmq.q_<lower(slug)>, as pgmq names it; a
+  -- missing queue fails on that table (42P01) as pgmq would.
   v_send := pgflow._queue_function('send', p_flow_slug);
   IF v_send IS NOT NULL THEN
     EXECUTE format('SELECT pgflow.%I($1, $2)', v_send)
       INTO v_msg_ids
       USING v_vts, v_messages;
   ELSE
-    EXECUTE format(
-      'WITH sent AS ('
-      '  INSERT INTO pgmq.%I (vt, message)'
-      '  SELECT m.vt, m.message FROM unnest($1::timestamptz[], $2::jsonb[]) WITH ORDINALITY AS m(vt, message, ord)'
-      '   ORDER BY m.ord'
-      '  RETURNING msg_id'
-      ') SELECT array_agg(sent.msg_id ORDER BY sent.msg_id) FROM sent',
-      'q_' || lower(p_flow_slug))
+    EXECUTE pgflow._send_statement('q_' || lower(p_flow_slug))
       INTO v_msg_ids
       USING v_vts, v_messages;
   END IF;

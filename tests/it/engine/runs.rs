@@ -381,9 +381,23 @@ async fn maybe_complete_run_and_start_ready_steps_are_callable_and_harmless() {
     assert_eq!(engine.queue_counts("f").await, (1, 0));
 }
 
-/// Starts a run of `flow` on `conn`, then reads, starts and completes every visible task on that
-/// same connection until none is left; returns the run and how many tasks ran.
-async fn run_on(conn: &mut sqlx::PgConnection, flow: &str) -> (Uuid, usize) {
+/// How a drain reads and starts tasks: `$1` the flow, `$2` the worker; rows of
+/// `(run_id, step_slug, task_index, msg_id)`.
+const READ_THEN_START: &str = "SELECT t.run_id, t.step_slug, t.task_index, t.msg_id \
+     FROM pgflow.start_tasks($1, ARRAY(SELECT msg_id FROM pgmq.read($1, 30, 100)), $2) t";
+/// The Rust worker's read.
+const READ_AND_START: &str = "SELECT run_id, step_slug, task_index, msg_id \
+     FROM pgflow._read_and_start($1, 10, 30, $2)";
+
+/// Starts a run of `flow` on `conn`, then reads and starts tasks with `read` and completes them
+/// on that same connection until none is left; returns the run and how many tasks ran. With
+/// `hidden_for`, every started task's message must be hidden for that many seconds.
+async fn run_on(
+    conn: &mut sqlx::PgConnection,
+    flow: &str,
+    read: &str,
+    hidden_for: Option<i64>,
+) -> (Uuid, usize) {
     let run: Uuid = sqlx::query_scalar("SELECT run_id FROM pgflow.start_flow($1, '{}')")
         .bind(flow)
         .fetch_one(&mut *conn)
@@ -391,19 +405,27 @@ async fn run_on(conn: &mut sqlx::PgConnection, flow: &str) -> (Uuid, usize) {
         .unwrap();
     let mut ran = 0;
     loop {
-        let tasks: Vec<(Uuid, String, i32)> = sqlx::query_as(
-            "SELECT t.run_id, t.step_slug, t.task_index FROM pgflow.start_tasks($1, \
-               ARRAY(SELECT msg_id FROM pgmq.read($1, 30, 100)), $2) t",
-        )
-        .bind(flow)
-        .bind(super::WORKER)
-        .fetch_all(&mut *conn)
-        .await
-        .unwrap();
+        let tasks: Vec<(Uuid, String, i32, i64)> = sqlx::query_as(read)
+            .bind(flow)
+            .bind(super::WORKER)
+            .fetch_all(&mut *conn)
+            .await
+            .unwrap();
         if tasks.is_empty() {
             return (run, ran);
         }
-        for (run_id, step_slug, task_index) in tasks {
+        for (run_id, step_slug, task_index, msg_id) in tasks {
+            if let Some(seconds) = hidden_for {
+                let visible_in: i64 = sqlx::query_scalar(&format!(
+                    "SELECT round(extract(epoch FROM vt - clock_timestamp()))::bigint \
+                       FROM pgmq.q_{flow} WHERE msg_id = $1"
+                ))
+                .bind(msg_id)
+                .fetch_one(&mut *conn)
+                .await
+                .unwrap();
+                assert_eq!(visible_in, seconds, "{step_slug}");
+            }
             sqlx::query("SELECT count(*) FROM pgflow.complete_task($1, $2, $3, '1')")
                 .bind(run_id)
                 .bind(&step_slug)
@@ -431,7 +453,7 @@ async fn the_prepared_archive_survives_deallocate_rollback_and_a_recreated_queue
         sqlx::raw_sql(sql).execute(conn).await.unwrap();
     };
 
-    runs.push(run_on(&mut conn, "prep").await);
+    runs.push(run_on(&mut conn, "prep", READ_THEN_START, None).await);
     let marked: Option<String> =
         sqlx::query_scalar("SELECT current_setting('pgflow.pgflow_archive_prep', true)")
             .fetch_one(&mut *conn)
@@ -442,7 +464,7 @@ async fn the_prepared_archive_survives_deallocate_rollback_and_a_recreated_queue
 
     // Deallocated behind the engine's back: prepared again.
     exec(&mut conn, "DEALLOCATE pgflow_archive_prep").await;
-    runs.push(run_on(&mut conn, "prep").await);
+    runs.push(run_on(&mut conn, "prep", READ_THEN_START, None).await);
     assert_eq!(engine.queue_counts("prep").await, (0, 4));
 
     // Prepared in a transaction that rolls back: the statement stays, its mark does not.
@@ -454,7 +476,7 @@ async fn the_prepared_archive_survives_deallocate_rollback_and_a_recreated_queue
          ROLLBACK",
     )
     .await;
-    runs.push(run_on(&mut conn, "prep").await);
+    runs.push(run_on(&mut conn, "prep", READ_THEN_START, None).await);
     assert_eq!(engine.queue_counts("prep").await, (0, 6));
 
     // The queue dropped and created again: the statement follows the new tables.
@@ -463,7 +485,7 @@ async fn the_prepared_archive_survives_deallocate_rollback_and_a_recreated_queue
         "SELECT pgmq.drop_queue('prep'); SELECT pgmq.create('prep')",
     )
     .await;
-    runs.push(run_on(&mut conn, "prep").await);
+    runs.push(run_on(&mut conn, "prep", READ_THEN_START, None).await);
     assert_eq!(engine.queue_counts("prep").await, (0, 2));
 
     // A queue that does not exist gets pgmq's own error, not one about a statement.
@@ -484,39 +506,6 @@ async fn the_prepared_archive_survives_deallocate_rollback_and_a_recreated_queue
     }
 }
 
-/// Drains a run of `flow` through `_read_and_start`, the Rust worker's read, checking that every
-/// started task's message is hidden for the flow's default timeout (60 s) + 2 s; returns the run
-/// and how many tasks ran.
-async fn run_through_read_and_start(engine: &Engine, flow: &str) -> (Uuid, usize) {
-    let run = engine.start(flow, serde_json::json!({})).await;
-    let mut ran = 0;
-    loop {
-        let tasks: Vec<(Uuid, String, i32, i64)> = sqlx::query_as(
-            "SELECT run_id, step_slug, task_index, msg_id \
-               FROM pgflow._read_and_start($1, 10, 30, $2)",
-        )
-        .bind(flow)
-        .bind(super::WORKER)
-        .fetch_all(engine.pool())
-        .await
-        .unwrap();
-        if tasks.is_empty() {
-            return (run, ran);
-        }
-        for (run_id, step_slug, task_index, msg_id) in tasks {
-            assert_eq!(engine.visible_in(flow, msg_id).await, 62, "{step_slug}");
-            sqlx::query("SELECT count(*) FROM pgflow.complete_task($1, $2, $3, '1')")
-                .bind(run_id)
-                .bind(&step_slug)
-                .bind(task_index)
-                .execute(engine.pool())
-                .await
-                .unwrap();
-            ran += 1;
-        }
-    }
-}
-
 /// create_flow gives each queue its own send and read functions (static SQL, plans cached per
 /// session). The engine works the same without them (a queue made by pgmq.create alone), the
 /// next create_flow makes them again, and they follow a queue dropped and created again.
@@ -532,7 +521,9 @@ async fn the_queue_functions_come_with_create_flow_and_are_optional() {
                         AND proname IN ('_queue_read_qf', '_queue_send_qf')";
     let both = vec!["_queue_read_qf".to_string(), "_queue_send_qf".to_string()];
     assert_eq!(engine.scalar::<Vec<String>>(functions).await, both);
-    let mut runs = vec![run_through_read_and_start(&engine, "qf").await];
+    // Every started task's message is hidden for the flow's default timeout (60 s) + 2 s.
+    let mut conn = engine.pool().acquire().await.unwrap();
+    let mut runs = vec![run_on(&mut conn, "qf", READ_AND_START, Some(62)).await];
 
     engine
         .exec(
@@ -541,16 +532,17 @@ async fn the_queue_functions_come_with_create_flow_and_are_optional() {
         )
         .await;
     assert!(engine.scalar::<Vec<String>>(functions).await.is_empty());
-    runs.push(run_through_read_and_start(&engine, "qf").await);
+    runs.push(run_on(&mut conn, "qf", READ_AND_START, Some(62)).await);
 
     engine.exec("SELECT pgflow.create_flow('qf')").await;
     assert_eq!(engine.scalar::<Vec<String>>(functions).await, both);
-    runs.push(run_through_read_and_start(&engine, "qf").await);
+    runs.push(run_on(&mut conn, "qf", READ_AND_START, Some(62)).await);
 
     engine
         .exec("SELECT pgmq.drop_queue('qf'); SELECT pgmq.create('qf')")
         .await;
-    runs.push(run_through_read_and_start(&engine, "qf").await);
+    runs.push(run_on(&mut conn, "qf", READ_AND_START, Some(62)).await);
+    drop(conn);
 
     for (run, ran) in runs {
         assert_eq!(ran, 2);
