@@ -380,6 +380,7 @@ async fn main() -> Result<(), Box<dyn Error + Send + Sync>> {
             "worker_concurrency": env.tuning.concurrency,
             "driver_poll_interval_ms": driver::POLL_INTERVAL_MS,
             "start_chunk": START_CHUNK,
+            "warm_up_runs": "20 per worker instance or driver client (chain5, diamond), 1 (fanout1000), left out of the figures",
             "profile": env.profile,
         },
         "ceiling": ceilings.iter().map(|(variant, tps)| json!({
@@ -504,7 +505,8 @@ async fn prepare(env: &Env, workload: &Workload) -> BoxResult<TestDatabase> {
 }
 
 /// Drains `workload.runs` runs started in a burst (chunks of [`START_CHUNK`] from one
-/// connection, while the executor is already polling).
+/// connection, while the executor is already polling), after a warm-up
+/// ([`Workload::warm_up_runs`]) that the figures leave out.
 async fn load_row(
     env: &Env,
     workload: Workload,
@@ -517,20 +519,30 @@ async fn load_row(
     let rss_reset = measure::reset_peak_rss();
     let tuning = tuned.unwrap_or(env.tuning);
     let running = Running::start(tuning, db.url(), &flow, executor, parallel).await?;
+    let mut starter = PgConnection::connect(db.url()).await?;
+
+    // Left out of the figures, as a long-running worker's start-up would be.
+    let warm_up = workload.warm_up_runs(parallel);
+    start_burst(&mut starter, &workload, 0, warm_up).await?;
+    measure::wait_for_runs(
+        db.pool(),
+        warm_up,
+        Duration::from_millis(5),
+        env.row_timeout,
+    )
+    .await
+    .map_err(|error| format!("{} {} warm-up: {error}", workload.name, executor.name()))?;
+    let since: f64 = sqlx::query_scalar("SELECT EXTRACT(EPOCH FROM clock_timestamp())::float8")
+        .fetch_one(&mut starter)
+        .await?;
 
     let mark = CpuMark::now(env.postmaster);
     let began = Instant::now();
-    let mut starter = PgConnection::connect(db.url()).await?;
-    let mut started = 0;
-    while started < workload.runs {
-        let n = START_CHUNK.min(workload.runs - started);
-        start_runs(&mut starter, &workload, started, n).await?;
-        started += n;
-    }
+    start_burst(&mut starter, &workload, warm_up, workload.runs).await?;
     starter.close().await?;
     measure::wait_for_runs(
         db.pool(),
-        workload.runs,
+        warm_up + workload.runs,
         Duration::from_millis(10),
         env.row_timeout,
     )
@@ -544,7 +556,7 @@ async fn load_row(
         None
     };
     let calls = running.stop().await?;
-    let stats = measure::run_stats(db.pool(), 0.0).await?;
+    let stats = measure::run_stats(db.pool(), since).await?;
     let expected = workload.runs * workload.tasks_per_run();
     if stats.tasks != expected {
         return Err(format!(
@@ -666,6 +678,23 @@ async fn idle_row(env: &Env, executor: Executor, runs: usize) -> BoxResult<Row> 
         calls,
         profile,
     })
+}
+
+/// Starts runs `first .. first + n` of `workload` in chunks of [`START_CHUNK`], one statement
+/// each.
+async fn start_burst(
+    conn: &mut PgConnection,
+    workload: &Workload,
+    first: usize,
+    n: usize,
+) -> BoxResult<()> {
+    let mut started = 0;
+    while started < n {
+        let chunk = START_CHUNK.min(n - started);
+        start_runs(conn, workload, first + started, chunk).await?;
+        started += chunk;
+    }
+    Ok(())
 }
 
 /// Starts runs `first .. first + n` of `workload` in one statement; returns their ids.

@@ -41,6 +41,16 @@ impl Workload {
         }
     }
 
+    /// Runs started, and waited for, before the measured burst: enough to open and warm every
+    /// connection the executor will use (a fresh backend compiles the engine's functions and
+    /// plans their statements on first use), few enough to take a fraction of a second.
+    pub(crate) fn warm_up_runs(&self, parallel: usize) -> usize {
+        match self.kind() {
+            Kind::Fanout => 1,
+            _ => (20 * parallel).min(self.runs),
+        }
+    }
+
     /// The input of every run: the map width for `fanout`, `None` (the run's number) otherwise.
     pub(crate) fn fixed_input(&self) -> Option<u64> {
         match self.kind() {
