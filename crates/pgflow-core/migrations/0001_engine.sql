@@ -683,7 +683,12 @@ END;
 $body$$f$, '_queue_send_' || v_queue, pgflow._send_statement(v_table), v_settings);
 
   -- What pgmq.read(queue, p_vt, p_qty) does, except that a message of a step of flow
-  -- p_flow_slug is hidden for the step's timeout + 2 seconds at once (_read_and_start).
+  -- p_flow_slug is hidden for the step's timeout + 2 seconds at once (_read_and_start), and
+  -- that the messages visible longest come first (vt order, not msg_id order): a range scan
+  -- of the vt index touches only visible messages, where msg_id order walks every hidden
+  -- one at the head of the queue, i.e. every task in flight, on each read. The time is
+  -- taken once so that it can bound that scan (clock_timestamp() in the condition cannot).
+  -- Messages sent together share their vt and come in the index's order, their sending one.
   -- The messages read are updated by msg_id = ANY(array), an index lookup whatever the
   -- statistics: joined to `next`, the planner would hash a scan of the whole queue table.
   EXECUTE format($f$
@@ -695,11 +700,12 @@ VOLATILE
 AS $body$
 DECLARE
   v_ids bigint[];
+  v_now timestamptz := clock_timestamp();
 BEGIN
   WITH next AS (
     SELECT q.msg_id FROM pgmq.%2$I q
-     WHERE q.vt <= clock_timestamp()
-     ORDER BY q.msg_id
+     WHERE q.vt <= v_now
+     ORDER BY q.vt
      LIMIT p_qty
        FOR UPDATE SKIP LOCKED
   ),

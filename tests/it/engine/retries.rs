@@ -392,6 +392,38 @@ async fn read_and_start_hides_each_message_for_its_steps_timeout_at_once() {
     );
 }
 
+/// The queue's own read takes the messages that have been visible longest first, and skips
+/// hidden ones whatever their msg_id.
+#[tokio::test]
+async fn the_queue_read_takes_the_longest_visible_messages_first() {
+    let engine = Engine::new().await;
+    engine.exec("SELECT pgflow.create_flow('f')").await;
+    let ids: Vec<i64> = sqlx::query_scalar(
+        "SELECT * FROM pgmq.send_batch('f', ARRAY['{\"n\": 1}'::jsonb, '{\"n\": 2}', '{\"n\": 3}'])",
+    )
+    .fetch_all(engine.pool())
+    .await
+    .unwrap();
+    // The first hidden, the third visible for longer than the second.
+    sqlx::query(
+        "UPDATE pgmq.q_f SET vt = clock_timestamp() + make_interval(secs => (ARRAY[60, -10, -20])[n]) \
+           FROM unnest($1::bigint[]) WITH ORDINALITY AS x(id, n) WHERE msg_id = x.id",
+    )
+    .bind(&ids)
+    .execute(engine.pool())
+    .await
+    .unwrap();
+
+    let read = "SELECT pgflow._queue_read_f('f', 1, 30)";
+    let mut order = Vec::new();
+    for _ in 0..3 {
+        let got: Option<Vec<i64>> = engine.scalar(read).await;
+        order.push(got);
+    }
+    assert_eq!(order, vec![Some(vec![ids[2]]), Some(vec![ids[1]]), None]);
+    assert_eq!(engine.visible_in("f", ids[0]).await, 60);
+}
+
 #[tokio::test]
 async fn set_vt_batch_sets_each_offset_in_one_call() {
     let engine = Engine::new().await;
