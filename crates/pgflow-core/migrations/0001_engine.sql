@@ -297,6 +297,10 @@ STABLE
 SET search_path = ''
 AS $$
 BEGIN
+  -- Plain PostgreSQL has no such schema: a cache lookup answers, without a query.
+  IF pg_catalog.to_regnamespace('realtime') IS NULL THEN
+    RETURN false;
+  END IF;
   RETURN EXISTS (
     SELECT 1
       FROM pg_catalog.pg_proc p
@@ -767,12 +771,11 @@ AS $$
 DECLARE
   v_name text := '_queue_' || p_kind || '_' || lower(p_queue);
 BEGIN
-  IF EXISTS (SELECT 1 FROM pg_catalog.pg_proc p
-              WHERE p.proname = v_name
-                AND p.pronamespace = 'pgflow'::regnamespace) THEN
-    RETURN v_name;
+  -- A catalog cache lookup, not a query: this runs on every send and every read.
+  IF pg_catalog.to_regproc('pgflow.' || pg_catalog.quote_ident(v_name)) IS NULL THEN
+    RETURN NULL;
   END IF;
-  RETURN NULL;
+  RETURN v_name;
 END;
 $$;
 
