@@ -129,6 +129,9 @@ struct Row {
     cpu: CpuSpent,
     calls: Option<driver::CallTimes>,
     profile: Vec<FunctionProfile>,
+    /// Step tasks the database ran, warm-up included: what the profile covers (backends
+    /// flush their function statistics when they get round to it, so they cannot be split).
+    profile_tasks: usize,
 }
 
 impl Row {
@@ -481,6 +484,13 @@ impl Running {
         })
     }
 
+    /// Ends the warm-up: the driver's call times count from here.
+    fn measure_from_now(&self) {
+        if let Self::Driver(driver) = self {
+            driver.record_from_now();
+        }
+    }
+
     async fn stop(self) -> BoxResult<Option<driver::CallTimes>> {
         match self {
             Self::Driver(driver) => Ok(Some(driver.stop().await?)),
@@ -535,6 +545,7 @@ async fn load_row(
     let since: f64 = sqlx::query_scalar("SELECT EXTRACT(EPOCH FROM clock_timestamp())::float8")
         .fetch_one(&mut starter)
         .await?;
+    running.measure_from_now();
 
     let mark = CpuMark::now(env.postmaster);
     let began = Instant::now();
@@ -582,6 +593,7 @@ async fn load_row(
         cpu,
         calls,
         profile,
+        profile_tasks: (warm_up + workload.runs) * workload.tasks_per_run(),
     })
 }
 
@@ -643,6 +655,7 @@ async fn idle_row(env: &Env, executor: Executor, runs: usize) -> BoxResult<Row> 
     let since: f64 = sqlx::query_scalar("SELECT EXTRACT(EPOCH FROM clock_timestamp())::float8")
         .fetch_one(&mut starter)
         .await?;
+    running.measure_from_now();
 
     let mark = CpuMark::now(env.postmaster);
     let began = Instant::now();
@@ -677,6 +690,7 @@ async fn idle_row(env: &Env, executor: Executor, runs: usize) -> BoxResult<Row> 
         cpu,
         calls,
         profile,
+        profile_tasks: (runs + 1) * workload.tasks_per_run(),
     })
 }
 
@@ -846,13 +860,13 @@ fn render_calls(rows: &[Row]) -> String {
 fn render_profiles(rows: &[Row]) -> String {
     let mut out = String::from("per-function time (track_functions = pl), top 8 by self time\n");
     for row in rows {
-        let tasks = row.stats.tasks.max(1) as f64;
+        let tasks = row.profile_tasks.max(1) as f64;
         let _ = writeln!(
             out,
-            "\n{} {} ({} tasks)\n| function | calls | total ms | self ms | self µs/task |\n|---|--:|--:|--:|--:|",
+            "\n{} {} ({} tasks, warm-up included)\n| function | calls | total ms | self ms | self µs/task |\n|---|--:|--:|--:|--:|",
             row.workload,
             row.label(),
-            row.stats.tasks
+            row.profile_tasks
         );
         for f in row.profile.iter().take(8) {
             let _ = writeln!(
@@ -898,6 +912,7 @@ fn row_json(row: &Row, ceiling: f64) -> Value {
             calls.summary().into_iter().map(|(call, p)| (call.to_owned(), p.to_json()))
                 .collect::<serde_json::Map<_, _>>()
         }),
+        "profile_tasks": row.profile_tasks,
         "profile": row.profile.iter().map(|f| json!({
             "function": f.name,
             "calls": f.calls,

@@ -57,6 +57,8 @@ impl CallTimes {
 #[derive(Debug)]
 pub(crate) struct Driver {
     stop: Arc<AtomicBool>,
+    /// Whether the clients keep their call times: off during a row's warm-up.
+    recording: Arc<AtomicBool>,
     clients: Vec<tokio::task::JoinHandle<BoxResult<CallTimes>>>,
 }
 
@@ -68,6 +70,7 @@ impl Driver {
         batch: i32,
     ) -> BoxResult<Self> {
         let stop = Arc::new(AtomicBool::new(false));
+        let recording = Arc::new(AtomicBool::new(false));
         let mut handles = Vec::new();
         for _ in 0..clients {
             let mut conn = PgConnection::connect(url).await?;
@@ -82,16 +85,24 @@ impl Driver {
             .await?;
             let flow = flow.clone();
             let stop = Arc::clone(&stop);
+            let recording = Arc::clone(&recording);
             handles.push(tokio::spawn(async move {
-                let times = client_loop(&mut conn, &flow, worker_id, batch, &stop).await;
+                let times =
+                    client_loop(&mut conn, &flow, worker_id, batch, &stop, &recording).await;
                 conn.close().await?;
                 times
             }));
         }
         Ok(Self {
             stop,
+            recording,
             clients: handles,
         })
+    }
+
+    /// Keeps the call times of the polls that begin from now on (none are kept before).
+    pub(crate) fn record_from_now(&self) {
+        self.recording.store(true, Ordering::Relaxed);
     }
 
     /// Stops the clients (each after its current poll, at most a second) and returns their
@@ -112,10 +123,17 @@ async fn client_loop(
     worker_id: Uuid,
     batch: i32,
     stop: &AtomicBool,
+    recording: &AtomicBool,
 ) -> BoxResult<CallTimes> {
-    let mut times = CallTimes::default();
+    let mut all = CallTimes::default();
+    let mut warm_up = CallTimes::default();
     let slug = flow.slug().to_owned();
     while !stop.load(Ordering::Relaxed) {
+        let times = if recording.load(Ordering::Relaxed) {
+            &mut all
+        } else {
+            &mut warm_up
+        };
         let began = Instant::now();
         let msg_ids: Vec<i64> =
             sqlx::query_scalar("SELECT msg_id FROM pgmq.read_with_poll($1, $2, $3, $4, $5)")
@@ -167,7 +185,7 @@ async fn client_loop(
             times.complete_task.push(micros(began));
         }
     }
-    Ok(times)
+    Ok(all)
 }
 
 fn micros(since: Instant) -> f64 {

@@ -692,7 +692,8 @@ $body$$f$, '_queue_send_' || v_queue, pgflow._send_statement(v_table), v_setting
   -- of the vt index touches only visible messages, where msg_id order walks every hidden
   -- one at the head of the queue, i.e. every task in flight, on each read. The time is
   -- taken once so that it can bound that scan (clock_timestamp() in the condition cannot).
-  -- Messages sent together share their vt and come in the index's order, their sending one.
+  -- Messages sent together share their vt and come in no particular order among themselves
+  -- (the index orders equal keys by row position); the ids read are returned sorted.
   -- The messages read are updated by msg_id = ANY(array), an index lookup whatever the
   -- statistics: joined to `next`, the planner would hash a scan of the whole queue table.
   EXECUTE format($f$
@@ -771,7 +772,9 @@ AS $$
 DECLARE
   v_name text := '_queue_' || p_kind || '_' || lower(p_queue);
 BEGIN
-  -- A catalog cache lookup, not a query: this runs on every send and every read.
+  -- A catalog cache lookup, not a query: this runs on every send and every read. The name
+  -- is the generator's alone; were it ever overloaded, to_regproc would say NULL and the
+  -- callers would take their dynamic fallbacks, slower but the same.
   IF pg_catalog.to_regproc('pgflow.' || pg_catalog.quote_ident(v_name)) IS NULL THEN
     RETURN NULL;
   END IF;
