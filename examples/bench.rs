@@ -542,9 +542,7 @@ async fn load_row(
     )
     .await
     .map_err(|error| format!("{} {} warm-up: {error}", workload.name, executor.name()))?;
-    let since: f64 = sqlx::query_scalar("SELECT EXTRACT(EPOCH FROM clock_timestamp())::float8")
-        .fetch_one(&mut starter)
-        .await?;
+    let since = measure::server_clock(&mut starter).await?;
     running.measure_from_now();
 
     let mark = CpuMark::now(env.postmaster);
@@ -597,8 +595,6 @@ async fn load_row(
     })
 }
 
-/// `runs` single runs of chain5, one at a time on an otherwise idle server: end-to-end and
-/// dispatch latency without queueing.
 /// Starts run number `i` of `workload` and waits for its `run:completed` event, then lets the
 /// executor go back to idle.
 async fn idle_run(
@@ -632,6 +628,8 @@ async fn idle_run(
     Ok(())
 }
 
+/// `runs` single runs of chain5, one at a time on an otherwise idle server: end-to-end and
+/// dispatch latency without queueing.
 async fn idle_row(env: &Env, executor: Executor, runs: usize) -> BoxResult<Row> {
     let workload = Workload {
         name: "chain5",
@@ -652,9 +650,7 @@ async fn idle_row(env: &Env, executor: Executor, runs: usize) -> BoxResult<Row> 
     // compiling the engine's functions and planning their statements (about 10 ms of one
     // dispatch), which would be the p99 of a hundred dispatches.
     idle_run(&mut starter, &mut listener, &workload, 0).await?;
-    let since: f64 = sqlx::query_scalar("SELECT EXTRACT(EPOCH FROM clock_timestamp())::float8")
-        .fetch_one(&mut starter)
-        .await?;
+    let since = measure::server_clock(&mut starter).await?;
     running.measure_from_now();
 
     let mark = CpuMark::now(env.postmaster);

@@ -76,8 +76,18 @@ pub(crate) struct RunStats {
     pub(crate) pickup_ms: Percentiles,
 }
 
-/// Figures of the runs started at or after `since` (seconds since the epoch; 0 for all): the
-/// idle rows leave out their warm-up run.
+/// The server's clock, in seconds since the epoch: where a row's warm-up ends, for
+/// [`run_stats`].
+pub(crate) async fn server_clock(conn: &mut sqlx::PgConnection) -> BoxResult<f64> {
+    Ok(
+        sqlx::query_scalar("SELECT EXTRACT(EPOCH FROM clock_timestamp())::float8")
+            .fetch_one(conn)
+            .await?,
+    )
+}
+
+/// Figures of the runs started at or after `since` (seconds since the epoch, from
+/// [`server_clock`]; 0 for all): every row leaves out its warm-up.
 pub(crate) async fn run_stats(pool: &PgPool, since: f64) -> BoxResult<RunStats> {
     let (runs, span): (i64, Option<f64>) = sqlx::query_as(
         "SELECT count(*), EXTRACT(EPOCH FROM max(completed_at) - min(started_at))::float8

@@ -1403,7 +1403,6 @@ DECLARE
   v_task_indexes integer[];
   v_msg_ids      bigint[];
   v_inputs       jsonb[];
-  v_vt_offsets   integer[];
   v_attempts     integer[];
   v_timeouts     integer[];
   v_stale        record;
@@ -1534,10 +1533,10 @@ BEGIN
   -- Plain aggregates over a sorted input: ordered aggregates cost more to set up than
   -- this whole statement takes to run for a small batch.
   SELECT array_agg(p.run_id), array_agg(p.step_slug), array_agg(p.task_index),
-         array_agg(p.message_id), array_agg(p.input), array_agg(p.timeout + 2),
-         array_agg(p.attempts_count), array_agg(p.timeout)
-    INTO v_run_ids, v_step_slugs, v_task_indexes, v_msg_ids, v_inputs, v_vt_offsets,
-         v_attempts, v_timeouts
+         array_agg(p.message_id), array_agg(p.input), array_agg(p.attempts_count),
+         array_agg(p.timeout)
+    INTO v_run_ids, v_step_slugs, v_task_indexes, v_msg_ids, v_inputs, v_attempts,
+         v_timeouts
     FROM (SELECT * FROM prepared ORDER BY prepared.message_id) p;
 
   IF v_msg_ids IS NULL THEN
@@ -1554,12 +1553,12 @@ BEGIN
       'WITH locked AS ('
       '  SELECT q.msg_id FROM pgmq.%1$I q WHERE q.msg_id = ANY($1) ORDER BY q.msg_id FOR UPDATE'
       ') UPDATE pgmq.%1$I q'
-      '     SET vt = clock_timestamp() + make_interval(secs => o.vt_offset)'
+      '     SET vt = clock_timestamp() + make_interval(secs => o.timeout + 2)'
       '    FROM locked'
-      '    JOIN unnest($1, $2) AS o(msg_id, vt_offset) ON o.msg_id = locked.msg_id'
+      '    JOIN unnest($1, $2) AS o(msg_id, timeout) ON o.msg_id = locked.msg_id'
       '   WHERE q.msg_id = locked.msg_id',
       'q_' || lower(_start_tasks.flow_slug))
-      USING v_msg_ids, v_vt_offsets;
+      USING v_msg_ids, v_timeouts;
   END IF;
 
   RETURN QUERY
