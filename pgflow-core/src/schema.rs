@@ -51,11 +51,18 @@ CREATE TABLE IF NOT EXISTS pgflow_meta.schema_migrations (
 ";
 
 /// Every migration of the engine, oldest first.
-pub const MIGRATIONS: &[Migration] = &[Migration {
-    version: 1,
-    name: "engine",
-    sql: include_str!("../migrations/0001_engine.sql"),
-}];
+pub const MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: 1,
+        name: "engine",
+        sql: include_str!("../migrations/0001_engine.sql"),
+    },
+    Migration {
+        version: 2,
+        name: "current_attempt",
+        sql: include_str!("../migrations/0002_current_attempt.sql"),
+    },
+];
 
 /// The schema version this build of pgflow installs: the last migration's version.
 pub const SCHEMA_VERSION: i32 = MIGRATIONS[MIGRATIONS.len() - 1].version;

@@ -236,20 +236,53 @@ async fn complete(shared: &Shared, mut tasks: Vec<Done>) {
 }
 
 async fn complete_tasks(shared: &Shared, tasks: &[Done]) -> sqlx::Result<()> {
-    let run_ids: Vec<Uuid> = tasks.iter().map(|task| task.key.run_id).collect();
-    let step_slugs: Vec<&str> = tasks.iter().map(|task| &*task.key.step_slug).collect();
-    let task_indexes: Vec<i32> = tasks.iter().map(|task| task.key.task_index).collect();
-    let outputs: Vec<Json<&Value>> = tasks.iter().map(|task| Json(&task.output)).collect();
-    // Count the rows instead of fetching them: the rows carry the outputs back.
-    let _rows: i64 = sqlx::query_scalar(
-        "SELECT count(*) FROM pgflow.complete_tasks($1::uuid[], $2::text[], $3::int4[], $4::jsonb[])",
+    let mut run_ids = Vec::with_capacity(tasks.len());
+    let mut step_slugs = Vec::with_capacity(tasks.len());
+    let mut task_indexes = Vec::with_capacity(tasks.len());
+    let mut outputs = Vec::with_capacity(tasks.len());
+    let mut attempts = Vec::with_capacity(tasks.len());
+    let mut worker_ids = Vec::with_capacity(tasks.len());
+    for task in tasks {
+        run_ids.push(task.key.run_id);
+        step_slugs.push(&*task.key.step_slug);
+        task_indexes.push(task.key.task_index);
+        outputs.push(Json(&task.output));
+        attempts.push(task.key.attempt);
+        worker_ids.push(task.key.flow.worker_id);
+    }
+    // The keys only: the rows would carry the outputs back.
+    let applied: Vec<(Uuid, String, i32)> = sqlx::query_as(
+        "SELECT t.run_id, t.step_slug, t.task_index \
+           FROM pgflow.complete_tasks($1::uuid[], $2::text[], $3::int4[], $4::jsonb[], \
+                                      $5::int4[], $6::uuid[]) t",
     )
-    .bind(run_ids)
-    .bind(step_slugs)
-    .bind(task_indexes)
+    .bind(&run_ids)
+    .bind(&step_slugs)
+    .bind(&task_indexes)
     .bind(outputs)
-    .fetch_one(&shared.pool)
+    .bind(attempts)
+    .bind(worker_ids)
+    .fetch_all(&shared.pool)
     .await?;
+    if applied.len() < tasks.len() {
+        for task in tasks {
+            let key = &task.key;
+            let landed = applied.iter().any(|(run_id, step_slug, task_index)| {
+                *run_id == key.run_id
+                    && **step_slug == *key.step_slug
+                    && *task_index == key.task_index
+            });
+            if !landed {
+                task.span.in_scope(|| {
+                    tracing::info!(
+                        "completion not applied: this attempt is no longer the task's current \
+                         one (it ran past its timeout and was started again) or its run failed \
+                         on the output's type"
+                    );
+                });
+            }
+        }
+    }
     Ok(())
 }
 
@@ -274,12 +307,7 @@ async fn fail(shared: &Shared, failure: Failure) {
                 }
             }
         }
-        let result = if failure.retry {
-            fail_task(shared, &failure.key, &failure.message).await
-        } else {
-            fail_now(shared, &failure.key, &failure.message).await
-        };
-        let error = match result {
+        let error = match fail_task(shared, &failure).await {
             Ok(()) => {
                 settle(shared, 0, 1);
                 // A retried task's message becomes visible again without any notification:
@@ -311,56 +339,38 @@ async fn fail(shared: &Shared, failure: Failure) {
     }
 }
 
-async fn fail_task(shared: &Shared, key: &TaskKey, message: &str) -> sqlx::Result<()> {
-    let _rows: i64 = sqlx::query_scalar("SELECT count(*) FROM pgflow.fail_task($1, $2, $3, $4)")
-        .bind(key.run_id)
-        .bind(&*key.step_slug)
-        .bind(key.task_index)
-        .bind(message)
-        .fetch_one(&shared.pool)
-        .await?;
+/// Fails the attempt `key` names, and only that attempt; a permanent failure is not retried
+/// whatever attempts are left.
+async fn fail_task(shared: &Shared, failure: &Failure) -> sqlx::Result<()> {
+    let key = &failure.key;
+    let message = if failure.retry {
+        std::borrow::Cow::Borrowed(failure.message.as_str())
+    } else {
+        std::borrow::Cow::Owned(format!(
+            "{} (not retried: the handler marked the error as permanent)",
+            failure.message
+        ))
+    };
+    let rows: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM pgflow.fail_task($1, $2, $3, $4, $5, $6, $7)")
+            .bind(key.run_id)
+            .bind(&*key.step_slug)
+            .bind(key.task_index)
+            .bind(&*message)
+            .bind(key.attempt)
+            .bind(key.flow.worker_id)
+            .bind(!failure.retry)
+            .fetch_one(&shared.pool)
+            .await?;
+    if rows == 0 {
+        failure.span.in_scope(|| {
+            tracing::info!(
+                "failure not applied: this attempt is no longer the task's current one (it ran \
+                 past its timeout and was started again)"
+            );
+        });
+    }
     Ok(())
-}
-
-/// Fails the task for good: `fail_task` retries while `attempts_count` is below the step's
-/// `max_attempts`, so raise it to that first, in the same transaction, and put the attempts
-/// actually made back afterwards: the failed task then says how many attempts it took.
-async fn fail_now(shared: &Shared, key: &TaskKey, message: &str) -> sqlx::Result<()> {
-    let mut tx = shared.pool.begin().await?;
-    sqlx::query(
-        "UPDATE pgflow.step_tasks t \
-            SET attempts_count = greatest(t.attempts_count, \
-                                          coalesce(s.opt_max_attempts, f.opt_max_attempts)) \
-           FROM pgflow.steps s \
-           JOIN pgflow.flows f ON f.flow_slug = s.flow_slug \
-          WHERE t.run_id = $1 AND t.step_slug = $2 AND t.task_index = $3 \
-            AND t.status = 'started' \
-            AND s.flow_slug = t.flow_slug AND s.step_slug = t.step_slug",
-    )
-    .bind(key.run_id)
-    .bind(&*key.step_slug)
-    .bind(key.task_index)
-    .execute(&mut *tx)
-    .await?;
-    let message = format!("{message} (not retried: the handler marked the error as permanent)");
-    let _rows: i64 = sqlx::query_scalar("SELECT count(*) FROM pgflow.fail_task($1, $2, $3, $4)")
-        .bind(key.run_id)
-        .bind(&*key.step_slug)
-        .bind(key.task_index)
-        .bind(message)
-        .fetch_one(&mut *tx)
-        .await?;
-    sqlx::query(
-        "UPDATE pgflow.step_tasks SET attempts_count = $4 \
-          WHERE run_id = $1 AND step_slug = $2 AND task_index = $3 AND status = 'failed'",
-    )
-    .bind(key.run_id)
-    .bind(&*key.step_slug)
-    .bind(key.task_index)
-    .bind(key.attempt)
-    .execute(&mut *tx)
-    .await?;
-    tx.commit().await
 }
 
 /// The positions (0-based) of the tasks that are still `started` with the attempt and worker

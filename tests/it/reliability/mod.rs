@@ -13,6 +13,7 @@ mod model;
 mod processes;
 mod restart;
 mod soak;
+mod stale;
 
 use std::collections::HashMap;
 use std::process::{Child, Command, Stdio};
