@@ -8,8 +8,8 @@
 //!   (`step:started`, `step:completed`, ...), ending with `run:completed` or `run:failed`.
 //!
 //! ```text
-//! cargo run --example axum_service             # serves on a free port, plays one order, exits
-//! cargo run --example axum_service -- --serve  # serves on 127.0.0.1:3000 until Ctrl-C
+//! cargo run --features throwaway --example axum_service             # serves on a free port, plays one order, exits
+//! cargo run --features throwaway --example axum_service -- --serve  # serves on 127.0.0.1:3000 until Ctrl-C
 //! ```
 //!
 //! With `--serve`, try it with curl:

@@ -3,7 +3,7 @@
 //! engine's events and from the run's state.
 //!
 //! ```text
-//! cargo run --example crawl
+//! cargo run --features throwaway --example crawl
 //! ```
 //!
 //! With `DATABASE_URL` set it uses that database; without it, it starts a throwaway PostgreSQL

@@ -3,7 +3,7 @@
 //! for its typed output.
 //!
 //! ```text
-//! cargo run --example order_processing
+//! cargo run --features throwaway --example order_processing
 //! ```
 //!
 //! With `DATABASE_URL` set it uses that database; without it, it starts a throwaway PostgreSQL

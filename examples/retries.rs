@@ -10,7 +10,7 @@
 //! the task and the message.
 //!
 //! ```text
-//! cargo run --example retries
+//! cargo run --features throwaway --example retries
 //! ```
 //!
 //! With `DATABASE_URL` set it uses that database; without it, it starts a throwaway PostgreSQL

@@ -3,7 +3,7 @@
 //! untyped handlers, by flow slug and step slug, over JSON.
 //!
 //! ```text
-//! cargo run --example untyped_worker
+//! cargo run --features throwaway --example untyped_worker
 //! ```
 //!
 //! With `DATABASE_URL` set it uses that database; without it, it starts a throwaway PostgreSQL

@@ -185,7 +185,7 @@ pub use pgflow_core::{
 };
 pub use pgflow_macros::step;
 
-/// The throwaway PostgreSQL server and test databases (feature `throwaway`, on by default).
+/// The throwaway PostgreSQL server and test databases (feature `throwaway`, off by default).
 #[cfg(feature = "throwaway")]
 pub use pgflow_client::throwaway;
 pub use pgflow_client::{
