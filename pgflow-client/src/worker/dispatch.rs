@@ -51,6 +51,7 @@ pub(crate) fn spawn(
             task.step_slug, flow.slug
         )),
     };
+    let input = task.input;
     let token = shared.hard_stop.child_token();
     let ctx = StepContext::builder(task.run_id, Arc::clone(&flow.slug), Arc::clone(&step_slug))
         .task_index(u32::try_from(task.task_index).unwrap_or_default())
@@ -72,21 +73,28 @@ pub(crate) fn spawn(
     let run = async move {
         let began = Instant::now();
         tracing::debug!("task started");
-        let outcome = match handler {
-            Ok(handler) => {
+        let outcome = match (handler, input) {
+            // Another worker may have the handler: worth a retry.
+            (Err(message), _) => Outcome::Failed {
+                message,
+                retry: true,
+            },
+            // The same input comes back on every attempt.
+            (Ok(_), Err(message)) => Outcome::Failed {
+                message,
+                retry: false,
+            },
+            (Ok(handler), Ok(input)) => {
                 let limits = Limits {
                     timeout: task.timeout,
                     token: &token,
                     hard_stop: &hard_stop,
                     shutdown_timeout,
                 };
-                execute(handler, task.input, ctx, limits).await
+                execute(handler, input, ctx, limits).await
             }
-            Err(message) => Outcome::Failed {
-                message,
-                retry: true,
-            },
         };
+        let outcome = storable(outcome);
         let elapsed_ms = began.elapsed().as_secs_f64() * 1000.0;
         match &outcome {
             Outcome::Completed(_) => tracing::debug!(elapsed_ms, "task finished"),
@@ -167,6 +175,61 @@ async fn execute(
     }
 }
 
+/// How deep an output may nest. serde_json reads 127 levels and refuses more (its recursion
+/// limit), and the engine hands an output on at most two levels down (in a step's input object,
+/// inside the array of a map step's outputs): deeper, it would fail the read of whichever batch
+/// of tasks it is part of the input of.
+const MAX_OUTPUT_DEPTH: usize = 125;
+
+/// What the reporter can store and a worker can read back: an output nested deeper than
+/// [`MAX_OUTPUT_DEPTH`] fails its task instead (for good: a retry would compute it again), and a
+/// failure message loses its NUL characters, which PostgreSQL text cannot hold and would make
+/// `fail_task` refuse the whole message.
+fn storable(outcome: Outcome) -> Outcome {
+    match outcome {
+        Outcome::Completed(output) if nests_deeper_than(&output, MAX_OUTPUT_DEPTH) => {
+            Outcome::Failed {
+                message: format!(
+                    "the step output is nested deeper than {MAX_OUTPUT_DEPTH} levels of arrays \
+                     and objects, more than a worker can decode in the input of a later step"
+                ),
+                retry: false,
+            }
+        }
+        Outcome::Failed { message, retry } => Outcome::Failed {
+            message: without_nul(message),
+            retry,
+        },
+        completed @ Outcome::Completed(_) => completed,
+    }
+}
+
+/// Whether `value` has more than `levels` levels of arrays and objects; looks no deeper than
+/// that, so that no output, however deep, can exhaust the stack here.
+fn nests_deeper_than(value: &Value, levels: usize) -> bool {
+    match value {
+        Value::Array(items) => {
+            levels == 0 || items.iter().any(|item| nests_deeper_than(item, levels - 1))
+        }
+        Value::Object(fields) => {
+            levels == 0
+                || fields
+                    .values()
+                    .any(|field| nests_deeper_than(field, levels - 1))
+        }
+        _ => false,
+    }
+}
+
+/// `message` with each NUL shown as `\0`, the rest kept as it is.
+fn without_nul(message: String) -> String {
+    if message.contains('\0') {
+        message.replace('\0', "\\0")
+    } else {
+        message
+    }
+}
+
 /// The text of a panic payload (`panic!` with a literal or a formatted message).
 fn panic_message(payload: &(dyn Any + Send)) -> &str {
     if let Some(text) = payload.downcast_ref::<&'static str>() {
@@ -181,6 +244,76 @@ fn panic_message(payload: &(dyn Any + Send)) -> &str {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn nested(levels: usize) -> Value {
+        let mut value = Value::from(0);
+        for _ in 0..levels {
+            value = Value::Array(vec![value]);
+        }
+        value
+    }
+
+    #[test]
+    fn outputs_are_measured_in_levels_of_nesting() {
+        assert!(!nests_deeper_than(&Value::from(1), 0));
+        assert!(nests_deeper_than(&serde_json::json!([]), 0));
+        assert!(!nests_deeper_than(&serde_json::json!({"a": [1, {}]}), 3));
+        assert!(nests_deeper_than(
+            &serde_json::json!({"a": [1, {"b": []}]}),
+            3
+        ));
+        assert!(!nests_deeper_than(
+            &nested(MAX_OUTPUT_DEPTH),
+            MAX_OUTPUT_DEPTH
+        ));
+        assert!(nests_deeper_than(
+            &nested(MAX_OUTPUT_DEPTH + 1),
+            MAX_OUTPUT_DEPTH
+        ));
+    }
+
+    #[test]
+    fn the_deepest_output_kept_decodes_where_the_engine_puts_it() {
+        // In a step's input, in the array of a map step's outputs: two levels more.
+        let deepest = serde_json::json!({"run": 1, "map": [nested(MAX_OUTPUT_DEPTH)]});
+        let text = deepest.to_string();
+        assert!(serde_json::from_str::<Value>(&text).is_ok());
+        let deeper = serde_json::json!({"run": 1, "map": [nested(MAX_OUTPUT_DEPTH + 1)]});
+        let error = serde_json::from_str::<Value>(&deeper.to_string()).unwrap_err();
+        assert!(error.to_string().contains("recursion limit"), "{error}");
+    }
+
+    #[test]
+    fn too_deep_outputs_fail_for_good() {
+        let Outcome::Failed { message, retry } =
+            storable(Outcome::Completed(nested(MAX_OUTPUT_DEPTH + 1)))
+        else {
+            panic!("completed");
+        };
+        assert!(
+            message.contains("nested deeper than 125 levels"),
+            "{message}"
+        );
+        assert!(!retry);
+        assert!(matches!(
+            storable(Outcome::Completed(nested(MAX_OUTPUT_DEPTH))),
+            Outcome::Completed(_)
+        ));
+    }
+
+    #[test]
+    fn nul_characters_leave_failure_messages() {
+        let failed = Outcome::Failed {
+            message: "before\0after\0".to_owned(),
+            retry: true,
+        };
+        let Outcome::Failed { message, retry } = storable(failed) else {
+            panic!("completed");
+        };
+        assert_eq!(message, "before\\0after\\0");
+        assert!(retry);
+        assert_eq!(without_nul("plain".to_owned()), "plain");
+    }
 
     #[test]
     fn panic_payloads_become_text() {

@@ -21,8 +21,9 @@ use super::report::Report;
 /// needs besides the engine's record (the attempt number and the step's timeout). The statement
 /// is the same for every flow, so it is prepared once per connection and its plan is generic;
 /// the engine reads the queue through the queue's own read function, planned once per session.
+/// The input comes as text, decoded task by task ([`decode_input`]).
 const FETCH_SQL: &str = "\
-SELECT t.run_id, t.step_slug, t.input, t.task_index, t.attempt, t.timeout \
+SELECT t.run_id, t.step_slug, t.input::text, t.task_index, t.attempt, t.timeout \
   FROM pgflow._read_and_start($1, $3, $2, $4) t";
 
 /// How long a read waits for the handlers of the previous one to hand back their permits,
@@ -38,13 +39,15 @@ const DEFAULT_TIMEOUT_SECONDS: i32 = 60;
 pub(crate) struct StartedTask {
     pub(crate) run_id: Uuid,
     pub(crate) step_slug: String,
-    pub(crate) input: Value,
+    /// The input, or why it could not be decoded: the task is started all the same, and must
+    /// fail with that reason, without calling the handler.
+    pub(crate) input: Result<Value, String>,
     pub(crate) task_index: i32,
     pub(crate) attempt: i32,
     pub(crate) timeout: Duration,
 }
 
-type FetchRow = (Uuid, String, Value, i32, Option<i32>, Option<i32>);
+type FetchRow = (Uuid, String, Option<String>, i32, Option<i32>, Option<i32>);
 
 /// Reads up to `qty` messages of `flow`'s queue and starts their tasks.
 async fn fetch(
@@ -66,7 +69,7 @@ async fn fetch(
             |(run_id, step_slug, input, task_index, attempt, timeout)| StartedTask {
                 run_id,
                 step_slug,
-                input,
+                input: input.as_deref().map_or(Ok(Value::Null), decode_input),
                 task_index,
                 attempt: attempt.unwrap_or(1),
                 timeout: Duration::from_secs(
@@ -75,6 +78,14 @@ async fn fetch(
             },
         )
         .collect())
+}
+
+/// Decodes one task's input. Valid jsonb is not always valid for serde_json (nesting past its
+/// recursion limit, a number beyond `f64`): decoded row by row, such an input fails its own task
+/// instead of the read that started a whole batch of them. An SQL NULL, which the engine should
+/// never hand out, is JSON null, as any client of the SQL API would read it.
+fn decode_input(text: &str) -> Result<Value, String> {
+    serde_json::from_str(text).map_err(|error| format!("cannot decode the task input: {error}"))
 }
 
 /// How long until the next message of `flow`'s queue becomes visible; `None` when the queue is
@@ -227,5 +238,31 @@ fn warn_fetch_error(flow: &FlowEntry, error: &sqlx::Error, backoff: &Backoff) {
         }
     } else {
         tracing::warn!(flow_slug = %flow.slug, %error, "cannot read tasks; retrying");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn inputs_serde_json_cannot_hold_are_reasons_not_errors() {
+        assert_eq!(
+            decode_input(r#"{"run": [1]}"#),
+            Ok(serde_json::json!({"run": [1]}))
+        );
+        let deep = format!("{}0{}", "[".repeat(130), "]".repeat(130));
+        let reason = decode_input(&deep).unwrap_err();
+        assert!(
+            reason.starts_with("cannot decode the task input: recursion limit exceeded"),
+            "{reason}"
+        );
+        // What PostgreSQL prints for the jsonb number 1e400.
+        let huge = format!("1{}", "0".repeat(400));
+        let reason = decode_input(&huge).unwrap_err();
+        assert!(
+            reason.starts_with("cannot decode the task input: number out of range"),
+            "{reason}"
+        );
     }
 }

@@ -10,6 +10,7 @@ mod bad_input;
 mod connection;
 mod crash;
 mod model;
+mod poison;
 mod processes;
 mod restart;
 mod soak;
