@@ -8,23 +8,18 @@
 //!
 //! With `DATABASE_URL` set it uses that server (the user needs `CREATEDB`); without it, it starts
 //! a throwaway server from the PostgreSQL binaries on this machine, durable as a production
-//! server is (`fsync` on) unless `--no-fsync`. Every measured row gets a fresh database. See the
-//! "Performance" section of README.md for what each column means.
+//! server is (`fsync` on) unless `--no-fsync`. Every measured row gets a fresh database. See
+//! docs/performance.md for what each column means.
 
-#[path = "bench/driver.rs"]
 mod driver;
-#[path = "bench/floors.rs"]
 mod floors;
-#[path = "bench/flows.rs"]
 mod flows;
-#[path = "bench/measure.rs"]
 mod measure;
-#[path = "bench/worker.rs"]
 mod worker;
 
 use std::error::Error;
 use std::fmt::Write as _;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use clap::Parser;
@@ -84,7 +79,8 @@ struct Args {
     /// Also report per-function time (`track_functions = pl`) for every row; adds overhead.
     #[arg(long)]
     profile: bool,
-    /// Where to write the results (default bench-results/latest.json, smoke: bench-results/smoke.json).
+    /// Where to write the results (default examples/bench/results/latest.json, smoke:
+    /// examples/bench/results/smoke.json).
     #[arg(long)]
     json: Option<PathBuf>,
     /// Start the throwaway server with `fsync=off`, as the tests do: commits stop waiting for
@@ -219,11 +215,14 @@ async fn main() -> Result<(), Box<dyn Error + Send + Sync>> {
     let ceiling_secs = args
         .ceiling_secs
         .unwrap_or(if args.smoke { 0.5 } else { 3.0 });
+    // Anchored at the package, not the working directory: the results sit beside the
+    // benchmark's sources wherever cargo is run from.
     let json_path = args.json.clone().unwrap_or_else(|| {
-        PathBuf::from(if args.smoke {
-            "bench-results/smoke.json"
+        let results = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/bench/results");
+        results.join(if args.smoke {
+            "smoke.json"
         } else {
-            "bench-results/latest.json"
+            "latest.json"
         })
     });
 
