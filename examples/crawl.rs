@@ -12,6 +12,7 @@
 use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
+use pgflow::TaskStatus;
 use pgflow::prelude::*;
 use pgflow::throwaway::LocalDatabase;
 
@@ -139,7 +140,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                 let state = run.state().await?;
                 let fetch_tasks: Vec<_> =
                     state.tasks.iter().filter(|task| task.step_slug == "fetch").collect();
-                let fetched = fetch_tasks.iter().filter(|task| task.status == "completed").count();
+                let fetched = fetch_tasks.iter().filter(|task| task.status == TaskStatus::Completed).count();
                 if fetched != fetched_before {
                     fetched_before = fetched;
                     println!(

@@ -185,14 +185,16 @@ pub use pgflow_core::{
 };
 pub use pgflow_macros::step;
 
-/// The throwaway PostgreSQL server and test databases (feature `throwaway`, off by default).
-#[cfg(feature = "throwaway")]
+/// The throwaway PostgreSQL server and test databases (feature `throwaway`, off by default;
+/// Unix only).
+#[cfg(all(unix, feature = "throwaway"))]
 pub use pgflow_client::throwaway;
 pub use pgflow_client::{
-    Client, Compiled, Difference, Error, EventKind, InstallReport, Replace, Result, RunEvent,
-    RunEvents, RunFailure, RunHandle, RunOutput, RunRow, RunState, RunSummary, StepContextExt,
-    StepStateRow, Subscription, TaskRow, Violation, Worker, WorkerBuilder, WorkerHandle,
-    WorkerStats, check, differences, events, install, install_pgmq,
+    Client, Compiled, Difference, Error, EventKind, InstallReport, ParseStatusError, Replace,
+    Result, RunEvent, RunEvents, RunFailure, RunHandle, RunOutput, RunRow, RunState, RunStatus,
+    RunSummary, StepContextExt, StepStateRow, StepStatus, Subscription, TaskRow, TaskStatus,
+    Violation, Worker, WorkerBuilder, WorkerHandle, WorkerStats, check, differences, events,
+    install, install_pgmq,
 };
 pub use sqlx::PgPool;
 

@@ -9,6 +9,7 @@ use uuid::Uuid;
 use crate::definition::{self, Compiled, Replace};
 use crate::events::Subscription;
 use crate::run::{RunHandle, RunState, RunSummary};
+use crate::status::RunStatus;
 use crate::{Error, InstallReport, Result};
 
 /// The application's door to the engine. Cheap to clone: it holds a pool.
@@ -227,14 +228,14 @@ impl Client {
     pub async fn recent_runs(
         &self,
         flow_slug: Option<&str>,
-        status: Option<&str>,
+        status: Option<RunStatus>,
         limit: u32,
     ) -> Result<Vec<RunSummary>> {
         RunSummary::recent(&self.pool, flow_slug, status, i64::from(limit)).await
     }
 
     /// How many runs each flow has in each status.
-    pub async fn run_counts(&self) -> Result<Vec<(String, String, i64)>> {
+    pub async fn run_counts(&self) -> Result<Vec<(String, RunStatus, i64)>> {
         Ok(sqlx::query_as(
             "SELECT flow_slug, status, count(*) FROM pgflow.runs
               GROUP BY flow_slug, status ORDER BY flow_slug, status",

@@ -3,7 +3,7 @@
 //!
 //! | feature | what it adds |
 //! |---|---|
-//! | `throwaway` | [`throwaway`]: a throwaway PostgreSQL server and fresh test databases |
+//! | `throwaway` | [`throwaway`]: a throwaway PostgreSQL server and fresh test databases (Unix) |
 
 #![deny(missing_docs)]
 
@@ -14,7 +14,8 @@ mod error;
 pub mod events;
 mod install;
 mod run;
-#[cfg(feature = "throwaway")]
+mod status;
+#[cfg(all(unix, feature = "throwaway"))]
 pub mod throwaway;
 mod worker;
 
@@ -27,4 +28,5 @@ pub use install::{InstallReport, install, install_pgmq};
 pub use run::{
     RunFailure, RunHandle, RunOutput, RunRow, RunState, RunSummary, StepStateRow, TaskRow,
 };
+pub use status::{ParseStatusError, RunStatus, StepStatus, TaskStatus};
 pub use worker::{StepContextExt, Worker, WorkerBuilder, WorkerHandle, WorkerStats};

@@ -5,7 +5,7 @@ use std::fmt;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use pgflow_core::{IntoStep, Step};
+use pgflow_core::{IntoStep, Step, StepKind};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use serde_json::Value;
@@ -13,6 +13,7 @@ use sqlx::PgPool;
 use uuid::Uuid;
 
 use crate::events::{EventKind, RunEvent, Subscription};
+use crate::status::{RunStatus, StepKindText, StepStatus, TaskStatus};
 use crate::{Error, Result};
 
 /// How often a waiting run handle re-reads the run even without a notification, so that a
@@ -97,7 +98,7 @@ impl RunHandle {
 
     /// The run's outcome if it has ended: `Ok` with its outputs, or the failure as an error.
     async fn finished(&self) -> Result<Option<Result<RunOutput>>> {
-        let row: Option<(String, String, Option<Value>)> =
+        let row: Option<(String, RunStatus, Option<Value>)> =
             sqlx::query_as("SELECT flow_slug, status, output FROM pgflow.runs WHERE run_id = $1")
                 .bind(self.run_id)
                 .fetch_optional(&self.pool)
@@ -105,14 +106,14 @@ impl RunHandle {
         let Some((flow_slug, status, output)) = row else {
             return Err(Error::UnknownRun(self.run_id));
         };
-        match status.as_str() {
-            "completed" => Ok(Some(Ok(RunOutput {
+        match status {
+            RunStatus::Completed => Ok(Some(Ok(RunOutput {
                 run_id: self.run_id,
                 flow_slug,
                 output: output.unwrap_or(Value::Null),
                 steps: step_outputs(&self.pool, self.run_id).await?,
             }))),
-            "failed" => Ok(Some(Err(Error::RunFailed(Box::new(
+            RunStatus::Failed => Ok(Some(Err(Error::RunFailed(Box::new(
                 failure(&self.pool, self.run_id, flow_slug).await?,
             ))))),
             _ => Ok(None),
@@ -131,9 +132,9 @@ impl RunHandle {
     pub async fn events(&self) -> Result<crate::events::RunEvents> {
         let subscription = Subscription::listen(&self.pool).await?;
         let run = RunState::read_run(&self.pool, self.run_id).await?;
-        let kind = match run.status.as_str() {
-            "completed" => EventKind::RunCompleted,
-            "failed" => EventKind::RunFailed,
+        let kind = match run.status {
+            RunStatus::Completed => EventKind::RunCompleted,
+            RunStatus::Failed => EventKind::RunFailed,
             _ => return Ok(subscription.run_events(self.run_id)),
         };
         Ok(crate::events::RunEvents::ended(RunEvent {
@@ -141,7 +142,7 @@ impl RunHandle {
             run_id: run.run_id,
             flow_slug: Some(run.flow_slug),
             step_slug: None,
-            status: Some(run.status),
+            status: Some(run.status.to_string()),
             error_message: None,
             started_at: Some(run.started_at),
             completed_at: run.completed_at,
@@ -329,8 +330,8 @@ pub struct RunRow {
     pub run_id: Uuid,
     /// Its flow.
     pub flow_slug: String,
-    /// `started`, `completed` or `failed`.
-    pub status: String,
+    /// Started, completed or failed.
+    pub status: RunStatus,
     /// The flow input.
     pub input: Value,
     /// The leaf steps' outputs, once completed.
@@ -351,12 +352,13 @@ pub struct RunRow {
 pub struct StepStateRow {
     /// The step.
     pub step_slug: String,
-    /// `single` or `map`.
-    pub step_type: String,
+    /// Single or map.
+    #[sqlx(try_from = "StepKindText")]
+    pub step_type: StepKind,
     /// Its position in the flow.
     pub step_index: i32,
-    /// `created`, `started`, `completed` or `failed`.
-    pub status: String,
+    /// Created, started, completed or failed.
+    pub status: StepStatus,
     /// How many tasks the step has, once known.
     pub initial_tasks: Option<i32>,
     /// Tasks not yet completed, once started.
@@ -383,8 +385,8 @@ pub struct TaskRow {
     pub step_slug: String,
     /// Its index (0 for single steps).
     pub task_index: i32,
-    /// `queued`, `started`, `completed` or `failed`.
-    pub status: String,
+    /// Queued, started, completed or failed.
+    pub status: TaskStatus,
     /// Attempts so far.
     pub attempts_count: i32,
     /// The pgmq message carrying it.
@@ -466,8 +468,8 @@ pub struct RunSummary {
     pub run_id: Uuid,
     /// Its flow.
     pub flow_slug: String,
-    /// `started`, `completed` or `failed`.
-    pub status: String,
+    /// Started, completed or failed.
+    pub status: RunStatus,
     /// Steps not yet completed.
     pub remaining_steps: i32,
     /// When it started.
@@ -480,7 +482,7 @@ impl RunSummary {
     pub(crate) async fn recent(
         pool: &PgPool,
         flow: Option<&str>,
-        status: Option<&str>,
+        status: Option<RunStatus>,
         limit: i64,
     ) -> Result<Vec<Self>> {
         Ok(sqlx::query_as(

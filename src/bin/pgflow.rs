@@ -12,7 +12,7 @@ use std::process::ExitCode;
 use chrono::{DateTime, Utc};
 use clap::{Parser, Subcommand};
 use futures_util::StreamExt;
-use pgflow_client::{Client, RunState};
+use pgflow_client::{Client, RunState, RunStatus, TaskStatus};
 use serde::Serialize;
 use serde_json::Value;
 use sqlx::postgres::PgPoolOptions;
@@ -51,9 +51,9 @@ enum Command {
         /// Only runs of this flow.
         #[arg(long)]
         flow: Option<String>,
-        /// Only runs in this status (started, completed, failed).
+        /// Only runs in this status: started, completed or failed.
         #[arg(long)]
-        status: Option<String>,
+        status: Option<RunStatus>,
         /// How many runs to list.
         #[arg(long, default_value_t = 20)]
         limit: u32,
@@ -120,7 +120,7 @@ async fn run(cli: Cli) -> CliResult {
             flow,
             status,
             limit,
-        } => runs(&client, flow.as_deref(), status.as_deref(), limit, json).await,
+        } => runs(&client, flow.as_deref(), status, limit, json).await,
         Command::Run { run_id } => show_run(&client, run_id, json).await,
         Command::Start {
             flow,
@@ -211,7 +211,7 @@ async fn flows(client: &Client, json: bool) -> CliResult {
 async fn runs(
     client: &Client,
     flow: Option<&str>,
-    status: Option<&str>,
+    status: Option<RunStatus>,
     limit: u32,
     json: bool,
 ) -> CliResult {
@@ -239,7 +239,7 @@ async fn runs(
         table.push([
             run.run_id.to_string(),
             run.flow_slug.clone(),
-            run.status.clone(),
+            run.status.to_string(),
             run.remaining_steps.to_string(),
             run.started_at.format("%Y-%m-%d %H:%M:%S").to_string(),
             duration(Some(run.started_at), run.ended_at),
@@ -290,15 +290,18 @@ fn render_run(state: &RunState) -> String {
             .iter()
             .filter(|t| t.step_slug == step.step_slug)
             .collect();
-        let done = tasks.iter().filter(|t| t.status == "completed").count();
+        let done = tasks
+            .iter()
+            .filter(|t| t.status == TaskStatus::Completed)
+            .count();
         let total = step
             .initial_tasks
             .map_or_else(|| "?".to_string(), |n| n.to_string());
         let attempts = tasks.iter().map(|t| t.attempts_count).max().unwrap_or(0);
         table.push([
             step.step_slug.clone(),
-            step.step_type.clone(),
-            step.status.clone(),
+            step.step_type.to_string(),
+            step.status.to_string(),
             format!("{done}/{total}"),
             attempts.to_string(),
             duration(step.started_at, step.completed_at.or(step.failed_at)),

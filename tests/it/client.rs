@@ -398,7 +398,10 @@ async fn waiting_with_a_timeout_gives_up_and_leaves_the_run_alone() {
         .await
         .unwrap_err();
     assert!(matches!(err, Error::WaitTimedOut { .. }), "{err}");
-    assert_eq!(run.state().await.unwrap().run.status, "started");
+    assert_eq!(
+        run.state().await.unwrap().run.status,
+        pgflow_client::RunStatus::Started
+    );
 }
 
 #[tokio::test]
@@ -477,7 +480,7 @@ async fn a_run_state_has_every_step_and_task() {
     })
     .await;
     let state = client.run_state(run.id()).await.unwrap();
-    assert_eq!(state.run.status, "completed");
+    assert_eq!(state.run.status, pgflow_client::RunStatus::Completed);
     assert_eq!(
         state
             .steps

@@ -141,9 +141,15 @@ async fn execute(
         biased;
         result = call => match result {
             Ok(Ok(output)) => Outcome::Completed(output),
-            Ok(Err(error)) => Outcome::Failed {
+            Ok(Err(error)) if error.is_retryable() => Outcome::Failed {
                 message: error.to_string(),
-                retry: error.is_retryable(),
+                retry: true,
+            },
+            Ok(Err(error)) => Outcome::Failed {
+                message: format!(
+                    "{error} (not retried: the handler marked the error as permanent)"
+                ),
+                retry: false,
             },
             Err(payload) => Outcome::Failed {
                 message: format!("handler panicked: {}", panic_message(payload.as_ref())),

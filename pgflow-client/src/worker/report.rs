@@ -343,20 +343,12 @@ async fn fail(shared: &Shared, failure: Failure) {
 /// whatever attempts are left.
 async fn fail_task(shared: &Shared, failure: &Failure) -> sqlx::Result<()> {
     let key = &failure.key;
-    let message = if failure.retry {
-        std::borrow::Cow::Borrowed(failure.message.as_str())
-    } else {
-        std::borrow::Cow::Owned(format!(
-            "{} (not retried: the handler marked the error as permanent)",
-            failure.message
-        ))
-    };
     let rows: i64 =
         sqlx::query_scalar("SELECT count(*) FROM pgflow.fail_task($1, $2, $3, $4, $5, $6, $7)")
             .bind(key.run_id)
             .bind(&*key.step_slug)
             .bind(key.task_index)
-            .bind(&*message)
+            .bind(&failure.message)
             .bind(key.attempt)
             .bind(key.flow.worker_id)
             .bind(!failure.retry)
