@@ -61,7 +61,7 @@
 //!
 //! `#[step]` turns an `async fn` returning `Result<Output, E>` (where `E` converts into
 //! [`StepError`], as any `std::error::Error + Send + Sync` does) into a step named like the
-//! function: a struct implementing [`Step`] and [`StepOf`], and a function of the same name
+//! function: a struct implementing [`Step`] and [`StepOf`](typing::StepOf), and a function of the same name
 //! returning it. `.step(name)` adds it to a flow, `depends_on = [name]` names it, and a client
 //! reads its output by it. The original function stays callable as `name::call(...)`.
 //!
@@ -176,13 +176,26 @@
 
 pub use pgflow_core::Flow;
 pub use pgflow_core::{
-    AnyInput, Append, BoxFuture, CancellationToken, Contains, Dependencies, DependenciesIn,
-    ErasedHandler, Error as FlowError, FitsInput, FlowBuilder, FlowOptions, FlowShape, FlowStep,
-    FnStep, Here, IntoStep, MAX_OPTION_VALUE, MAX_SLUG_LEN, MapDependency, MapInput, MapOver,
-    OutputMatches, Single, SlugProblem, Step, StepContext, StepContextBuilder, StepError,
-    StepFnBuilder, StepKind, StepOf, StepOptions, StepOutput, StepShape, TakesInput, There, Uuid,
-    check_slug, is_valid_slug, schema, step_fn,
+    CancellationToken, Error as FlowError, FlowBuilder, FlowOptions, FlowShape, MAX_OPTION_VALUE,
+    MAX_SLUG_LEN, SlugProblem, Step, StepContext, StepContextBuilder, StepError, StepKind,
+    StepOptions, StepShape, Uuid, check_slug, is_valid_slug, schema, step_fn,
 };
+
+/// The type-level machinery that checks a flow's shape at compile time.
+///
+/// Signatures of [`Flow`], [`FlowBuilder`] and [`step_fn`] name these traits and types, so they
+/// are public; a flow's author never writes them. A dependency list is a type-level list
+/// ([`Here`](typing::Here), [`There`](typing::There) index into it), a step's input is checked
+/// against it ([`FitsInput`](typing::FitsInput), [`TakesInput`](typing::TakesInput),
+/// [`MapInput`](typing::MapInput)), and handlers are erased to
+/// [`ErasedHandler`](typing::ErasedHandler) for the worker.
+pub mod typing {
+    pub use pgflow_core::{
+        AnyInput, Append, BoxFuture, CheckedOutput, Contains, Dependencies, DependenciesIn,
+        ErasedHandler, FitsInput, FlowStep, FnStep, Here, IntoStep, MapDependency, MapInput,
+        MapOver, OutputMatches, Single, StepFnBuilder, StepOf, StepOutput, TakesInput, There,
+    };
+}
 pub use pgflow_macros::step;
 
 /// The throwaway PostgreSQL server and test databases (feature `throwaway`, off by default;
