@@ -62,6 +62,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "current_attempt",
         sql: include_str!("../migrations/0002_current_attempt.sql"),
     },
+    Migration {
+        version: 4,
+        name: "roles",
+        sql: include_str!("../migrations/0004_roles.sql"),
+    },
 ];
 
 /// The schema version this build of pgflow installs: the last migration's version.

@@ -1,157 +1,699 @@
-//! Least privilege: the role setup of docs/security.md, applied as written.
+//! Least privilege: the roles of docs/security.md, set up with its SQL as written, each doing its
+//! job and refused everything else.
 
-use pgflow_client::Client;
+use std::str::FromStr;
+use std::time::Duration;
+
 use pgflow_client::throwaway::TestDatabase;
+use pgflow_client::{Client, Worker};
 use pgflow_core::{Flow, StepContext, StepError, step_fn};
 use serde_json::{Value, json};
-use sqlx::{Connection, PgConnection};
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::{Connection, PgConnection, PgPool};
+use uuid::Uuid;
 
-/// The SQL block of docs/security.md, so the test checks what users are told to run.
-fn documented_grants() -> String {
+/// The ```sql blocks of docs/security.md, in order, so the test runs what users are told to run.
+fn documented_sql() -> Vec<String> {
     let doc = include_str!("../../docs/security.md");
-    let start = doc.find("```sql\n").expect("a sql block") + "```sql\n".len();
-    let end = start + doc[start..].find("```").expect("its end");
-    doc[start..end].to_string()
+    let mut blocks = Vec::new();
+    let mut rest = doc;
+    while let Some(start) = rest.find("```sql\n") {
+        let body = &rest[start + "```sql\n".len()..];
+        let end = body.find("```").expect("the block's end");
+        blocks.push(body[..end].to_string());
+        rest = &body[end..];
+        rest = &rest[3..];
+    }
+    blocks
 }
 
-/// Connects as `role` through the superuser's session authorization.
-async fn connect_as(db: &TestDatabase, role: &str) -> PgConnection {
+/// Roles are cluster-wide: each test names its roles after its own database, so that tests
+/// running at the same time on one server do not share them.
+struct Roles {
+    suffix: String,
+}
+
+impl Roles {
+    const NAMES: [&'static str; 6] = [
+        "pgflow_app",
+        "pgflow_worker",
+        "pgflow_reader",
+        "orders_service",
+        "orders_worker",
+        "grafana",
+    ];
+
+    fn new(db: &TestDatabase) -> Self {
+        Self {
+            suffix: db.name().trim_start_matches("pgflow_test_").to_string(),
+        }
+    }
+
+    fn name(&self, role: &str) -> String {
+        format!("{role}_{}", self.suffix)
+    }
+
+    fn rename(&self, sql: &str) -> String {
+        Self::NAMES.iter().fold(sql.to_string(), |sql, role| {
+            sql.replace(role, &self.name(role))
+        })
+    }
+
+    async fn drop(&self, db: &TestDatabase, extra: &[String]) {
+        let mut roles: Vec<String> = Self::NAMES.iter().map(|role| self.name(role)).collect();
+        roles.extend(extra.iter().cloned());
+        let list = roles.join(", ");
+        sqlx::raw_sql(&format!("DROP OWNED BY {list}; DROP ROLE {list};"))
+            .execute(db.pool())
+            .await
+            .unwrap();
+    }
+}
+
+/// A connection of the superuser that acts as `role` through SET ROLE (the engine then sees
+/// the role in setting `role`).
+async fn set_role(db: &TestDatabase, role: &str) -> PgConnection {
     let mut conn = PgConnection::connect(db.url()).await.unwrap();
-    sqlx::raw_sql(&format!("SET SESSION AUTHORIZATION {role}"))
+    sqlx::raw_sql(&format!("SET ROLE {role}"))
         .execute(&mut conn)
         .await
         .unwrap();
     conn
 }
 
-async fn error_of(conn: &mut PgConnection, sql: &str) -> String {
+/// A pool that logs in as `role` (the engine then sees the role as `session_user`); the test
+/// server trusts local logins.
+async fn pool_of(db: &TestDatabase, role: &str) -> PgPool {
+    let options = PgConnectOptions::from_str(db.url()).unwrap().username(role);
+    PgPoolOptions::new()
+        .max_connections(4)
+        .connect_with(options)
+        .await
+        .unwrap()
+}
+
+/// Runs `sql` expecting a refusal that contains `expected`.
+async fn refused(conn: &mut PgConnection, sql: &str, expected: &str) {
     match sqlx::raw_sql(sql).execute(&mut *conn).await {
-        Ok(_) => panic!("{sql} succeeded"),
-        Err(err) => err.to_string(),
+        Ok(_) => panic!("{sql} succeeded; expected: {expected}"),
+        Err(err) => {
+            let err = err.to_string();
+            assert!(err.contains(expected), "{sql}: {err}; expected: {expected}");
+        }
     }
 }
 
-#[tokio::test]
-async fn roles_get_exactly_what_the_documented_grants_give() {
-    let db = TestDatabase::new().await.unwrap();
-    let client = Client::new(db.pool().clone());
+async fn scalar<T>(conn: &mut PgConnection, sql: &str) -> T
+where
+    T: for<'r> sqlx::Decode<'r, sqlx::Postgres> + sqlx::Type<sqlx::Postgres> + Send + Unpin,
+{
+    sqlx::query_scalar(sql).fetch_one(&mut *conn).await.unwrap()
+}
+
+fn echo(slug: &str) -> Flow<Value> {
     let only =
         step_fn("only").handler(|v: Value, _ctx: StepContext| async move { Ok::<_, StepError>(v) });
-    let flow: Flow<Value> = Flow::new("secured").step(only).build();
-    client.compile(&flow).await.unwrap();
-    let role_suffix = db.name().trim_start_matches("pgflow_test_");
-    // Roles are cluster-wide: name them after this database so parallel tests do not collide.
-    let grants = documented_grants()
-        .replace("pgflow_app", &format!("app_{role_suffix}"))
-        .replace("pgflow_reader", &format!("reader_{role_suffix}"));
-    sqlx::raw_sql(&grants).execute(db.pool()).await.unwrap();
-    sqlx::raw_sql(&format!("CREATE ROLE nobody_{role_suffix} NOLOGIN"))
+    Flow::new(slug).step(only).build()
+}
+
+/// The grants earlier versions of docs/security.md gave, which the upgrade block takes back.
+const EARLIER_GRANTS: &str = "
+CREATE ROLE pgflow_app NOLOGIN;
+GRANT USAGE ON SCHEMA pgflow, pgmq TO pgflow_app;
+GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA pgflow TO pgflow_app;
+GRANT EXECUTE ON ALL FUNCTIONS IN SCHEMA pgflow TO pgflow_app;
+GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA pgmq TO pgflow_app;
+GRANT USAGE, SELECT, UPDATE ON ALL SEQUENCES IN SCHEMA pgmq TO pgflow_app;
+GRANT EXECUTE ON ALL FUNCTIONS IN SCHEMA pgmq TO pgflow_app;
+ALTER DEFAULT PRIVILEGES IN SCHEMA pgmq
+  GRANT SELECT, INSERT, UPDATE, DELETE ON TABLES TO pgflow_app;
+ALTER DEFAULT PRIVILEGES IN SCHEMA pgmq
+  GRANT USAGE, SELECT, UPDATE ON SEQUENCES TO pgflow_app;
+";
+
+/// The database with flows `orders` (which the doc grants to `orders_worker`) and `payroll`,
+/// and the documented grants applied (after the earlier ones and the upgrade block when
+/// `upgrade`); returns a run and a worker row of `payroll` made by the owner, the targets of
+/// the forgeries.
+async fn secured(db: &TestDatabase, roles: &Roles, upgrade: bool) -> (Uuid, Uuid) {
+    let client = Client::new(db.pool().clone());
+    client.compile(&echo("orders")).await.unwrap();
+    client.compile(&echo("payroll")).await.unwrap();
+    let blocks = documented_sql();
+    assert_eq!(
+        blocks.len(),
+        4,
+        "the grant example, the grants, the logins, the upgrade"
+    );
+    let (grants, logins, take_back) = (blocks[1].as_str(), blocks[2].as_str(), blocks[3].as_str());
+    let script = if upgrade {
+        vec![EARLIER_GRANTS, take_back, grants, logins]
+    } else {
+        vec![grants, logins]
+    };
+    for sql in script {
+        sqlx::raw_sql(&roles.rename(sql))
+            .execute(db.pool())
+            .await
+            .unwrap();
+    }
+    // What the doc shows about the helper is what the logins block does.
+    assert!(logins.contains(blocks[0].lines().next().unwrap()));
+
+    let payroll_run: Uuid =
+        sqlx::query_scalar("SELECT run_id FROM pgflow.start_flow('payroll', '{}')")
+            .fetch_one(db.pool())
+            .await
+            .unwrap();
+    let payroll_worker = Uuid::new_v4();
+    sqlx::query(
+        "INSERT INTO pgflow.workers (worker_id, queue_name, function_name) VALUES ($1, 'payroll', 'owner')",
+    )
+    .bind(payroll_worker)
+    .execute(db.pool())
+    .await
+    .unwrap();
+    (payroll_run, payroll_worker)
+}
+
+#[tokio::test]
+async fn the_app_starts_and_reads_runs_and_nothing_else() {
+    let db = TestDatabase::new().await.unwrap();
+    let roles = Roles::new(&db);
+    let (payroll_run, payroll_worker) = secured(&db, &roles, true).await;
+    let mut app = set_role(&db, &roles.name("orders_service")).await;
+
+    let started: i64 = scalar(
+        &mut app,
+        "SELECT count(*) FROM pgflow.start_flow('orders', '{\"n\": 1}')",
+    )
+    .await;
+    assert_eq!(started, 1);
+    let states: Value = scalar(
+        &mut app,
+        "SELECT pgflow.start_flow_with_states('orders', '{}') -> 'steps' -> 0 -> 'status'",
+    )
+    .await;
+    assert_eq!(states, json!("started"));
+    let runs: i64 = scalar(
+        &mut app,
+        "SELECT count(*) FROM pgflow.runs r JOIN pgflow.step_states s USING (run_id) \
+           JOIN pgflow.step_tasks t USING (run_id)",
+    )
+    .await;
+    assert_eq!(runs, 3);
+
+    for (sql, expected) in [
+        (
+            "SELECT pgflow.add_step('orders', 'extra')",
+            "permission denied for function add_step",
+        ),
+        (
+            "SELECT pgflow.create_flow('orders', 9)",
+            "permission denied for function create_flow",
+        ),
+        (
+            "UPDATE pgflow.flows SET opt_max_attempts = 9",
+            "permission denied for table flows",
+        ),
+        (
+            "INSERT INTO pgflow.steps (flow_slug, step_slug, step_index) VALUES ('orders', 'x', 9)",
+            "permission denied for table steps",
+        ),
+        (
+            "DELETE FROM pgflow.runs",
+            "permission denied for table runs",
+        ),
+        (
+            "UPDATE pgflow.step_tasks SET status = 'completed'",
+            "permission denied for table step_tasks",
+        ),
+        (
+            "UPDATE pgflow.workers SET deprecated_at = now()",
+            "permission denied for table workers",
+        ),
+        (
+            &format!("SELECT pgflow.complete_task('{payroll_run}', 'only', 0, '1')"),
+            "permission denied for function complete_task",
+        ),
+        (
+            &format!("SELECT pgflow.fail_task('{payroll_run}', 'only', 0, 'x')"),
+            "permission denied for function fail_task",
+        ),
+        (
+            &format!("SELECT pgflow._read_and_start('payroll', 1, 30, '{payroll_worker}')"),
+            "permission denied for function _read_and_start",
+        ),
+        (
+            "SELECT pgmq.create('squat')",
+            "permission denied for schema pgmq",
+        ),
+        (
+            "SELECT count(*) FROM pgmq.q_orders",
+            "permission denied for schema pgmq",
+        ),
+    ] {
+        refused(&mut app, sql, expected).await;
+    }
+    app.close().await.unwrap();
+    roles.drop(&db, &[]).await;
+}
+
+#[tokio::test]
+async fn a_worker_serves_its_granted_flows_and_touches_nothing_else() {
+    let db = TestDatabase::new().await.unwrap();
+    let roles = Roles::new(&db);
+    let (payroll_run, payroll_worker) = secured(&db, &roles, false).await;
+    let mut worker = set_role(&db, &roles.name("orders_worker")).await;
+
+    // The protocol, by hand, on its own flow.
+    let orders_run: Uuid =
+        sqlx::query_scalar("SELECT run_id FROM pgflow.start_flow('orders', '1')")
+            .fetch_one(db.pool())
+            .await
+            .unwrap();
+    let own = Uuid::new_v4();
+    sqlx::query(
+        "INSERT INTO pgflow.workers AS w (worker_id, queue_name, function_name) \
+         VALUES ($1, 'orders', 'by hand') \
+         ON CONFLICT (worker_id) DO UPDATE SET last_heartbeat_at = now() RETURNING w.worker_id",
+    )
+    .bind(own)
+    .fetch_one(&mut worker)
+    .await
+    .unwrap();
+    let started: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM pgflow._read_and_start('orders', 10, 30, $1)")
+            .bind(own)
+            .fetch_one(&mut worker)
+            .await
+            .unwrap();
+    assert_eq!(started, 1);
+    let completed: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM pgflow.complete_tasks(ARRAY[$1], ARRAY['only'], ARRAY[0], ARRAY['2'::jsonb], ARRAY[1], ARRAY[$2])",
+    )
+    .bind(orders_run)
+    .bind(own)
+    .fetch_one(&mut worker)
+    .await
+    .unwrap();
+    assert_eq!(completed, 1);
+    let deprecated =
+        sqlx::query("UPDATE pgflow.workers SET deprecated_at = now() WHERE worker_id = $1")
+            .bind(own)
+            .execute(&mut worker)
+            .await
+            .unwrap();
+    assert_eq!(deprecated.rows_affected(), 1);
+
+    let denied = "permission denied for flow payroll";
+    for (sql, expected) in [
+        (
+            format!("SELECT pgflow._read_and_start('payroll', 10, 30, '{payroll_worker}')"),
+            denied,
+        ),
+        (
+            format!("SELECT pgflow.start_tasks('payroll', ARRAY[1, 2]::bigint[], '{payroll_worker}')"),
+            denied,
+        ),
+        (
+            format!("SELECT pgflow.complete_task('{payroll_run}', 'only', 0, '\"forged\"')"),
+            denied,
+        ),
+        (
+            format!("SELECT pgflow.complete_task('{payroll_run}', 'only', 0, '\"forged\"', 1)"),
+            denied,
+        ),
+        (
+            format!(
+                "SELECT pgflow.complete_tasks(ARRAY['{orders_run}', '{payroll_run}']::uuid[], \
+                 ARRAY['only', 'only'], ARRAY[0, 0], ARRAY['1', '1']::jsonb[])"
+            ),
+            denied,
+        ),
+        (
+            format!(
+                "SELECT pgflow.complete_tasks(ARRAY['{payroll_run}']::uuid[], ARRAY['only'], \
+                 ARRAY[0], ARRAY['1']::jsonb[], ARRAY[1])"
+            ),
+            denied,
+        ),
+        (
+            format!("SELECT pgflow.fail_task('{payroll_run}', 'only', 0, 'forged')"),
+            denied,
+        ),
+        (
+            format!("SELECT pgflow.fail_task('{payroll_run}', 'only', 0, 'forged', 1, NULL, true)"),
+            denied,
+        ),
+        // Its own flow, but naming another flow's worker row.
+        (
+            format!("SELECT pgflow._read_and_start('orders', 10, 30, '{payroll_worker}')"),
+            "is not registered for flow orders",
+        ),
+        (
+            "SELECT pgflow.start_flow('orders', '{}')".into(),
+            "permission denied for function start_flow",
+        ),
+        (
+            "SELECT pgflow.add_step('orders', 'extra')".into(),
+            "permission denied for function add_step",
+        ),
+        (
+            "SELECT pgflow.create_flow('orders', 9)".into(),
+            "permission denied for function create_flow",
+        ),
+        (
+            "SELECT pgflow.grant_flow_to_worker('payroll', current_user)".into(),
+            "permission denied for function grant_flow_to_worker",
+        ),
+        (
+            "DELETE FROM pgflow.runs".into(),
+            "permission denied for table runs",
+        ),
+        (
+            "UPDATE pgflow.step_tasks SET status = 'completed'".into(),
+            "permission denied for table step_tasks",
+        ),
+        (
+            "SELECT output FROM pgflow.step_tasks".into(),
+            "permission denied for table step_tasks",
+        ),
+        (
+            "DELETE FROM pgflow.workers".into(),
+            "permission denied for table workers",
+        ),
+        (
+            format!(
+                "INSERT INTO pgflow.workers (worker_id, queue_name, function_name) \
+                 VALUES ('{}', 'payroll', 'squatter')",
+                Uuid::new_v4()
+            ),
+            "new row violates row-level security policy for table \"workers\"",
+        ),
+        // A heartbeat on another flow's row.
+        (
+            format!(
+                "INSERT INTO pgflow.workers (worker_id, queue_name, function_name) \
+                 VALUES ('{payroll_worker}', 'orders', 'x') \
+                 ON CONFLICT (worker_id) DO UPDATE SET deprecated_at = now()"
+            ),
+            "new row violates row-level security policy (USING expression) for table \"workers\"",
+        ),
+        (
+            "SELECT pgmq.create('squat')".into(),
+            "permission denied for function create",
+        ),
+        (
+            "SELECT pgmq.read('orders', 30, 1)".into(),
+            "permission denied for function read",
+        ),
+        (
+            "SELECT pgmq.send('orders', '{}')".into(),
+            "permission denied for function send",
+        ),
+        (
+            "INSERT INTO pgmq.meta (queue_name, is_partitioned, is_unlogged) VALUES ('squat', false, false)"
+                .into(),
+            "permission denied for table meta",
+        ),
+        (
+            "SELECT count(*) FROM pgmq.q_payroll".into(),
+            "permission denied for table q_payroll",
+        ),
+        (
+            "DELETE FROM pgmq.q_orders".into(),
+            "permission denied for table q_orders",
+        ),
+        (
+            "SELECT pgflow._queue_read_orders('orders', 1, 30)".into(),
+            "permission denied for function _queue_read_orders",
+        ),
+    ] {
+        refused(&mut worker, &sql, expected).await;
+    }
+    // Deprecating another flow's worker is no error: its row is simply not one it may change.
+    let deprecated = sqlx::query("UPDATE pgflow.workers SET deprecated_at = now()")
+        .execute(&mut worker)
+        .await
+        .unwrap();
+    assert_eq!(deprecated.rows_affected(), 1, "its own row only");
+    let (payroll_status, payroll_deprecated): (String, bool) = sqlx::query_as(
+        "SELECT t.status, w.deprecated_at IS NOT NULL FROM pgflow.step_tasks t, pgflow.workers w \
+          WHERE t.run_id = $1 AND w.worker_id = $2",
+    )
+    .bind(payroll_run)
+    .bind(payroll_worker)
+    .fetch_one(db.pool())
+    .await
+    .unwrap();
+    assert_eq!(
+        (payroll_status.as_str(), payroll_deprecated),
+        ("queued", false)
+    );
+
+    // Granting takes effect at once, and so does taking the grant back; a plain GRANT is the
+    // same as the helper.
+    let login = roles.name("orders_worker");
+    sqlx::query("SELECT pgflow.grant_flow_to_worker('payroll', $1)")
+        .bind(&login)
         .execute(db.pool())
         .await
         .unwrap();
-
-    let mut nobody = connect_as(&db, &format!("nobody_{role_suffix}")).await;
-    let denied = error_of(&mut nobody, "SELECT count(*) FROM pgflow.runs").await;
-    assert!(
-        denied.contains("permission denied for schema pgflow"),
-        "{denied}"
-    );
-    let denied = error_of(
-        &mut nobody,
-        "SELECT pgflow.start_flow('secured', '{}'::jsonb)",
+    let seen: i64 = scalar(&mut worker, "SELECT count(*) FROM pgmq.q_payroll").await;
+    assert_eq!(seen, 1);
+    sqlx::query("SELECT pgflow.revoke_flow_from_worker('payroll', $1)")
+        .bind(&login)
+        .execute(db.pool())
+        .await
+        .unwrap();
+    refused(
+        &mut worker,
+        &format!("SELECT pgflow.fail_task('{payroll_run}', 'only', 0, 'forged')"),
+        denied,
     )
     .await;
-    assert!(denied.contains("permission denied"), "{denied}");
-
-    let mut app = connect_as(&db, &format!("app_{role_suffix}")).await;
-    let run_id: uuid::Uuid =
-        sqlx::query_scalar("SELECT run_id FROM pgflow.start_flow('secured', $1)")
-            .bind(json!({"n": 1}))
-            .fetch_one(&mut app)
-            .await
-            .unwrap();
-    let worker = uuid::Uuid::new_v4();
-    sqlx::query("INSERT INTO pgflow.workers (worker_id, queue_name, function_name) VALUES ($1, 'secured', 'test')")
-        .bind(worker)
-        .execute(&mut app)
-        .await
-        .unwrap();
-    let ids: Vec<i64> =
-        sqlx::query_scalar("SELECT msg_id FROM pgmq.read_with_poll('secured', 30, 10, 1, 50)")
-            .fetch_all(&mut app)
-            .await
-            .unwrap();
-    let started: i64 =
-        sqlx::query_scalar("SELECT count(*) FROM pgflow.start_tasks('secured', $1, $2)")
-            .bind(&ids)
-            .bind(worker)
-            .fetch_one(&mut app)
-            .await
-            .unwrap();
-    assert_eq!(started, 1);
-    sqlx::query("SELECT pgflow.complete_task($1, 'only', 0, '\"done\"')")
-        .bind(run_id)
-        .execute(&mut app)
-        .await
-        .unwrap();
-
-    // A flow compiled after the grants: its queue's own functions get the same EXECUTE
-    // grants as the engine functions that call them, so the app runs it through the Rust
-    // worker's read as well.
-    let later =
-        step_fn("only").handler(|v: Value, _ctx: StepContext| async move { Ok::<_, StepError>(v) });
-    let later: Flow<Value> = Flow::new("secured_later").step(later).build();
-    client.compile(&later).await.unwrap();
-    let later_run: uuid::Uuid =
-        sqlx::query_scalar("SELECT run_id FROM pgflow.start_flow('secured_later', '{}')")
-            .fetch_one(&mut app)
-            .await
-            .unwrap();
-    let started: i64 = sqlx::query_scalar(
-        "SELECT count(*) FROM pgflow._read_and_start('secured_later', 10, 30, $1)",
-    )
-    .bind(worker)
-    .fetch_one(&mut app)
+    sqlx::raw_sql(&format!(
+        "GRANT SELECT, UPDATE ON pgmq.q_payroll TO {login}"
+    ))
+    .execute(db.pool())
     .await
     .unwrap();
-    assert_eq!(started, 1);
-    sqlx::query("SELECT pgflow.complete_task($1, 'only', 0, '\"done\"')")
-        .bind(later_run)
-        .execute(&mut app)
-        .await
-        .unwrap();
-
-    let mut reader = connect_as(&db, &format!("reader_{role_suffix}")).await;
-    let status: String = sqlx::query_scalar("SELECT status FROM pgflow.runs WHERE run_id = $1")
-        .bind(run_id)
-        .fetch_one(&mut reader)
-        .await
-        .unwrap();
-    assert_eq!(status, "completed");
-    let status: String = sqlx::query_scalar("SELECT status FROM pgflow.runs WHERE run_id = $1")
-        .bind(later_run)
-        .fetch_one(&mut reader)
-        .await
-        .unwrap();
-    assert_eq!(status, "completed");
-    let denied = error_of(&mut reader, "UPDATE pgflow.runs SET status = 'failed'").await;
-    assert!(
-        denied.contains("permission denied for table runs"),
-        "{denied}"
-    );
-    let denied = error_of(
-        &mut reader,
-        "SELECT pgflow.start_flow('secured', '{}'::jsonb)",
+    let failed: String = scalar(
+        &mut worker,
+        &format!("SELECT status FROM pgflow.fail_task('{payroll_run}', 'only', 0, 'granted')"),
     )
     .await;
-    assert!(denied.contains("permission denied"), "{denied}");
+    assert_eq!(
+        failed, "queued",
+        "allowed; a task that is not started does not change"
+    );
 
-    for conn in [nobody, app, reader] {
+    // The helper checks what it is given.
+    for (sql, expected) in [
+        (
+            format!("SELECT pgflow.grant_flow_to_worker('nope', '{login}')"),
+            "flow \"nope\" does not exist",
+        ),
+        (
+            "SELECT pgflow.grant_flow_to_worker('orders', 'no_such_role')".to_string(),
+            "role \"no_such_role\" does not exist",
+        ),
+    ] {
+        let err = sqlx::raw_sql(&sql)
+            .execute(db.pool())
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains(expected), "{sql}: {err}");
+    }
+
+    worker.close().await.unwrap();
+    roles.drop(&db, &[]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_rust_worker_runs_granted_flows_end_to_end_under_the_worker_role() {
+    let db = TestDatabase::new().await.unwrap();
+    let roles = Roles::new(&db);
+    let (payroll_run, _) = secured(&db, &roles, false).await;
+    let app = pool_of(&db, &roles.name("orders_service")).await;
+    let workers = pool_of(&db, &roles.name("orders_worker")).await;
+
+    let orders = Worker::builder(workers.clone())
+        .flow(echo("orders"))
+        .poll_interval(Duration::from_millis(50))
+        .spawn()
+        .unwrap();
+    let client = Client::new(app.clone());
+    let run = client
+        .start(&echo("orders"), &json!({"n": 7}))
+        .await
+        .unwrap();
+    let output = run.wait_timeout(Duration::from_secs(30)).await.unwrap();
+    assert_eq!(output.output(), &json!({"only": {"n": 7}}));
+    let orders_id = orders.worker_id("orders").unwrap();
+    orders.shutdown().await.unwrap();
+    let deprecated: bool = sqlx::query_scalar(
+        "SELECT deprecated_at IS NOT NULL FROM pgflow.workers WHERE worker_id = $1",
+    )
+    .bind(orders_id)
+    .fetch_one(db.pool())
+    .await
+    .unwrap();
+    assert!(deprecated, "its shutdown marks its row");
+
+    // Its failures go through the checked fail_task too.
+    let refusing = step_fn("only").handler(|_v: Value, _ctx: StepContext| async move {
+        Err::<Value, _>(StepError::new("bad input").no_retry())
+    });
+    let refusing: Flow<Value> = Flow::new("orders").step(refusing).build();
+    let failing = Worker::builder(workers.clone())
+        .flow(refusing)
+        .poll_interval(Duration::from_millis(50))
+        .spawn()
+        .unwrap();
+    let run = client.start(&echo("orders"), &json!(1)).await.unwrap();
+    let failure = run
+        .wait_timeout(Duration::from_secs(30))
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(failure.contains("bad input"), "{failure}");
+    failing.shutdown().await.unwrap();
+
+    // The same worker role on a flow it was not granted: nothing is taken, nothing registered.
+    let payroll = Worker::builder(workers.clone())
+        .flow(echo("payroll"))
+        .poll_interval(Duration::from_millis(50))
+        .spawn()
+        .unwrap();
+    let payroll_id = payroll.worker_id("payroll").unwrap();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let (status, rows): (String, i64) = sqlx::query_as(
+        "SELECT (SELECT status FROM pgflow.step_tasks WHERE run_id = $1), \
+                (SELECT count(*) FROM pgflow.workers WHERE worker_id = $2)",
+    )
+    .bind(payroll_run)
+    .bind(payroll_id)
+    .fetch_one(db.pool())
+    .await
+    .unwrap();
+    assert_eq!((status.as_str(), rows), ("queued", 0));
+    assert_eq!(payroll.stats().started, 0);
+    let _ = payroll.shutdown().await;
+
+    app.close().await;
+    workers.close().await;
+    roles.drop(&db, &[]).await;
+}
+
+#[tokio::test]
+async fn the_reader_checks_and_reads_everything_and_changes_nothing() {
+    let db = TestDatabase::new().await.unwrap();
+    let roles = Roles::new(&db);
+    let (payroll_run, _) = secured(&db, &roles, false).await;
+    // A flow compiled after the grants: the reader sees its queue, no worker role serves it,
+    // and its queue functions are the owner's alone.
+    Client::new(db.pool().clone())
+        .compile(&echo("later"))
+        .await
+        .unwrap();
+    sqlx::query("SELECT pgflow.start_flow('later', '{}')")
+        .execute(db.pool())
+        .await
+        .unwrap();
+    let granted: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM pg_proc p CROSS JOIN LATERAL aclexplode(p.proacl) acl \
+          WHERE p.pronamespace = 'pgflow'::regnamespace AND p.proname LIKE '\\_queue\\_%' \
+            AND acl.grantee <> p.proowner",
+    )
+    .fetch_one(db.pool())
+    .await
+    .unwrap();
+    assert_eq!(
+        granted, 0,
+        "queue functions are executable by the owner alone"
+    );
+
+    let reader_pool = pool_of(&db, &roles.name("grafana")).await;
+    let violations = pgflow_client::check(&reader_pool).await.unwrap();
+    assert_eq!(violations, vec![]);
+    let mut reader = set_role(&db, &roles.name("grafana")).await;
+    let status: String = sqlx::query_scalar("SELECT status FROM pgflow.runs WHERE run_id = $1")
+        .bind(payroll_run)
+        .fetch_one(&mut reader)
+        .await
+        .unwrap();
+    assert_eq!(status, "started");
+    let visible: i64 = scalar(
+        &mut reader,
+        "SELECT (SELECT count(*) FROM pgmq.q_later) + (SELECT count(*) FROM pgflow.workers)",
+    )
+    .await;
+    assert_eq!(visible, 2);
+    let worker_role = roles.name("orders_worker");
+    let mut worker = set_role(&db, &worker_role).await;
+    refused(
+        &mut worker,
+        "SELECT pgflow._read_and_start('later', 1, 30, NULL)",
+        "permission denied for flow later",
+    )
+    .await;
+    worker.close().await.unwrap();
+
+    for (sql, expected) in [
+        (
+            "UPDATE pgflow.runs SET status = 'failed'",
+            "permission denied for table runs",
+        ),
+        (
+            "DELETE FROM pgflow.flows",
+            "permission denied for table flows",
+        ),
+        (
+            "SELECT pgflow.start_flow('orders', '{}')",
+            "permission denied for function start_flow",
+        ),
+        (
+            "SELECT pgflow._read_and_start('orders', 1, 30, NULL)",
+            "permission denied for function _read_and_start",
+        ),
+        (
+            "SELECT pgmq.create('squat')",
+            "permission denied for function create",
+        ),
+        (
+            "DELETE FROM pgmq.q_orders",
+            "permission denied for table q_orders",
+        ),
+    ] {
+        refused(&mut reader, sql, expected).await;
+    }
+
+    // A role granted nothing is refused everything.
+    let nobody = format!("nobody_{}", roles.suffix);
+    sqlx::raw_sql(&format!("CREATE ROLE {nobody} NOLOGIN"))
+        .execute(db.pool())
+        .await
+        .unwrap();
+    let mut stranger = set_role(&db, &nobody).await;
+    refused(
+        &mut stranger,
+        "SELECT count(*) FROM pgflow.runs",
+        "permission denied for schema pgflow",
+    )
+    .await;
+    refused(
+        &mut stranger,
+        "SELECT pgflow.start_flow('orders', '{}')",
+        "permission denied for schema pgflow",
+    )
+    .await;
+
+    for conn in [reader, stranger] {
         conn.close().await.unwrap();
     }
-    let script = format!(
-        "DROP OWNED BY app_{s}, reader_{s}, nobody_{s}; DROP ROLE app_{s}, reader_{s}, nobody_{s};",
-        s = role_suffix
-    );
-    sqlx::raw_sql(&script).execute(db.pool()).await.unwrap();
+    reader_pool.close().await;
+    roles.drop(&db, &[nobody]).await;
 }
