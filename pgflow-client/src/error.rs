@@ -23,8 +23,10 @@ pub enum Error {
     /// (e.g. the TypeScript one's migrations) owns it, and we refuse to touch it.
     #[error(
         "schema `pgflow` already exists but was not installed by pgflow for Rust (no rows in \
-         pgflow_meta.schema_migrations); refusing to change it. If it is pgflow 0.8.1's schema you \
-         can use it as it is; otherwise drop it or install into another database"
+         pgflow_meta.schema_migrations); refusing to change it. Rust workers cannot run on it (a \
+         schema from pgflow's TypeScript migrations lacks the functions they call): drop it \
+         (`DROP SCHEMA pgflow CASCADE`, after its runs finish) and install again, or install \
+         into another database"
     )]
     ForeignSchema,
 
@@ -199,6 +201,24 @@ pub enum Error {
         problem: pgflow_core::SlugProblem,
     },
 
+    /// A worker's start-up check found that the database lacks the engine it calls: no `pgflow`
+    /// schema, pgflow's SQL without this engine's additions (as pgflow's TypeScript migrations
+    /// install it), or an older version of this engine's schema. The worker stopped before
+    /// touching the database.
+    #[error("{}", incompatible_schema(*schema_exists, *recorded, *known, missing))]
+    IncompatibleSchema {
+        /// Whether schema `pgflow` exists.
+        schema_exists: bool,
+        /// The newest version recorded in `pgflow_meta.schema_migrations`; `None` when nothing
+        /// is recorded or the worker's role may not read it.
+        recorded: Option<i32>,
+        /// The version this build carries.
+        known: i32,
+        /// The engine functions the worker calls that the database lacks, e.g.
+        /// `pgflow._read_and_start`.
+        missing: Vec<String>,
+    },
+
     /// A worker was spawned outside a Tokio runtime.
     #[error("a pgflow worker must be spawned from within a Tokio runtime")]
     NoRuntime,
@@ -221,6 +241,45 @@ impl Error {
             }
             _ => Self::Database(err),
         }
+    }
+}
+
+/// The message of [`Error::IncompatibleSchema`]: what is wrong, and what to run about it.
+fn incompatible_schema(
+    schema_exists: bool,
+    recorded: Option<i32>,
+    known: i32,
+    missing: &[String],
+) -> String {
+    let missing = missing.join(", ");
+    match recorded {
+        _ if !schema_exists => "schema `pgflow` is not in this database: install the engine with \
+             `pgflow install` (the CLI) or `Client::install` before starting workers"
+            .to_string(),
+        // Readable history but functions gone: someone changed the schema after installing it.
+        Some(version) if version >= known => format!(
+            "pgflow schema version {version} is recorded, but engine functions the worker calls \
+             are missing ({missing}): the schema was changed after it was installed. Reinstall \
+             it: `DROP SCHEMA pgflow CASCADE`, delete the rows of \
+             pgflow_meta.schema_migrations, then `pgflow install` or `Client::install`, and \
+             compile the flows again"
+        ),
+        Some(version) => format!(
+            "the database has pgflow schema version {version}, older than version {known} that \
+             this build needs: run `pgflow install` or `Client::install`, which applies the \
+             missing migrations in place"
+        ),
+        None => format!(
+            "schema `pgflow` holds pgflow's SQL without the Rust engine's additions (missing: \
+             {missing}), as pgflow's TypeScript migrations install it. `pgflow install` and \
+             `Client::install` do not adopt such a schema: they refuse to change a `pgflow` \
+             schema they did not install (Error::ForeignSchema). To run Rust workers on this \
+             database: let the runs in progress finish; `DROP SCHEMA pgflow CASCADE` (its flows, \
+             runs and worker rows go with it) and empty each flow's queue \
+             (`SELECT pgmq.purge_queue('<flow slug>')`); run `pgflow install` or \
+             `Client::install`, which installs pgflow 0.8.1's tables and functions with the Rust \
+             engine's additions (TypeScript workers keep working on it); compile the flows again"
+        ),
     }
 }
 

@@ -58,6 +58,7 @@ mod listen;
 mod poll;
 mod registry;
 mod report;
+mod schema_check;
 mod supervisor;
 
 use std::any::Any;
@@ -359,10 +360,18 @@ impl WorkerBuilder {
 
     /// Checks the settings and slugs, then starts the worker on the current Tokio runtime.
     ///
-    /// Returns at once: registering in `pgflow.workers` and polling happen in the background
-    /// (retried with backoff while the database is unreachable). Dropping the handle does not
-    /// stop the worker; use [`WorkerHandle::shutdown`]. The runtime needs its time and I/O
-    /// drivers, as `#[tokio::main]` and `#[tokio::test]` set it up.
+    /// Returns at once: checking the database, registering in `pgflow.workers` and polling
+    /// happen in the background (retried with backoff while the database is unreachable).
+    /// Dropping the handle does not stop the worker; use [`WorkerHandle::shutdown`]. The runtime
+    /// needs its time and I/O drivers, as `#[tokio::main]` and `#[tokio::test]` set it up.
+    ///
+    /// Before registering, a worker with flows checks once that the database holds the engine
+    /// functions it calls and, where its role may read `pgflow_meta.schema_migrations`, the
+    /// schema version this build knows. If not, it stops without touching the database, logs
+    /// the error, and [`WorkerHandle::wait`] returns it: [`Error::IncompatibleSchema`] (no engine,
+    /// pgflow's SQL without this engine's additions as pgflow's TypeScript migrations install it,
+    /// or an older schema: the message says what to run), [`Error::SchemaTooNew`] or
+    /// [`Error::MigrationChanged`].
     ///
     /// # Errors
     ///
@@ -579,8 +588,9 @@ impl WorkerHandle {
     ///
     /// # Errors
     ///
-    /// [`Error::WorkerPanicked`] if the worker's own task panicked (a bug: handler panics are
-    /// caught and fail their task).
+    /// The error that stopped the worker at start-up, if the database failed its check (see
+    /// [`WorkerBuilder::spawn`]); [`Error::WorkerPanicked`] if the worker's own task panicked (a
+    /// bug: handler panics are caught and fail their task).
     pub async fn shutdown(self) -> Result<()> {
         self.shutdown.cancel();
         self.wait().await

@@ -8,7 +8,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::backoff::Backoff;
 use super::registry::FlowEntry;
-use super::{Shared, heartbeat, listen, poll, report};
+use super::{Shared, heartbeat, listen, poll, report, schema_check};
 use crate::Result;
 
 /// How long a shutdown waits, after the handlers, for their results to reach the database.
@@ -30,8 +30,30 @@ pub(crate) async fn run(
         return Ok(());
     }
 
-    // Register before anything is started: step_tasks.last_worker_id references the rows.
+    // Before registering: on a database that lacks the engine the worker would otherwise add
+    // its rows to someone else's schema, then retry a missing function for ever.
     let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(10));
+    loop {
+        match schema_check::check(&shared.pool).await {
+            Ok(None) => break,
+            Ok(Some(problem)) => {
+                // Also logged: an application may never await the handle that returns it.
+                tracing::error!(error = %problem, "the worker refuses to start");
+                // The handle's token tells watchers the worker is gone, and ends the signal task.
+                shutdown.cancel();
+                return Err(problem);
+            }
+            Err(error) => {
+                tracing::warn!(%error, "cannot check the database's pgflow schema; retrying");
+                if !backoff.wait(&shutdown).await {
+                    return Ok(());
+                }
+            }
+        }
+    }
+
+    // Register before anything is started: step_tasks.last_worker_id references the rows.
+    backoff.reset();
     loop {
         match heartbeat::beat(&shared.pool, &flows).await {
             Ok(deprecated) => {

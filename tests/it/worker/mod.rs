@@ -4,6 +4,7 @@
 mod concurrency;
 mod end_to_end;
 mod failures;
+mod foreign_schema;
 mod latency;
 mod shutdown;
 mod untyped;
