@@ -137,15 +137,16 @@ pub async fn check(pool: &PgPool) -> Result<Vec<Violation>> {
             detail,
         }));
     }
-    let queues: Vec<String> = sqlx::query_scalar(
-        "SELECT f.flow_slug FROM pgflow.flows f
+    // A queue's table is pgmq.q_<name>, lowercased as pgmq names it: a flow `MyFlow` has
+    // pgmq.q_myflow. Quoted by PostgreSQL, whatever the name holds.
+    let queues: Vec<(String, String)> = sqlx::query_as(
+        "SELECT f.flow_slug, format('pgmq.%I', 'q_' || lower(f.flow_slug))
+           FROM pgflow.flows f
            JOIN pgmq.list_queues() q ON q.queue_name = f.flow_slug",
     )
     .fetch_all(&mut *tx)
     .await?;
-    for queue in queues {
-        // Queue tables are named after the flow; the slug rule keeps it a plain identifier.
-        let table = format!("pgmq.\"q_{}\"", queue.replace('"', "\"\""));
+    for (queue, table) in queues {
         let leftover: Vec<(Uuid, String)> = sqlx::query_as(&format!(
             "SELECT r.run_id, format('run is %s but message %s (step %s) is still in the queue',
                                      r.status, q.msg_id, q.message->>'step_slug')

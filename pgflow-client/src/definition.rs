@@ -322,8 +322,31 @@ pub(crate) async fn stored_shape(conn: &mut PgConnection, slug: &str) -> Result<
     }))
 }
 
+/// Fails with [`Error::FlowSlugCollision`] when another flow's slug equals `slug` but for case:
+/// pgmq names a queue's table after the lowercased name, so the two would share one queue.
+/// (`pgflow.create_flow` refuses such a flow too; checking here first gives the typed error,
+/// and protects the other flow's queue when this one is replaced.)
+async fn refuse_case_twin(conn: &mut PgConnection, slug: &str) -> Result<()> {
+    let twin: Option<String> = sqlx::query_scalar(
+        "SELECT flow_slug FROM pgflow.flows
+          WHERE lower(flow_slug) = lower($1) AND flow_slug <> $1
+          ORDER BY flow_slug LIMIT 1",
+    )
+    .bind(slug)
+    .fetch_optional(&mut *conn)
+    .await?;
+    match twin {
+        Some(existing) => Err(Error::FlowSlugCollision {
+            flow: slug.to_string(),
+            existing,
+        }),
+        None => Ok(()),
+    }
+}
+
 /// Applies a shape with `create_flow`/`add_step`, every value bound rather than spliced.
 pub(crate) async fn create(tx: &mut Transaction<'_, Postgres>, shape: &FlowShape) -> Result<()> {
+    refuse_case_twin(tx, &shape.slug).await?;
     let to_i32 = |v: u32| i32::try_from(v).unwrap_or(i32::MAX);
     sqlx::query("SELECT pgflow.create_flow($1, $2, $3, $4)")
         .bind(&shape.slug)
@@ -359,6 +382,8 @@ pub(crate) async fn delete(
     slug: &str,
     delete_runs: bool,
 ) -> Result<u64> {
+    // Purging this flow's queue would purge its twin's: the same table.
+    refuse_case_twin(tx, slug).await?;
     let runs: i64 = sqlx::query_scalar("SELECT count(*) FROM pgflow.runs WHERE flow_slug = $1")
         .bind(slug)
         .fetch_one(&mut **tx)

@@ -92,6 +92,22 @@ pub enum Error {
         differences: Vec<Difference>,
     },
 
+    /// Another flow's slug differs from this one's only in case. pgmq lowercases queue names,
+    /// so the two flows would share one queue: replacing either would purge the other's
+    /// messages, and workers of each would read the other's.
+    #[error(
+        "flow `{flow}` collides with flow `{existing}`: their slugs differ only in case, and pgmq \
+         lowercases queue names, so both would share queue pgmq.q_{queue}; give the new flow \
+         another slug",
+        queue = .flow.to_ascii_lowercase()
+    )]
+    FlowSlugCollision {
+        /// The flow being compiled.
+        flow: String,
+        /// The flow already in the database.
+        existing: String,
+    },
+
     /// Replacing a definition was refused because the flow has runs.
     #[error(
         "flow `{flow}` has {runs} run(s); its definition is only replaced with \

@@ -115,6 +115,12 @@ pub enum SlugProblem {
     InvalidChar(char),
     /// The slug is a reserved word (`run`, the key under which steps receive the flow input).
     Reserved,
+    /// A flow slug is longer than a pgmq queue name may be (47 characters): the flow's queue
+    /// is named after it.
+    FlowTooLong {
+        /// Its length in characters.
+        len: usize,
+    },
 }
 
 impl fmt::Display for SlugProblem {
@@ -135,6 +141,12 @@ impl fmt::Display for SlugProblem {
             ),
             Self::Reserved => f.write_str(
                 "`run` is reserved: it is the key under which steps receive the flow input",
+            ),
+            Self::FlowTooLong { len } => write!(
+                f,
+                "a flow slug names its pgmq queue, and pgmq refuses queue names of more than {} \
+                 characters; this one has {len}",
+                crate::slug::MAX_FLOW_SLUG_LEN
             ),
         }
     }

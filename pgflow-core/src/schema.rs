@@ -63,6 +63,11 @@ pub const MIGRATIONS: &[Migration] = &[
         sql: include_str!("../migrations/0002_current_attempt.sql"),
     },
     Migration {
+        version: 3,
+        name: "definition_limits",
+        sql: include_str!("../migrations/0003_definition_limits.sql"),
+    },
+    Migration {
         version: 4,
         name: "roles",
         sql: include_str!("../migrations/0004_roles.sql"),

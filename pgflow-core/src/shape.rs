@@ -7,6 +7,7 @@ use std::fmt::{self, Write as _};
 use serde::{Deserialize, Serialize};
 
 use crate::options::option_problem;
+use crate::slug::check_flow_slug;
 use crate::{Error, FlowOptions, Result, StepOptions, check_slug};
 
 /// How a step runs: once per run, or once per element of an array.
@@ -112,7 +113,7 @@ impl FlowShape {
     /// steps, unknown or repeated dependencies, and option ranges. Reports the first problem.
     pub fn validate(&self) -> Result<()> {
         let flow = &self.slug;
-        check_slug(flow).map_err(|problem| Error::InvalidFlowSlug {
+        check_flow_slug(flow).map_err(|problem| Error::InvalidFlowSlug {
             slug: flow.clone(),
             problem,
         })?;
@@ -302,7 +303,7 @@ mod tests {
         }]);
         assert_eq!(
             bad.validate().unwrap_err().to_string(),
-            "option `base_delay` of step `s` in flow `f` is 4294967295, but it must be at most 2147483647 (a PostgreSQL integer)"
+            "option `base_delay` of step `s` in flow `f` is 4294967295, but it must be at most 86400 seconds (one day)"
         );
 
         let bad = shape(vec![StepShape::new("s"), StepShape::new("s")]);

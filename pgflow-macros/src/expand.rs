@@ -1,10 +1,10 @@
 //! Writes the code for `#[step]`: a unit struct named like the function, the function itself
 //! as the struct's `call`, and the `Step`/`StepOf` impls whose handler decodes the task input.
 
-use proc_macro2::{Group, Span, TokenStream, TokenTree};
+use proc_macro2::{Group, Literal, Span, TokenStream, TokenTree};
 use quote::{format_ident, quote, quote_spanned};
 use syn::spanned::Spanned;
-use syn::{Attribute, Ident, ItemFn, Path};
+use syn::{Attribute, Expr, ExprLit, Ident, ItemFn, Lit, Path};
 
 use crate::ast::{Role, StepFn};
 use crate::attr::Args;
@@ -74,6 +74,7 @@ fn expand(step: &StepFn, args: &Args, slug: &str, private: &TokenStream) -> Toke
         .options
         .iter()
         .map(|(name, value)| quote!(.#name(#value)));
+    let option_checks = option_checks(args, &cfgs, private);
 
     let arg = |i: usize| format_ident!("__pgflow_arg{}", i);
     let needs_fields = step
@@ -150,6 +151,8 @@ fn expand(step: &StepFn, args: &Args, slug: &str, private: &TokenStream) -> Toke
     quote! {
         #common
 
+        #option_checks
+
         #(#cfgs)*
         impl #private::Step for #name {
             #step_output
@@ -189,6 +192,44 @@ fn expand(step: &StepFn, args: &Args, slug: &str, private: &TokenStream) -> Toke
                 #private::erase(__pgflow_handler)
             }
         }
+    }
+}
+
+/// Checks the literal option values against pgflow-core's bounds (`StepOptions::problem`), at
+/// compile time: a constant per value, whose evaluation panics with the rule the value breaks.
+/// The error is reported at the literal, and names the constant, which is why each is named
+/// after its option (inside an unnamed constant, so that the names stay local).
+fn option_checks(args: &Args, cfgs: &[&Attribute], private: &TokenStream) -> TokenStream {
+    let checks: Vec<TokenStream> = args
+        .options
+        .iter()
+        .filter_map(|(name, value)| {
+            let Expr::Lit(ExprLit {
+                lit: Lit::Int(int), ..
+            }) = value
+            else {
+                return None;
+            };
+            // Unsuffixed: a wrong suffix is the setter's type error, reported once, there.
+            let mut int_value = Literal::u32_unsuffixed(int.base10_parse().ok()?);
+            int_value.set_span(int.span());
+            let option = name.to_string();
+            Some(quote_spanned! {int.span()=>
+                #[allow(non_upper_case_globals, dead_code)]
+                const #name: () = if let ::core::option::Option::Some(rule) =
+                    #private::StepOptions::problem(#option, #int_value)
+                {
+                    ::core::panic!("{}", rule)
+                };
+            })
+        })
+        .collect();
+    if checks.is_empty() {
+        return TokenStream::new();
+    }
+    quote! {
+        #(#cfgs)*
+        const _: () = { #(#checks)* };
     }
 }
 

@@ -1,5 +1,6 @@
-//! Checks what can be checked before types exist: the slug, literal option values, and the
-//! rules of map steps.
+//! Checks what can be checked before types exist: the slug, the form of literal option values,
+//! and the rules of map steps. The ranges of option values are pgflow-core's, which this crate
+//! cannot read: `expand` has the compiler check literal values against them.
 
 use quote::ToTokens;
 use syn::ext::IdentExt;
@@ -86,9 +87,9 @@ fn literal_problem(name: &str, value: &Expr) -> Option<String> {
         Expr::Lit(ExprLit {
             lit: Lit::Int(int), ..
         }) => match int.base10_parse::<u64>() {
-            Ok(n) if n > 2_147_483_647 => Some(format!(
-                "{n} is larger than 2147483647 (a PostgreSQL integer)"
-            )),
+            Ok(n) if u32::try_from(n).is_err() => {
+                Some(format!("{n} is too large: option values are `u32`"))
+            }
             Ok(0) if name == "timeout" => Some("a timeout must be greater than 0".into()),
             Ok(_) => None,
             Err(error) => Some(error.to_string()),
@@ -114,7 +115,12 @@ mod tests {
         assert_eq!(literal_problem("timeout", &parse_quote!(CONST)), None);
         assert!(literal_problem("timeout", &parse_quote!(0)).is_some());
         assert!(literal_problem("max_attempts", &parse_quote!(-1)).is_some());
-        assert!(literal_problem("max_attempts", &parse_quote!(3_000_000_000)).is_some());
+        assert!(literal_problem("max_attempts", &parse_quote!(5_000_000_000)).is_some());
+        // In `u32`: its range is checked against pgflow-core's bound by the expansion.
+        assert_eq!(
+            literal_problem("timeout", &parse_quote!(2_147_483_646)),
+            None
+        );
         assert!(literal_problem("max_attempts", &parse_quote!("3")).is_some());
     }
 }

@@ -496,3 +496,120 @@ async fn a_run_state_has_every_step_and_task() {
     assert_eq!(state.tasks.len(), 3);
     assert!(state.tasks.iter().all(|t| t.attempts_count == 1));
 }
+
+/// A flow of one step, `work`.
+fn one_step(slug: &str) -> Flow<Value> {
+    let work =
+        step_fn("work").handler(|v: Value, _ctx: StepContext| async move { Ok::<_, StepError>(v) });
+    Flow::new(slug).step(work).build()
+}
+
+#[tokio::test]
+async fn a_flow_whose_slug_differs_only_in_case_is_refused_naming_both() {
+    let (_db, client) = client().await;
+    client.compile(&one_step("Twin")).await.unwrap();
+    client.start_json("Twin", json!({}), None).await.unwrap();
+    let queued = || async {
+        sqlx::query_scalar::<_, i64>("SELECT count(*) FROM pgmq.q_twin")
+            .fetch_one(client.pool())
+            .await
+            .unwrap()
+    };
+    assert_eq!(queued().await, 1);
+
+    let err = client.compile(&one_step("twin")).await.unwrap_err();
+    let Error::FlowSlugCollision { flow, existing } = &err else {
+        panic!("expected a collision, got {err}");
+    };
+    assert_eq!((flow.as_str(), existing.as_str()), ("twin", "Twin"));
+    assert_eq!(
+        err.to_string(),
+        "flow `twin` collides with flow `Twin`: their slugs differ only in case, and pgmq \
+         lowercases queue names, so both would share queue pgmq.q_twin; give the new flow another \
+         slug"
+    );
+    // Replacing is refused the same way, before it purges the shared queue.
+    let err = client
+        .compile_replacing(&one_step("twin"), Replace::DeletingRuns)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::FlowSlugCollision { .. }), "{err}");
+
+    assert_eq!(queued().await, 1, "Twin's message is still there");
+    let slugs: Vec<String> = client
+        .flows()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|f| f.slug)
+        .collect();
+    assert_eq!(slugs, ["Twin"]);
+}
+
+#[tokio::test]
+async fn check_reads_the_queue_of_a_flow_named_with_capitals() {
+    let (_db, client) = client().await;
+    client.compile(&one_step("MyFlow")).await.unwrap();
+    let run = client.start_json("MyFlow", json!({}), None).await.unwrap();
+    assert_eq!(client.check().await.unwrap(), []);
+
+    // The queue it reads is pgmq's own, pgmq.q_myflow: a lost message is seen there.
+    sqlx::query("DELETE FROM pgmq.q_myflow")
+        .execute(client.pool())
+        .await
+        .unwrap();
+    let violations = client.check().await.unwrap();
+    assert_eq!(violations.len(), 1, "{violations:?}");
+    assert_eq!(violations[0].rule, "queued_task_message");
+    assert_eq!(violations[0].run_id, run.id());
+}
+
+#[tokio::test]
+async fn a_flow_slug_too_long_for_a_queue_is_refused_before_any_sql() {
+    let (_db, client) = client().await;
+    let err = client
+        .compile(&one_step(&"a".repeat(48)))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::Flow(pgflow_core::Error::InvalidFlowSlug {
+                problem: pgflow_core::SlugProblem::FlowTooLong { len: 48 },
+                ..
+            })
+        ),
+        "{err}"
+    );
+    assert!(
+        err.to_string()
+            .contains("pgmq refuses queue names of more than 47"),
+        "{err}"
+    );
+    assert_eq!(client.flows().await.unwrap().len(), 0);
+
+    let longest = "a".repeat(47);
+    assert_eq!(
+        client.compile(&one_step(&longest)).await.unwrap(),
+        Compiled::Created
+    );
+    client.start_json(&longest, json!({}), None).await.unwrap();
+}
+
+#[tokio::test]
+async fn option_values_past_their_bounds_are_refused_before_any_sql() {
+    let (_db, client) = client().await;
+    let err = client.compile(&chain(2_147_483_646)).await.unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::Flow(pgflow_core::Error::InvalidFlowOption {
+                option: "timeout",
+                value: 2_147_483_646,
+                ..
+            })
+        ),
+        "{err}"
+    );
+    assert_eq!(client.flows().await.unwrap().len(), 0);
+}

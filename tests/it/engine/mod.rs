@@ -5,6 +5,7 @@ mod attempts;
 mod concurrency;
 mod definitions;
 mod events;
+mod limits;
 mod maps;
 mod retries;
 mod runs;
