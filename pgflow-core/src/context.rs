@@ -1,5 +1,5 @@
 //! What a running task knows about itself: which run, step and attempt it is, a cancellation
-//! token, and the resources the application shares with its handlers.
+//! token, and the state the application shares with its handlers.
 
 use std::any::Any;
 use std::fmt;
@@ -33,13 +33,17 @@ pub struct StepContext {
     task_index: u32,
     attempt: u32,
     cancellation: CancellationToken,
-    resources: Option<Arc<dyn Any + Send + Sync>>,
+    /// The application's state ([`StepContext::state`]).
+    state: Option<Arc<dyn Any + Send + Sync>>,
+    /// What a client crate attaches for its own accessors (the worker's pool); kept apart from
+    /// `state` so that the application's type never has to be known to the client.
+    extension: Option<Arc<dyn Any + Send + Sync>>,
 }
 
 impl StepContext {
     /// Starts building the context of a task of `step_slug` in run `run_id` of `flow_slug`.
-    /// Unless set, the task index is 0, the attempt 1, the token never fires and there are no
-    /// resources.
+    /// Unless set, the task index is 0, the attempt 1, the token never fires and there is no
+    /// state.
     pub fn builder(
         run_id: Uuid,
         flow_slug: impl Into<Arc<str>>,
@@ -53,7 +57,8 @@ impl StepContext {
                 task_index: 0,
                 attempt: 1,
                 cancellation: CancellationToken::new(),
-                resources: None,
+                state: None,
+                extension: None,
             },
         }
     }
@@ -100,10 +105,10 @@ impl StepContext {
         self.cancellation.is_cancelled()
     }
 
-    /// The shared resource of type `T`, if the worker was given one of that type.
+    /// The application's shared state, if it is a `T`: what was given to the worker's
+    /// `WorkerBuilder::state` (or to [`StepContextBuilder::state`]).
     ///
-    /// The slot holds one value; to share several, store a struct holding them. Client crates
-    /// offer typed accessors on top (for example the database pool).
+    /// The slot holds one value; to share several, store a struct holding them.
     ///
     /// ```
     /// use std::sync::Arc;
@@ -112,13 +117,19 @@ impl StepContext {
     /// struct Config { greeting: &'static str }
     ///
     /// let ctx = StepContext::builder(uuid::Uuid::nil(), "f", "s")
-    ///     .resources(Arc::new(Config { greeting: "hi" }))
+    ///     .state(Arc::new(Config { greeting: "hi" }))
     ///     .build();
-    /// assert_eq!(ctx.resource::<Config>().map(|c| c.greeting), Some("hi"));
-    /// assert!(ctx.resource::<String>().is_none());
+    /// assert_eq!(ctx.state::<Config>().map(|c| c.greeting), Some("hi"));
+    /// assert!(ctx.state::<String>().is_none());
     /// ```
-    pub fn resource<T: Any + Send + Sync>(&self) -> Option<&T> {
-        self.resources.as_deref()?.downcast_ref::<T>()
+    pub fn state<T: Any + Send + Sync>(&self) -> Option<&T> {
+        self.state.as_deref()?.downcast_ref::<T>()
+    }
+
+    /// What a client crate attached with [`StepContextBuilder::extension`], if it is a `T`.
+    #[doc(hidden)]
+    pub fn extension<T: Any + Send + Sync>(&self) -> Option<&T> {
+        self.extension.as_deref()?.downcast_ref::<T>()
     }
 }
 
@@ -131,7 +142,7 @@ impl fmt::Debug for StepContext {
             .field("task_index", &self.task_index)
             .field("attempt", &self.attempt)
             .field("cancelled", &self.is_cancelled())
-            .field("resources", &self.resources.is_some())
+            .field("state", &self.state.is_some())
             .finish()
     }
 }
@@ -164,10 +175,19 @@ impl StepContextBuilder {
         self
     }
 
-    /// The shared resources handlers reach with [`StepContext::resource`].
+    /// The application's state, which handlers reach with [`StepContext::state`].
     #[must_use]
-    pub fn resources(mut self, resources: Arc<dyn Any + Send + Sync>) -> Self {
-        self.ctx.resources = Some(resources);
+    pub fn state(mut self, state: Arc<dyn Any + Send + Sync>) -> Self {
+        self.ctx.state = Some(state);
+        self
+    }
+
+    /// A client crate's own value, for its typed accessors (the worker's pool); not the
+    /// application's state.
+    #[doc(hidden)]
+    #[must_use]
+    pub fn extension(mut self, extension: Arc<dyn Any + Send + Sync>) -> Self {
+        self.ctx.extension = Some(extension);
         self
     }
 

@@ -53,12 +53,15 @@ pub(crate) fn spawn(
     };
     let input = task.input;
     let token = shared.hard_stop.child_token();
-    let ctx = StepContext::builder(task.run_id, Arc::clone(&flow.slug), Arc::clone(&step_slug))
+    let mut ctx = StepContext::builder(task.run_id, Arc::clone(&flow.slug), Arc::clone(&step_slug))
         .task_index(u32::try_from(task.task_index).unwrap_or_default())
         .attempt(u32::try_from(task.attempt).unwrap_or(1))
         .cancellation_token(token.clone())
-        .resources(Arc::clone(&shared.resources))
-        .build();
+        .extension(Arc::clone(&shared.extension));
+    if let Some(state) = &shared.state {
+        ctx = ctx.state(Arc::clone(state));
+    }
+    let ctx = ctx.build();
     let key = TaskKey {
         run_id: task.run_id,
         step_slug,

@@ -409,10 +409,7 @@ impl WorkerBuilder {
             .iter()
             .map(|flow| (flow.slug.to_string(), flow.worker_id))
             .collect();
-        let resources: Arc<dyn Any + Send + Sync> = Arc::new(Resources {
-            pool: self.pool.clone(),
-            state: self.state,
-        });
+        let extension: Arc<dyn Any + Send + Sync> = Arc::new(WorkerPool(self.pool.clone()));
         let shared = Arc::new(Shared {
             pool: self.pool,
             semaphore: Arc::new(Semaphore::new(settings.concurrency)),
@@ -421,7 +418,8 @@ impl WorkerBuilder {
             listening: AtomicBool::new(false),
             hard_stop: CancellationToken::new(),
             abandon: CancellationToken::new(),
-            resources,
+            state: self.state,
+            extension,
         });
         let counters = Arc::clone(&shared.counters);
         let join = runtime.spawn(supervisor::run(shared, flows, shutdown.clone()));
@@ -492,15 +490,14 @@ pub(crate) struct Shared {
     pub(crate) hard_stop: CancellationToken,
     /// Fires when the shutdown stops waiting for reports to reach the database.
     pub(crate) abandon: CancellationToken,
-    /// What [`StepContextExt`] reads: an `Arc<Resources>`.
-    pub(crate) resources: Arc<dyn Any + Send + Sync>,
+    /// The application's state, for [`StepContext::state`].
+    pub(crate) state: Option<Arc<dyn Any + Send + Sync>>,
+    /// What [`StepContextExt`] reads: an `Arc<WorkerPool>`.
+    pub(crate) extension: Arc<dyn Any + Send + Sync>,
 }
 
-/// The value a task's [`StepContext`] carries as its resource.
-struct Resources {
-    pool: PgPool,
-    state: Option<Arc<dyn Any + Send + Sync>>,
-}
+/// The worker's pool, as a task's [`StepContext`] carries it for [`StepContextExt`].
+struct WorkerPool(PgPool);
 
 /// The live counters behind [`WorkerStats`].
 #[derive(Debug, Default)]
@@ -617,7 +614,7 @@ mod sealed {
 }
 
 /// What a handler reaches through its [`StepContext`] when a [`Worker`] runs it: the worker's
-/// pool and the application state given to [`WorkerBuilder::state`].
+/// pool. (The application state given to [`WorkerBuilder::state`] is [`StepContext::state`].)
 ///
 /// ```no_run
 /// use pgflow_client::StepContextExt;
@@ -644,9 +641,6 @@ pub trait StepContextExt: sealed::Sealed {
 
     /// The worker's pool, or `None` if the context was not built by a [`Worker`].
     fn try_pool(&self) -> Option<&PgPool>;
-
-    /// The state given to [`WorkerBuilder::state`], if it is a `T`.
-    fn state<T: Any + Send + Sync>(&self) -> Option<&T>;
 }
 
 impl StepContextExt for StepContext {
@@ -661,14 +655,6 @@ impl StepContextExt for StepContext {
     }
 
     fn try_pool(&self) -> Option<&PgPool> {
-        self.resource::<Resources>()
-            .map(|resources| &resources.pool)
-    }
-
-    fn state<T: Any + Send + Sync>(&self) -> Option<&T> {
-        self.resource::<Resources>()?
-            .state
-            .as_deref()?
-            .downcast_ref::<T>()
+        self.extension::<WorkerPool>().map(|pool| &pool.0)
     }
 }
