@@ -190,8 +190,30 @@ async fn watch_follows_a_run_to_its_end() {
     let url = db.url().to_string();
     let id = run.id().to_string();
     let watcher = std::thread::spawn(move || pgflow(&url, &["watch", &id, "--json"]));
-    // Give the watcher time to subscribe, then fail the run by hand.
-    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    // Once the watcher listens (a backend whose last statement was LISTEN) and has read the
+    // run as still started (its other backend ran the run's SELECT and is idle), fail the run
+    // by hand: a fixed sleep let a slow watcher subscribe late and see only `run:failed`.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let listening: bool = sqlx::query_scalar(
+            "SELECT coalesce(bool_or(query ILIKE 'LISTEN%') \
+                    AND bool_or(state = 'idle' AND query ILIKE '%FROM pgflow.runs WHERE run_id%'), \
+                    false) \
+               FROM pg_stat_activity \
+              WHERE datname = current_database() AND pid <> pg_backend_pid()",
+        )
+        .fetch_one(db.pool())
+        .await
+        .unwrap();
+        if listening {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the watcher never listened"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
     sqlx::query(
         "UPDATE pgflow.step_tasks SET status = 'started', attempts_count = 3 WHERE run_id = $1",
     )
