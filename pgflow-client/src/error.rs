@@ -58,21 +58,11 @@ pub enum Error {
         expected: String,
     },
 
-    /// No PostgreSQL server binaries to start a throwaway server with.
-    #[error(
-        "no PostgreSQL server binaries found (searched {searched}). Install them \
-         (Debian/Ubuntu: `apt-get install postgresql`; Fedora: `dnf install postgresql-server`; \
-         macOS: `brew install postgresql`), or set PGFLOW_PG_BIN to the directory holding `initdb` \
-         and `postgres`, or set DATABASE_URL to use a server you already have"
-    )]
-    NoPostgres {
-        /// Where we looked.
-        searched: String,
-    },
-
-    /// The throwaway server could not be started.
-    #[error("throwaway PostgreSQL: {0}")]
-    Throwaway(String),
+    /// A throwaway server could not be found, started or restarted; its
+    /// [`kind`](crate::throwaway::ThrowawayError::kind) says why.
+    #[cfg(all(unix, feature = "throwaway"))]
+    #[error(transparent)]
+    Throwaway(Box<crate::throwaway::ThrowawayError>),
 
     /// The flow definition is invalid (slugs, duplicate steps, option ranges); nothing was sent
     /// to the database.
