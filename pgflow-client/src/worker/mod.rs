@@ -332,7 +332,7 @@ impl WorkerBuilder {
         self
     }
 
-    /// Shares a value with every handler, reachable with [`StepContextExt::state`]: an HTTP
+    /// Shares a value with every handler, reachable with [`StepContext::state`]: an HTTP
     /// client, a configuration, a struct holding several of them.
     ///
     /// ```no_run
