@@ -1,0 +1,62 @@
+-- =====================================================================================
+-- pgflow engine, migration 0001: schema `pgflow`, its seven tables and its functions.
+--
+-- The SQL surface (names, columns, defaults, constraint names, parameter names, return
+-- types, error texts, event names) is pgflow 0.8.1's, as ../../../shared/spec/sql-api.md
+-- states it; the implementation is this project's own. Requires schema `pgmq` (1.5+).
+-- Runs inside one transaction (our installer) or as a plain `psql -f` script.
+--
+-- LOCK ORDER
+-- ----------
+-- Every function takes row locks in this order and never goes back to an earlier level
+-- while holding a later one; that is what rules out deadlocks between workers that
+-- start, complete and fail tasks of one run at the same moment:
+--
+--   1. step_tasks rows being started / completed / failed,
+--        sorted by (run_id, step_slug, task_index);
+--   2. the step_states rows of those tasks,  sorted by (run_id, step_slug);
+--   3. runs rows,                            in run_id order;
+--        taken only when a step finishes, when a run fails, or by the internal
+--        follow-ups (cascade, start_ready_steps, maybe_complete_run) on their own run;
+--        complete_tasks locks every run in which a step of its batch finishes, all
+--        at once; _start_ready_steps takes none: its callers hold them (or created
+--        the run);
+--   4. step_states rows of *other* steps of a run (dependents, ready steps),
+--        only while holding that run's row lock;
+--   5. pgmq message rows, last of all, sorted by (queue, msg_id).
+--
+-- Completing a task that does not finish its step therefore locks only its task row
+-- and its step state (atomic decrement of remaining_tasks): map tasks and tasks of
+-- different steps never queue behind a run-wide lock. The run row is locked only by
+-- the task that actually finishes a step, and before that task changes anything, so
+-- a run that failed meanwhile is seen and left alone. (pgflow 0.8.1 locked the run
+-- first on every completion; the order above keeps its guarantees without that.)
+--
+-- The order holds per call. A caller that chains several complete_task / fail_task
+-- calls in one transaction keeps the earlier calls' locks and can deadlock like any
+-- multi-statement transaction: report a batch with complete_tasks instead.
+--
+-- Hot functions run with plan_cache_mode = force_generic_plan: their statements are
+-- primary-key lookups whose generic plans are right, and re-planning them on every call
+-- would cost more than running them. They also run with sequential scans, hash joins
+-- and merge joins disabled: a backend caches its plans for its lifetime, and a plan
+-- made while a table was small (or never analysed) would hash a scan of the whole table
+-- against the batch long after the table has grown; key lookups are right at any size.
+--
+-- Row locks are FOR NO KEY UPDATE (what a plain UPDATE takes): they do not conflict with
+-- the KEY SHARE locks that foreign-key checks take on runs / step_states / flows.
+--
+-- EVENTS
+-- ------
+-- Besides them, every transaction that queues tasks notifies channel `pgflow_tasks` with
+-- the flow slug as payload, once per flow: what workers listen to for wake-ups.
+-- Every state change emits one event from pgflow._emit_all, in the transaction making it:
+--   * pg_notify on the single channel `pgflow`; the payload is the event's JSON object
+--     without `input` / `output` (NOTIFY payloads must stay under 8000 bytes; listeners
+--     read outputs from the tables) and with error_message cut to 1000 characters;
+--   * realtime.send(payload, event, 'pgflow:run:<run_id>', false) with the full payload
+--     when that function exists (Supabase), detected at call time.
+-- =====================================================================================
+
+CREATE SCHEMA pgflow;
+
