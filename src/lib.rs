@@ -191,9 +191,10 @@ pub use pgflow_core::{
 /// [`ErasedHandler`](typing::ErasedHandler) for the worker.
 pub mod typing {
     pub use pgflow_core::{
-        AnyInput, Append, BoxFuture, CheckedOutput, Contains, Dependencies, DependenciesIn,
-        ErasedHandler, FitsInput, FlowStep, FnStep, Here, IntoStep, MapDependency, MapInput,
-        MapOver, OutputMatches, Single, StepFnBuilder, StepOf, StepOutput, TakesInput, There,
+        AddedOnce, AlreadyAdded, AnyInput, Append, BoxFuture, CheckedOutput, Contains,
+        Dependencies, DependenciesIn, ErasedHandler, FitsInput, FlowStep, FnStep, Here, IntoStep,
+        MapDependency, MapInput, MapOver, NotAdded, OutputMatches, Single, StepFnBuilder, StepOf,
+        StepOutput, TakesInput, There,
     };
 }
 pub use pgflow_macros::step;

@@ -8,8 +8,8 @@ use std::sync::Arc;
 use serde_json::Value;
 
 use crate::{
-    BoxFuture, DependenciesIn, ErasedHandler, FlowOptions, FlowShape, IntoStep, Result, Step,
-    StepContext, StepError, StepKind, StepOf, StepOptions, StepShape,
+    AddedOnce, BoxFuture, DependenciesIn, ErasedHandler, FlowOptions, FlowShape, IntoStep, Result,
+    Step, StepContext, StepError, StepKind, StepOf, StepOptions, StepShape,
 };
 
 /// A flow whose input is `I`: its definition (a [`FlowShape`]) and one type-erased handler per
@@ -224,7 +224,8 @@ impl<I, Steps> FlowBuilder<I, Steps> {
         self
     }
 
-    /// Adds a step: a `#[step]` function, or a [`FnStep`](crate::FnStep). It compiles only if every dependency of `step` was added before, and if
+    /// Adds a step: a `#[step]` function, or a [`FnStep`](crate::FnStep). It compiles only if
+    /// every dependency of `step` was added before, if `step` was not added before, and if
     /// `step` takes this flow's input type (or no flow input).
     ///
     /// ```compile_fail,E0277
@@ -238,16 +239,27 @@ impl<I, Steps> FlowBuilder<I, Steps> {
     /// // `second` needs `first`, which is not in the flow yet: does not compile.
     /// let flow: Flow<u64> = Flow::new("f").step(second).step(first).build();
     /// ```
+    ///
+    /// Nor does adding the same step twice (the error is "type annotations needed: multiple
+    /// impls satisfying `..: AddedOnce<..>`"; see [`AddedOnce`]):
+    ///
+    /// ```compile_fail,E0283
+    /// use pgflow_core::{Flow, StepContext, StepError, step_fn};
+    ///
+    /// let once = step_fn("once").handler(|n: u64, _: StepContext| async move { Ok::<_, StepError>(n) });
+    /// let flow: Flow<u64> = Flow::new("f").step(&once).step(&once).build();
+    /// ```
     #[must_use]
     #[allow(
         clippy::needless_pass_by_value,
         reason = "the flow takes the step, as `.step(charge)` reads"
     )]
-    pub fn step<T, Indices>(mut self, step: T) -> FlowBuilder<I, (T::Step, Steps)>
+    pub fn step<T, Indices, Once>(mut self, step: T) -> FlowBuilder<I, (T::Step, Steps)>
     where
         T: IntoStep,
         T::Step: StepOf<I>,
         <T::Step as Step>::Deps: DependenciesIn<Steps, Indices>,
+        Steps: AddedOnce<T::Step, Once>,
     {
         let step = step.into_step();
         self.shape.steps.push(step.shape());

@@ -68,8 +68,8 @@ pub use options::{FlowOptions, MAX_OPTION_VALUE, StepOptions};
 pub use shape::{FlowShape, StepKind, StepShape};
 pub use slug::{MAX_SLUG_LEN, check_slug, is_valid_slug};
 pub use step::{
-    CheckedOutput, Contains, Dependencies, DependenciesIn, Here, IntoStep, MapOver, OutputMatches,
-    Step, StepOf, StepOutput, There,
+    AddedOnce, AlreadyAdded, CheckedOutput, Contains, Dependencies, DependenciesIn, Here, IntoStep,
+    MapOver, NotAdded, OutputMatches, Step, StepOf, StepOutput, There,
 };
 pub use step_fn::{
     AnyInput, Append, FitsInput, FnStep, MapDependency, MapInput, Single, StepFnBuilder,

@@ -178,6 +178,29 @@ impl<S, Rest> Contains<S, Here> for (S, Rest) {}
 #[diagnostic::do_not_recommend]
 impl<S, Head, Rest, Index> Contains<S, There<Index>> for (Head, Rest) where Rest: Contains<S, Index> {}
 
+/// Marker of [`AddedOnce`]: the step is not in the list yet.
+#[derive(Debug)]
+pub struct NotAdded;
+
+/// Marker of [`AddedOnce`]: the step is already in the list, at `Index`.
+#[derive(Debug)]
+pub struct AlreadyAdded<Index>(PhantomData<Index>);
+
+/// Proof that the list of steps `Self` does not hold step `S` yet, so that adding `S` to a
+/// flow twice does not compile.
+///
+/// Stable Rust cannot require that a trait is *not* implemented, so the proof works by
+/// ambiguity: [`NotAdded`] fits every list, [`AlreadyAdded`] only a list that [`Contains`]
+/// `S`. The caller leaves `Marker` to inference; for a new step exactly one impl fits and
+/// inference picks it, for a step added before both fit and the compiler stops with
+/// "type annotations needed: multiple impls satisfying `(..): AddedOnce<S, _>`", whose note
+/// names the `AlreadyAdded` impl.
+pub trait AddedOnce<S, Marker> {}
+
+impl<S, Steps> AddedOnce<S, NotAdded> for Steps {}
+
+impl<S, Steps, Index> AddedOnce<S, AlreadyAdded<Index>> for Steps where Steps: Contains<S, Index> {}
+
 /// Proof that every step of the list `Self` is in the list `Steps`.
 pub trait DependenciesIn<Steps, Indices> {}
 
