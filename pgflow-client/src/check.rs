@@ -10,6 +10,19 @@ use uuid::Uuid;
 use crate::Result;
 
 /// One broken invariant.
+///
+/// What tests assert after a scenario: no violation, or every one of them in the failure message.
+///
+/// ```no_run
+/// # async fn demo(client: pgflow_client::Client) -> pgflow_client::Result<()> {
+/// let violations = client.check().await?;
+/// assert!(
+///     violations.is_empty(),
+///     "{}",
+///     violations.iter().map(ToString::to_string).collect::<Vec<_>>().join("\n")
+/// );
+/// # Ok(()) }
+/// ```
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[non_exhaustive]
 pub struct Violation {

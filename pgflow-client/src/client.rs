@@ -33,16 +33,44 @@ pub struct Client {
 
 impl Client {
     /// A client over `pool`.
+    ///
+    /// ```no_run
+    /// # async fn demo() -> pgflow_client::Result<()> {
+    /// let pool = sqlx::PgPool::connect("postgres://app@localhost/app").await?;
+    /// let client = pgflow_client::Client::new(pool);
+    /// # Ok(()) }
+    /// ```
     pub fn new(pool: PgPool) -> Self {
         Self { pool }
     }
 
     /// The pool this client uses.
+    ///
+    /// For queries of your own beside the engine's, on the same connections:
+    ///
+    /// ```no_run
+    /// # async fn demo(client: pgflow_client::Client) -> pgflow_client::Result<()> {
+    /// let running: i64 =
+    ///     sqlx::query_scalar("SELECT count(*) FROM pgflow.runs WHERE status = 'started'")
+    ///         .fetch_one(client.pool())
+    ///         .await?;
+    /// println!("{running} runs in progress");
+    /// # Ok(()) }
+    /// ```
     pub fn pool(&self) -> &PgPool {
         &self.pool
     }
 
     /// Installs pgmq (when absent) and the engine schema; see [`crate::install`].
+    ///
+    /// ```no_run
+    /// # async fn demo(client: pgflow_client::Client) -> pgflow_client::Result<()> {
+    /// let report = client.install().await?;
+    /// if !report.applied.is_empty() {
+    ///     println!("applied {:?}; schema version {}", report.applied, report.schema_version);
+    /// }
+    /// # Ok(()) }
+    /// ```
     pub async fn install(&self) -> Result<InstallReport> {
         crate::install(&self.pool).await
     }
@@ -52,6 +80,21 @@ impl Client {
     /// An absent flow is created; an identical one is left alone ([`Compiled::Unchanged`]); a
     /// different one is [`Error::FlowDrift`], listing each difference. Validation (slugs,
     /// duplicate steps, option ranges) happens before any SQL is sent.
+    ///
+    /// ```no_run
+    /// # async fn demo(client: pgflow_client::Client, flow: pgflow_core::Flow<serde_json::Value>) -> pgflow_client::Result<()> {
+    /// use pgflow_client::{Compiled, Error};
+    ///
+    /// match client.compile(&flow).await {
+    ///     Ok(Compiled::Created) => println!("created flow {}", flow.slug()),
+    ///     Ok(_) => {}
+    ///     Err(Error::FlowDrift { differences, .. }) => {
+    ///         differences.iter().for_each(|difference| eprintln!("drift: {difference}"));
+    ///     }
+    ///     Err(err) => return Err(err),
+    /// }
+    /// # Ok(()) }
+    /// ```
     #[tracing::instrument(skip_all, fields(flow_slug = flow.slug()), err)]
     pub async fn compile<I>(&self, flow: &Flow<I>) -> Result<Compiled> {
         flow.validate()?;
@@ -61,6 +104,20 @@ impl Client {
     /// Like [`Client::compile`], but a stored definition that differs is replaced: only when the
     /// flow has no runs ([`Replace::IfNoRuns`]), or deleting its runs
     /// ([`Replace::DeletingRuns`]).
+    ///
+    /// In development, where the runs of an edited flow do not matter:
+    ///
+    /// ```no_run
+    /// # async fn demo(client: pgflow_client::Client, flow: pgflow_core::Flow<serde_json::Value>) -> pgflow_client::Result<()> {
+    /// use pgflow_client::{Compiled, Replace};
+    ///
+    /// if let Compiled::Replaced { deleted_runs } =
+    ///     client.compile_replacing(&flow, Replace::DeletingRuns).await?
+    /// {
+    ///     println!("flow {} replaced; {deleted_runs} old runs deleted", flow.slug());
+    /// }
+    /// # Ok(()) }
+    /// ```
     #[tracing::instrument(skip_all, fields(flow_slug = flow.slug()), err)]
     pub async fn compile_replacing<I>(&self, flow: &Flow<I>, mode: Replace) -> Result<Compiled> {
         flow.validate()?;
@@ -68,6 +125,22 @@ impl Client {
     }
 
     /// Compiles a flow given by its shape (e.g. one deserialized from JSON).
+    ///
+    /// `replace` is `None` to refuse a differing stored flow, as [`Client::compile`] does.
+    ///
+    /// ```no_run
+    /// # async fn demo(client: pgflow_client::Client) -> Result<(), Box<dyn std::error::Error>> {
+    /// use pgflow_core::FlowShape;
+    ///
+    /// let shape: FlowShape = serde_json::from_str(
+    ///     r#"{"slug": "crawl", "steps": [
+    ///         {"slug": "urls"},
+    ///         {"slug": "fetch", "kind": "map", "dependencies": ["urls"]}
+    ///     ]}"#,
+    /// )?;
+    /// client.compile_shape(&shape, None).await?;
+    /// # Ok(()) }
+    /// ```
     pub async fn compile_shape(
         &self,
         shape: &FlowShape,
@@ -111,12 +184,32 @@ impl Client {
     }
 
     /// The stored shape of a flow, or `None` when the database has no such flow.
+    ///
+    /// With [`differences`](crate::differences), what a deployment would change, without failing:
+    ///
+    /// ```no_run
+    /// # async fn demo(client: pgflow_client::Client, flow: pgflow_core::Flow<serde_json::Value>) -> pgflow_client::Result<()> {
+    /// if let Some(stored) = client.flow_shape(flow.slug()).await? {
+    ///     for difference in pgflow_client::differences(&stored, flow.shape()) {
+    ///         println!("{difference}");
+    ///     }
+    /// }
+    /// # Ok(()) }
+    /// ```
     pub async fn flow_shape(&self, flow_slug: &str) -> Result<Option<FlowShape>> {
         let mut conn = self.pool.acquire().await?;
         definition::stored_shape(&mut conn, flow_slug).await
     }
 
     /// Every stored flow's shape, by slug.
+    ///
+    /// ```no_run
+    /// # async fn demo(client: pgflow_client::Client) -> pgflow_client::Result<()> {
+    /// for shape in client.flows().await? {
+    ///     println!("{}: {} steps", shape.slug, shape.steps.len());
+    /// }
+    /// # Ok(()) }
+    /// ```
     pub async fn flows(&self) -> Result<Vec<FlowShape>> {
         let mut conn = self.pool.acquire().await?;
         let slugs: Vec<String> =
@@ -133,12 +226,33 @@ impl Client {
     }
 
     /// Starts a run of `flow` with a typed input.
+    ///
+    /// ```no_run
+    /// # #[derive(serde::Serialize)]
+    /// # struct Order { order_id: u64 }
+    /// # async fn demo(client: pgflow_client::Client, flow: pgflow_core::Flow<Order>) -> pgflow_client::Result<()> {
+    /// let run = client.start(&flow, &Order { order_id: 42 }).await?;
+    /// println!("started run {}", run.id());
+    /// # Ok(()) }
+    /// ```
     pub async fn start<I: Serialize>(&self, flow: &Flow<I>, input: &I) -> Result<RunHandle> {
         self.start_json(flow.slug(), encode(input)?, None).await
     }
 
     /// Starts a run with a run id of the caller's choosing. Starting again with the same id
     /// returns the existing run instead of a second one, so a retried request is harmless.
+    ///
+    /// ```no_run
+    /// # #[derive(serde::Serialize)]
+    /// # struct Order { order_id: u64 }
+    /// # async fn demo(client: pgflow_client::Client, flow: pgflow_core::Flow<Order>) -> pgflow_client::Result<()> {
+    /// // E.g. the idempotency key of the request that asks for the run.
+    /// let run_id = uuid::Uuid::new_v4();
+    /// let run = client.start_with_id(&flow, &Order { order_id: 42 }, run_id).await?;
+    /// let retried = client.start_with_id(&flow, &Order { order_id: 42 }, run_id).await?;
+    /// assert_eq!(run.id(), retried.id());
+    /// # Ok(()) }
+    /// ```
     pub async fn start_with_id<I: Serialize>(
         &self,
         flow: &Flow<I>,
@@ -151,6 +265,19 @@ impl Client {
 
     /// Starts a run of the flow named `flow_slug` with a JSON input, for flows compiled
     /// elsewhere. `run_id` behaves as in [`Client::start_with_id`].
+    ///
+    /// ```no_run
+    /// # async fn demo(client: pgflow_client::Client) -> pgflow_client::Result<()> {
+    /// use pgflow_client::Error;
+    ///
+    /// let input = serde_json::json!({"order_id": 42});
+    /// match client.start_json("order_processing", input, None).await {
+    ///     Ok(run) => println!("started run {}", run.id()),
+    ///     Err(Error::UnknownFlow { flows, .. }) => eprintln!("not compiled; flows: {flows:?}"),
+    ///     Err(err) => return Err(err),
+    /// }
+    /// # Ok(()) }
+    /// ```
     #[tracing::instrument(skip(self, input), err)]
     pub async fn start_json(
         &self,
@@ -215,16 +342,48 @@ impl Client {
     }
 
     /// A handle to an existing run.
+    ///
+    /// No query is made: use it for a run started elsewhere, e.g. by another process.
+    ///
+    /// ```no_run
+    /// # async fn demo(client: pgflow_client::Client, run_id: uuid::Uuid) -> pgflow_client::Result<()> {
+    /// let output = client.run(run_id).wait().await?;
+    /// println!("{}", output.output());
+    /// # Ok(()) }
+    /// ```
     pub fn run(&self, run_id: Uuid) -> RunHandle {
         RunHandle::new(self.pool.clone(), run_id)
     }
 
     /// Reads a run's full state.
+    ///
+    /// ```no_run
+    /// # async fn demo(client: pgflow_client::Client, run_id: uuid::Uuid) -> pgflow_client::Result<()> {
+    /// let state = client.run_state(run_id).await?;
+    /// println!("run of {} is {}", state.run.flow_slug, state.run.status);
+    /// for step in &state.steps {
+    ///     println!("  {} {}", step.step_slug, step.status);
+    /// }
+    /// # Ok(()) }
+    /// ```
     pub async fn run_state(&self, run_id: Uuid) -> Result<RunState> {
         RunState::read(&self.pool, run_id).await
     }
 
     /// The most recent runs (newest first), optionally of one flow and/or one status.
+    ///
+    /// ```no_run
+    /// # async fn demo(client: pgflow_client::Client) -> pgflow_client::Result<()> {
+    /// use pgflow_client::RunStatus;
+    ///
+    /// let failed = client
+    ///     .recent_runs(Some("order_processing"), Some(RunStatus::Failed), 20)
+    ///     .await?;
+    /// for run in failed {
+    ///     println!("{} started {} ended {:?}", run.run_id, run.started_at, run.ended_at);
+    /// }
+    /// # Ok(()) }
+    /// ```
     pub async fn recent_runs(
         &self,
         flow_slug: Option<&str>,
@@ -235,6 +394,14 @@ impl Client {
     }
 
     /// How many runs each flow has in each status.
+    ///
+    /// ```no_run
+    /// # async fn demo(client: pgflow_client::Client) -> pgflow_client::Result<()> {
+    /// for (flow, status, count) in client.run_counts().await? {
+    ///     println!("{flow} {status}: {count}");
+    /// }
+    /// # Ok(()) }
+    /// ```
     pub async fn run_counts(&self) -> Result<Vec<(String, RunStatus, i64)>> {
         Ok(sqlx::query_as(
             "SELECT flow_slug, status, count(*) FROM pgflow.runs
@@ -245,11 +412,34 @@ impl Client {
     }
 
     /// Checks the consistency of every run; see [`crate::check`].
+    ///
+    /// ```no_run
+    /// # async fn demo(client: pgflow_client::Client) -> pgflow_client::Result<()> {
+    /// let violations = client.check().await?;
+    /// for violation in &violations {
+    ///     eprintln!("{violation}");
+    /// }
+    /// # Ok(()) }
+    /// ```
     pub async fn check(&self) -> Result<Vec<crate::Violation>> {
         crate::check(&self.pool).await
     }
 
     /// Subscribes to the engine's events (of every run); see [`Subscription`].
+    ///
+    /// ```no_run
+    /// # async fn demo(client: pgflow_client::Client) -> pgflow_client::Result<()> {
+    /// use pgflow_client::EventKind;
+    ///
+    /// let mut subscription = client.subscribe().await?;
+    /// loop {
+    ///     let event = subscription.next_event().await?;
+    ///     if event.kind == EventKind::RunFailed {
+    ///         eprintln!("run {} failed: {:?}", event.run_id, event.error_message);
+    ///     }
+    /// }
+    /// # }
+    /// ```
     pub async fn subscribe(&self) -> Result<Subscription> {
         Subscription::listen(&self.pool).await
     }

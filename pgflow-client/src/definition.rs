@@ -14,6 +14,19 @@ const DEFAULT_BASE_DELAY: u32 = 5;
 const DEFAULT_TIMEOUT: u32 = 60;
 
 /// What [`Client::compile`](crate::Client::compile) did.
+///
+/// ```no_run
+/// # async fn demo(client: pgflow_client::Client, flow: pgflow_core::Flow<serde_json::Value>) -> pgflow_client::Result<()> {
+/// use pgflow_client::Compiled;
+///
+/// match client.compile(&flow).await? {
+///     Compiled::Created => println!("flow {} created", flow.slug()),
+///     Compiled::Unchanged => {}
+///     Compiled::Replaced { deleted_runs } => println!("replaced; {deleted_runs} runs deleted"),
+///     _ => {}
+/// }
+/// # Ok(()) }
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum Compiled {
@@ -30,6 +43,18 @@ pub enum Compiled {
 
 /// How [`Client::compile_replacing`](crate::Client::compile_replacing) treats a stored flow
 /// that differs from the one being compiled.
+///
+/// ```no_run
+/// # async fn demo(client: pgflow_client::Client, flow: pgflow_core::Flow<serde_json::Value>) -> pgflow_client::Result<()> {
+/// use pgflow_client::{Error, Replace};
+///
+/// match client.compile_replacing(&flow, Replace::IfNoRuns).await {
+///     Ok(compiled) => println!("{compiled:?}"),
+///     Err(Error::FlowHasRuns { runs, .. }) => eprintln!("kept: {runs} runs use the old one"),
+///     Err(err) => return Err(err),
+/// }
+/// # Ok(()) }
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum Replace {
@@ -41,6 +66,19 @@ pub enum Replace {
 }
 
 /// One difference between a stored flow definition and the one being compiled.
+///
+/// Displayed, each says in plain words what changed:
+///
+/// ```
+/// use pgflow_client::Difference;
+///
+/// let difference = Difference::DependenciesChanged {
+///     step: "fetch".into(),
+///     stored: vec!["urls".into()],
+///     compiled: vec!["robots".into(), "urls".into()],
+/// };
+/// assert_eq!(difference.to_string(), "step `fetch` depends on [robots, urls] instead of [urls]");
+/// ```
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum Difference {
@@ -157,6 +195,36 @@ impl fmt::Display for Difference {
 
 /// The differences between a stored shape and a compiled one, in a stable order: flow options,
 /// then steps in the compiled order, then removed steps.
+///
+/// Unset flow options compare as the engine's defaults (`timeout` 60 here):
+///
+/// ```
+/// use pgflow_client::{Difference, differences};
+/// use pgflow_core::{FlowOptions, FlowShape, StepShape};
+///
+/// let stored = FlowShape {
+///     slug: "crawl".into(),
+///     options: FlowOptions::new(),
+///     steps: vec![StepShape::new("urls")],
+/// };
+/// let compiled = FlowShape {
+///     options: FlowOptions::new().timeout(120),
+///     steps: vec![StepShape::new("urls"), StepShape::new("fetch")],
+///     ..stored.clone()
+/// };
+/// assert_eq!(
+///     differences(&stored, &compiled),
+///     [
+///         Difference::OptionChanged {
+///             step: None,
+///             option: "timeout",
+///             stored: Some(60),
+///             compiled: Some(120),
+///         },
+///         Difference::StepAdded { step: "fetch".into() },
+///     ]
+/// );
+/// ```
 pub fn differences(stored: &FlowShape, compiled: &FlowShape) -> Vec<Difference> {
     let mut out = Vec::new();
     let flow_options = |o: &FlowOptions| {

@@ -45,6 +45,13 @@ pub enum EventKind {
 
 impl EventKind {
     /// The engine's name for it, e.g. `"step:completed"`.
+    ///
+    /// ```
+    /// use pgflow_client::EventKind;
+    ///
+    /// assert_eq!(EventKind::StepCompleted.as_str(), "step:completed");
+    /// assert_eq!(EventKind::RunFailed.to_string(), "run:failed");
+    /// ```
     pub const fn as_str(self) -> &'static str {
         match self {
             Self::RunStarted => "run:started",
@@ -57,6 +64,13 @@ impl EventKind {
     }
 
     /// Whether the run ends with this event.
+    ///
+    /// ```
+    /// use pgflow_client::EventKind;
+    ///
+    /// assert!(EventKind::RunCompleted.ends_run());
+    /// assert!(!EventKind::StepFailed.ends_run()); // a retry or the run's failure may follow
+    /// ```
     pub const fn ends_run(self) -> bool {
         matches!(self, Self::RunCompleted | Self::RunFailed)
     }
@@ -69,6 +83,22 @@ impl fmt::Display for EventKind {
 }
 
 /// One event of a run, as published by the engine.
+///
+/// It deserializes from the payload the engine sends, and prints as its kind, step and error:
+///
+/// ```
+/// use pgflow_client::{EventKind, RunEvent};
+///
+/// let payload = r#"{"event_type": "step:failed",
+///                   "run_id": "0190b8a4-5e0c-7a8e-9d4f-1c2b3a4d5e6f",
+///                   "step_slug": "charge", "status": "failed",
+///                   "error_message": "card declined"}"#;
+/// let event: RunEvent = serde_json::from_str(payload)?;
+/// assert_eq!(event.kind, EventKind::StepFailed);
+/// assert_eq!(event.step_slug.as_deref(), Some("charge"));
+/// assert_eq!(event.to_string(), "step:failed charge: card declined");
+/// # Ok::<(), serde_json::Error>(())
+/// ```
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[non_exhaustive]
 pub struct RunEvent {
@@ -145,6 +175,16 @@ impl fmt::Debug for Subscription {
 impl Subscription {
     /// Opens a `LISTEN` connection on the engine's channel: a connection of its own, made with
     /// `pool`'s connect options, outside `pool`.
+    ///
+    /// The same as [`Client::subscribe`](crate::Client::subscribe), for code that holds only a
+    /// pool:
+    ///
+    /// ```no_run
+    /// # async fn demo(pool: sqlx::PgPool) -> pgflow_client::Result<()> {
+    /// let mut subscription = pgflow_client::Subscription::listen(&pool).await?;
+    /// println!("{}", subscription.next_event().await?);
+    /// # Ok(()) }
+    /// ```
     pub async fn listen(pool: &PgPool) -> Result<Self> {
         let pool = PgPoolOptions::new()
             .max_connections(1)
@@ -157,6 +197,15 @@ impl Subscription {
 
     /// Stops listening and closes the connection, waiting until it is closed. Dropping a
     /// subscription also ends it, in the background.
+    ///
+    /// ```no_run
+    /// # async fn demo(client: pgflow_client::Client) -> pgflow_client::Result<()> {
+    /// let mut subscription = client.subscribe().await?;
+    /// let first = subscription.next_event().await?;
+    /// subscription.close().await;
+    /// println!("first event: {first}");
+    /// # Ok(()) }
+    /// ```
     pub async fn close(self) {
         let Self { listener, pool } = self;
         drop(listener);
@@ -164,6 +213,20 @@ impl Subscription {
     }
 
     /// The next event of any run. Payloads that are not events are skipped.
+    ///
+    /// Events of every run arrive interleaved; keep those you want by run or flow:
+    ///
+    /// ```no_run
+    /// # async fn demo(client: pgflow_client::Client) -> pgflow_client::Result<()> {
+    /// let mut subscription = client.subscribe().await?;
+    /// loop {
+    ///     let event = subscription.next_event().await?;
+    ///     if event.kind.ends_run() && event.flow_slug.as_deref() == Some("order_processing") {
+    ///         println!("order run {}: {}", event.run_id, event.kind);
+    ///     }
+    /// }
+    /// # }
+    /// ```
     pub async fn next_event(&mut self) -> Result<RunEvent> {
         loop {
             let notification = self.listener.recv().await?;
@@ -175,6 +238,20 @@ impl Subscription {
     }
 
     /// The events of one run, in order, ending after the run's `run:completed` or `run:failed`.
+    ///
+    /// Being finite, the stream can be collected:
+    ///
+    /// ```no_run
+    /// # async fn demo(client: pgflow_client::Client) -> pgflow_client::Result<()> {
+    /// use futures_util::TryStreamExt;
+    ///
+    /// let subscription = client.subscribe().await?; // before the start: no event is missed
+    /// let input = serde_json::json!({"url": "https://example.com"});
+    /// let run = client.start_json("crawl", input, None).await?;
+    /// let events: Vec<_> = subscription.run_events(run.id()).try_collect().await?;
+    /// assert!(events.last().is_some_and(|event| event.kind.ends_run()));
+    /// # Ok(()) }
+    /// ```
     pub fn run_events(self, run_id: Uuid) -> RunEvents {
         RunEvents {
             inner: Box::pin(futures_util::stream::unfold(
@@ -201,6 +278,21 @@ impl Subscription {
 }
 
 /// The stream of one run's events, from [`Subscription::run_events`].
+///
+/// A [`Stream`]; `StreamExt` and `TryStreamExt` of the `futures` crates read it:
+///
+/// ```no_run
+/// # async fn demo(client: pgflow_client::Client, run_id: uuid::Uuid) -> pgflow_client::Result<()> {
+/// use futures_util::TryStreamExt;
+///
+/// let mut events = client.run(run_id).events().await?;
+/// while let Some(event) = events.try_next().await? {
+///     if let Some(error) = &event.error_message {
+///         eprintln!("{} {:?}: {error}", event.kind, event.step_slug);
+///     }
+/// }
+/// # Ok(()) }
+/// ```
 pub struct RunEvents {
     inner: std::pin::Pin<Box<dyn Stream<Item = Result<RunEvent>> + Send>>,
 }

@@ -9,6 +9,16 @@ use crate::{Error, Result};
 const INSTALL_LOCK: i64 = 0x7067_666c_6f77; // "pgflow"
 
 /// What [`install`] did.
+///
+/// ```no_run
+/// # async fn demo(pool: sqlx::PgPool) -> pgflow_client::Result<()> {
+/// let report = pgflow_client::install(&pool).await?;
+/// println!(
+///     "pgmq: {}; applied {:?}; schema version {}",
+///     report.pgmq, report.applied, report.schema_version
+/// );
+/// # Ok(()) }
+/// ```
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct InstallReport {
@@ -25,6 +35,15 @@ pub struct InstallReport {
 /// pgmq comes from `CREATE EXTENSION pgmq` where the server offers the extension, else from the
 /// SQL-only installation embedded in the `pgmq` crate. Concurrent installs on one database wait
 /// for each other.
+///
+/// Safe to call at every start-up of every process: a database that is up to date is left alone.
+///
+/// ```no_run
+/// # async fn demo() -> pgflow_client::Result<()> {
+/// let pool = sqlx::PgPool::connect("postgres://admin@localhost/app").await?;
+/// pgflow_client::install(&pool).await?;
+/// # Ok(()) }
+/// ```
 pub async fn install(pool: &PgPool) -> Result<InstallReport> {
     let mut lock = pool.acquire().await?;
     sqlx::query("SELECT pg_advisory_lock($1)")
@@ -51,6 +70,16 @@ async fn install_locked(pool: &PgPool) -> Result<InstallReport> {
 }
 
 /// Makes sure schema `pgmq` holds pgmq, choosing the extension where it is available.
+///
+/// Returns how pgmq is present, as [`InstallReport::pgmq`] does; useful where only the queues are
+/// wanted, without the engine.
+///
+/// ```no_run
+/// # async fn demo(pool: sqlx::PgPool) -> pgflow_client::Result<()> {
+/// let how = pgflow_client::install_pgmq(&pool).await?;
+/// assert!(["extension", "sql", "existing"].contains(&how));
+/// # Ok(()) }
+/// ```
 pub async fn install_pgmq(pool: &PgPool) -> Result<&'static str> {
     let present: bool = sqlx::query_scalar(
         "SELECT to_regprocedure('pgmq.read_with_poll(text,integer,integer,integer,integer,jsonb)') IS NOT NULL",

@@ -41,6 +41,19 @@ impl RunHandle {
     }
 
     /// The run's id.
+    ///
+    /// Store it to find the run again later, with [`Client::run`](crate::Client::run):
+    ///
+    /// ```no_run
+    /// # async fn demo(client: pgflow_client::Client) -> pgflow_client::Result<()> {
+    /// let input = serde_json::json!({"order_id": 42});
+    /// let run = client.start_json("order_processing", input, None).await?;
+    /// sqlx::query("UPDATE orders SET run_id = $1 WHERE order_id = 42")
+    ///     .bind(run.id())
+    ///     .execute(client.pool())
+    ///     .await?;
+    /// # Ok(()) }
+    /// ```
     pub fn id(&self) -> Uuid {
         self.run_id
     }
@@ -50,6 +63,20 @@ impl RunHandle {
     /// Wakes on the engine's `run:completed`/`run:failed` notifications (no busy polling), and
     /// re-reads the run every few seconds as a safety net. A failed run is
     /// [`Error::RunFailed`], with the failing step, task, attempt and message.
+    ///
+    /// ```no_run
+    /// # async fn demo(run: pgflow_client::RunHandle) -> pgflow_client::Result<()> {
+    /// use pgflow_client::Error;
+    ///
+    /// match run.wait().await {
+    ///     Ok(output) => println!("{}", output.output()),
+    ///     Err(Error::RunFailed(failure)) => {
+    ///         eprintln!("step {} failed: {}", failure.step_slug, failure.error_message);
+    ///     }
+    ///     Err(err) => return Err(err),
+    /// }
+    /// # Ok(()) }
+    /// ```
     // A failed run is an answer, not a fault of waiting: it is not logged as an error here.
     #[tracing::instrument(skip_all, fields(run_id = %self.run_id))]
     pub async fn wait(&self) -> Result<RunOutput> {
@@ -87,6 +114,20 @@ impl RunHandle {
 
     /// Like [`RunHandle::wait`], giving up with [`Error::WaitTimedOut`] after `timeout`. The run
     /// itself goes on.
+    ///
+    /// ```no_run
+    /// # async fn demo(run: pgflow_client::RunHandle) -> pgflow_client::Result<()> {
+    /// use std::time::Duration;
+    ///
+    /// use pgflow_client::Error;
+    ///
+    /// match run.wait_timeout(Duration::from_secs(30)).await {
+    ///     Ok(output) => println!("{}", output.output()),
+    ///     Err(Error::WaitTimedOut { run_id, .. }) => println!("run {run_id} still running"),
+    ///     Err(err) => return Err(err),
+    /// }
+    /// # Ok(()) }
+    /// ```
     pub async fn wait_timeout(&self, timeout: Duration) -> Result<RunOutput> {
         tokio::time::timeout(timeout, self.wait())
             .await
@@ -121,6 +162,15 @@ impl RunHandle {
     }
 
     /// Reads the run's full state: the run row, every step state and every task.
+    ///
+    /// ```no_run
+    /// # async fn demo(run: pgflow_client::RunHandle) -> pgflow_client::Result<()> {
+    /// let state = run.state().await?;
+    /// for task in state.tasks.iter().filter(|task| task.attempts_count > 1) {
+    ///     println!("{}[{}]: {} attempts", task.step_slug, task.task_index, task.attempts_count);
+    /// }
+    /// # Ok(()) }
+    /// ```
     pub async fn state(&self) -> Result<RunState> {
         RunState::read(&self.pool, self.run_id).await
     }
@@ -129,6 +179,17 @@ impl RunHandle {
     /// subscription are not replayed (a run that has already ended yields just its final
     /// event); subscribe before starting with [`Client::subscribe`](crate::Client::subscribe)
     /// when every event matters.
+    ///
+    /// ```no_run
+    /// # async fn demo(run: pgflow_client::RunHandle) -> pgflow_client::Result<()> {
+    /// use futures_util::StreamExt;
+    ///
+    /// let mut events = run.events().await?;
+    /// while let Some(event) = events.next().await {
+    ///     println!("{}", event?);
+    /// }
+    /// # Ok(()) }
+    /// ```
     pub async fn events(&self) -> Result<crate::events::RunEvents> {
         let subscription = Subscription::listen(&self.pool).await?;
         let run = RunState::read_run(&self.pool, self.run_id).await?;
@@ -211,6 +272,15 @@ async fn failure(pool: &PgPool, run_id: Uuid, flow_slug: String) -> Result<RunFa
 }
 
 /// Why a run failed: the step and task whose last attempt failed, and its error.
+///
+/// ```no_run
+/// # async fn demo(run: pgflow_client::RunHandle) {
+/// if let Err(pgflow_client::Error::RunFailed(failure)) = run.wait().await {
+///     // "run <id> of flow `orders` failed in step `charge`, task 0 after 3 attempts: declined"
+///     eprintln!("{failure}");
+/// }
+/// # }
+/// ```
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[non_exhaustive]
 pub struct RunFailure {
@@ -268,21 +338,60 @@ pub struct RunOutput {
 
 impl RunOutput {
     /// The run's id.
+    ///
+    /// Which run an output belongs to, e.g. after waiting for several at once:
+    ///
+    /// ```no_run
+    /// # async fn demo(runs: Vec<pgflow_client::RunHandle>) -> pgflow_client::Result<()> {
+    /// let waits = runs.iter().map(pgflow_client::RunHandle::wait);
+    /// for output in futures_util::future::try_join_all(waits).await? {
+    ///     println!("{}: {}", output.run_id(), output.output());
+    /// }
+    /// # Ok(()) }
+    /// ```
     pub fn run_id(&self) -> Uuid {
         self.run_id
     }
 
     /// The run's flow.
+    ///
+    /// ```no_run
+    /// # async fn demo(run: pgflow_client::RunHandle) -> pgflow_client::Result<()> {
+    /// let output = run.wait().await?;
+    /// match output.flow_slug() {
+    ///     "order_processing" => println!("order done: {}", output.output()),
+    ///     other => println!("run of {other} done"),
+    /// }
+    /// # Ok(()) }
+    /// ```
     pub fn flow_slug(&self) -> &str {
         &self.flow_slug
     }
 
     /// The run output as the engine stores it: an object mapping each leaf step to its output.
+    ///
+    /// ```no_run
+    /// # async fn demo(run: pgflow_client::RunHandle) -> pgflow_client::Result<()> {
+    /// let output = run.wait().await?;
+    /// // A flow whose only leaf step is `ship`: {"ship": <its output>}.
+    /// let tracking = &output.output()["ship"]["tracking_number"];
+    /// println!("tracking number {tracking}");
+    /// # Ok(()) }
+    /// ```
     pub fn output(&self) -> &Value {
         &self.output
     }
 
     /// Every step's output by slug, as JSON (map steps: the array of their tasks' outputs).
+    ///
+    /// ```no_run
+    /// # async fn demo(run: pgflow_client::RunHandle) -> pgflow_client::Result<()> {
+    /// let output = run.wait().await?;
+    /// for (step, value) in output.step_outputs() {
+    ///     println!("{step}: {value}");
+    /// }
+    /// # Ok(()) }
+    /// ```
     pub fn step_outputs(&self) -> &BTreeMap<String, Value> {
         &self.steps
     }
@@ -295,6 +404,15 @@ impl RunOutput {
     }
 
     /// A step's output by slug, deserialized into `T`, for untyped flows.
+    ///
+    /// ```no_run
+    /// # async fn demo(run: pgflow_client::RunHandle) -> pgflow_client::Result<()> {
+    /// let output = run.wait().await?;
+    /// let total: u64 = output.output_as("total")?;
+    /// let pages: Vec<String> = output.output_as("fetch")?; // a map step: one item per task
+    /// println!("{total} bytes in {} pages", pages.len());
+    /// # Ok(()) }
+    /// ```
     pub fn output_as<T: DeserializeOwned>(&self, step_slug: &str) -> Result<T> {
         let value = self
             .steps
@@ -311,6 +429,18 @@ impl RunOutput {
 }
 
 /// A run's full state: the run, each step's state and each task, as stored.
+///
+/// ```no_run
+/// # async fn demo(client: pgflow_client::Client, run_id: uuid::Uuid) -> Result<(), Box<dyn std::error::Error>> {
+/// use pgflow_client::{StepStatus, TaskStatus};
+///
+/// let state = client.run_state(run_id).await?;
+/// let failed = state.steps.iter().filter(|step| step.status == StepStatus::Failed);
+/// let queued = state.tasks.iter().filter(|task| task.status == TaskStatus::Queued).count();
+/// println!("{} steps failed, {queued} tasks queued", failed.count());
+/// println!("{}", serde_json::to_string_pretty(&state)?); // e.g. for an admin page
+/// # Ok(()) }
+/// ```
 #[derive(Debug, Clone, PartialEq, Serialize)]
 #[non_exhaustive]
 pub struct RunState {

@@ -14,6 +14,18 @@ use sqlx::postgres::{PgArgumentBuffer, PgTypeInfo, PgValueRef};
 use sqlx::{Decode, Encode, Postgres, Type};
 
 /// A text that names no status of its kind.
+///
+/// It names the text and the valid ones, e.g. to answer a command line's `--status`:
+///
+/// ```
+/// use pgflow_client::StepStatus;
+///
+/// let error = "running".parse::<StepStatus>().unwrap_err();
+/// assert_eq!(
+///     error.to_string(),
+///     "`running` is not a step status; valid: created, started, completed, failed"
+/// );
+/// ```
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ParseStatusError {
     kind: &'static str,
@@ -133,6 +145,14 @@ status! {
 
 status! {
     /// A step's status within a run (`pgflow.step_states.status`).
+    ///
+    /// ```
+    /// use pgflow_client::StepStatus;
+    ///
+    /// assert_eq!("created".parse::<StepStatus>(), Ok(StepStatus::Created));
+    /// assert_eq!(StepStatus::Started.as_str(), "started");
+    /// assert_eq!(StepStatus::ALL.last(), Some(&StepStatus::Failed));
+    /// ```
     StepStatus, "step" {
         /// Waiting for its dependencies.
         Created => "created",
@@ -147,6 +167,15 @@ status! {
 
 status! {
     /// A task's status (`pgflow.step_tasks.status`).
+    ///
+    /// ```
+    /// use pgflow_client::TaskStatus;
+    ///
+    /// assert_eq!("queued".parse::<TaskStatus>(), Ok(TaskStatus::Queued));
+    /// assert_eq!(TaskStatus::Completed.to_string(), "completed");
+    /// assert_eq!(serde_json::to_value(TaskStatus::Started)?, serde_json::json!("started"));
+    /// # Ok::<(), serde_json::Error>(())
+    /// ```
     TaskStatus, "task" {
         /// Waiting in its queue (first time, or for a retry).
         Queued => "queued",
@@ -194,6 +223,13 @@ impl<'r> Decode<'r, Postgres> for StepKindText {
 
 impl RunStatus {
     /// Whether the run has ended (completed or failed).
+    ///
+    /// ```
+    /// use pgflow_client::RunStatus;
+    ///
+    /// assert!(!RunStatus::Started.is_finished());
+    /// assert!(RunStatus::Completed.is_finished() && RunStatus::Failed.is_finished());
+    /// ```
     pub const fn is_finished(self) -> bool {
         !matches!(self, Self::Started)
     }
