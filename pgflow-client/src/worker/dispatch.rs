@@ -14,10 +14,10 @@ use tokio::sync::{OwnedSemaphorePermit, mpsc};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use super::Shared;
-use super::poll::StartedTask;
 use super::registry::FlowEntry;
 use super::report::{Outcome, Report, TaskKey};
+use super::shared::Shared;
+use super::task::StartedTask;
 
 /// Runs `task` in a Tokio task of its own, holding `permit` until its result is with the
 /// reporter.

@@ -17,9 +17,9 @@ use sqlx::PgPool;
 use sqlx::postgres::{PgListener, PgPoolOptions};
 use tokio_util::sync::CancellationToken;
 
-use super::Shared;
 use super::backoff::{Backoff, sleep_or_stop};
 use super::registry::FlowEntry;
+use super::shared::Shared;
 
 /// The channel the engine notifies with a flow slug when it queues tasks of that flow.
 const CHANNEL: &str = "pgflow_tasks";

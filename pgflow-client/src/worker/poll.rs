@@ -10,11 +10,12 @@ use sqlx::PgPool;
 use tokio::sync::{OwnedSemaphorePermit, mpsc};
 use uuid::Uuid;
 
-use super::Shared;
 use super::backoff::{Backoff, sleep_or_stop};
 use super::dispatch;
 use super::registry::FlowEntry;
 use super::report::Report;
+use super::shared::Shared;
+use super::task::StartedTask;
 
 /// Reads messages and starts their tasks in one call (`pgflow._read_and_start`): what
 /// `pgmq.read` then `start_tasks` over the ids read do, in one transaction, plus what the worker
@@ -33,19 +34,6 @@ const BATCH_FILL_WAIT: Duration = Duration::from_millis(2);
 
 /// The step timeout when the database names none (the engine's default).
 const DEFAULT_TIMEOUT_SECONDS: i32 = 60;
-
-/// A task this worker just started.
-#[derive(Debug)]
-pub(crate) struct StartedTask {
-    pub(crate) run_id: Uuid,
-    pub(crate) step_slug: String,
-    /// The input, or why it could not be decoded: the task is started all the same, and must
-    /// fail with that reason, without calling the handler.
-    pub(crate) input: Result<Value, String>,
-    pub(crate) task_index: i32,
-    pub(crate) attempt: i32,
-    pub(crate) timeout: Duration,
-}
 
 type FetchRow = (Uuid, String, Option<String>, i32, Option<i32>, Option<i32>);
 

@@ -14,9 +14,9 @@ use sqlx::types::Json;
 use tokio::sync::{Semaphore, mpsc};
 use uuid::Uuid;
 
-use super::Shared;
 use super::backoff::Backoff;
 use super::registry::FlowEntry;
+use super::shared::Shared;
 
 /// Reports in flight at once. With one, whatever finishes while a report commits goes out in
 /// the next call, so under load a call carries about everything one read started. A second

@@ -8,7 +8,8 @@ use tokio_util::sync::CancellationToken;
 
 use super::backoff::Backoff;
 use super::registry::FlowEntry;
-use super::{Shared, heartbeat, listen, poll, report, schema_check};
+use super::shared::Shared;
+use super::{heartbeat, listen, poll, report, schema_check};
 use crate::Result;
 
 /// How long a shutdown waits, after the handlers, for their results to reach the database.

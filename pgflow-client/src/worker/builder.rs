@@ -1,0 +1,317 @@
+//! Configuring a worker: [`WorkerBuilder`], its flows and handlers, its settings, and
+//! [`spawn`](WorkerBuilder::spawn), which checks them and starts the worker.
+
+use std::any::Any;
+use std::collections::BTreeMap;
+use std::fmt;
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+use std::time::Duration;
+
+use pgflow_core::{ErasedHandler, Flow, StepContext, StepError, check_slug};
+use serde_json::Value;
+use sqlx::PgPool;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+
+use super::handle::{Counters, WorkerHandle};
+use super::registry::FlowEntry;
+use super::settings::{Settings, check_settings};
+use super::shared::Shared;
+use super::{context, supervisor};
+use crate::{Error, Result};
+
+/// Configures and spawns a worker; created by [`Worker::builder`](super::Worker::builder).
+///
+/// ```no_run
+/// # async fn demo(pool: sqlx::PgPool) -> pgflow_client::Result<()> {
+/// use std::time::Duration;
+/// use pgflow_client::Worker;
+/// use serde_json::{Value, json};
+///
+/// let worker = Worker::builder(pool)
+///     // a flow compiled elsewhere (e.g. by the TypeScript DSL): handlers on JSON
+///     .handler("greet", "hello", |input: Value, _ctx| async move {
+///         Ok(json!(format!("hello, {}", input["run"]["name"])))
+///     })
+///     .concurrency(4)
+///     .shutdown_timeout(Duration::from_secs(10))
+///     .shutdown_on_signal()
+///     .spawn()?;
+/// worker.wait().await?; // until SIGINT / SIGTERM, then a graceful shutdown
+/// # Ok(()) }
+/// ```
+pub struct WorkerBuilder {
+    pool: PgPool,
+    /// flow slug → step slug → handler; the last registration of a step wins.
+    flows: BTreeMap<String, BTreeMap<String, Arc<dyn ErasedHandler>>>,
+    settings: Settings,
+    state: Option<Arc<dyn Any + Send + Sync>>,
+}
+
+impl fmt::Debug for WorkerBuilder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let flows: BTreeMap<_, Vec<_>> = self
+            .flows
+            .iter()
+            .map(|(flow, steps)| (flow, steps.keys().collect()))
+            .collect();
+        f.debug_struct("WorkerBuilder")
+            .field("flows", &flows)
+            .field("settings", &self.settings)
+            .field("state", &self.state.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+impl WorkerBuilder {
+    /// A builder with no flows, the default settings and no state; see
+    /// [`Worker::builder`](super::Worker::builder).
+    pub(crate) fn new(pool: PgPool) -> Self {
+        Self {
+            pool,
+            flows: BTreeMap::new(),
+            settings: Settings::default(),
+            state: None,
+        }
+    }
+
+    /// Runs the tasks of `flow`, with the handlers its steps carry.
+    ///
+    /// The flow must already be compiled into the database (its queue must exist); until it is,
+    /// the worker logs a warning and keeps retrying. Registering a step again (another flow value
+    /// with the same slug, or [`handler`](Self::handler)) replaces its handler.
+    #[must_use]
+    #[allow(
+        clippy::needless_pass_by_value,
+        reason = "`.flow(order_processing())` reads as what it does; a Flow is an Arc inside"
+    )]
+    pub fn flow<I>(mut self, flow: Flow<I>) -> Self {
+        let steps = self.flows.entry(flow.slug().to_owned()).or_default();
+        for step in flow.steps() {
+            steps.insert(step.slug().to_owned(), Arc::clone(step.handler()));
+        }
+        self
+    }
+
+    /// Runs tasks of step `step_slug` of flow `flow_slug` with an untyped handler: it receives the
+    /// task input as JSON (`{"run": <flow input>, "<dependency>": <its output>, ...}` for a single
+    /// step, one array element for a map step) and returns the step output as JSON.
+    ///
+    /// This is the door for flows defined elsewhere, such as by pgflow's TypeScript DSL. Give
+    /// every step of such a flow a handler: a task of a step without one fails with a message
+    /// saying so.
+    ///
+    /// ```no_run
+    /// # fn demo(pool: sqlx::PgPool) -> pgflow_client::Result<()> {
+    /// use pgflow_client::Worker;
+    /// use pgflow_core::StepError;
+    /// use serde_json::{Value, json};
+    ///
+    /// let worker = Worker::builder(pool)
+    ///     .handler("analyze", "word_count", |input: Value, ctx| async move {
+    ///         let text = input["run"]["text"]
+    ///             .as_str()
+    ///             .ok_or_else(|| StepError::new("input.text is not a string").no_retry())?;
+    ///         tracing::debug!(run_id = %ctx.run_id(), "counting");
+    ///         Ok(json!(text.split_whitespace().count()))
+    ///     })
+    ///     .spawn()?;
+    /// # Ok(()) }
+    /// ```
+    #[must_use]
+    pub fn handler<F, Fut>(
+        mut self,
+        flow_slug: impl Into<String>,
+        step_slug: impl Into<String>,
+        handler: F,
+    ) -> Self
+    where
+        F: Fn(Value, StepContext) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = std::result::Result<Value, StepError>> + Send + 'static,
+    {
+        let handler: Arc<dyn ErasedHandler> = Arc::new(handler);
+        self.flows
+            .entry(flow_slug.into())
+            .or_default()
+            .insert(step_slug.into(), handler);
+        self
+    }
+
+    /// The most handlers that run at the same time, across all flows of this worker (default 10,
+    /// at least 1).
+    #[must_use]
+    pub fn concurrency(mut self, tasks: usize) -> Self {
+        self.settings.concurrency = tasks;
+        self
+    }
+
+    /// The most messages read from a queue in one call (default 10, at least 1). A read never
+    /// asks for more tasks than the concurrency limit has room for.
+    #[must_use]
+    pub fn batch_size(mut self, messages: usize) -> Self {
+        self.settings.batch_size = messages;
+        self
+    }
+
+    /// How long a message read from the queue stays invisible to other workers before its task
+    /// is started (default 2 s; whole seconds, rounded up). Starting a task then makes the
+    /// message invisible for the step's timeout plus 2 seconds.
+    #[must_use]
+    pub fn visibility_timeout(mut self, timeout: Duration) -> Self {
+        self.settings.visibility_timeout = timeout;
+        self
+    }
+
+    /// The longest an idle flow waits between two reads of its queue while notifications work
+    /// (default 5 s): a safety net for missed notifications.
+    #[must_use]
+    pub fn max_poll_wait(mut self, wait: Duration) -> Self {
+        self.settings.max_poll_wait = wait;
+        self
+    }
+
+    /// How often an idle flow reads its queue while notifications are unavailable (default
+    /// 100 ms), for instance while the listening connection reconnects.
+    #[must_use]
+    pub fn poll_interval(mut self, interval: Duration) -> Self {
+        self.settings.poll_interval = interval;
+        self
+    }
+
+    /// How often the worker updates `last_heartbeat_at` of its `pgflow.workers` rows and checks
+    /// whether they were marked deprecated (default 5 s).
+    #[must_use]
+    pub fn heartbeat_interval(mut self, interval: Duration) -> Self {
+        self.settings.heartbeat_interval = interval;
+        self
+    }
+
+    /// How long a shutdown waits for running handlers before cancelling them and failing their
+    /// attempts (default 30 s).
+    #[must_use]
+    pub fn shutdown_timeout(mut self, timeout: Duration) -> Self {
+        self.settings.shutdown_timeout = timeout;
+        self
+    }
+
+    /// Whether to wake on the engine's notifications (`LISTEN pgflow`, default `true`). Turn
+    /// this off where `LISTEN` does not work, such as behind a transaction-pooling proxy; the
+    /// worker then polls every [`poll_interval`](Self::poll_interval).
+    #[must_use]
+    pub fn notifications(mut self, enabled: bool) -> Self {
+        self.settings.notifications = enabled;
+        self
+    }
+
+    /// Shuts the worker down gracefully on SIGINT (Ctrl-C) or SIGTERM. Off by default: a library
+    /// installs no signal handlers unless asked.
+    #[must_use]
+    pub fn shutdown_on_signal(mut self) -> Self {
+        self.settings.shutdown_on_signal = true;
+        self
+    }
+
+    /// Shuts the worker down gracefully when `token` is cancelled: hand it the application's own
+    /// shutdown token. [`WorkerHandle::cancellation_token`] is a child of it.
+    #[must_use]
+    pub fn shutdown_token(mut self, token: CancellationToken) -> Self {
+        self.settings.shutdown_token = Some(token);
+        self
+    }
+
+    /// Shares a value with every handler, reachable with [`StepContext::state`]: an HTTP
+    /// client, a configuration, a struct holding several of them.
+    ///
+    /// ```no_run
+    /// # fn demo(pool: sqlx::PgPool) -> pgflow_client::Result<()> {
+    /// use pgflow_client::{StepContextExt, Worker};
+    /// use pgflow_core::StepError;
+    /// use serde_json::{Value, json};
+    ///
+    /// struct Config { greeting: String }
+    ///
+    /// let worker = Worker::builder(pool)
+    ///     .state(Config { greeting: "hello".into() })
+    ///     .handler("greet", "hello", |_input: Value, ctx| async move {
+    ///         let config = ctx.state::<Config>().ok_or_else(|| StepError::new("no config"))?;
+    ///         Ok(json!(config.greeting))
+    ///     })
+    ///     .spawn()?;
+    /// # Ok(()) }
+    /// ```
+    #[must_use]
+    pub fn state<T: Any + Send + Sync>(mut self, state: T) -> Self {
+        self.state = Some(Arc::new(state));
+        self
+    }
+
+    /// Checks the settings and slugs, then starts the worker on the current Tokio runtime.
+    ///
+    /// Returns at once: checking the database, registering in `pgflow.workers` and polling
+    /// happen in the background (retried with backoff while the database is unreachable).
+    /// Dropping the handle does not stop the worker; use [`WorkerHandle::shutdown`]. The runtime
+    /// needs its time and I/O drivers, as `#[tokio::main]` and `#[tokio::test]` set it up.
+    ///
+    /// Before registering, a worker with flows checks once that the database holds the engine
+    /// functions it calls and, where its role may read `pgflow_meta.schema_migrations`, the
+    /// schema version this build knows. If not, it stops without touching the database, logs
+    /// the error, and [`WorkerHandle::wait`] returns it: [`Error::IncompatibleSchema`] (no engine,
+    /// pgflow's SQL without this engine's additions as pgflow's TypeScript migrations install it,
+    /// or an older schema: the message says what to run), [`Error::SchemaTooNew`] or
+    /// [`Error::MigrationChanged`].
+    ///
+    /// # Errors
+    ///
+    /// [`Error::WorkerSetting`] for a setting out of range, [`Error::WorkerSlug`] for an invalid
+    /// flow or step slug, [`Error::NoRuntime`] outside a Tokio runtime.
+    pub fn spawn(self) -> Result<WorkerHandle> {
+        let runtime = tokio::runtime::Handle::try_current().map_err(|_| Error::NoRuntime)?;
+        let settings = self.settings;
+        check_settings(&settings)?;
+        for (flow, steps) in &self.flows {
+            check_slug(flow).map_err(|problem| Error::WorkerSlug {
+                flow: flow.clone(),
+                step: None,
+                problem,
+            })?;
+            for step in steps.keys() {
+                check_slug(step).map_err(|problem| Error::WorkerSlug {
+                    flow: flow.clone(),
+                    step: Some(step.clone()),
+                    problem,
+                })?;
+            }
+        }
+
+        let shutdown = settings
+            .shutdown_token
+            .as_ref()
+            .map_or_else(CancellationToken::new, CancellationToken::child_token);
+        let flows: Vec<Arc<FlowEntry>> = self
+            .flows
+            .into_iter()
+            .map(|(slug, steps)| Arc::new(FlowEntry::new(slug, steps, &shutdown)))
+            .collect();
+        let worker_ids = flows
+            .iter()
+            .map(|flow| (flow.slug.to_string(), flow.worker_id))
+            .collect();
+        let extension = context::extension(self.pool.clone());
+        let shared = Arc::new(Shared {
+            pool: self.pool,
+            semaphore: Arc::new(Semaphore::new(settings.concurrency)),
+            settings,
+            counters: Arc::new(Counters::default()),
+            listening: AtomicBool::new(false),
+            hard_stop: CancellationToken::new(),
+            abandon: CancellationToken::new(),
+            state: self.state,
+            extension,
+        });
+        let counters = Arc::clone(&shared.counters);
+        let join = runtime.spawn(supervisor::run(shared, flows, shutdown.clone()));
+        Ok(WorkerHandle::new(shutdown, counters, worker_ids, join))
+    }
+}

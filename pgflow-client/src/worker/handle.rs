@@ -1,0 +1,140 @@
+//! A running worker's handle, and the counters it reads: [`WorkerHandle`], [`WorkerStats`].
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+use crate::{Error, Result};
+
+/// The live counters behind [`WorkerStats`].
+#[derive(Debug, Default)]
+pub(crate) struct Counters {
+    pub(crate) started: AtomicU64,
+    pub(crate) completed: AtomicU64,
+    pub(crate) failed: AtomicU64,
+    pub(crate) in_flight: AtomicU64,
+}
+
+impl Counters {
+    fn snapshot(&self) -> WorkerStats {
+        WorkerStats {
+            started: self.started.load(Ordering::Relaxed),
+            completed: self.completed.load(Ordering::Relaxed),
+            failed: self.failed.load(Ordering::Relaxed),
+            in_flight: self.in_flight.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// A snapshot of a worker's counters, from [`WorkerHandle::stats`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct WorkerStats {
+    /// Tasks this worker started (every attempt counts).
+    pub started: u64,
+    /// Tasks whose completion this worker reported.
+    pub completed: u64,
+    /// Failed attempts this worker reported (handler errors, panics, timeouts, cancellations);
+    /// the engine retries most of them.
+    pub failed: u64,
+    /// Tasks started and not yet reported.
+    pub in_flight: u64,
+}
+
+/// A running worker, returned by [`WorkerBuilder::spawn`].
+///
+/// ```no_run
+/// # async fn demo(pool: sqlx::PgPool, flow: pgflow_core::Flow<u64>) -> pgflow_client::Result<()> {
+/// let worker = pgflow_client::Worker::builder(pool).flow(flow).spawn()?;
+/// let stats = worker.stats();
+/// println!("{} started, {} in flight", stats.started, stats.in_flight);
+/// worker.shutdown().await?;
+/// # Ok(()) }
+/// ```
+///
+/// [`WorkerBuilder::spawn`]: super::WorkerBuilder::spawn
+#[derive(Debug)]
+pub struct WorkerHandle {
+    shutdown: CancellationToken,
+    counters: Arc<Counters>,
+    worker_ids: Vec<(String, Uuid)>,
+    join: JoinHandle<Result<()>>,
+}
+
+impl WorkerHandle {
+    /// The handle over the worker task `join`, which [`WorkerBuilder::spawn`] has just started.
+    ///
+    /// [`WorkerBuilder::spawn`]: super::WorkerBuilder::spawn
+    pub(crate) fn new(
+        shutdown: CancellationToken,
+        counters: Arc<Counters>,
+        worker_ids: Vec<(String, Uuid)>,
+        join: JoinHandle<Result<()>>,
+    ) -> Self {
+        Self {
+            shutdown,
+            counters,
+            worker_ids,
+            join,
+        }
+    }
+
+    /// The worker's shutdown token: cancelling it starts a graceful shutdown, and it fires when
+    /// one starts for any reason. A child of the
+    /// [shutdown token](super::WorkerBuilder::shutdown_token) given to the builder, if any.
+    pub fn cancellation_token(&self) -> &CancellationToken {
+        &self.shutdown
+    }
+
+    /// The worker's counters now.
+    pub fn stats(&self) -> WorkerStats {
+        self.counters.snapshot()
+    }
+
+    /// The `worker_id` of this worker's `pgflow.workers` row for `flow_slug`.
+    pub fn worker_id(&self, flow_slug: &str) -> Option<Uuid> {
+        self.worker_ids
+            .iter()
+            .find(|(slug, _)| slug == flow_slug)
+            .map(|(_, id)| *id)
+    }
+
+    /// Whether the worker has stopped.
+    pub fn is_finished(&self) -> bool {
+        self.join.is_finished()
+    }
+
+    /// Shuts the worker down gracefully and waits until it has: no new tasks are read, running
+    /// handlers finish (or are cancelled at the
+    /// [shutdown timeout](super::WorkerBuilder::shutdown_timeout) and their attempts failed),
+    /// results are reported, and the worker's rows get `deprecated_at`.
+    ///
+    /// # Errors
+    ///
+    /// The error that stopped the worker at start-up, if the database failed its check (see
+    /// [`WorkerBuilder::spawn`]); [`Error::WorkerPanicked`] if the worker's own task panicked (a
+    /// bug: handler panics are caught and fail their task).
+    ///
+    /// [`WorkerBuilder::spawn`]: super::WorkerBuilder::spawn
+    pub async fn shutdown(self) -> Result<()> {
+        self.shutdown.cancel();
+        self.wait().await
+    }
+
+    /// Waits until the worker stops on its own: the shutdown token was cancelled, a signal came
+    /// ([`shutdown_on_signal`](super::WorkerBuilder::shutdown_on_signal)), or all its rows were
+    /// marked deprecated.
+    ///
+    /// # Errors
+    ///
+    /// As [`shutdown`](Self::shutdown).
+    pub async fn wait(self) -> Result<()> {
+        match self.join.await {
+            Ok(result) => result,
+            Err(error) => Err(Error::WorkerPanicked(error.to_string())),
+        }
+    }
+}

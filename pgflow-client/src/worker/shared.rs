@@ -1,0 +1,32 @@
+//! What the worker's parts (pollers, dispatcher, reporter, heartbeat, listener) share.
+
+use std::any::Any;
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+
+use sqlx::PgPool;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+
+use super::handle::Counters;
+use super::settings::Settings;
+
+/// What the worker's parts share.
+pub(crate) struct Shared {
+    pub(crate) pool: PgPool,
+    pub(crate) settings: Settings,
+    /// One permit per running handler (and per result waiting to be handed to the reporter).
+    pub(crate) semaphore: Arc<Semaphore>,
+    pub(crate) counters: Arc<Counters>,
+    /// Whether the notification listener is connected and listening.
+    pub(crate) listening: AtomicBool,
+    /// Fires at the shutdown deadline: running handlers are cancelled.
+    pub(crate) hard_stop: CancellationToken,
+    /// Fires when the shutdown stops waiting for reports to reach the database.
+    pub(crate) abandon: CancellationToken,
+    /// The application's state, for [`StepContext::state`](pgflow_core::StepContext::state).
+    pub(crate) state: Option<Arc<dyn Any + Send + Sync>>,
+    /// What [`StepContextExt`](super::StepContextExt) reads: the pool, wrapped by
+    /// [`context::extension`](super::context::extension).
+    pub(crate) extension: Arc<dyn Any + Send + Sync>,
+}
