@@ -57,120 +57,12 @@
 //! # Ok::<(), pgflow::Error>(())
 //! ```
 //!
-//! # The `#[step]` attribute
+//! # Steps
 //!
-//! `#[step]` turns an `async fn` returning `Result<Output, E>` (where `E` converts into
-//! [`StepError`], as any `std::error::Error + Send + Sync` does) into a step named like the
-//! function: a struct implementing [`Step`] and [`StepOf`](typing::StepOf), and a function of the same name
-//! returning it. `.step(name)` adds it to a flow, `depends_on = [name]` names it, and a client
-//! reads its output by it. The original function stays callable as `name::call(...)`.
-//!
-//! A step's dependencies must be at least as visible as the step (a `pub` step cannot depend
-//! on a private one).
-//!
-//! Parameters are matched by convention:
-//!
-//! - a parameter named like a step in `depends_on` receives that step's output; its type must
-//!   be exactly that output type (or a reference to it);
-//! - a parameter of type `&StepContext` (or `StepContext`) receives the [`StepContext`];
-//! - the remaining parameter, if any (at most one), receives the flow input; the step then
-//!   fits only flows with that input type.
-//!
-//! Arguments: `depends_on = [a, b]`, `map`, `slug = "..."` (default: the function's name; a
-//! literal slug is checked at compile time), the options `max_attempts`, `base_delay`,
-//! `timeout`, `start_delay` (literals are range-checked at compile time), and
-//! `crate = "path"` when `pgflow` is renamed in `Cargo.toml`.
-//!
-//! ## Map steps
-//!
-//! `#[step(map, depends_on = [items])]` runs once per element of `items`' `Vec<T>` output and
-//! takes one `T`; `#[step(map)]` without a dependency maps over the flow input, which must be a
-//! `Vec<T>`. A map step takes exactly that element (and optionally the context), and its
-//! dependents receive a `Vec` of its outputs, in element order.
-//!
-//! ```
-//! use pgflow::prelude::*;
-//!
-//! #[step]
-//! async fn urls(site: &String) -> Result<Vec<String>, StepError> {
-//!     Ok(vec![format!("{site}/a"), format!("{site}/b")])
-//! }
-//!
-//! #[step(map, depends_on = [urls], max_attempts = 2)]
-//! async fn fetch(url: String) -> Result<usize, StepError> {
-//!     Ok(url.len())
-//! }
-//!
-//! #[step(depends_on = [fetch])]
-//! async fn total(fetch: Vec<usize>) -> Result<usize, StepError> {
-//!     Ok(fetch.iter().sum())
-//! }
-//!
-//! let crawl: Flow<String> = Flow::new("crawl").timeout(120).step(urls).step(fetch).step(total).build();
-//! assert_eq!(
-//!     crawl.statements()?,
-//!     [
-//!         "SELECT pgflow.create_flow('crawl', timeout => 120);",
-//!         "SELECT pgflow.add_step('crawl', 'urls');",
-//!         "SELECT pgflow.add_step('crawl', 'fetch', ARRAY['urls'], max_attempts => 2, step_type => 'map');",
-//!         "SELECT pgflow.add_step('crawl', 'total', ARRAY['fetch']);",
-//!     ]
-//! );
-//! # Ok::<(), pgflow::Error>(())
-//! ```
-//!
-//! ## Testing a step
-//!
-//! Call the function directly with `name::call`, or go through the type-erased handler the
-//! worker calls, with the task input as JSON:
-//!
-//! ```
-//! use pgflow::prelude::*;
-//! use serde_json::json;
-//!
-//! #[step]
-//! async fn double(n: u64) -> Result<u64, StepError> {
-//!     Ok(n * 2)
-//! }
-//!
-//! # tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(async {
-//! assert_eq!(double::call(21).await?, 42);
-//!
-//! let flow: Flow<u64> = Flow::new("doubling").step(double).build();
-//! let double = flow.find_step("double").unwrap();
-//! assert_eq!(double.call(json!({"run": 21}), StepContext::for_test()).await?, json!(42));
-//! # Ok::<(), StepError>(()) }).unwrap();
-//! ```
-//!
-//! ## Compile-time checks
-//!
-//! Depending on a step that is not in the flow yet does not compile:
-//!
-//! ```compile_fail,E0277
-//! use pgflow::prelude::*;
-//!
-//! #[step]
-//! async fn first(n: u64) -> Result<u64, StepError> { Ok(n) }
-//! #[step(depends_on = [first])]
-//! async fn second(first: u64) -> Result<u64, StepError> { Ok(first + 1) }
-//!
-//! let flow: Flow<u64> = Flow::new("f").step(second).step(first).build();
-//! ```
-//!
-//! Nor does taking a dependency's output as another type:
-//!
-//! ```compile_fail,E0277
-//! use pgflow::prelude::*;
-//!
-//! #[step]
-//! async fn first(n: u64) -> Result<u64, StepError> { Ok(n) }
-//! #[step(depends_on = [first])]
-//! async fn second(first: String) -> Result<u64, StepError> { Ok(1) }
-//! ```
-//!
-//! # Steps without the macro
-//!
-//! [`step_fn`] wraps a closure; see its documentation.
+//! [`step`] is the reference for `#[step]`: its arguments (`depends_on`, `map`, `slug`, the
+//! options, `crate`), how parameters receive the flow input, dependency outputs and the
+//! [`StepContext`], what a step returns, what the attribute generates and the compile errors it
+//! gives. Without the macro, [`step_fn`] wraps a closure.
 
 #![deny(missing_docs)]
 
@@ -198,6 +90,14 @@ pub mod typing {
     };
 }
 pub use pgflow_macros::step;
+
+// `step`'s reference lives in pgflow-macros, whose doctests cannot use the macro (it cannot
+// depend on this crate): its examples run here instead, from the same file, so that the page
+// readers see is the one that is tested. Only doctests read this item: the path leaves the
+// package, which `cargo package` would refuse in a build.
+#[cfg(doctest)]
+#[doc = include_str!("../pgflow-macros/src/step.md")]
+pub struct StepReferenceExamples;
 
 /// The throwaway PostgreSQL server and test databases (feature `throwaway`, off by default;
 /// Unix only).

@@ -1,4 +1,5 @@
-//! The `#[step]` attribute of pgflow. Use it through the `pgflow` crate, which documents it.
+//! The `#[step]` attribute of pgflow. Use it through the `pgflow` crate, as `pgflow::step`;
+//! its reference is the documentation of [`step`], which `pgflow` re-exports.
 //!
 //! The expansion is split in the usual stages: `attr` parses the attribute's arguments,
 //! `ast` reads the function into a model of its parameters, `valid` checks what can be
@@ -17,8 +18,11 @@ mod expand;
 mod slug;
 mod valid;
 
-/// Turns an `async fn` into a pgflow step: a unit struct named like the function. See the
-/// `pgflow` crate for the full documentation.
+// The reference is a file of its own so that the `pgflow` crate can run its examples, which
+// cannot run here: this crate cannot depend on the crate that re-exports it. Links in it are
+// absolute URLs for the same reason, and because rustdoc resolves them from this crate even on
+// the re-export's page.
+#[doc = include_str!("step.md")]
 #[proc_macro_attribute]
 pub fn step(args: TokenStream, item: TokenStream) -> TokenStream {
     expand::step(args.into(), &item.into()).into()
