@@ -44,6 +44,14 @@ impl StepContext {
     /// Starts building the context of a task of `step_slug` in run `run_id` of `flow_slug`.
     /// Unless set, the task index is 0, the attempt 1, the token never fires and there is no
     /// state.
+    ///
+    /// ```
+    /// use pgflow_core::{StepContext, Uuid};
+    ///
+    /// let run_id = Uuid::new_v4();
+    /// let ctx = StepContext::builder(run_id, "crawl", "fetch").build();
+    /// assert_eq!((ctx.run_id(), ctx.task_index(), ctx.attempt()), (run_id, 0, 1));
+    /// ```
     pub fn builder(
         run_id: Uuid,
         flow_slug: impl Into<Arc<str>>,
@@ -65,42 +73,138 @@ impl StepContext {
 
     /// A context for calling handlers in tests: a random run id, flow `test`, step `test`,
     /// task 0, attempt 1. Adjust it with [`StepContext::builder`] when a test needs more.
+    ///
+    /// ```
+    /// use pgflow_core::{Flow, StepContext, StepError, step_fn};
+    /// use serde_json::json;
+    ///
+    /// let double = step_fn("double").handler(|n: u64, _ctx| async move { Ok(n * 2) });
+    /// let flow: Flow<u64> = Flow::new("doubling").step(double).build();
+    /// # tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(async {
+    /// let output = flow
+    ///     .find_step("double")
+    ///     .unwrap()
+    ///     .call(json!({"run": 21}), StepContext::for_test())
+    ///     .await?;
+    /// assert_eq!(output, json!(42));
+    /// # Ok::<(), StepError>(()) }).unwrap();
+    /// ```
     pub fn for_test() -> Self {
         Self::builder(Uuid::new_v4(), "test", "test").build()
     }
 
-    /// The run this task belongs to.
+    /// The run this task belongs to: the same for every task of the run, and the one a
+    /// client's `start` reports, so a handler can tag what it writes with it.
+    ///
+    /// ```
+    /// use pgflow_core::{StepContext, Uuid};
+    ///
+    /// let run_id = Uuid::new_v4();
+    /// let ctx = StepContext::builder(run_id, "orders", "charge").build();
+    /// assert_eq!(ctx.run_id(), run_id);
+    /// ```
     pub fn run_id(&self) -> Uuid {
         self.run_id
     }
 
     /// The flow's slug.
+    ///
+    /// ```
+    /// use pgflow_core::{StepContext, Uuid};
+    ///
+    /// let ctx = StepContext::builder(Uuid::nil(), "orders", "charge").build();
+    /// assert_eq!(ctx.flow_slug(), "orders");
+    /// ```
     pub fn flow_slug(&self) -> &str {
         &self.flow_slug
     }
 
-    /// The step's slug.
+    /// The step's slug, for logs and for handlers shared by several steps.
+    ///
+    /// ```
+    /// use pgflow_core::{StepContext, Uuid};
+    ///
+    /// let ctx = StepContext::builder(Uuid::nil(), "orders", "charge").build();
+    /// assert_eq!(ctx.step_slug(), "charge");
+    /// ```
     pub fn step_slug(&self) -> &str {
         &self.step_slug
     }
 
     /// The task's index: 0 for a single step, the element's position for a map step.
+    ///
+    /// ```
+    /// use pgflow_core::{StepContext, Uuid};
+    ///
+    /// // The task of a map step that received the fourth element.
+    /// let ctx = StepContext::builder(Uuid::nil(), "crawl", "fetch").task_index(3).build();
+    /// assert_eq!(ctx.task_index(), 3);
+    /// assert_eq!(StepContext::for_test().task_index(), 0);
+    /// ```
     pub fn task_index(&self) -> u32 {
         self.task_index
     }
 
-    /// Which attempt this is, starting at 1.
+    /// Which attempt this is, starting at 1: a handler may, say, log louder on a retry.
+    ///
+    /// ```
+    /// use pgflow_core::{StepContext, Uuid};
+    ///
+    /// let retry = StepContext::builder(Uuid::nil(), "orders", "charge").attempt(2).build();
+    /// assert_eq!(retry.attempt(), 2);
+    /// assert_eq!(StepContext::for_test().attempt(), 1);
+    /// ```
     pub fn attempt(&self) -> u32 {
         self.attempt
     }
 
     /// Fires when the worker shuts down; long handlers should stop early when it does (the
     /// task is then retried later).
+    ///
+    /// ```
+    /// use pgflow_core::{CancellationToken, StepContext, StepError, Uuid};
+    ///
+    /// async fn wait_for_payment(ctx: &StepContext) -> Result<bool, StepError> {
+    ///     tokio::select! {
+    ///         biased;
+    ///         () = ctx.cancellation_token().cancelled() => Err(StepError::new("shutting down")),
+    ///         paid = poll_payment() => Ok(paid),
+    ///     }
+    /// }
+    /// # async fn poll_payment() -> bool { true }
+    ///
+    /// let token = CancellationToken::new();
+    /// let ctx = StepContext::builder(Uuid::nil(), "orders", "pay")
+    ///     .cancellation_token(token.clone())
+    ///     .build();
+    /// token.cancel();
+    /// # tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(async {
+    /// assert!(wait_for_payment(&ctx).await.is_err());
+    /// # });
+    /// ```
     pub fn cancellation_token(&self) -> &CancellationToken {
         &self.cancellation
     }
 
-    /// Whether the [cancellation token](Self::cancellation_token) has fired.
+    /// Whether the [cancellation token](Self::cancellation_token) has fired: a check for
+    /// handlers that work in chunks, between them.
+    ///
+    /// ```
+    /// use pgflow_core::{StepContext, StepError};
+    ///
+    /// async fn resize_all(images: Vec<String>, ctx: &StepContext) -> Result<usize, StepError> {
+    ///     for (done, _image) in images.iter().enumerate() {
+    ///         if ctx.is_cancelled() {
+    ///             return Err(StepError::new(format!("stopped after {done} images")));
+    ///         }
+    ///         // ... resize `_image` ...
+    ///     }
+    ///     Ok(images.len())
+    /// }
+    /// # tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(async {
+    /// assert_eq!(resize_all(vec!["a.png".into()], &StepContext::for_test()).await?, 1);
+    /// # Ok::<(), StepError>(()) }).unwrap();
+    /// ```
     pub fn is_cancelled(&self) -> bool {
         self.cancellation.is_cancelled()
     }

@@ -55,7 +55,21 @@ struct FlowInner {
 }
 
 impl<I> Flow<I> {
-    /// Starts a flow definition with this slug.
+    /// Starts a flow definition with this slug: add steps with [`FlowBuilder::step`], then
+    /// [`build`](FlowBuilder::build) it.
+    ///
+    /// The flow's input type `I` is usually given by the annotation of the result; it must be
+    /// the input type of every step that takes the flow input.
+    ///
+    /// ```
+    /// use pgflow_core::{Flow, step_fn};
+    ///
+    /// let greet = step_fn("greet").handler(|name: String, _ctx| async move {
+    ///     Ok(format!("hello, {name}"))
+    /// });
+    /// let flow: Flow<String> = Flow::new("greeting").step(greet).build();
+    /// assert_eq!(flow.slug(), "greeting");
+    /// ```
     #[allow(
         clippy::new_ret_no_self,
         reason = "`Flow::new(..)..build()` reads as the flow it defines"
@@ -73,6 +87,13 @@ impl<I> Flow<I> {
     }
 
     /// The flow slug.
+    ///
+    /// ```
+    /// use pgflow_core::Flow;
+    ///
+    /// let flow: Flow<()> = Flow::new("nightly_report").build();
+    /// assert_eq!(flow.slug(), "nightly_report");
+    /// ```
     pub fn slug(&self) -> &str {
         &self.inner.shape.slug
     }
@@ -83,6 +104,19 @@ impl<I> Flow<I> {
     }
 
     /// The steps, in the order they were added (the order of `add_step` calls).
+    ///
+    /// ```
+    /// use pgflow_core::{Flow, StepKind, step_fn};
+    ///
+    /// let urls = step_fn("urls").handler(|site: String, _ctx| async move { Ok(vec![site]) });
+    /// let fetch = step_fn("fetch")
+    ///     .map_over(&urls)
+    ///     .handler(|url: String, _ctx| async move { Ok(url.len()) });
+    /// let flow: Flow<String> = Flow::new("crawl").step(urls).step(fetch).build();
+    ///
+    /// let steps: Vec<_> = flow.steps().map(|step| (step.slug(), step.kind())).collect();
+    /// assert_eq!(steps, [("urls", StepKind::Single), ("fetch", StepKind::Map)]);
+    /// ```
     pub fn steps(&self) -> impl ExactSizeIterator<Item = FlowStep<'_>> + '_ {
         self.inner
             .shape
@@ -93,27 +127,115 @@ impl<I> Flow<I> {
     }
 
     /// The step with this slug, if any: what a worker looks up for each task.
+    ///
+    /// ```
+    /// use pgflow_core::{Flow, StepContext, StepError, step_fn};
+    /// use serde_json::json;
+    ///
+    /// let double = step_fn("double").handler(|n: u64, _ctx| async move { Ok(n * 2) });
+    /// let flow: Flow<u64> = Flow::new("doubling").step(double).build();
+    /// assert!(flow.find_step("triple").is_none());
+    ///
+    /// let double = flow.find_step("double").unwrap();
+    /// # tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(async {
+    /// // The task input as the engine sends it: the flow input under `run`.
+    /// let output = double.call(json!({"run": 21}), StepContext::for_test()).await?;
+    /// assert_eq!(output, json!(42));
+    /// # Ok::<(), StepError>(()) }).unwrap();
+    /// ```
     pub fn find_step(&self, slug: &str) -> Option<FlowStep<'_>> {
         self.steps().find(|step| step.slug() == slug)
     }
 
-    /// The flow's shape: slugs, kinds, dependencies and options.
+    /// The flow's shape: slugs, kinds, dependencies and options, without the handlers. It is
+    /// serializable, to store or compare a definition.
+    ///
+    /// ```
+    /// use pgflow_core::{Flow, step_fn};
+    /// use serde_json::json;
+    ///
+    /// let first = step_fn("first").handler(|n: u8, _ctx| async move { Ok(n) });
+    /// let second = step_fn("second")
+    ///     .depends_on(&first)
+    ///     .handler(|_n: u8, first: u8, _ctx| async move { Ok(first + 1) });
+    /// let flow: Flow<u8> = Flow::new("chain").step(first).step(second).build();
+    ///
+    /// assert_eq!(flow.shape().steps[1].dependencies, ["first"]);
+    /// assert_eq!(
+    ///     serde_json::to_value(flow.shape())?["steps"][1],
+    ///     json!({"slug": "second", "kind": "single", "dependencies": ["first"], "options": {}})
+    /// );
+    /// # Ok::<(), serde_json::Error>(())
+    /// ```
     pub fn shape(&self) -> &FlowShape {
         &self.inner.shape
     }
 
     /// Checks slugs, duplicate steps and option ranges; see [`FlowShape::validate`].
+    ///
+    /// What the compiler cannot see is checked here: a slug made at run time, two closure
+    /// steps given the same slug, an option value that is not a literal.
+    ///
+    /// ```
+    /// use pgflow_core::{Error, Flow, step_fn};
+    ///
+    /// let name = String::from("my-flow");
+    /// let echo = step_fn("echo").handler(|n: u8, _ctx| async move { Ok(n) });
+    /// let flow: Flow<u8> = Flow::new(name).step(echo).build();
+    ///
+    /// let error = flow.validate().unwrap_err();
+    /// assert!(matches!(error, Error::InvalidFlowSlug { .. }));
+    /// assert_eq!(
+    ///     error.to_string(),
+    ///     "invalid flow slug \"my-flow\": a slug contains only ASCII letters, digits and `_`, not '-'"
+    /// );
+    /// ```
     pub fn validate(&self) -> Result<()> {
         self.inner.shape.validate()
     }
 
     /// The SQL statements defining this flow, exactly as pgflow 0.8.1's TypeScript DSL writes
     /// them; validates first. See [`FlowShape::statements`].
+    ///
+    /// ```
+    /// use pgflow_core::{Flow, step_fn};
+    ///
+    /// let validate = step_fn("validate").handler(|amount: f64, _ctx| async move { Ok(amount > 0.0) });
+    /// let charge = step_fn("charge")
+    ///     .depends_on(&validate)
+    ///     .handler(|amount: f64, ok: bool, _ctx| async move { Ok(if ok { amount } else { 0.0 }) });
+    /// let flow: Flow<f64> = Flow::new("payment").timeout(30).step(validate).step(charge).build();
+    ///
+    /// assert_eq!(
+    ///     flow.statements()?,
+    ///     [
+    ///         "SELECT pgflow.create_flow('payment', timeout => 30);",
+    ///         "SELECT pgflow.add_step('payment', 'validate');",
+    ///         "SELECT pgflow.add_step('payment', 'charge', ARRAY['validate']);",
+    ///     ]
+    /// );
+    /// # Ok::<(), pgflow_core::Error>(())
+    /// ```
     pub fn statements(&self) -> Result<Vec<String>> {
         self.inner.shape.statements()
     }
 
-    /// The [`statements`](Self::statements) as one text, one per line; validates first.
+    /// The [`statements`](Self::statements) as one text, one per line; validates first. It is
+    /// what a migration file holds, for a database managed by migrations.
+    ///
+    /// ```
+    /// use pgflow_core::{Flow, step_fn};
+    ///
+    /// let ping = step_fn("ping").handler(|_: (), _ctx| async move { Ok(String::from("pong")) });
+    /// let flow: Flow<()> = Flow::new("health").step(ping).build();
+    ///
+    /// assert_eq!(
+    ///     flow.to_sql()?,
+    ///     "SELECT pgflow.create_flow('health');\n\
+    ///      SELECT pgflow.add_step('health', 'ping');\n"
+    /// );
+    /// # Ok::<(), pgflow_core::Error>(())
+    /// ```
     pub fn to_sql(&self) -> Result<String> {
         self.inner.shape.to_sql()
     }
@@ -228,6 +350,23 @@ impl<I, Steps> FlowBuilder<I, Steps> {
     /// every dependency of `step` was added before, if `step` was not added before, and if
     /// `step` takes this flow's input type (or no flow input).
     ///
+    /// A step is added by value; a closure step that another step depends on is named by
+    /// reference in [`depends_on`](crate::StepFnBuilder::depends_on) first, then moved here.
+    ///
+    /// ```
+    /// use pgflow_core::{Flow, step_fn};
+    ///
+    /// let first = step_fn("first").handler(|n: u64, _ctx| async move { Ok(n) });
+    /// let second = step_fn("second")
+    ///     .depends_on(&first)
+    ///     .handler(|_n: u64, first: u64, _ctx| async move { Ok(first + 1) });
+    ///
+    /// let flow: Flow<u64> = Flow::new("f").step(first).step(second).build();
+    /// assert_eq!(flow.steps().len(), 2);
+    /// ```
+    ///
+    /// Adding them the other way round does not compile:
+    ///
     /// ```compile_fail,E0277
     /// use pgflow_core::{Flow, StepContext, StepError, step_fn};
     ///
@@ -269,6 +408,16 @@ impl<I, Steps> FlowBuilder<I, Steps> {
 
     /// The flow. Never fails; run-time checks happen in [`Flow::validate`], before SQL is
     /// generated or sent.
+    ///
+    /// ```
+    /// use pgflow_core::{Flow, step_fn};
+    ///
+    /// let echo = step_fn("echo").handler(|n: u8, _ctx| async move { Ok(n) });
+    /// // Builds, though no SQL can be made of it: spaces are not allowed in slugs.
+    /// let flow: Flow<u8> = Flow::new("not a slug").step(echo).build();
+    /// assert!(flow.validate().is_err());
+    /// assert!(flow.to_sql().is_err());
+    /// ```
     pub fn build(self) -> Flow<I> {
         Flow {
             inner: Arc::new(FlowInner {
@@ -280,6 +429,19 @@ impl<I, Steps> FlowBuilder<I, Steps> {
     }
 
     /// The flow, validated ([`Flow::validate`]).
+    ///
+    /// ```
+    /// use pgflow_core::{Error, Flow, step_fn};
+    ///
+    /// // Two closure steps are two types, so the compiler lets both in; their slugs collide.
+    /// let first = step_fn("same").handler(|n: u8, _ctx| async move { Ok(n) });
+    /// let second = step_fn("same").handler(|n: u8, _ctx| async move { Ok(n + 1) });
+    /// let error = Flow::<u8>::new("twins").step(first).step(second).try_build().unwrap_err();
+    /// assert_eq!(
+    ///     error,
+    ///     Error::DuplicateStep { flow: "twins".into(), step: "same".into() }
+    /// );
+    /// ```
     pub fn try_build(self) -> Result<Flow<I>> {
         let flow = self.build();
         flow.validate()?;

@@ -80,6 +80,15 @@ pub struct StepError {
 
 impl StepError {
     /// A failure described by a message; retried per the step's options.
+    ///
+    /// ```
+    /// use pgflow_core::StepError;
+    ///
+    /// let error = StepError::new("the payment provider is unavailable");
+    /// assert_eq!(error.to_string(), "the payment provider is unavailable");
+    /// assert!(error.is_retryable());
+    /// assert!(error.source().is_none());
+    /// ```
     pub fn new(message: impl Into<String>) -> Self {
         Self {
             context: Some(message.into()),
@@ -88,7 +97,20 @@ impl StepError {
         }
     }
 
-    /// A failure described by a message, caused by `source`.
+    /// A failure described by a message, caused by `source`: an error, or a message of its
+    /// own (`&str` and `String` convert).
+    ///
+    /// ```
+    /// use pgflow_core::StepError;
+    ///
+    /// let reset = std::io::Error::other("connection reset");
+    /// let error = StepError::with_source("could not charge", reset);
+    /// assert_eq!(error.to_string(), "could not charge: connection reset");
+    /// assert_eq!(error.message(), "could not charge");
+    ///
+    /// let error = StepError::with_source("could not charge", "card expired");
+    /// assert_eq!(error.to_string(), "could not charge: card expired");
+    /// ```
     pub fn with_source(
         message: impl Into<String>,
         source: impl Into<Box<dyn StdError + Send + Sync + 'static>>,
@@ -102,6 +124,19 @@ impl StepError {
 
     /// Asks the worker to fail the task now instead of retrying it: for errors that another
     /// attempt cannot fix, such as invalid input.
+    ///
+    /// ```
+    /// use pgflow_core::StepError;
+    ///
+    /// fn check_amount(amount: f64) -> Result<f64, StepError> {
+    ///     if amount <= 0.0 {
+    ///         return Err(StepError::new(format!("invalid amount {amount}")).no_retry());
+    ///     }
+    ///     Ok(amount)
+    /// }
+    ///
+    /// assert!(!check_amount(-1.0).unwrap_err().is_retryable());
+    /// ```
     #[must_use]
     pub fn no_retry(mut self) -> Self {
         self.retryable = false;
@@ -109,11 +144,28 @@ impl StepError {
     }
 
     /// Whether another attempt may succeed (the default) or the task should fail now.
+    ///
+    /// ```
+    /// use pgflow_core::StepError;
+    ///
+    /// let timeout = std::io::Error::from(std::io::ErrorKind::TimedOut);
+    /// assert!(StepError::from(timeout).is_retryable());
+    /// assert!(!StepError::new("bad input").no_retry().is_retryable());
+    /// ```
     pub fn is_retryable(&self) -> bool {
         self.retryable
     }
 
-    /// The top-level message, without its causes.
+    /// The top-level message, without its causes: the one given to [`new`](Self::new) or
+    /// [`with_source`](Self::with_source), or the source's own for an error converted by `?`.
+    ///
+    /// ```
+    /// use pgflow_core::StepError;
+    ///
+    /// let disk = || std::io::Error::other("disk full");
+    /// assert_eq!(StepError::with_source("saving", disk()).message(), "saving");
+    /// assert_eq!(StepError::from(disk()).message(), "disk full");
+    /// ```
     pub fn message(&self) -> String {
         match (&self.context, &self.source) {
             (Some(context), _) => context.clone(),
@@ -122,12 +174,28 @@ impl StepError {
         }
     }
 
-    /// The underlying error, if any.
+    /// The underlying error, if any; downcast it to handle a kind of failure.
+    ///
+    /// ```
+    /// use pgflow_core::StepError;
+    ///
+    /// let error = StepError::with_source("saving", std::io::Error::other("disk full"));
+    /// let io = error.source().and_then(|source| source.downcast_ref::<std::io::Error>());
+    /// assert_eq!(io.map(|io| io.kind()), Some(std::io::ErrorKind::Other));
+    /// ```
     pub fn source(&self) -> Option<&(dyn StdError + Send + Sync + 'static)> {
         self.source.as_deref()
     }
 
     /// The underlying error, if any, taken out.
+    ///
+    /// ```
+    /// use pgflow_core::StepError;
+    ///
+    /// let error = StepError::with_source("saving", std::io::Error::other("disk full"));
+    /// let io: Box<std::io::Error> = error.into_source().unwrap().downcast().unwrap();
+    /// assert_eq!(io.to_string(), "disk full");
+    /// ```
     pub fn into_source(self) -> Option<Box<dyn StdError + Send + Sync + 'static>> {
         self.source
     }

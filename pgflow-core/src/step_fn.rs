@@ -147,6 +147,26 @@ impl<K> fmt::Debug for StepFnBuilder<K> {
 impl<Deps: Append> StepFnBuilder<Single<Deps>> {
     /// Adds a dependency: the handler then receives `dependency`'s output, after the outputs of
     /// the dependencies added before.
+    ///
+    /// `dependency` is a step value: a [`FnStep`] (by reference, to keep it for `.step(...)`) or
+    /// a `#[step]` function.
+    ///
+    /// ```
+    /// use pgflow_core::{Flow, StepContext, step_fn};
+    ///
+    /// let price = step_fn("price").handler(|amount: f64, _ctx| async move { Ok(amount * 1.2) });
+    /// let valid = step_fn("valid").handler(|amount: f64, _ctx| async move { Ok(amount > 0.0) });
+    /// let charge = step_fn("charge")
+    ///     .depends_on(&price)
+    ///     .depends_on(&valid)
+    ///     // The flow input, then `price`'s output, then `valid`'s, then the context.
+    ///     .handler(|_amount: f64, price: f64, valid: bool, _ctx: StepContext| async move {
+    ///         Ok(if valid { price } else { 0.0 })
+    ///     });
+    ///
+    /// let flow: Flow<f64> = Flow::new("pay").step(price).step(valid).step(charge).build();
+    /// assert_eq!(flow.find_step("charge").unwrap().dependencies(), ["price", "valid"]);
+    /// ```
     pub fn depends_on<T: IntoStep>(
         mut self,
         dependency: T,
@@ -160,12 +180,41 @@ impl<Deps: Append> StepFnBuilder<Single<Deps>> {
 impl StepFnBuilder<Single<()>> {
     /// Makes this a map step over the flow input, which must be a `Vec<T>`: the handler runs
     /// once per element and receives one `T`.
+    ///
+    /// ```
+    /// use pgflow_core::{Flow, StepKind, step_fn};
+    ///
+    /// let square = step_fn("square")
+    ///     .map_over_input()
+    ///     .handler(|n: i64, _ctx| async move { Ok(n * n) });
+    /// let flow: Flow<Vec<i64>> = Flow::new("squares").step(square).build();
+    /// assert_eq!(flow.find_step("square").unwrap().kind(), StepKind::Map);
+    /// ```
     pub fn map_over_input(self) -> StepFnBuilder<MapInput> {
         self.retype()
     }
 
     /// Makes this a map step over `dependency`'s `Vec<T>` output: the handler runs once per
     /// element and receives one `T`. A map step has exactly one dependency.
+    ///
+    /// ```
+    /// use pgflow_core::{Flow, step_fn};
+    ///
+    /// let urls = step_fn("urls").handler(|site: String, _ctx| async move {
+    ///     Ok(vec![format!("{site}/a"), format!("{site}/b")])
+    /// });
+    /// // `urls` outputs `Vec<String>`: each task of `fetch` takes one `String`.
+    /// let fetch = step_fn("fetch")
+    ///     .map_over(&urls)
+    ///     .handler(|url: String, _ctx| async move { Ok(url.len()) });
+    ///
+    /// let flow: Flow<String> = Flow::new("crawl").step(urls).step(fetch).build();
+    /// assert_eq!(
+    ///     flow.statements()?[2],
+    ///     "SELECT pgflow.add_step('crawl', 'fetch', ARRAY['urls'], step_type => 'map');"
+    /// );
+    /// # Ok::<(), pgflow_core::Error>(())
+    /// ```
     pub fn map_over<T: IntoStep>(mut self, dependency: T) -> StepFnBuilder<MapDependency<T::Step>> {
         self.dependencies
             .push(dependency.into_step().slug().to_owned());
