@@ -397,6 +397,19 @@ impl RunOutput {
     }
 
     /// A step's output, typed by the step (a map step's is the `Vec` of its tasks' outputs).
+    ///
+    /// ```no_run
+    /// # async fn demo(client: pgflow_client::Client, run_id: uuid::Uuid) -> pgflow_client::Result<()> {
+    /// use pgflow_core::{StepContext, StepError, step_fn};
+    ///
+    /// // The step the flow was built with, e.g. a map over the flow input's URLs.
+    /// let fetch = step_fn("fetch")
+    ///     .map_over_input()
+    ///     .handler(|url: String, _: StepContext| async move { Ok::<_, StepError>(url.len()) });
+    /// let output = client.run(run_id).wait().await?;
+    /// let sizes: Vec<usize> = output.output_of(&fetch)?; // one per task, in task order
+    /// # Ok(()) }
+    /// ```
     // Steps are values (`output_of(fulfill)`); taking them by value reads best.
     #[allow(clippy::needless_pass_by_value)]
     pub fn output_of<T: IntoStep>(&self, step: T) -> Result<<T::Step as Step>::Output> {
