@@ -7,6 +7,8 @@ use pgflow_client::throwaway::TestDatabase;
 use pgflow_core::{Flow, StepContext, StepError, step_fn};
 use serde_json::{Value, json};
 
+use crate::support::{client, database};
+
 fn pgflow(url: &str, args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_pgflow"))
         .args(args)
@@ -97,8 +99,7 @@ async fn the_printed_schema_applied_with_psql_gives_a_working_engine() {
 
 #[tokio::test]
 async fn flows_start_runs_and_run_show_what_is_there() {
-    let db = TestDatabase::new().await.unwrap();
-    let client = Client::new(db.pool().clone());
+    let (db, client) = client().await;
     client.compile(&flow()).await.unwrap();
 
     let flows = stdout(&pgflow(db.url(), &["flows"]));
@@ -151,7 +152,7 @@ async fn flows_start_runs_and_run_show_what_is_there() {
 
 #[tokio::test]
 async fn errors_go_to_stderr_with_a_failing_status() {
-    let db = TestDatabase::new().await.unwrap();
+    let db = database().await;
     let bad_json = pgflow(db.url(), &["start", "crawl", "{not json"]);
     assert!(!bad_json.status.success());
     assert!(bad_json.stdout.is_empty());
@@ -183,8 +184,7 @@ async fn errors_go_to_stderr_with_a_failing_status() {
 
 #[tokio::test]
 async fn watch_follows_a_run_to_its_end() {
-    let db = TestDatabase::new().await.unwrap();
-    let client = Client::new(db.pool().clone());
+    let (db, client) = client().await;
     client.compile(&flow()).await.unwrap();
     let run = client.start_json("crawl", json!("x"), None).await.unwrap();
     let url = db.url().to_string();
@@ -242,8 +242,7 @@ async fn watch_follows_a_run_to_its_end() {
 
 #[tokio::test]
 async fn check_finds_nothing_on_a_sound_database_and_names_what_is_broken() {
-    let db = TestDatabase::new().await.unwrap();
-    let client = Client::new(db.pool().clone());
+    let (db, client) = client().await;
     client.compile(&flow()).await.unwrap();
     let run = client.start_json("crawl", json!("x"), None).await.unwrap();
     assert_eq!(

@@ -7,17 +7,12 @@ use std::pin::pin;
 use std::time::Duration;
 
 use futures_util::StreamExt;
-use pgflow_client::throwaway::TestDatabase;
 use pgflow_client::{Client, Compiled, Difference, Error, EventKind, Replace};
 use pgflow_core::{Flow, StepContext, StepError, StepKind, step_fn};
 use serde_json::{Value, json};
 use uuid::Uuid;
 
-async fn client() -> (TestDatabase, Client) {
-    let db = TestDatabase::new().await.unwrap();
-    let client = Client::new(db.pool().clone());
-    (db, client)
-}
+use crate::support::client;
 
 fn chain(timeout: u32) -> Flow<Value> {
     let validate = step_fn("validate")

@@ -4,9 +4,11 @@ use pgflow_client::throwaway::TestDatabase;
 use pgflow_client::{Error, install};
 use serde_json::json;
 
+use crate::support::database;
+
 #[tokio::test]
 async fn pgmq_round_trip_through_a_fresh_database() {
-    let db = TestDatabase::new().await.unwrap();
+    let db = database().await;
     let pool = db.pool();
     sqlx::query("SELECT pgmq.create('round_trip')")
         .execute(pool)
@@ -43,8 +45,7 @@ async fn pgmq_round_trip_through_a_fresh_database() {
 
 #[tokio::test]
 async fn test_databases_do_not_see_each_other() {
-    let (a, b) = tokio::join!(TestDatabase::new(), TestDatabase::new());
-    let (a, b) = (a.unwrap(), b.unwrap());
+    let (a, b) = tokio::join!(database(), database());
     assert_ne!(a.name(), b.name());
     sqlx::query("SELECT pgmq.create('only_in_a')")
         .execute(a.pool())
@@ -104,7 +105,7 @@ async fn a_foreign_pgflow_schema_is_left_alone() {
 
 #[tokio::test]
 async fn a_newer_schema_than_we_know_is_refused() {
-    let db = TestDatabase::new().await.unwrap();
+    let db = database().await;
     sqlx::query("INSERT INTO pgflow_meta.schema_migrations (version, name, checksum) VALUES (9999, 'future', 'x')")
         .execute(db.pool())
         .await
@@ -118,7 +119,7 @@ async fn a_newer_schema_than_we_know_is_refused() {
 
 #[tokio::test]
 async fn an_edited_migration_is_refused() {
-    let db = TestDatabase::new().await.unwrap();
+    let db = database().await;
     sqlx::query("UPDATE pgflow_meta.schema_migrations SET checksum = 'edited' WHERE version = 1")
         .execute(db.pool())
         .await

@@ -12,4 +12,5 @@ mod engine;
 mod install;
 mod reliability;
 mod security;
+mod support;
 mod worker;

@@ -12,6 +12,8 @@ use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{Connection, PgConnection, PgPool};
 use uuid::Uuid;
 
+use crate::support::database;
+
 /// The ```sql blocks of docs/security.md, in order, so the test runs what users are told to run.
 fn documented_sql() -> Vec<String> {
     let doc = include_str!("../../docs/security.md");
@@ -178,7 +180,7 @@ async fn secured(db: &TestDatabase, roles: &Roles, upgrade: bool) -> (Uuid, Uuid
 
 #[tokio::test]
 async fn the_app_starts_and_reads_runs_and_nothing_else() {
-    let db = TestDatabase::new().await.unwrap();
+    let db = database().await;
     let roles = Roles::new(&db);
     let (payroll_run, payroll_worker) = secured(&db, &roles, true).await;
     let mut app = set_role(&db, &roles.name("orders_service")).await;
@@ -261,7 +263,7 @@ async fn the_app_starts_and_reads_runs_and_nothing_else() {
 
 #[tokio::test]
 async fn a_worker_serves_its_granted_flows_and_touches_nothing_else() {
-    let db = TestDatabase::new().await.unwrap();
+    let db = database().await;
     let roles = Roles::new(&db);
     let (payroll_run, payroll_worker) = secured(&db, &roles, false).await;
     let mut worker = set_role(&db, &roles.name("orders_worker")).await;
@@ -514,7 +516,7 @@ async fn a_worker_serves_its_granted_flows_and_touches_nothing_else() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_rust_worker_runs_granted_flows_end_to_end_under_the_worker_role() {
-    let db = TestDatabase::new().await.unwrap();
+    let db = database().await;
     let roles = Roles::new(&db);
     let (payroll_run, _) = secured(&db, &roles, false).await;
     let app = pool_of(&db, &roles.name("orders_service")).await;
@@ -590,7 +592,7 @@ async fn the_rust_worker_runs_granted_flows_end_to_end_under_the_worker_role() {
 
 #[tokio::test]
 async fn the_reader_checks_and_reads_everything_and_changes_nothing() {
-    let db = TestDatabase::new().await.unwrap();
+    let db = database().await;
     let roles = Roles::new(&db);
     let (payroll_run, _) = secured(&db, &roles, false).await;
     // A flow compiled after the grants: the reader sees its queue, no worker role serves it,

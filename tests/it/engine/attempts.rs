@@ -5,10 +5,8 @@
 use serde_json::json;
 use uuid::Uuid;
 
-use super::{Engine, TaskRow, WORKER};
-
-const ROWS: &str =
-    "step_slug, task_index, status, attempts_count, error_message, output, message_id";
+use super::{Engine, WORKER};
+use crate::support::TaskRow;
 
 impl Engine {
     /// `pgflow.complete_task` with the attempt (and worker) that ran.
@@ -19,7 +17,8 @@ impl Engine {
         worker: Option<Uuid>,
     ) -> Vec<TaskRow> {
         sqlx::query_as(&format!(
-            "SELECT {ROWS} FROM pgflow.complete_task($1, 'work', 0, '\"done\"', $2, $3)"
+            "SELECT {} FROM pgflow.complete_task($1, 'work', 0, '\"done\"', $2, $3)",
+            TaskRow::COLUMNS
         ))
         .bind(run_id)
         .bind(attempt)
@@ -32,7 +31,8 @@ impl Engine {
     /// `pgflow.fail_task` with the attempt that ran.
     async fn fail_attempt(&self, run_id: Uuid, attempt: i32, permanent: bool) -> Vec<TaskRow> {
         sqlx::query_as(&format!(
-            "SELECT {ROWS} FROM pgflow.fail_task($1, 'work', 0, 'late', $2, $3, $4)"
+            "SELECT {} FROM pgflow.fail_task($1, 'work', 0, 'late', $2, $3, $4)",
+            TaskRow::COLUMNS
         ))
         .bind(run_id)
         .bind(attempt)

@@ -15,6 +15,8 @@ use serde_json::Value;
 use sqlx::PgPool;
 use uuid::Uuid;
 
+use crate::support::{self, TaskRow};
+
 /// The worker every helper starts tasks as.
 pub const WORKER: Uuid = Uuid::from_u128(0x0000_0000_0000_0000_0000_0000_0000_0001);
 
@@ -29,18 +31,6 @@ pub struct Task {
     pub task_index: i32,
 }
 
-/// The columns of `pgflow.step_tasks` the tests look at.
-#[derive(Debug, Clone, PartialEq, sqlx::FromRow)]
-pub struct TaskRow {
-    pub step_slug: String,
-    pub task_index: i32,
-    pub status: String,
-    pub attempts_count: i32,
-    pub error_message: Option<String>,
-    pub output: Option<Value>,
-    pub message_id: Option<i64>,
-}
-
 /// A fresh database plus the few moves every test makes.
 pub struct Engine {
     db: TestDatabase,
@@ -48,7 +38,7 @@ pub struct Engine {
 
 impl Engine {
     pub async fn new() -> Self {
-        let db = TestDatabase::new().await.expect("test database");
+        let db = support::database().await;
         let engine = Self { db };
         sqlx::query(
             "INSERT INTO pgflow.workers (worker_id, queue_name, function_name) \
@@ -130,12 +120,7 @@ impl Engine {
     }
 
     pub async fn start(&self, flow: &str, input: Value) -> Uuid {
-        sqlx::query_scalar("SELECT run_id FROM pgflow.start_flow($1, $2)")
-            .bind(flow)
-            .bind(input)
-            .fetch_one(self.pool())
-            .await
-            .unwrap()
+        support::start(self.pool(), flow, input).await
     }
 
     /// Reads every visible message of the flow's queue and starts their tasks: phase one and
@@ -174,10 +159,10 @@ impl Engine {
         task_index: i32,
         output: Value,
     ) -> Vec<TaskRow> {
-        sqlx::query_as(
-            "SELECT step_slug, task_index, status, attempts_count, error_message, output, message_id \
-             FROM pgflow.complete_task($1, $2, $3, $4)",
-        )
+        sqlx::query_as(&format!(
+            "SELECT {} FROM pgflow.complete_task($1, $2, $3, $4)",
+            TaskRow::COLUMNS
+        ))
         .bind(run_id)
         .bind(step)
         .bind(task_index)
@@ -199,10 +184,10 @@ impl Engine {
         task_index: i32,
         error: &str,
     ) -> Vec<TaskRow> {
-        sqlx::query_as(
-            "SELECT step_slug, task_index, status, attempts_count, error_message, output, message_id \
-             FROM pgflow.fail_task($1, $2, $3, $4)",
-        )
+        sqlx::query_as(&format!(
+            "SELECT {} FROM pgflow.fail_task($1, $2, $3, $4)",
+            TaskRow::COLUMNS
+        ))
         .bind(run_id)
         .bind(step)
         .bind(task_index)
@@ -231,11 +216,7 @@ impl Engine {
 
     /// `(status, output)` of a run.
     pub async fn run(&self, run_id: Uuid) -> (String, Option<Value>) {
-        sqlx::query_as("SELECT status, output FROM pgflow.runs WHERE run_id = $1")
-            .bind(run_id)
-            .fetch_one(self.pool())
-            .await
-            .unwrap()
+        support::run(self.pool(), run_id).await
     }
 
     /// `(status, remaining_tasks, initial_tasks, remaining_deps)` of a step state.
@@ -252,14 +233,7 @@ impl Engine {
     }
 
     pub async fn tasks(&self, run_id: Uuid) -> Vec<TaskRow> {
-        sqlx::query_as(
-            "SELECT step_slug, task_index, status, attempts_count, error_message, output, message_id \
-             FROM pgflow.step_tasks WHERE run_id = $1 ORDER BY step_slug, task_index",
-        )
-        .bind(run_id)
-        .fetch_all(self.pool())
-        .await
-        .unwrap()
+        support::tasks(self.pool(), run_id).await
     }
 
     /// Messages in the flow's queue and in its archive.

@@ -5,34 +5,15 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use pgflow_client::throwaway::TestDatabase;
-use pgflow_client::{Client, Error, Worker};
+use pgflow_client::{Error, Worker};
 use pgflow_core::{Flow, StepContext, StepError, step_fn};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use sqlx::PgPool;
 
-use super::{assert_consistent, finished_all, start};
+use crate::support::{assert_consistent, client, finished_all, start, step_error};
 
 const INJECTION: &str = "x'); DROP TABLE pgflow.runs; --";
-
-async fn database() -> (TestDatabase, Client) {
-    let db = TestDatabase::new().await.expect("test database");
-    let client = Client::new(db.pool().clone());
-    (db, client)
-}
-
-async fn step_error(pool: &PgPool, run: uuid::Uuid, step: &str) -> String {
-    sqlx::query_scalar::<_, Option<String>>(
-        "SELECT error_message FROM pgflow.step_states WHERE run_id = $1 AND step_slug = $2",
-    )
-    .bind(run)
-    .bind(step)
-    .fetch_one(pool)
-    .await
-    .expect("step state")
-    .unwrap_or_default()
-}
 
 async fn tables_intact(pool: &PgPool) {
     let tables: i64 =
@@ -51,7 +32,7 @@ fn echo_flow(slug: &str) -> Flow<Value> {
 
 #[tokio::test]
 async fn invalid_and_reserved_slugs_are_refused_before_any_sql() {
-    let (db, client) = database().await;
+    let (db, client) = client().await;
     let cases: [(&str, &str); 5] = [
         (
             "run",
@@ -115,7 +96,7 @@ async fn invalid_and_reserved_slugs_are_refused_before_any_sql() {
 
 #[tokio::test]
 async fn crafted_slugs_sent_straight_to_the_engine_are_bound_values_and_refused() {
-    let (db, client) = database().await;
+    let (db, client) = client().await;
     let pool = db.pool();
     // The engine's own check, for callers that bypass the Rust validation.
     let error = sqlx::query("SELECT pgflow.create_flow($1)")
@@ -157,7 +138,7 @@ async fn crafted_slugs_sent_straight_to_the_engine_are_bound_values_and_refused(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn json_crafted_to_inject_sql_round_trips_unchanged() {
-    let (db, client) = database().await;
+    let (db, client) = client().await;
     let pool = db.pool();
     let flow = echo_flow("echo_json");
     client.compile(&flow).await.expect("compile");
@@ -197,7 +178,7 @@ async fn json_crafted_to_inject_sql_round_trips_unchanged() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unknown_flows_and_steps_are_named_in_the_error() {
-    let (db, client) = database().await;
+    let (db, client) = client().await;
     let pool = db.pool();
     client.compile(&echo_flow("known")).await.expect("compile");
     let error = client
@@ -229,7 +210,7 @@ async fn unknown_flows_and_steps_are_named_in_the_error() {
     let (status, _) = finished_all(pool, &[run], Duration::from_secs(30)).await[0].clone();
     assert_eq!(status, "failed");
     assert_eq!(
-        step_error(pool, run, "there").await,
+        step_error(pool, run, "there").await.unwrap_or_default(),
         "no handler for step `there` of flow `door` is registered in this worker"
     );
     // A step the client asks an output of but the run does not have.
@@ -263,7 +244,7 @@ struct Order {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn input_that_does_not_decode_fails_its_task_with_the_reason_and_nothing_else() {
-    let (db, client) = database().await;
+    let (db, client) = client().await;
     let pool = db.pool();
     let charge =
         step_fn("charge")
@@ -293,14 +274,16 @@ async fn input_that_does_not_decode_fails_its_task_with_the_reason_and_nothing_e
     assert_eq!(results[2].0, "failed");
     let order = std::any::type_name::<Order>();
     assert_eq!(
-        step_error(pool, bad, "charge").await,
+        step_error(pool, bad, "charge").await.unwrap_or_default(),
         format!(
             "cannot decode the flow input (`run`) as `{order}`: invalid type: string \"one\", \
              expected u64 (not retried: the handler marked the error as permanent)"
         )
     );
     assert_eq!(
-        step_error(pool, missing, "charge").await,
+        step_error(pool, missing, "charge")
+            .await
+            .unwrap_or_default(),
         format!(
             "cannot decode the flow input (`run`) as `{order}`: missing field `id` \
              (not retried: the handler marked the error as permanent)"
@@ -321,7 +304,7 @@ async fn input_that_does_not_decode_fails_its_task_with_the_reason_and_nothing_e
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_output_that_cannot_be_serialized_fails_its_task_with_the_serde_error() {
-    let (db, client) = database().await;
+    let (db, client) = client().await;
     let pool = db.pool();
     // JSON object keys are strings: a map keyed by pairs has no JSON form.
     let pairs = step_fn("pairs").handler(|n: u32, _ctx: StepContext| async move {
@@ -338,7 +321,7 @@ async fn an_output_that_cannot_be_serialized_fails_its_task_with_the_serde_error
     let run = client.start(&flow, &1).await.expect("start").id();
     let (status, _) = finished_all(pool, &[run], Duration::from_secs(30)).await[0].clone();
     assert_eq!(status, "failed");
-    let error = step_error(pool, run, "pairs").await;
+    let error = step_error(pool, run, "pairs").await.unwrap_or_default();
     assert!(
         error.starts_with("cannot serialize the step output `std::collections::hash::map::HashMap<(u32, u32), alloc::string::String>`: key must be a string"),
         "{error}"
@@ -349,7 +332,7 @@ async fn an_output_that_cannot_be_serialized_fails_its_task_with_the_serde_error
 
 #[tokio::test]
 async fn a_root_map_refuses_an_input_that_is_not_an_array() {
-    let (db, client) = database().await;
+    let (db, client) = client().await;
     let each = step_fn("each")
         .map_over_input()
         .handler(|n: u32, _ctx: StepContext| async move { Ok::<_, StepError>(n) });
@@ -384,7 +367,7 @@ async fn a_root_map_refuses_an_input_that_is_not_an_array() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn inputs_and_outputs_of_several_megabytes_go_through() {
-    let (db, client) = database().await;
+    let (db, client) = client().await;
     let pool = db.pool();
     // ~5 MB in, ~5 MB out of each step, and a map over three ~1 MB elements.
     let upper = step_fn("upper").handler(|text: Vec<String>, _ctx: StepContext| async move {

@@ -13,7 +13,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use pgflow_client::throwaway::TestDatabase;
 use pgflow_client::{Client, WorkerHandle};
 use serde_json::json;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
@@ -22,7 +21,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
 
-use super::{Executions, assert_squares_completed, finished_all, squares, start, tasks_of, worker};
+use super::{Executions, assert_squares_completed, squares, worker};
+use crate::support::{database, finished_all, start, tasks_of};
 
 /// The `application_name` of worker connections, to find (and terminate) them.
 const WORKER_APP: &str = "reliability_worker";
@@ -39,7 +39,7 @@ async fn worker_pool(url: &str) -> PgPool {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_connection_lost_before_the_completion_landed_is_reported_again() {
-    let db = TestDatabase::new().await.expect("test database");
+    let db = database().await;
     let pool = db.pool();
     let executions = Executions::default();
     let flow = squares("cut_before", Duration::from_millis(300), &executions);
@@ -108,10 +108,11 @@ async fn a_connection_lost_before_the_completion_landed_is_reported_again() {
 
     assert_squares_completed(pool, &[run], &[1], &executions, Duration::from_secs(30)).await;
     // Reported again, not run again.
-    for (run, step, index, _, attempts, _) in tasks_of(pool, &[run]).await {
-        assert_eq!(attempts, 1, "{step}/{index}");
+    for task in tasks_of(pool, &[run]).await {
+        let (step, index) = (&task.step_slug, task.task_index);
+        assert_eq!(task.attempts_count, 1, "{step}/{index}");
         let index = u32::try_from(index).unwrap_or_default();
-        assert_eq!(executions.of(run, &step, index), 1, "{step}/{index}");
+        assert_eq!(executions.of(task.run_id, step, index), 1, "{step}/{index}");
     }
     settled(&worker, 3).await;
     worker.shutdown().await.expect("shutdown");
@@ -247,7 +248,7 @@ async fn relay(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_connection_lost_after_the_completion_landed_is_not_applied_twice() {
-    let db = TestDatabase::new().await.expect("test database");
+    let db = database().await;
     let pool = db.pool();
     let executions = Executions::default();
     let flow = squares("cut_after", Duration::from_millis(20), &executions);
@@ -279,10 +280,11 @@ async fn a_connection_lost_after_the_completion_landed_is_not_applied_twice() {
     assert_eq!(proxy.cut.load(Ordering::SeqCst), 3, "three replies cut");
     assert_eq!(proxy.left.load(Ordering::SeqCst), 0);
     assert_squares_completed(pool, &runs, &inputs, &executions, Duration::from_secs(30)).await;
-    for (run, step, index, _, attempts, _) in tasks_of(pool, &runs).await {
-        assert_eq!(attempts, 1, "{step}/{index}");
+    for task in tasks_of(pool, &runs).await {
+        let (step, index) = (&task.step_slug, task.task_index);
+        assert_eq!(task.attempts_count, 1, "{step}/{index}");
         let index = u32::try_from(index).unwrap_or_default();
-        assert_eq!(executions.of(run, &step, index), 1, "{step}/{index}");
+        assert_eq!(executions.of(task.run_id, step, index), 1, "{step}/{index}");
     }
     // The worker settles a cut report once it has seen that it landed: counted once.
     let tasks: u64 = inputs.iter().map(|n| n + 2).sum();
@@ -292,7 +294,7 @@ async fn a_connection_lost_after_the_completion_landed_is_not_applied_twice() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn runs_complete_while_worker_connections_are_terminated_again_and_again() {
-    let db = TestDatabase::new().await.expect("test database");
+    let db = database().await;
     let pool = db.pool();
     let executions = Executions::default();
     let flow = squares("terminated", Duration::from_millis(30), &executions);

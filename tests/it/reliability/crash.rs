@@ -15,7 +15,8 @@ use serde_json::json;
 use sqlx::PgPool;
 use uuid::Uuid;
 
-use super::{ChildProcess, assert_consistent, finished_all, serve_in_child, start, tasks_of};
+use super::{ChildProcess, serve_in_child};
+use crate::support::{assert_consistent, database, finished_all, start, tasks_of};
 
 /// The database the child worker serves.
 const CHILD_DB: &str = "PGFLOW_CHILD_WORKER_DB";
@@ -100,7 +101,7 @@ fn spawn_child(url: &str, slow_attempts: u32) -> ChildProcess {
 
 /// A database with the flow compiled and the `executions` table; starts a run of `n`.
 async fn prepare(slow_attempts: u32) -> (TestDatabase, Uuid) {
-    let db = TestDatabase::new().await.expect("test database");
+    let db = database().await;
     let pool = db.pool();
     sqlx::query(
         "CREATE TABLE public.executions (run_id uuid, step_slug text, attempt int, pid bigint)",
@@ -202,8 +203,13 @@ async fn a_worker_process_killed_mid_task_is_replaced_and_the_attempt_counted() 
     let tasks = tasks_of(pool, &[run]).await;
     let attempts: Vec<(&str, &str, i32, Option<&str>)> = tasks
         .iter()
-        .map(|(_, step, _, status, attempts, error)| {
-            (step.as_str(), status.as_str(), *attempts, error.as_deref())
+        .map(|task| {
+            (
+                task.step_slug.as_str(),
+                task.status.as_str(),
+                task.attempts_count,
+                task.error_message.as_deref(),
+            )
         })
         .collect();
     assert_eq!(
@@ -256,8 +262,11 @@ async fn a_worker_process_killed_on_the_last_attempt_fails_the_run_with_a_clear_
         )
     );
     let tasks = tasks_of(pool, &[run]).await;
-    let slow = tasks.iter().find(|task| task.1 == "slow").expect("slow");
-    assert_eq!((slow.3.as_str(), slow.4), ("failed", 1));
+    let slow = tasks
+        .iter()
+        .find(|task| task.step_slug == "slow")
+        .expect("slow");
+    assert_eq!((slow.status.as_str(), slow.attempts_count), ("failed", 1));
     // The slow handler ran once, in the killed process; `last` never ran.
     assert_eq!(
         executions(pool, run).await,

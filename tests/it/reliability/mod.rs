@@ -24,9 +24,11 @@ use std::time::{Duration, Instant};
 use pgflow_client::Worker;
 use pgflow_client::{WorkerBuilder, WorkerHandle};
 use pgflow_core::{Flow, StepContext, StepError, step_fn};
-use serde_json::{Value, json};
+use serde_json::json;
 use sqlx::PgPool;
 use uuid::Uuid;
+
+use crate::support::{assert_consistent, count_tasks, finished_all, tasks_of};
 
 /// A task: (run, step, task index).
 type TaskKey = (Uuid, String, u32);
@@ -104,85 +106,6 @@ pub fn sum_of_squares(n: u64) -> u64 {
     (0..n).map(|x| x * x).sum()
 }
 
-/// Starts a run of flow `slug` through the SQL API.
-pub async fn start(pool: &PgPool, slug: &str, input: Value) -> Uuid {
-    sqlx::query_scalar("SELECT run_id FROM pgflow.start_flow($1, $2)")
-        .bind(slug)
-        .bind(input)
-        .fetch_one(pool)
-        .await
-        .expect("run starts")
-}
-
-/// Waits until every run of `runs` is no longer `started`, tolerating a database that comes
-/// and goes meanwhile; returns each run's status and output, in order.
-pub async fn finished_all(
-    pool: &PgPool,
-    runs: &[Uuid],
-    within: Duration,
-) -> Vec<(String, Option<Value>)> {
-    let deadline = Instant::now() + within;
-    loop {
-        let rows: Result<Vec<(Uuid, String, Option<Value>)>, _> =
-            sqlx::query_as("SELECT run_id, status, output FROM pgflow.runs WHERE run_id = ANY($1)")
-                .bind(runs)
-                .fetch_all(pool)
-                .await;
-        if let Ok(rows) = rows
-            && rows.len() == runs.len()
-            && rows.iter().all(|(_, status, _)| status != "started")
-        {
-            let by_id: HashMap<Uuid, (String, Option<Value>)> = rows
-                .into_iter()
-                .map(|(id, status, output)| (id, (status, output)))
-                .collect();
-            return runs.iter().map(|id| by_id[id].clone()).collect();
-        }
-        if Instant::now() > deadline {
-            let counts: Vec<(String, String, i64)> = sqlx::query_as(
-                "SELECT step_slug, status, count(*) FROM pgflow.step_tasks \
-                  WHERE run_id = ANY($1) GROUP BY 1, 2 ORDER BY 1, 2",
-            )
-            .bind(runs)
-            .fetch_all(pool)
-            .await
-            .unwrap_or_default();
-            panic!("runs still started after {within:?}; tasks by step and status: {counts:?}");
-        }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-}
-
-/// One task row: (run, step, index, status, attempts, error).
-pub type TaskRow = (Uuid, String, i32, String, i32, Option<String>);
-
-/// Every task of the given runs, ordered.
-pub async fn tasks_of(pool: &PgPool, runs: &[Uuid]) -> Vec<TaskRow> {
-    sqlx::query_as(
-        "SELECT run_id, step_slug, task_index, status, attempts_count, error_message \
-           FROM pgflow.step_tasks WHERE run_id = ANY($1) \
-          ORDER BY run_id, step_slug, task_index",
-    )
-    .bind(runs)
-    .fetch_all(pool)
-    .await
-    .expect("tasks")
-}
-
-/// The invariant checker finds nothing.
-pub async fn assert_consistent(pool: &PgPool) {
-    let violations = pgflow_client::check(pool).await.expect("check runs");
-    assert!(
-        violations.is_empty(),
-        "invariants broken:\n{}",
-        violations
-            .iter()
-            .map(ToString::to_string)
-            .collect::<Vec<_>>()
-            .join("\n")
-    );
-}
-
 /// Checks runs of [`squares`] with inputs `inputs` after faults: every run completed with the
 /// right output, every task completed exactly once (its step and run agree, see the checker),
 /// and no task's handler ran more often than the engine counted attempts (at least once each).
@@ -209,11 +132,13 @@ pub async fn assert_squares_completed(
         expected,
         "one row per task"
     );
-    for (run, step, index, status, attempts, _) in &tasks {
-        assert_eq!(status, "completed", "{run} {step} {index}");
-        let ran = executions.of(*run, step, u32::try_from(*index).unwrap_or_default());
+    for task in &tasks {
+        let (run, step, index) = (task.run_id, &task.step_slug, task.task_index);
+        assert_eq!(task.status, "completed", "{run} {step} {index}");
+        let ran = executions.of(run, step, u32::try_from(index).unwrap_or_default());
+        let attempts = task.attempts_count;
         assert!(
-            ran >= 1 && i64::from(ran) <= i64::from(*attempts),
+            ran >= 1 && i64::from(ran) <= i64::from(attempts),
             "{run} {step}/{index}: handler ran {ran} times for {attempts} attempts"
         );
     }
@@ -232,18 +157,10 @@ pub fn worker<I>(pool: &PgPool, flow: &Flow<I>, concurrency: usize) -> WorkerHan
         .expect("worker")
 }
 
-/// How many tasks of the database are completed (0 while the database is unreachable).
-pub async fn completed_tasks(pool: &PgPool) -> i64 {
-    sqlx::query_scalar("SELECT count(*) FROM pgflow.step_tasks WHERE status = 'completed'")
-        .fetch_one(pool)
-        .await
-        .unwrap_or(0)
-}
-
-/// Waits until `completed_tasks` reaches `at_least`.
+/// Waits until `at_least` tasks are completed, tolerating a database that comes and goes.
 pub async fn until_completed(pool: &PgPool, at_least: i64, within: Duration) {
     let deadline = Instant::now() + within;
-    while completed_tasks(pool).await < at_least {
+    while count_tasks(pool, "completed").await.unwrap_or(0) < at_least {
         assert!(
             Instant::now() < deadline,
             "fewer than {at_least} tasks completed after {within:?}"

@@ -5,20 +5,13 @@
 
 use std::time::Duration;
 
-use pgflow_client::Client;
-use pgflow_client::throwaway::TestDatabase;
 use pgflow_core::{Flow, StepContext, StepError, step_fn};
 use serde_json::{Value, json};
 use sqlx::PgPool;
 use uuid::Uuid;
 
-use super::{assert_consistent, finished_all, start, tasks_of, worker};
-
-async fn database() -> (TestDatabase, Client) {
-    let db = TestDatabase::new().await.expect("test database");
-    let client = Client::new(db.pool().clone());
-    (db, client)
-}
+use super::worker;
+use crate::support::{assert_consistent, client, finished_all, start, tasks_of};
 
 /// `levels` arrays, one inside the other, around a 0.
 fn nested(levels: usize) -> Value {
@@ -60,13 +53,15 @@ async fn only_the_bad_run_failed(pool: &PgPool, good: &[Uuid], bad: Uuid, reason
     let mut expected = vec!["completed"; good.len()];
     expected.push("failed");
     assert_eq!(statuses, expected);
-    for (run, step, index, status, attempts, error) in tasks_of(pool, &runs).await {
-        if run == bad && status == "failed" {
-            let error = error.unwrap_or_default();
+    for task in tasks_of(pool, &runs).await {
+        let (run, step, index) = (task.run_id, &task.step_slug, task.task_index);
+        let attempts = task.attempts_count;
+        if run == bad && task.status == "failed" {
+            let error = task.error_message.unwrap_or_default();
             assert!(error.contains(reason), "{step}/{index}: {error}");
             assert_eq!(attempts, 1, "{step}/{index} was not retried: {error}");
         } else if run != bad {
-            assert_eq!(status, "completed", "{run} {step}/{index}");
+            assert_eq!(task.status, "completed", "{run} {step}/{index}");
             assert_eq!(attempts, 1, "{run} {step}/{index}");
         }
     }
@@ -75,7 +70,7 @@ async fn only_the_bad_run_failed(pool: &PgPool, good: &[Uuid], bad: Uuid, reason
 /// Nine good runs and one whose input is `bad_input`, all queued before a worker reads any, so
 /// that they share its batches; the bad one fails with `reason`, and the worker serves on.
 async fn one_bad_input_among_ten(slug: &str, bad_input: &str, reason: &str) {
-    let (db, client) = database().await;
+    let (db, client) = client().await;
     let pool = db.pool();
     let flow = any_input(slug);
     client.compile(&flow).await.expect("compile");
@@ -111,7 +106,7 @@ async fn a_number_out_of_f64_range_fails_only_its_own_task() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_output_too_deep_to_read_back_fails_its_own_task_not_the_readers() {
-    let (db, client) = database().await;
+    let (db, client) = client().await;
     let pool = db.pool();
     let make =
         step_fn("make")
@@ -174,7 +169,7 @@ fn failing(slug: &str, fail: fn() -> StepError) -> Flow<u32> {
 
 /// Runs a flow of [`failing`] and returns the error its task recorded, within a few seconds.
 async fn recorded_error(slug: &str, fail: fn() -> StepError) -> String {
-    let (db, client) = database().await;
+    let (db, client) = client().await;
     let pool = db.pool();
     let flow = failing(slug, fail);
     client.compile(&flow).await.expect("compile");
@@ -184,10 +179,10 @@ async fn recorded_error(slug: &str, fail: fn() -> StepError) -> String {
     assert_eq!(results[0].0, "failed");
     let tasks = tasks_of(pool, &[run]).await;
     assert_eq!(tasks.len(), 1, "{tasks:?}");
-    assert_eq!(tasks[0].3, "failed");
+    assert_eq!(tasks[0].status, "failed");
     assert_consistent(pool).await;
     worker.shutdown().await.expect("shutdown");
-    tasks[0].5.clone().unwrap_or_default()
+    tasks[0].error_message.clone().unwrap_or_default()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -6,12 +6,12 @@
 
 use std::time::Duration;
 
-use pgflow_client::throwaway::TestDatabase;
 use pgflow_client::{Client, StepContextExt, Worker};
 use pgflow_core::{Flow, StepContext, StepError, step_fn};
 use serde_json::json;
 
-use super::{ChildProcess, assert_consistent, finished_all, serve_in_child, start};
+use super::{ChildProcess, serve_in_child};
+use crate::support::{assert_consistent, database, finished_all, start};
 
 const PROCESS_DB: &str = "PGFLOW_PROCESS_WORKER_DB";
 const RUNS: usize = 10;
@@ -82,7 +82,7 @@ fn spawn_worker(url: &str) -> ChildProcess {
 
 #[tokio::test]
 async fn two_worker_processes_never_run_the_same_task_attempt_twice() {
-    let db = TestDatabase::new().await.expect("test database");
+    let db = database().await;
     let pool = db.pool();
     sqlx::query(
         "CREATE TABLE public.executions

@@ -9,7 +9,8 @@ use pgflow_client::throwaway::{Shutdown, ThrowawayServer};
 use serde_json::json;
 use sqlx::postgres::PgPoolOptions;
 
-use super::{Executions, assert_squares_completed, completed_tasks, squares, start, worker};
+use super::{Executions, assert_squares_completed, squares, until_completed, worker};
+use crate::support::{count_tasks, start};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn runs_survive_database_restarts_mid_run() {
@@ -51,8 +52,8 @@ async fn runs_survive_database_restarts_mid_run() {
 
     for (share, shutdown) in [(4, Shutdown::Fast), (2, Shutdown::Immediate)] {
         // Restart while tasks are in flight: a fraction of the work done, most still to do.
-        super::until_completed(&pool, total / share / 2, Duration::from_secs(60)).await;
-        let done = completed_tasks(&pool).await;
+        until_completed(&pool, total / share / 2, Duration::from_secs(60)).await;
+        let done = count_tasks(&pool, "completed").await.unwrap_or(0);
         assert!(
             done < total,
             "restarted after the runs ended ({done} of {total})"

@@ -5,12 +5,12 @@
 use std::time::{Duration, Instant};
 
 use pgflow_client::Client;
-use pgflow_client::throwaway::TestDatabase;
 use pgflow_core::{Flow, StepContext, StepError, step_fn};
 use serde_json::json;
 use sqlx::postgres::PgPoolOptions;
 
-use super::{Executions, assert_consistent, env_size, finished_all, tasks_of, worker};
+use super::{Executions, env_size, worker};
+use crate::support::{assert_consistent, database, finished_all, tasks_of};
 
 /// `n` → `[0..n % 5)` → each doubled (a map; an element divisible by 7 fails its first attempt)
 /// → their sum, plus `n`.
@@ -53,7 +53,7 @@ fn expected_total(n: u64) -> u64 {
 
 async fn soak(runs: usize, workers: usize) {
     let began = Instant::now();
-    let db = TestDatabase::new().await.expect("test database");
+    let db = database().await;
     let pool = db.pool();
     let executions = Executions::default();
     let flow = soak_flow(&executions);
@@ -98,14 +98,16 @@ async fn soak(runs: usize, workers: usize) {
         expected_tasks
     );
     let mut retried = 0;
-    for (run, step, index, status, attempts, _) in &tasks {
-        assert_eq!(status, "completed");
-        let ran = executions.of(*run, step, u32::try_from(*index).unwrap_or_default());
+    for task in &tasks {
+        let (run, step, index) = (task.run_id, &task.step_slug, task.task_index);
+        let attempts = task.attempts_count;
+        assert_eq!(task.status, "completed");
+        let ran = executions.of(run, step, u32::try_from(index).unwrap_or_default());
         assert!(
-            ran >= 1 && i64::from(ran) <= i64::from(*attempts),
+            ran >= 1 && i64::from(ran) <= i64::from(attempts),
             "{run} {step}/{index}: ran {ran} times in {attempts} attempts"
         );
-        retried += usize::from(*attempts > 1);
+        retried += usize::from(attempts > 1);
     }
     assert!(retried > 0, "some tasks were retried");
     let mut reported = 0;

@@ -9,14 +9,14 @@
 
 use std::time::{Duration, Instant};
 
-use pgflow_client::throwaway::TestDatabase;
 use pgflow_client::{Client, StepContextExt, Worker};
 use pgflow_core::{Flow, StepContext, StepError, step_fn};
 use serde_json::json;
 use sqlx::PgPool;
 use uuid::Uuid;
 
-use super::{ChildProcess, assert_consistent, finished_all, serve_in_child, start};
+use super::{ChildProcess, serve_in_child};
+use crate::support::{assert_consistent, database, finished_all, start};
 
 /// The database the child worker serves.
 const CHILD_DB: &str = "PGFLOW_STALE_WORKER_DB";
@@ -168,7 +168,7 @@ fn signal(child: &ChildProcess, signal: &str) {
 }
 
 async fn late_report_changes_nothing(quiet: Quiet, error: ErrorKind) {
-    let db = TestDatabase::new().await.expect("test database");
+    let db = database().await;
     let pool = db.pool();
     sqlx::query("CREATE TABLE public.executions (attempt int, pid bigint)")
         .execute(pool)

@@ -8,7 +8,7 @@ use pgflow::{Flow, StepContext, StepError, step_fn};
 use pgflow_client::Worker;
 use serde_json::json;
 
-use super::{apply, database, finished, start};
+use crate::support::{compile, database, finished, start};
 
 /// Counts handlers running at once and remembers the most seen.
 #[derive(Default)]
@@ -50,8 +50,8 @@ async fn never_more_handlers_than_the_limit_across_flows() {
     let gauge = Arc::new(Gauge::default());
     let first = fan_out("fan_a", &gauge);
     let second = fan_out("fan_b", &gauge);
-    apply(pool, &first).await;
-    apply(pool, &second).await;
+    compile(pool, &first).await;
+    compile(pool, &second).await;
 
     let worker = Worker::builder(pool.clone())
         .flow(first)

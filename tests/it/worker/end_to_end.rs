@@ -6,7 +6,7 @@ use pgflow::{Flow, StepContext, StepError, step_fn};
 use pgflow_client::{Client, Worker};
 use serde_json::json;
 
-use super::{database, finished, tasks};
+use crate::support::{database, deprecated, eventually, finished, tasks};
 
 /// n → n + 1 → ×2 → [0, 1, ..] → each squared (map) → sum.
 fn squares() -> Flow<u64> {
@@ -66,7 +66,7 @@ async fn a_flow_with_a_map_step_runs_end_to_end() {
         assert!(
             tasks
                 .iter()
-                .all(|(_, _, status, attempts, _)| status == "completed" && *attempts == 1),
+                .all(|task| task.status == "completed" && task.attempts_count == 1),
             "{tasks:?}"
         );
     }
@@ -87,7 +87,7 @@ async fn a_flow_with_a_map_step_runs_end_to_end() {
     assert_eq!(last_worker, 5 * 14);
 
     // Counted once each report returns, just after the rows changed.
-    super::eventually("the counters", Duration::from_secs(5), || {
+    eventually("the counters", Duration::from_secs(5), async || {
         let stats = worker.stats();
         (
             stats.started,
@@ -99,14 +99,10 @@ async fn a_flow_with_a_map_step_runs_end_to_end() {
     .await;
 
     worker.shutdown().await.expect("shutdown");
-    let deprecated: bool = sqlx::query_scalar(
-        "SELECT deprecated_at IS NOT NULL FROM pgflow.workers WHERE worker_id = $1",
-    )
-    .bind(worker_id)
-    .fetch_one(pool)
-    .await
-    .expect("worker row");
-    assert!(deprecated, "shutdown sets deprecated_at");
+    assert!(
+        deprecated(pool, worker_id).await,
+        "shutdown sets deprecated_at"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -8,21 +8,8 @@ use std::time::Duration;
 use pgflow::{Flow, StepContext, StepError, step_fn};
 use pgflow_client::Worker;
 use serde_json::json;
-use sqlx::PgPool;
-use uuid::Uuid;
 
-use super::{apply, database, finished, start, tasks};
-
-async fn step_error(pool: &PgPool, run_id: Uuid, step: &str) -> Option<String> {
-    sqlx::query_scalar(
-        "SELECT error_message FROM pgflow.step_states WHERE run_id = $1 AND step_slug = $2",
-    )
-    .bind(run_id)
-    .bind(step)
-    .fetch_one(pool)
-    .await
-    .expect("step state")
-}
+use crate::support::{compile, database, eventually, finished, start, step_error, tasks};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_panicking_handler_is_retried_then_fails_the_run_with_the_panic_message() {
@@ -42,7 +29,7 @@ async fn a_panicking_handler_is_retried_then_fails_the_run_with_the_panic_messag
         },
     );
     let flow: Flow<u32> = Flow::new("panics").step(explode).build();
-    apply(pool, &flow).await;
+    compile(pool, &flow).await;
     let worker = Worker::builder(pool.clone())
         .flow(flow)
         .spawn()
@@ -57,8 +44,8 @@ async fn a_panicking_handler_is_retried_then_fails_the_run_with_the_panic_messag
         .expect("an error message");
     assert!(error.contains("handler panicked: boom 42"), "{error}");
     let tasks = tasks(pool, run).await;
-    assert_eq!(tasks[0].2, "failed");
-    assert_eq!(tasks[0].3, 2);
+    assert_eq!(tasks[0].status, "failed");
+    assert_eq!(tasks[0].attempts_count, 2);
 
     // The worker is still fine: a good run completes.
     let run = start(pool, "panics", json!(0)).await;
@@ -67,7 +54,7 @@ async fn a_panicking_handler_is_retried_then_fails_the_run_with_the_panic_messag
         "completed"
     );
     // Counted once the report returns, just after the run's row changed.
-    super::eventually("the counters", Duration::from_secs(5), || {
+    eventually("the counters", Duration::from_secs(5), async || {
         let stats = worker.stats();
         (stats.completed, stats.failed, stats.in_flight) == (1, 2, 0)
     })
@@ -88,7 +75,7 @@ async fn an_error_is_retried_and_the_next_attempt_can_succeed() {
         },
     );
     let flow: Flow<u32> = Flow::new("flaky").step(flaky).build();
-    apply(pool, &flow).await;
+    compile(pool, &flow).await;
     let worker = Worker::builder(pool.clone())
         .flow(flow)
         .spawn()
@@ -101,8 +88,8 @@ async fn an_error_is_retried_and_the_next_attempt_can_succeed() {
         ("completed", Some(json!({"flaky": 42})))
     );
     let tasks = tasks(pool, run).await;
-    assert_eq!(tasks[0].3, 2, "two attempts");
-    assert_eq!(tasks[0].4.as_deref(), Some("attempt 1 failed"));
+    assert_eq!(tasks[0].attempts_count, 2, "two attempts");
+    assert_eq!(tasks[0].error_message.as_deref(), Some("attempt 1 failed"));
     worker.shutdown().await.expect("shutdown");
 }
 
@@ -119,7 +106,7 @@ async fn a_no_retry_error_fails_the_run_at_once() {
         },
     );
     let flow: Flow<u32> = Flow::new("refusals").step(refuse).build();
-    apply(pool, &flow).await;
+    compile(pool, &flow).await;
     let worker = Worker::builder(pool.clone())
         .flow(flow)
         .spawn()
@@ -169,7 +156,7 @@ async fn a_handler_outliving_its_timeout_is_cancelled_and_failed() {
                 }
             });
     let flow: Flow<u32> = Flow::new("timeouts").step(slow).build();
-    apply(pool, &flow).await;
+    compile(pool, &flow).await;
     let worker = Worker::builder(pool.clone())
         .flow(flow)
         .spawn()
@@ -191,7 +178,7 @@ async fn a_handler_outliving_its_timeout_is_cancelled_and_failed() {
         error.contains("timed out") && error.contains("timeout of 1 s"),
         "{error}"
     );
-    super::eventually("the token to fire", Duration::from_secs(5), || {
+    eventually("the token to fire", Duration::from_secs(5), async || {
         cancelled.load(Ordering::SeqCst)
     })
     .await;
@@ -214,7 +201,7 @@ async fn an_output_the_database_refuses_fails_only_its_own_task() {
             Ok::<_, StepError>(text.replace("NUL", "\0"))
         });
     let flow: Flow<Vec<String>> = Flow::new("nul_bytes").step(echo).build();
-    apply(pool, &flow).await;
+    compile(pool, &flow).await;
     let worker = Worker::builder(pool.clone())
         .flow(flow)
         .spawn()
@@ -224,14 +211,14 @@ async fn an_output_the_database_refuses_fails_only_its_own_task() {
     let (status, _) = finished(pool, run, Duration::from_secs(30)).await;
     assert_eq!(status, "failed");
     let tasks = tasks(pool, run).await;
-    let statuses: Vec<&str> = tasks.iter().map(|task| task.2.as_str()).collect();
+    let statuses: Vec<&str> = tasks.iter().map(|task| task.status.as_str()).collect();
     assert_eq!(
         statuses,
         ["completed", "completed", "failed", "completed"],
         "{tasks:?}"
     );
-    assert_eq!(tasks[2].3, 2, "retried once");
-    let error = tasks[2].4.as_deref().unwrap_or_default();
+    assert_eq!(tasks[2].attempts_count, 2, "retried once");
+    let error = tasks[2].error_message.as_deref().unwrap_or_default();
     assert!(error.contains("could not be stored"), "{error}");
     worker.shutdown().await.expect("shutdown");
 }

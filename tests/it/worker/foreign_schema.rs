@@ -18,7 +18,7 @@ use serde_json::{Value, json};
 use sqlx::PgPool;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 
-use super::{database, finished, start};
+use crate::support::{database, finished, start};
 
 const UPSTREAM: &str = "@pgflow/core@0.8.1";
 const TARBALL: &str = "pgflow-core-0.8.1.tgz";

@@ -9,7 +9,7 @@ use pgflow_client::Worker;
 use serde_json::json;
 use uuid::Uuid;
 
-use super::{apply, database, finished, start};
+use crate::support::{compile, database, finished, start};
 
 /// (run, step number, handler start, handler end)
 type Marks = Arc<Mutex<Vec<(Uuid, u32, Instant, Instant)>>>;
@@ -82,7 +82,7 @@ async fn dispatch_latency_on_an_idle_chain_is_printed() {
     let pool = db.pool();
     let marks: Marks = Arc::default();
     let flow = chain(&marks);
-    apply(pool, &flow).await;
+    compile(pool, &flow).await;
     let worker = Worker::builder(pool.clone())
         .flow(flow)
         .spawn()

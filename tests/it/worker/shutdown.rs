@@ -10,7 +10,9 @@ use pgflow_client::Worker;
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
-use super::{apply, database, eventually, finished, start, started_tasks, tasks};
+use crate::support::{
+    compile, count_tasks, database, deprecated, eventually, finished, start, tasks,
+};
 
 /// A root map step whose handlers count their starts and ends and take `pause` each.
 fn slow_map(
@@ -42,7 +44,7 @@ async fn shutdown_finishes_in_flight_tasks_and_leaves_none_started() {
     let pool = db.pool();
     let (began, ended) = (Arc::new(AtomicU32::new(0)), Arc::new(AtomicU32::new(0)));
     let flow = slow_map("drain", Duration::from_millis(500), &began, &ended);
-    apply(pool, &flow).await;
+    compile(pool, &flow).await;
     let worker = Worker::builder(pool.clone())
         .flow(flow)
         .concurrency(5)
@@ -52,7 +54,7 @@ async fn shutdown_finishes_in_flight_tasks_and_leaves_none_started() {
 
     // 8 tasks, 5 at a time: shut down while the first 5 run.
     let run = start(pool, "drain", json!([0, 1, 2, 3, 4, 5, 6, 7])).await;
-    eventually("5 handlers to start", Duration::from_secs(10), || {
+    eventually("5 handlers to start", Duration::from_secs(10), async || {
         began.load(Ordering::SeqCst) == 5
     })
     .await;
@@ -69,11 +71,11 @@ async fn shutdown_finishes_in_flight_tasks_and_leaves_none_started() {
         5,
         "in-flight handlers ran to the end"
     );
-    assert_eq!(started_tasks(pool).await, 0);
+    assert_eq!(count_tasks(pool, "started").await.expect("count"), 0);
     let statuses: Vec<String> = tasks(pool, run)
         .await
         .into_iter()
-        .map(|task| task.2)
+        .map(|task| task.status)
         .collect();
     assert_eq!(
         statuses
@@ -86,14 +88,7 @@ async fn shutdown_finishes_in_flight_tasks_and_leaves_none_started() {
         statuses.iter().filter(|status| *status == "queued").count(),
         3
     );
-    let deprecated: bool = sqlx::query_scalar(
-        "SELECT deprecated_at IS NOT NULL FROM pgflow.workers WHERE worker_id = $1",
-    )
-    .bind(worker_id)
-    .fetch_one(pool)
-    .await
-    .expect("row");
-    assert!(deprecated);
+    assert!(deprecated(pool, worker_id).await);
 
     // Another worker picks up the rest.
     let (again, done) = (Arc::new(AtomicU32::new(0)), Arc::new(AtomicU32::new(0)));
@@ -116,7 +111,7 @@ async fn handlers_past_the_shutdown_timeout_are_cancelled_and_their_attempt_fail
     let pool = db.pool();
     let (began, ended) = (Arc::new(AtomicU32::new(0)), Arc::new(AtomicU32::new(0)));
     let flow = slow_map("stuck", Duration::from_secs(30), &began, &ended);
-    apply(pool, &flow).await;
+    compile(pool, &flow).await;
     let worker = Worker::builder(pool.clone())
         .flow(flow)
         .shutdown_timeout(Duration::from_millis(300))
@@ -124,7 +119,7 @@ async fn handlers_past_the_shutdown_timeout_are_cancelled_and_their_attempt_fail
         .expect("worker");
 
     let run = start(pool, "stuck", json!([1, 2])).await;
-    eventually("2 handlers to start", Duration::from_secs(10), || {
+    eventually("2 handlers to start", Duration::from_secs(10), async || {
         began.load(Ordering::SeqCst) == 2
     })
     .await;
@@ -138,10 +133,10 @@ async fn handlers_past_the_shutdown_timeout_are_cancelled_and_their_attempt_fail
     assert_eq!(ended.load(Ordering::SeqCst), 0);
 
     // Not left `started`: the attempt failed, and the engine queues the task again.
-    assert_eq!(started_tasks(pool).await, 0);
-    for (_, _, status, attempts, error) in tasks(pool, run).await {
-        assert_eq!((status.as_str(), attempts), ("queued", 1));
-        let error = error.unwrap_or_default();
+    assert_eq!(count_tasks(pool, "started").await.expect("count"), 0);
+    for task in tasks(pool, run).await {
+        assert_eq!((task.status.as_str(), task.attempts_count), ("queued", 1));
+        let error = task.error_message.unwrap_or_default();
         assert!(error.contains("shutdown timeout"), "{error}");
     }
 }
@@ -152,7 +147,7 @@ async fn the_app_token_and_deprecation_stop_the_worker() {
     let pool = db.pool();
     let (began, ended) = (Arc::new(AtomicU32::new(0)), Arc::new(AtomicU32::new(0)));
     let flow = slow_map("retired", Duration::from_millis(1), &began, &ended);
-    apply(pool, &flow).await;
+    compile(pool, &flow).await;
 
     // The application's token.
     let app = CancellationToken::new();
@@ -180,11 +175,24 @@ async fn the_app_token_and_deprecation_stop_the_worker() {
         .spawn()
         .expect("worker");
     let worker_id = worker.worker_id("retired").expect("row");
-    eventually("the row to exist", Duration::from_secs(10), || {
-        worker.stats().started == 0
-    })
+    // Marked only once its heartbeats run, as they are what notices the mark: a heartbeat after
+    // the one that registered the row proves both (the row starts with both columns at the
+    // same `now()`). Marked any earlier, the mark could land before the row exists.
+    eventually(
+        "a heartbeat after registering",
+        Duration::from_secs(10),
+        async || {
+            sqlx::query_scalar::<_, bool>(
+                "SELECT last_heartbeat_at > started_at FROM pgflow.workers WHERE worker_id = $1",
+            )
+            .bind(worker_id)
+            .fetch_optional(pool)
+            .await
+            .expect("workers")
+            .unwrap_or(false)
+        },
+    )
     .await;
-    tokio::time::sleep(Duration::from_millis(200)).await;
     sqlx::query("UPDATE pgflow.workers SET deprecated_at = now() WHERE worker_id = $1")
         .bind(worker_id)
         .execute(pool)
@@ -199,7 +207,7 @@ async fn the_app_token_and_deprecation_stop_the_worker() {
     let statuses: Vec<String> = tasks(pool, run)
         .await
         .into_iter()
-        .map(|task| task.2)
+        .map(|task| task.status)
         .collect();
     assert_eq!(statuses, ["queued"]);
     assert_eq!(began.load(Ordering::SeqCst), 1);

@@ -5,7 +5,7 @@ use std::time::Duration;
 use pgflow_client::{StepContextExt, Worker};
 use serde_json::{Value, json};
 
-use super::{database, finished, start};
+use crate::support::{database, finished, start};
 
 struct Greeting(&'static str);
 
