@@ -1,0 +1,69 @@
+//! The command line: global options and one variant per command.
+
+use clap::{Parser, Subcommand};
+use pgflow_client::RunStatus;
+use uuid::Uuid;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "pgflow",
+    version,
+    about = "Install and operate the pgflow workflow engine"
+)]
+pub(crate) struct Cli {
+    /// The database to use.
+    #[arg(long, env = "DATABASE_URL", global = true, hide_env_values = true)]
+    pub(crate) database_url: Option<String>,
+
+    /// Print JSON instead of text.
+    #[arg(long, global = true)]
+    pub(crate) json: bool,
+
+    #[command(subcommand)]
+    pub(crate) command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum Command {
+    /// Install pgmq (when absent) and the pgflow schema; safe to run again.
+    Install,
+    /// Print the complete install SQL of the pgflow schema (pgmq excluded), for your own
+    /// migrations: apply it with `psql --single-transaction -f`.
+    Schema,
+    /// List the flows in the database with their steps.
+    Flows,
+    /// List recent runs and the number of runs per flow and status.
+    Runs {
+        /// Only runs of this flow.
+        #[arg(long)]
+        flow: Option<String>,
+        /// Only runs in this status: started, completed or failed.
+        #[arg(long)]
+        status: Option<RunStatus>,
+        /// How many runs to list.
+        #[arg(long, default_value_t = 20)]
+        limit: u32,
+    },
+    /// Show one run: each step with its status, tasks, attempts, duration and error.
+    Run {
+        /// The run's id.
+        run_id: Uuid,
+    },
+    /// Start a run of a flow with a JSON input; prints the run id.
+    Start {
+        /// The flow's slug.
+        flow: String,
+        /// The flow input, as JSON.
+        input: String,
+        /// A run id of your choosing (starting twice with one id starts one run).
+        #[arg(long)]
+        run_id: Option<Uuid>,
+    },
+    /// Check that every run is consistent (counters, statuses, queues); exit status 1 if not.
+    Check,
+    /// Follow a run's progress until it ends.
+    Watch {
+        /// The run's id.
+        run_id: Uuid,
+    },
+}

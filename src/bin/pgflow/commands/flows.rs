@@ -1,0 +1,44 @@
+use std::fmt::Write as _;
+
+use pgflow_client::Client;
+
+use crate::{CliResult, print_json};
+
+pub(crate) async fn flows(client: &Client, json: bool) -> CliResult {
+    let flows = client.flows().await.map_err(|err| err.to_string())?;
+    if json {
+        return print_json(&flows);
+    }
+    if flows.is_empty() {
+        println!("no flows");
+    }
+    for flow in flows {
+        let o = flow.options;
+        println!(
+            "{}  (max_attempts {}, base_delay {}s, timeout {}s)",
+            flow.slug,
+            o.max_attempts.unwrap_or(3),
+            o.base_delay.unwrap_or(5),
+            o.timeout.unwrap_or(60)
+        );
+        for step in &flow.steps {
+            let mut line = format!("  {} [{}]", step.slug, step.kind);
+            if !step.dependencies.is_empty() {
+                let _ = write!(line, " <- {}", step.dependencies.join(", "));
+            }
+            let so = &step.options;
+            for (name, value) in [
+                ("max_attempts", so.max_attempts),
+                ("base_delay", so.base_delay),
+                ("timeout", so.timeout),
+                ("start_delay", so.start_delay),
+            ] {
+                if let Some(value) = value {
+                    let _ = write!(line, " {name}={value}");
+                }
+            }
+            println!("{line}");
+        }
+    }
+    Ok(())
+}
