@@ -82,6 +82,19 @@ impl WorkerBuilder {
     /// The flow must already be compiled into the database (its queue must exist); until it is,
     /// the worker logs a warning and keeps retrying. Registering a step again (another flow value
     /// with the same slug, or [`handler`](Self::handler)) replaces its handler.
+    ///
+    /// ```no_run
+    /// # fn demo(
+    /// #     pool: sqlx::PgPool,
+    /// #     orders: pgflow_core::Flow<u64>,
+    /// #     invoices: pgflow_core::Flow<String>,
+    /// # ) -> pgflow_client::Result<()> {
+    /// use pgflow_client::Worker;
+    ///
+    /// // One worker for both flows: their handlers share its concurrency limit.
+    /// let worker = Worker::builder(pool).flow(orders).flow(invoices).spawn()?;
+    /// # Ok(()) }
+    /// ```
     #[must_use]
     #[allow(
         clippy::needless_pass_by_value,
@@ -141,6 +154,15 @@ impl WorkerBuilder {
 
     /// The most handlers that run at the same time, across all flows of this worker (default 10,
     /// at least 1).
+    ///
+    /// ```no_run
+    /// # fn demo(pool: sqlx::PgPool, flow: pgflow_core::Flow<u64>) -> pgflow_client::Result<()> {
+    /// use pgflow_client::Worker;
+    ///
+    /// // Handlers that mostly wait on HTTP calls: many at once cost little.
+    /// let worker = Worker::builder(pool).flow(flow).concurrency(50).spawn()?;
+    /// # Ok(()) }
+    /// ```
     #[must_use]
     pub fn concurrency(mut self, tasks: usize) -> Self {
         self.settings.concurrency = tasks;
@@ -149,6 +171,19 @@ impl WorkerBuilder {
 
     /// The most messages read from a queue in one call (default 10, at least 1). A read never
     /// asks for more tasks than the concurrency limit has room for.
+    ///
+    /// ```no_run
+    /// # fn demo(pool: sqlx::PgPool, flow: pgflow_core::Flow<u64>) -> pgflow_client::Result<()> {
+    /// use pgflow_client::Worker;
+    ///
+    /// // While the queue is busy, four reads fill the worker.
+    /// let worker = Worker::builder(pool)
+    ///     .flow(flow)
+    ///     .concurrency(100)
+    ///     .batch_size(25)
+    ///     .spawn()?;
+    /// # Ok(()) }
+    /// ```
     #[must_use]
     pub fn batch_size(mut self, messages: usize) -> Self {
         self.settings.batch_size = messages;
@@ -158,6 +193,18 @@ impl WorkerBuilder {
     /// How long a message read from the queue stays invisible to other workers before its task
     /// is started (default 2 s; whole seconds, rounded up). Starting a task then makes the
     /// message invisible for the step's timeout plus 2 seconds.
+    ///
+    /// ```no_run
+    /// # fn demo(pool: sqlx::PgPool, flow: pgflow_core::Flow<u64>) -> pgflow_client::Result<()> {
+    /// use std::time::Duration;
+    /// use pgflow_client::Worker;
+    ///
+    /// let worker = Worker::builder(pool)
+    ///     .flow(flow)
+    ///     .visibility_timeout(Duration::from_millis(1500)) // 2 s: whole seconds, rounded up
+    ///     .spawn()?;
+    /// # Ok(()) }
+    /// ```
     #[must_use]
     pub fn visibility_timeout(mut self, timeout: Duration) -> Self {
         self.settings.visibility_timeout = timeout;
@@ -166,6 +213,19 @@ impl WorkerBuilder {
 
     /// The longest an idle flow waits between two reads of its queue while notifications work
     /// (default 5 s): a safety net for missed notifications.
+    ///
+    /// ```no_run
+    /// # fn demo(pool: sqlx::PgPool, flow: pgflow_core::Flow<u64>) -> pgflow_client::Result<()> {
+    /// use std::time::Duration;
+    /// use pgflow_client::Worker;
+    ///
+    /// // A missed notification delays a task by 30 s at the most.
+    /// let worker = Worker::builder(pool)
+    ///     .flow(flow)
+    ///     .max_poll_wait(Duration::from_secs(30))
+    ///     .spawn()?;
+    /// # Ok(()) }
+    /// ```
     #[must_use]
     pub fn max_poll_wait(mut self, wait: Duration) -> Self {
         self.settings.max_poll_wait = wait;
@@ -174,6 +234,19 @@ impl WorkerBuilder {
 
     /// How often an idle flow reads its queue while notifications are unavailable (default
     /// 100 ms), for instance while the listening connection reconnects.
+    ///
+    /// ```no_run
+    /// # fn demo(pool: sqlx::PgPool, flow: pgflow_core::Flow<u64>) -> pgflow_client::Result<()> {
+    /// use std::time::Duration;
+    /// use pgflow_client::Worker;
+    ///
+    /// // Fewer reads of idle queues while the listener is down; new tasks wait up to 1 s.
+    /// let worker = Worker::builder(pool)
+    ///     .flow(flow)
+    ///     .poll_interval(Duration::from_secs(1))
+    ///     .spawn()?;
+    /// # Ok(()) }
+    /// ```
     #[must_use]
     pub fn poll_interval(mut self, interval: Duration) -> Self {
         self.settings.poll_interval = interval;
@@ -182,6 +255,19 @@ impl WorkerBuilder {
 
     /// How often the worker updates `last_heartbeat_at` of its `pgflow.workers` rows and checks
     /// whether they were marked deprecated (default 5 s).
+    ///
+    /// ```no_run
+    /// # fn demo(pool: sqlx::PgPool, flow: pgflow_core::Flow<u64>) -> pgflow_client::Result<()> {
+    /// use std::time::Duration;
+    /// use pgflow_client::Worker;
+    ///
+    /// // Hundreds of workers on one database: fewer writes to pgflow.workers.
+    /// let worker = Worker::builder(pool)
+    ///     .flow(flow)
+    ///     .heartbeat_interval(Duration::from_secs(15))
+    ///     .spawn()?;
+    /// # Ok(()) }
+    /// ```
     #[must_use]
     pub fn heartbeat_interval(mut self, interval: Duration) -> Self {
         self.settings.heartbeat_interval = interval;
@@ -190,6 +276,19 @@ impl WorkerBuilder {
 
     /// How long a shutdown waits for running handlers before cancelling them and failing their
     /// attempts (default 30 s).
+    ///
+    /// ```no_run
+    /// # fn demo(pool: sqlx::PgPool, flow: pgflow_core::Flow<u64>) -> pgflow_client::Result<()> {
+    /// use std::time::Duration;
+    /// use pgflow_client::Worker;
+    ///
+    /// // Handlers that upload large files get two minutes to finish when the worker stops.
+    /// let worker = Worker::builder(pool)
+    ///     .flow(flow)
+    ///     .shutdown_timeout(Duration::from_secs(120))
+    ///     .spawn()?;
+    /// # Ok(()) }
+    /// ```
     #[must_use]
     pub fn shutdown_timeout(mut self, timeout: Duration) -> Self {
         self.settings.shutdown_timeout = timeout;
@@ -199,6 +298,20 @@ impl WorkerBuilder {
     /// Whether to wake on the engine's notifications (`LISTEN pgflow`, default `true`). Turn
     /// this off where `LISTEN` does not work, such as behind a transaction-pooling proxy; the
     /// worker then polls every [`poll_interval`](Self::poll_interval).
+    ///
+    /// ```no_run
+    /// # fn demo(pool: sqlx::PgPool, flow: pgflow_core::Flow<u64>) -> pgflow_client::Result<()> {
+    /// use std::time::Duration;
+    /// use pgflow_client::Worker;
+    ///
+    /// // Behind PgBouncer in transaction mode: no LISTEN, read idle queues every 250 ms instead.
+    /// let worker = Worker::builder(pool)
+    ///     .flow(flow)
+    ///     .notifications(false)
+    ///     .poll_interval(Duration::from_millis(250))
+    ///     .spawn()?;
+    /// # Ok(()) }
+    /// ```
     #[must_use]
     pub fn notifications(mut self, enabled: bool) -> Self {
         self.settings.notifications = enabled;
@@ -207,6 +320,15 @@ impl WorkerBuilder {
 
     /// Shuts the worker down gracefully on SIGINT (Ctrl-C) or SIGTERM. Off by default: a library
     /// installs no signal handlers unless asked.
+    ///
+    /// ```no_run
+    /// # async fn demo(pool: sqlx::PgPool, flow: pgflow_core::Flow<u64>) -> pgflow_client::Result<()> {
+    /// use pgflow_client::Worker;
+    ///
+    /// let worker = Worker::builder(pool).flow(flow).shutdown_on_signal().spawn()?;
+    /// worker.wait().await?; // returns once Ctrl-C or SIGTERM has shut the worker down
+    /// # Ok(()) }
+    /// ```
     #[must_use]
     pub fn shutdown_on_signal(mut self) -> Self {
         self.settings.shutdown_on_signal = true;
@@ -215,6 +337,22 @@ impl WorkerBuilder {
 
     /// Shuts the worker down gracefully when `token` is cancelled: hand it the application's own
     /// shutdown token. [`WorkerHandle::cancellation_token`] is a child of it.
+    ///
+    /// ```no_run
+    /// # async fn demo(pool: sqlx::PgPool, flow: pgflow_core::Flow<u64>) -> pgflow_client::Result<()> {
+    /// use pgflow_client::Worker;
+    /// use tokio_util::sync::CancellationToken;
+    ///
+    /// let app_shutdown = CancellationToken::new();
+    /// let worker = Worker::builder(pool)
+    ///     .flow(flow)
+    ///     .shutdown_token(app_shutdown.clone())
+    ///     .spawn()?;
+    /// // ... when the application stops, it stops the worker with everything else:
+    /// app_shutdown.cancel();
+    /// worker.wait().await?;
+    /// # Ok(()) }
+    /// ```
     #[must_use]
     pub fn shutdown_token(mut self, token: CancellationToken) -> Self {
         self.settings.shutdown_token = Some(token);
@@ -261,6 +399,22 @@ impl WorkerBuilder {
     /// pgflow's SQL without this engine's additions as pgflow's TypeScript migrations install it,
     /// or an older schema: the message says what to run), [`Error::SchemaTooNew`] or
     /// [`Error::MigrationChanged`].
+    ///
+    /// ```no_run
+    /// # async fn demo(pool: sqlx::PgPool, flow: pgflow_core::Flow<u64>) -> pgflow_client::Result<()> {
+    /// use pgflow_client::Worker;
+    ///
+    /// // Settings and slugs are checked here, before anything runs: a concurrency of 0 from the
+    /// // environment is an Error::WorkerSetting.
+    /// let concurrency = std::env::var("WORKER_CONCURRENCY").ok().and_then(|n| n.parse().ok());
+    /// let worker = Worker::builder(pool)
+    ///     .flow(flow)
+    ///     .concurrency(concurrency.unwrap_or(10))
+    ///     .spawn()?;
+    /// // ... the database is checked in the background while the application goes on.
+    /// worker.shutdown().await?;
+    /// # Ok(()) }
+    /// ```
     ///
     /// # Errors
     ///

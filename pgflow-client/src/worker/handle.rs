@@ -85,16 +85,55 @@ impl WorkerHandle {
     /// The worker's shutdown token: cancelling it starts a graceful shutdown, and it fires when
     /// one starts for any reason. A child of the
     /// [shutdown token](super::WorkerBuilder::shutdown_token) given to the builder, if any.
+    ///
+    /// ```no_run
+    /// # async fn demo(pool: sqlx::PgPool, flow: pgflow_core::Flow<u64>) -> pgflow_client::Result<()> {
+    /// let worker = pgflow_client::Worker::builder(pool)
+    ///     .flow(flow)
+    ///     .shutdown_on_signal()
+    ///     .spawn()?;
+    /// // The rest of the application stops with the worker, whatever stopped it.
+    /// let stopping = worker.cancellation_token().clone();
+    /// tokio::spawn(async move {
+    ///     stopping.cancelled().await;
+    ///     tracing::info!("worker shutting down: closing the HTTP server");
+    /// });
+    /// worker.wait().await?;
+    /// # Ok(()) }
+    /// ```
     pub fn cancellation_token(&self) -> &CancellationToken {
         &self.shutdown
     }
 
     /// The worker's counters now.
+    ///
+    /// ```no_run
+    /// # async fn demo(pool: sqlx::PgPool, flow: pgflow_core::Flow<u64>) -> pgflow_client::Result<()> {
+    /// let worker = pgflow_client::Worker::builder(pool).flow(flow).spawn()?;
+    /// let stats = worker.stats();
+    /// println!(
+    ///     "{} completed, {} failed, {} running",
+    ///     stats.completed, stats.failed, stats.in_flight
+    /// );
+    /// # Ok(()) }
+    /// ```
     pub fn stats(&self) -> WorkerStats {
         self.counters.snapshot()
     }
 
     /// The `worker_id` of this worker's `pgflow.workers` row for `flow_slug`.
+    ///
+    /// ```no_run
+    /// # async fn demo(pool: sqlx::PgPool, flow: pgflow_core::Flow<u64>) -> pgflow_client::Result<()> {
+    /// let worker = pgflow_client::Worker::builder(pool.clone()).flow(flow).spawn()?;
+    /// if let Some(worker_id) = worker.worker_id("order_processing") {
+    ///     let sql = "SELECT last_heartbeat_at FROM pgflow.workers WHERE worker_id = $1";
+    ///     let last_heartbeat: Option<chrono::DateTime<chrono::Utc>> =
+    ///         sqlx::query_scalar(sql).bind(worker_id).fetch_one(&pool).await?;
+    ///     println!("{worker_id} last beat at {last_heartbeat:?}");
+    /// }
+    /// # Ok(()) }
+    /// ```
     pub fn worker_id(&self, flow_slug: &str) -> Option<Uuid> {
         self.worker_ids
             .iter()
@@ -103,6 +142,16 @@ impl WorkerHandle {
     }
 
     /// Whether the worker has stopped.
+    ///
+    /// ```no_run
+    /// use pgflow_client::WorkerHandle;
+    ///
+    /// // A health check: a worker stops on its own when the database fails its check or all its
+    /// // rows are marked deprecated.
+    /// fn healthy(worker: &WorkerHandle) -> bool {
+    ///     !worker.is_finished()
+    /// }
+    /// ```
     pub fn is_finished(&self) -> bool {
         self.join.is_finished()
     }
@@ -111,6 +160,14 @@ impl WorkerHandle {
     /// handlers finish (or are cancelled at the
     /// [shutdown timeout](super::WorkerBuilder::shutdown_timeout) and their attempts failed),
     /// results are reported, and the worker's rows get `deprecated_at`.
+    ///
+    /// ```no_run
+    /// # async fn demo(pool: sqlx::PgPool, flow: pgflow_core::Flow<u64>) -> pgflow_client::Result<()> {
+    /// let worker = pgflow_client::Worker::builder(pool).flow(flow).spawn()?;
+    /// // ... the application stops:
+    /// worker.shutdown().await?; // running handlers have finished, their results are stored
+    /// # Ok(()) }
+    /// ```
     ///
     /// # Errors
     ///
@@ -127,6 +184,18 @@ impl WorkerHandle {
     /// Waits until the worker stops on its own: the shutdown token was cancelled, a signal came
     /// ([`shutdown_on_signal`](super::WorkerBuilder::shutdown_on_signal)), or all its rows were
     /// marked deprecated.
+    ///
+    /// ```no_run
+    /// # async fn demo(pool: sqlx::PgPool, flow: pgflow_core::Flow<u64>) -> pgflow_client::Result<()> {
+    /// let worker = pgflow_client::Worker::builder(pool).flow(flow).spawn()?;
+    /// // Nothing here stops the worker: it runs until all its rows in pgflow.workers are marked
+    /// // deprecated, or stops at once if the database fails its check.
+    /// match worker.wait().await {
+    ///     Ok(()) => println!("deprecated: the worker has shut down"),
+    ///     Err(error) => eprintln!("the worker could not run: {error}"),
+    /// }
+    /// # Ok(()) }
+    /// ```
     ///
     /// # Errors
     ///
