@@ -9,7 +9,7 @@ use serde_json::{Value, json};
 
 use crate::support::{client, database};
 
-fn pgflow(url: &str, args: &[&str]) -> Output {
+pub fn pgflow(url: &str, args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_pgflow"))
         .args(args)
         .env("DATABASE_URL", url)
@@ -17,7 +17,7 @@ fn pgflow(url: &str, args: &[&str]) -> Output {
         .expect("the pgflow binary runs")
 }
 
-fn stdout(output: &Output) -> String {
+pub fn stdout(output: &Output) -> String {
     assert!(
         output.status.success(),
         "pgflow failed: {}",

@@ -7,6 +7,8 @@
 // The CLI's tests need its binary: `cargo test --all-features` (README's test command).
 #[cfg(feature = "cli")]
 mod cli;
+#[cfg(feature = "cli")]
+mod cli_operator;
 mod client;
 mod engine;
 mod install;

@@ -7,35 +7,40 @@
 
 mod args;
 mod commands;
+mod failure;
+mod output;
 mod run_view;
 mod table;
 
+use std::io::Write;
 use std::process::ExitCode;
 
 use clap::Parser;
 use pgflow_client::Client;
-use serde::Serialize;
 use sqlx::postgres::PgPoolOptions;
 
 use args::{Cli, Command};
+use failure::Failure;
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
-    match run(cli).await {
+    let mut out = output::stdout();
+    let result = match run(cli, &mut out).await {
+        Ok(()) => out.flush().map_err(Failure::from),
+        Err(failure) => Err(failure),
+    };
+    match result {
         Ok(()) => ExitCode::SUCCESS,
-        Err(message) => {
-            eprintln!("error: {message}");
-            ExitCode::FAILURE
-        }
+        Err(failure) => failure.report(),
     }
 }
 
-pub(crate) type CliResult = Result<(), String>;
+pub(crate) type CliResult = Result<(), Failure>;
 
-async fn run(cli: Cli) -> CliResult {
+async fn run(cli: Cli, out: &mut impl Write) -> CliResult {
     if let Command::Schema = cli.command {
-        print!("{}", pgflow_core::schema::install_sql());
+        out.write_all(pgflow_core::schema::install_sql().as_bytes())?;
         return Ok(());
     }
     let url = cli
@@ -48,13 +53,7 @@ async fn run(cli: Cli) -> CliResult {
         .await
         .map_err(|err| format!("cannot connect to the database: {err}"))?;
     let client = Client::new(pool);
-    let result = commands::dispatch(&client, cli.command, cli.json).await;
+    let result = commands::dispatch(&client, cli.command, cli.json, out).await;
     client.pool().close().await;
     result
-}
-
-pub(crate) fn print_json(value: &impl Serialize) -> CliResult {
-    let text = serde_json::to_string_pretty(value).map_err(|err| err.to_string())?;
-    println!("{text}");
-    Ok(())
 }

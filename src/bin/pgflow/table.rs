@@ -19,7 +19,3 @@ pub(crate) fn table_text<const N: usize>(rows: &[[String; N]]) -> String {
     }
     out
 }
-
-pub(crate) fn print_table<const N: usize>(rows: &[[String; N]]) {
-    print!("{}", table_text(rows));
-}

@@ -1,21 +1,24 @@
+use std::io::Write;
+
 use pgflow_client::Client;
 
-use crate::{CliResult, print_json};
+use crate::CliResult;
+use crate::output::print_json;
 
-pub(crate) async fn check(client: &Client, json: bool) -> CliResult {
-    let violations = client.check().await.map_err(|err| err.to_string())?;
+pub(crate) async fn check(client: &Client, json: bool, out: &mut impl Write) -> CliResult {
+    let violations = client.check().await?;
     if json {
-        print_json(&violations)?;
+        print_json(out, &violations)?;
     } else if violations.is_empty() {
-        println!("every run is consistent");
+        writeln!(out, "every run is consistent")?;
     } else {
         for violation in &violations {
-            println!("{violation}");
+            writeln!(out, "{violation}")?;
         }
     }
     if violations.is_empty() {
         Ok(())
     } else {
-        Err(format!("{} inconsistencies found", violations.len()))
+        Err(format!("{} inconsistencies found", violations.len()).into())
     }
 }

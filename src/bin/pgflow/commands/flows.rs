@@ -1,26 +1,30 @@
+use std::io::Write;
+
 use std::fmt::Write as _;
 
 use pgflow_client::Client;
 
-use crate::{CliResult, print_json};
+use crate::CliResult;
+use crate::output::print_json;
 
-pub(crate) async fn flows(client: &Client, json: bool) -> CliResult {
-    let flows = client.flows().await.map_err(|err| err.to_string())?;
+pub(crate) async fn flows(client: &Client, json: bool, out: &mut impl Write) -> CliResult {
+    let flows = client.flows().await?;
     if json {
-        return print_json(&flows);
+        return print_json(out, &flows);
     }
     if flows.is_empty() {
-        println!("no flows");
+        writeln!(out, "no flows")?;
     }
     for flow in flows {
         let o = flow.options;
-        println!(
+        writeln!(
+            out,
             "{}  (max_attempts {}, base_delay {}s, timeout {}s)",
             flow.slug,
             o.max_attempts.unwrap_or(3),
             o.base_delay.unwrap_or(5),
             o.timeout.unwrap_or(60)
-        );
+        )?;
         for step in &flow.steps {
             let mut line = format!("  {} [{}]", step.slug, step.kind);
             if !step.dependencies.is_empty() {
@@ -37,7 +41,7 @@ pub(crate) async fn flows(client: &Client, json: bool) -> CliResult {
                     let _ = write!(line, " {name}={value}");
                 }
             }
-            println!("{line}");
+            writeln!(out, "{line}")?;
         }
     }
     Ok(())

@@ -8,28 +8,35 @@ mod runs;
 mod start;
 mod watch;
 
+use std::io::Write;
+
 use pgflow_client::Client;
 
 use crate::CliResult;
 use crate::args::Command;
 
-pub(crate) async fn dispatch(client: &Client, command: Command, json: bool) -> CliResult {
+pub(crate) async fn dispatch(
+    client: &Client,
+    command: Command,
+    json: bool,
+    out: &mut impl Write,
+) -> CliResult {
     match command {
         Command::Schema => Ok(()),
-        Command::Install => install::install(client, json).await,
-        Command::Flows => flows::flows(client, json).await,
+        Command::Install => install::install(client, json, out).await,
+        Command::Flows => flows::flows(client, json, out).await,
         Command::Runs {
             flow,
             status,
             limit,
-        } => runs::runs(client, flow.as_deref(), status, limit, json).await,
-        Command::Run { run_id } => run::show_run(client, run_id, json).await,
+        } => runs::runs(client, flow.as_deref(), status, limit, json, out).await,
+        Command::Run { run_id } => run::show_run(client, run_id, json, out).await,
         Command::Start {
             flow,
             input,
             run_id,
-        } => start::start(client, &flow, &input, run_id, json).await,
-        Command::Watch { run_id } => watch::watch(client, run_id, json).await,
-        Command::Check => check::check(client, json).await,
+        } => start::start(client, &flow, &input, run_id, json, out).await,
+        Command::Watch { run_id } => watch::watch(client, run_id, json, out).await,
+        Command::Check => check::check(client, json, out).await,
     }
 }

@@ -1,17 +1,22 @@
+use std::io::Write;
+
 use pgflow_client::Client;
 use uuid::Uuid;
 
+use crate::CliResult;
+use crate::output::print_json;
 use crate::run_view::render_run;
-use crate::{CliResult, print_json};
 
-pub(crate) async fn show_run(client: &Client, run_id: Uuid, json: bool) -> CliResult {
-    let state = client
-        .run_state(run_id)
-        .await
-        .map_err(|err| err.to_string())?;
+pub(crate) async fn show_run(
+    client: &Client,
+    run_id: Uuid,
+    json: bool,
+    out: &mut impl Write,
+) -> CliResult {
+    let state = client.run_state(run_id).await?;
     if json {
-        return print_json(&state);
+        return print_json(out, &state);
     }
-    print!("{}", render_run(&state));
+    write!(out, "{}", render_run(&state))?;
     Ok(())
 }

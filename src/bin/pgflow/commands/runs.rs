@@ -1,8 +1,11 @@
+use std::io::Write;
+
 use pgflow_client::{Client, RunStatus};
 
+use crate::CliResult;
+use crate::output::print_json;
 use crate::run_view::duration;
-use crate::table::print_table;
-use crate::{CliResult, print_json};
+use crate::table::table_text;
 
 pub(crate) async fn runs(
     client: &Client,
@@ -10,18 +13,16 @@ pub(crate) async fn runs(
     status: Option<RunStatus>,
     limit: u32,
     json: bool,
+    out: &mut impl Write,
 ) -> CliResult {
-    let runs = client
-        .recent_runs(flow, status, limit)
-        .await
-        .map_err(|err| err.to_string())?;
-    let counts = client.run_counts().await.map_err(|err| err.to_string())?;
+    let runs = client.recent_runs(flow, status, limit).await?;
+    let counts = client.run_counts().await?;
     if json {
         let counts: Vec<_> = counts
             .iter()
             .map(|(flow, status, count)| serde_json::json!({"flow_slug": flow, "status": status, "count": count}))
             .collect();
-        return print_json(&serde_json::json!({"runs": runs, "counts": counts}));
+        return print_json(out, &serde_json::json!({"runs": runs, "counts": counts}));
     }
     let mut table = vec![[
         "RUN ID".to_string(),
@@ -41,10 +42,10 @@ pub(crate) async fn runs(
             duration(Some(run.started_at), run.ended_at),
         ]);
     }
-    print_table(&table);
-    println!();
+    write!(out, "{}", table_text(&table))?;
+    writeln!(out)?;
     for (flow, status, count) in counts {
-        println!("{flow}: {count} {status}");
+        writeln!(out, "{flow}: {count} {status}")?;
     }
     Ok(())
 }

@@ -1,8 +1,11 @@
+use std::io::Write;
+
 use pgflow_client::Client;
 use serde_json::Value;
 use uuid::Uuid;
 
-use crate::{CliResult, print_json};
+use crate::CliResult;
+use crate::output::print_json;
 
 pub(crate) async fn start(
     client: &Client,
@@ -10,16 +13,14 @@ pub(crate) async fn start(
     input: &str,
     run_id: Option<Uuid>,
     json: bool,
+    out: &mut impl Write,
 ) -> CliResult {
     let input: Value =
         serde_json::from_str(input).map_err(|err| format!("the input is not valid JSON: {err}"))?;
-    let run = client
-        .start_json(flow, input, run_id)
-        .await
-        .map_err(|err| err.to_string())?;
+    let run = client.start_json(flow, input, run_id).await?;
     if json {
-        return print_json(&serde_json::json!({ "run_id": run.id() }));
+        return print_json(out, &serde_json::json!({ "run_id": run.id() }));
     }
-    println!("{}", run.id());
+    writeln!(out, "{}", run.id())?;
     Ok(())
 }

@@ -1,3 +1,5 @@
+use std::io::Write;
+
 use std::pin::pin;
 
 use chrono::Utc;
@@ -8,28 +10,30 @@ use uuid::Uuid;
 use crate::CliResult;
 use crate::run_view::render_run;
 
-pub(crate) async fn watch(client: &Client, run_id: Uuid, json: bool) -> CliResult {
+pub(crate) async fn watch(
+    client: &Client,
+    run_id: Uuid,
+    json: bool,
+    out: &mut impl Write,
+) -> CliResult {
     let run = client.run(run_id);
-    let events = run.events().await.map_err(|err| err.to_string())?;
+    let events = run.events().await?;
     if !json {
-        let state = run.state().await.map_err(|err| err.to_string())?;
-        print!("{}", render_run(&state));
+        let state = run.state().await?;
+        write!(out, "{}", render_run(&state))?;
     }
     let mut events = pin!(events);
     while let Some(event) = events.next().await {
-        let event = event.map_err(|err| err.to_string())?;
+        let event = event?;
         if json {
-            println!(
-                "{}",
-                serde_json::to_string(&event).map_err(|err| err.to_string())?
-            );
+            writeln!(out, "{}", serde_json::to_string(&event)?)?;
         } else {
-            println!("{} {event}", Utc::now().format("%H:%M:%S%.3f"));
+            writeln!(out, "{} {event}", Utc::now().format("%H:%M:%S%.3f"))?;
         }
     }
     if !json {
-        let state = run.state().await.map_err(|err| err.to_string())?;
-        print!("{}", render_run(&state));
+        let state = run.state().await?;
+        write!(out, "{}", render_run(&state))?;
     }
     Ok(())
 }

@@ -1,0 +1,19 @@
+//! Writing to stdout: every write returns its error, so that a closed pipe ends the command
+//! quietly instead of a `println!` panic.
+
+use std::io::{self, Write};
+
+use serde::Serialize;
+
+use crate::CliResult;
+
+/// Where commands write what they show.
+pub(crate) fn stdout() -> impl Write {
+    io::stdout().lock()
+}
+
+pub(crate) fn print_json(out: &mut impl Write, value: &impl Serialize) -> CliResult {
+    serde_json::to_writer_pretty(&mut *out, value)?;
+    writeln!(out)?;
+    Ok(())
+}
