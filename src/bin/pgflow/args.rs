@@ -15,6 +15,11 @@ pub(crate) struct Cli {
     #[arg(long, env = "DATABASE_URL", global = true, hide_env_values = true)]
     pub(crate) database_url: Option<String>,
 
+    /// Seconds to wait for the database to answer before giving up.
+    #[arg(long, global = true, default_value_t = 5, value_name = "SECONDS",
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub(crate) connect_timeout: u64,
+
     /// Print JSON instead of text.
     #[arg(long, global = true)]
     pub(crate) json: bool,

@@ -7,6 +7,7 @@
 
 mod args;
 mod commands;
+mod connect;
 mod failure;
 mod output;
 mod run_view;
@@ -14,10 +15,10 @@ mod table;
 
 use std::io::Write;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use clap::Parser;
 use pgflow_client::Client;
-use sqlx::postgres::PgPoolOptions;
 
 use args::{Cli, Command};
 use failure::Failure;
@@ -47,11 +48,7 @@ async fn run(cli: Cli, out: &mut impl Write) -> CliResult {
         .database_url
         .as_deref()
         .ok_or("no database: pass --database-url or set DATABASE_URL")?;
-    let pool = PgPoolOptions::new()
-        .max_connections(2)
-        .connect(url)
-        .await
-        .map_err(|err| format!("cannot connect to the database: {err}"))?;
+    let pool = connect::connect(url, Duration::from_secs(cli.connect_timeout)).await?;
     let client = Client::new(pool);
     let result = commands::dispatch(&client, cli.command, cli.json, out).await;
     client.pool().close().await;
