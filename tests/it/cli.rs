@@ -227,7 +227,9 @@ async fn watch_follows_a_run_to_its_end() {
         .await
         .unwrap();
     let output = watcher.join().unwrap();
-    let text = stdout(&output);
+    // 3: the run failed (`pgflow watch --help`).
+    assert_eq!(output.status.code(), Some(3), "{output:?}");
+    let text = String::from_utf8_lossy(&output.stdout);
     let kinds: Vec<String> = text
         .lines()
         .map(|l| {

@@ -6,7 +6,15 @@ use std::net::TcpListener;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::cli::pgflow;
+use pgflow_client::Client;
+use pgflow_client::throwaway::TestDatabase;
+use pgflow_core::{Flow, StepContext, StepError, step_fn};
+use serde_json::{Value, json};
+use sqlx::PgPool;
+use uuid::Uuid;
+
+use crate::cli::{pgflow, stdout};
+use crate::support::client;
 
 #[test]
 fn a_reader_that_stops_early_ends_the_output_quietly() {
@@ -73,4 +81,125 @@ fn a_server_that_never_answers_is_given_up_on_after_the_connect_timeout() {
         "{stderr}"
     );
     drop(silent);
+}
+
+/// `urls` finds pages, `fetch` maps over them (two attempts each), `save` stores the lot.
+fn crawl() -> Flow<Value> {
+    let urls = step_fn("urls")
+        .handler(|v: Value, _ctx: StepContext| async move { Ok::<_, StepError>(vec![v]) });
+    let fetch = step_fn("fetch")
+        .map_over(&urls)
+        .max_attempts(2)
+        .handler(|v: Value, _ctx| async move { Ok::<_, StepError>(v) });
+    let save = step_fn("save")
+        .depends_on(&fetch)
+        .handler(|_: Value, pages: Vec<Value>, _ctx| async move { Ok::<_, StepError>(pages) });
+    Flow::new("crawl").step(urls).step(fetch).step(save).build()
+}
+
+/// Takes task `index` of `step` as a worker would, for one more attempt.
+async fn take(pool: &PgPool, run: Uuid, step: &str, index: i32) {
+    sqlx::query(
+        "UPDATE pgflow.step_tasks
+            SET status = 'started', started_at = now(), attempts_count = attempts_count + 1
+          WHERE run_id = $1 AND step_slug = $2 AND task_index = $3",
+    )
+    .bind(run)
+    .bind(step)
+    .bind(index)
+    .execute(pool)
+    .await
+    .unwrap();
+}
+
+/// Takes a task and completes it with `output`.
+async fn complete(pool: &PgPool, run: Uuid, step: &str, index: i32, output: Value) {
+    take(pool, run, step, index).await;
+    sqlx::query("SELECT pgflow.complete_task($1, $2, $3, $4)")
+        .bind(run)
+        .bind(step)
+        .bind(index)
+        .bind(output)
+        .execute(pool)
+        .await
+        .unwrap();
+}
+
+/// Takes a task and fails its attempt with `error` (a retry if attempts are left).
+async fn fail(pool: &PgPool, run: Uuid, step: &str, index: i32, error: &str) {
+    take(pool, run, step, index).await;
+    sqlx::query("SELECT pgflow.fail_task($1, $2, $3, $4)")
+        .bind(run)
+        .bind(step)
+        .bind(index)
+        .bind(error)
+        .execute(pool)
+        .await
+        .unwrap();
+}
+
+/// A crawl run of three pages whose `urls` step is done.
+async fn crawling(db: &TestDatabase, client: &Client) -> Uuid {
+    client.compile(&crawl()).await.unwrap();
+    let run = client
+        .start_json("crawl", json!("x"), None)
+        .await
+        .unwrap()
+        .id();
+    complete(db.pool(), run, "urls", 0, json!(["a", "b", "c"])).await;
+    run
+}
+
+#[tokio::test]
+async fn watch_exits_0_for_a_completed_run() {
+    let (db, client) = client().await;
+    let run = crawling(&db, &client).await;
+    for index in 0..3 {
+        complete(db.pool(), run, "fetch", index, json!(index)).await;
+    }
+    complete(db.pool(), run, "save", 0, json!("saved")).await;
+    let output = pgflow(db.url(), &["watch", &run.to_string()]);
+    assert_eq!(output.status.code(), Some(0), "{output:?}");
+}
+
+#[tokio::test]
+async fn watch_exits_3_for_a_failed_run_and_says_where() {
+    let (db, client) = client().await;
+    let run = crawling(&db, &client).await;
+    fail(db.pool(), run, "fetch", 1, "timeout").await;
+    fail(db.pool(), run, "fetch", 1, "404 not found").await;
+    let output = pgflow(db.url(), &["watch", &run.to_string()]);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(3), "{stderr}");
+    assert!(
+        stderr.contains(&format!("run {run} failed in step `fetch`: 404 not found")),
+        "{stderr}"
+    );
+}
+
+#[tokio::test]
+async fn watch_exits_4_when_its_timeout_passes_first() {
+    let (db, client) = client().await;
+    let run = crawling(&db, &client).await;
+    let began = Instant::now();
+    let output = pgflow(db.url(), &["watch", &run.to_string(), "--timeout", "1"]);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(4), "{stderr}");
+    assert!(began.elapsed() < Duration::from_secs(10));
+    assert!(
+        stderr.contains(&format!("run {run} has not ended within 1s; it goes on")),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn watch_help_lists_its_exit_statuses() {
+    let help = stdout(&pgflow("", &["watch", "--help"]));
+    for line in [
+        "0  the run completed",
+        "3  the run failed",
+        "4  --timeout passed before the run ended",
+    ] {
+        assert!(help.contains(line), "{help}");
+    }
 }

@@ -4,6 +4,16 @@ use clap::{Parser, Subcommand};
 use pgflow_client::RunStatus;
 use uuid::Uuid;
 
+/// `watch`'s exit statuses, for scripts that wait on a run; the numbers are in
+/// `commands::watch` and docs/operating.md.
+const WATCH_EXIT_STATUS: &str = "\
+Exit status:
+  0  the run completed
+  1  the run could not be watched (no database, no such run, connection lost)
+  2  invalid arguments
+  3  the run failed
+  4  --timeout passed before the run ended (the run goes on)";
+
 #[derive(Debug, Parser)]
 #[command(
     name = "pgflow",
@@ -67,8 +77,12 @@ pub(crate) enum Command {
     /// Check that every run is consistent (counters, statuses, queues); exit status 1 if not.
     Check,
     /// Follow a run's progress until it ends.
+    #[command(after_help = WATCH_EXIT_STATUS)]
     Watch {
         /// The run's id.
         run_id: Uuid,
+        /// Give up after this many seconds if the run has not ended (exit status 4).
+        #[arg(long, value_name = "SECONDS")]
+        timeout: Option<u64>,
     },
 }

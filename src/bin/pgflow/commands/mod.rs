@@ -9,6 +9,7 @@ mod start;
 mod watch;
 
 use std::io::Write;
+use std::time::Duration;
 
 use pgflow_client::Client;
 
@@ -36,7 +37,9 @@ pub(crate) async fn dispatch(
             input,
             run_id,
         } => start::start(client, &flow, &input, run_id, json, out).await,
-        Command::Watch { run_id } => watch::watch(client, run_id, json, out).await,
+        Command::Watch { run_id, timeout } => {
+            watch::watch(client, run_id, timeout.map(Duration::from_secs), json, out).await
+        }
         Command::Check => check::check(client, json, out).await,
     }
 }

@@ -1,39 +1,103 @@
+use std::future;
 use std::io::Write;
-
 use std::pin::pin;
+use std::time::Duration;
 
 use chrono::Utc;
 use futures_util::StreamExt;
-use pgflow_client::Client;
+use pgflow_client::{Client, EventKind, RunState, RunStatus};
+use tokio::time::Instant;
 use uuid::Uuid;
 
 use crate::CliResult;
+use crate::failure::Failure;
 use crate::run_view::render_run;
+
+/// Exit status of a watched run that failed (0 is a completed run, 1 a watch that failed).
+const RUN_FAILED: u8 = 3;
+/// Exit status when `--timeout` passed first.
+const TIMED_OUT: u8 = 4;
 
 pub(crate) async fn watch(
     client: &Client,
     run_id: Uuid,
+    timeout: Option<Duration>,
     json: bool,
     out: &mut impl Write,
 ) -> CliResult {
+    let deadline = timeout.map(|timeout| Instant::now() + timeout);
     let run = client.run(run_id);
+    // Subscribed before the first read: nothing that happens in between is missed.
     let events = run.events().await?;
     if !json {
-        let state = run.state().await?;
-        write!(out, "{}", render_run(&state))?;
+        write!(out, "{}", render_run(&run.state().await?))?;
     }
     let mut events = pin!(events);
-    while let Some(event) = events.next().await {
-        let event = event?;
-        if json {
-            writeln!(out, "{}", serde_json::to_string(&event)?)?;
-        } else {
-            writeln!(out, "{} {event}", Utc::now().format("%H:%M:%S%.3f"))?;
+    let mut timed_out = pin!(async {
+        match deadline {
+            Some(deadline) => tokio::time::sleep_until(deadline).await,
+            None => future::pending().await,
+        }
+    });
+    loop {
+        tokio::select! {
+            event = events.next() => {
+                let Some(event) = event else { break };
+                let event = event?;
+                if json {
+                    serde_json::to_writer(&mut *out, &event)?;
+                    writeln!(out)?;
+                } else {
+                    writeln!(out, "{} {event}", Utc::now().format("%H:%M:%S%.3f"))?;
+                }
+                out.flush()?;
+                if event.kind == EventKind::RunFailed || event.kind == EventKind::RunCompleted {
+                    break;
+                }
+            }
+            () = &mut timed_out => {
+                let state = run.state().await?;
+                if !json {
+                    write!(out, "{}", render_run(&state))?;
+                }
+                return Err(Failure::with_status(
+                    TIMED_OUT,
+                    format!(
+                        "run {run_id} has not ended within {}s; it goes on",
+                        timeout.unwrap_or_default().as_secs()
+                    ),
+                ));
+            }
         }
     }
+    let state = run.state().await?;
     if !json {
-        let state = run.state().await?;
         write!(out, "{}", render_run(&state))?;
     }
-    Ok(())
+    ended(&state)
+}
+
+/// The watch's outcome from the run's final state.
+fn ended(state: &RunState) -> CliResult {
+    let run = &state.run;
+    match run.status {
+        RunStatus::Completed => Ok(()),
+        RunStatus::Failed => {
+            let why = state
+                .steps
+                .iter()
+                .find_map(|step| {
+                    let error = step.error_message.as_deref()?;
+                    Some(format!(" in step `{}`: {error}", step.step_slug))
+                })
+                .unwrap_or_default();
+            Err(Failure::with_status(
+                RUN_FAILED,
+                format!("run {} failed{why}", run.run_id),
+            ))
+        }
+        status => Err(Failure::error(format!(
+            "the run's events ended while it is {status}"
+        ))),
+    }
 }
