@@ -69,7 +69,7 @@
 pub use pgflow_core::Flow;
 pub use pgflow_core::{
     CancellationToken, Error as FlowError, FlowBuilder, FlowOptions, FlowShape, MAX_OPTION_VALUE,
-    MAX_SLUG_LEN, SlugProblem, Step, StepContext, StepContextBuilder, StepError, StepKind,
+    MAX_SLUG_LEN, Seconds, SlugProblem, Step, StepContext, StepContextBuilder, StepError, StepKind,
     StepOptions, StepShape, Uuid, check_slug, is_valid_slug, schema, step_fn,
 };
 

@@ -78,7 +78,7 @@ pub enum Error {
         option: &'static str,
         /// The value given.
         value: u32,
-        /// The rule it breaks, e.g. "must be greater than 0".
+        /// The rule it breaks, e.g. "must be at least 3 seconds".
         requirement: &'static str,
     },
 
@@ -93,7 +93,7 @@ pub enum Error {
         option: &'static str,
         /// The value given.
         value: u32,
-        /// The rule it breaks, e.g. "must be greater than 0".
+        /// The rule it breaks, e.g. "must be at least 3 seconds".
         requirement: &'static str,
     },
 }

@@ -332,17 +332,19 @@ impl<I, Steps> FlowBuilder<I, Steps> {
         self
     }
 
-    /// Sets the flow's `base_delay`, in seconds (steps inherit it).
+    /// Sets the flow's `base_delay` (steps inherit it): whole seconds, or a
+    /// [`Duration`](std::time::Duration) rounded up to them (see [`Seconds`](crate::Seconds)).
     #[must_use]
-    pub fn base_delay(mut self, seconds: u32) -> Self {
-        self.shape.options.base_delay = Some(seconds);
+    pub fn base_delay(mut self, time: impl crate::Seconds) -> Self {
+        self.shape.options.base_delay = Some(time.into_seconds());
         self
     }
 
-    /// Sets the flow's `timeout`, in seconds (steps inherit it).
+    /// Sets the flow's `timeout` (steps inherit it): whole seconds, or a
+    /// [`Duration`](std::time::Duration) rounded up to them (see [`Seconds`](crate::Seconds)).
     #[must_use]
-    pub fn timeout(mut self, seconds: u32) -> Self {
-        self.shape.options.timeout = Some(seconds);
+    pub fn timeout(mut self, time: impl crate::Seconds) -> Self {
+        self.shape.options.timeout = Some(time.into_seconds());
         self
     }
 
@@ -727,7 +729,7 @@ mod tests {
         let error = Flow::<u8>::new("good").step(s).try_build().unwrap_err();
         assert_eq!(
             error.to_string(),
-            "option `timeout` of step `ok` in flow `good` is 0, but it must be greater than 0"
+            "option `timeout` of step `ok` in flow `good` is 0, but it must be at least 3 seconds"
         );
         let dup_a =
             step_fn("same").handler(|n: u8, _: StepContext| async move { Ok::<_, StepError>(n) });

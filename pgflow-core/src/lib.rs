@@ -64,7 +64,7 @@ pub use context::{StepContext, StepContextBuilder};
 pub use error::{Error, Result, SlugProblem};
 pub use flow::{Flow, FlowBuilder, FlowStep};
 pub use handler::{BoxFuture, ErasedHandler, StepError};
-pub use options::{FlowOptions, MAX_OPTION_VALUE, StepOptions};
+pub use options::{FlowOptions, MAX_OPTION_VALUE, Seconds, StepOptions};
 pub use shape::{FlowShape, StepKind, StepShape};
 pub use slug::{MAX_SLUG_LEN, check_slug, is_valid_slug};
 pub use step::{

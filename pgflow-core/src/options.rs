@@ -3,25 +3,72 @@
 //!
 //! The bounds are stated here once for Rust, and checked from here both by
 //! [`Flow::validate`](crate::Flow::validate) and, for literal values, by `#[step]` at compile
-//! time (its expansion asks [`StepOptions::problem`] in a constant). `pgflow.create_flow` and
-//! `pgflow.add_step` refuse the same values in SQL (migration 0003), for definitions that do
-//! not come from Rust.
+//! time (its expansion asks [`StepOptions::problem`] in a constant). The lower bounds are those
+//! of pgflow's TypeScript DSL (0.8.1); `pgflow.create_flow` and `pgflow.add_step` refuse only
+//! the values above the upper bounds (migration 0003), and accept the lower ones pgflow 0.8.1's
+//! SQL accepts, for definitions that do not come from Rust.
+//!
+//! # Time
+//!
+//! The engine counts time in whole seconds. Every time-valued option (`base_delay`, `timeout`,
+//! `start_delay`) takes either a whole number of seconds (`u32`, as in `.timeout(60)`) or a
+//! [`Duration`], through [`Seconds`]. A `Duration` is rounded **up** to whole seconds, so that
+//! a timeout is never shorter than asked (1.5 s is 2 s), and saturates at `u32::MAX` seconds, so
+//! that a duration too long for the engine is refused by the bounds rather than wrapped.
+
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-/// Declares the upper bounds: each is written once, as one literal that makes both the
-/// associated constant and the sentence an out-of-range value is refused with.
-macro_rules! upper_bounds {
-    ($($(#[$doc:meta])* $bound:ident, $option:literal = $max:literal $unit:literal;)*) => {
+/// A length of time as an option takes it: whole seconds (see the [module](self) for the
+/// rounding of a [`Duration`]).
+///
+/// ```
+/// use std::time::Duration;
+/// use pgflow_core::Seconds;
+///
+/// assert_eq!(30.into_seconds(), 30);
+/// assert_eq!(Duration::from_millis(1500).into_seconds(), 2);
+/// ```
+pub trait Seconds {
+    /// The whole seconds the engine is given.
+    fn into_seconds(self) -> u32;
+}
+
+impl Seconds for u32 {
+    fn into_seconds(self) -> u32 {
+        self
+    }
+}
+
+impl Seconds for Duration {
+    fn into_seconds(self) -> u32 {
+        let whole = self.as_secs();
+        let seconds = if self.subsec_nanos() > 0 {
+            whole.saturating_add(1)
+        } else {
+            whole
+        };
+        u32::try_from(seconds).unwrap_or(u32::MAX)
+    }
+}
+
+/// Declares one side of the bounds: each is written once, as one literal that makes both the
+/// associated constant and the sentence a value past it is refused with.
+macro_rules! bounds {
+    (
+        $check:ident: refuses $past:tt, says $words:literal;
+        $($(#[$doc:meta])* $bound:ident, $option:literal = $limit:literal $unit:literal;)*
+    ) => {
         impl StepOptions {
-            $($(#[$doc])* pub const $bound: u32 = $max;)*
+            $($(#[$doc])* pub const $bound: u32 = $limit;)*
         }
 
-        /// The sentence refusing `value` as option `option`, when it is above the bound.
-        const fn above_bound(option: &str, value: u32) -> Option<&'static str> {
+        /// The sentence refusing `value` as option `option`, when it is past this bound.
+        const fn $check(option: &str, value: u32) -> Option<&'static str> {
             $(
-                if same(option, $option) && value > $max {
-                    return Some(concat!("must be at most ", $max, " ", $unit));
+                if same(option, $option) && value $past $limit {
+                    return Some(concat!("must be ", $words, " ", $limit, " ", $unit));
                 }
             )*
             None
@@ -29,7 +76,18 @@ macro_rules! upper_bounds {
     };
 }
 
-upper_bounds! {
+bounds! {
+    below_bound: refuses <, says "at least";
+    /// The smallest `max_attempts`, as in pgflow's TypeScript DSL: every task is attempted.
+    MIN_ATTEMPTS, "max_attempts" = 1 "attempt";
+    /// The smallest `base_delay`, in seconds, as in pgflow's TypeScript DSL: a retry waits.
+    MIN_BASE_DELAY, "base_delay" = 1 "second";
+    /// The smallest `timeout`, in seconds, as in pgflow's TypeScript DSL.
+    MIN_TIMEOUT, "timeout" = 3 "seconds";
+}
+
+bounds! {
+    above_bound: refuses >, says "at most";
     /// The largest `max_attempts`. With any backoff, attempts past the 32nd wait for decades:
     /// the delay before attempt *n* + 1 is `base_delay` × 2^*n* seconds, so from a one second
     /// base the 32nd already waits 68 years, the most `pgflow.calculate_retry_delay` returns.
@@ -80,8 +138,8 @@ const fn same(a: &str, b: &str) -> bool {
 ///
 /// Options left as `None` are omitted from the SQL, so the engine's defaults apply (3 attempts,
 /// 1 second base delay, 60 seconds timeout in pgflow 0.8.1). Values are whole seconds or counts;
-/// being unsigned, they cannot be negative. They accept the same values as the step options of
-/// the same names (see [`StepOptions::problem`]).
+/// the setters of times also take a [`Duration`] (see [`Seconds`]). They accept the same values
+/// as the step options of the same names (see [`StepOptions::problem`]).
 ///
 /// ```
 /// use pgflow_core::FlowOptions;
@@ -92,15 +150,15 @@ const fn same(a: &str, b: &str) -> bool {
 /// ```
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct FlowOptions {
-    /// How many times a task is attempted before the run fails (`max_attempts`, 0 to
-    /// [`StepOptions::MAX_ATTEMPTS`]).
+    /// How many times a task is attempted before the run fails (`max_attempts`,
+    /// [`StepOptions::MIN_ATTEMPTS`] to [`StepOptions::MAX_ATTEMPTS`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_attempts: Option<u32>,
-    /// Base of the exponential retry backoff, in seconds (`base_delay`, 0 to
-    /// [`StepOptions::MAX_BASE_DELAY`]).
+    /// Base of the exponential retry backoff, in seconds (`base_delay`,
+    /// [`StepOptions::MIN_BASE_DELAY`] to [`StepOptions::MAX_BASE_DELAY`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub base_delay: Option<u32>,
-    /// Seconds a task may run before it is retried (`timeout`, 1 to
+    /// Seconds a task may run before it is retried (`timeout`, [`StepOptions::MIN_TIMEOUT`] to
     /// [`StepOptions::MAX_TIMEOUT`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timeout: Option<u32>,
@@ -123,17 +181,17 @@ impl FlowOptions {
         self
     }
 
-    /// Sets `base_delay`, in seconds.
+    /// Sets `base_delay`: whole seconds, or a [`Duration`] rounded up to them (see [`Seconds`]).
     #[must_use]
-    pub const fn base_delay(mut self, seconds: u32) -> Self {
-        self.base_delay = Some(seconds);
+    pub fn base_delay(mut self, time: impl Seconds) -> Self {
+        self.base_delay = Some(time.into_seconds());
         self
     }
 
-    /// Sets `timeout`, in seconds.
+    /// Sets `timeout`: whole seconds, or a [`Duration`] rounded up to them (see [`Seconds`]).
     #[must_use]
-    pub const fn timeout(mut self, seconds: u32) -> Self {
-        self.timeout = Some(seconds);
+    pub fn timeout(mut self, time: impl Seconds) -> Self {
+        self.timeout = Some(time.into_seconds());
         self
     }
 
@@ -157,15 +215,15 @@ impl FlowOptions {
 /// ```
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct StepOptions {
-    /// How many times a task of this step is attempted (`max_attempts`, 0 to
-    /// [`StepOptions::MAX_ATTEMPTS`]).
+    /// How many times a task of this step is attempted (`max_attempts`,
+    /// [`StepOptions::MIN_ATTEMPTS`] to [`StepOptions::MAX_ATTEMPTS`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_attempts: Option<u32>,
-    /// Base of the exponential retry backoff, in seconds (`base_delay`, 0 to
-    /// [`StepOptions::MAX_BASE_DELAY`]).
+    /// Base of the exponential retry backoff, in seconds (`base_delay`,
+    /// [`StepOptions::MIN_BASE_DELAY`] to [`StepOptions::MAX_BASE_DELAY`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub base_delay: Option<u32>,
-    /// Seconds a task may run before it is retried (`timeout`, 1 to
+    /// Seconds a task may run before it is retried (`timeout`, [`StepOptions::MIN_TIMEOUT`] to
     /// [`StepOptions::MAX_TIMEOUT`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timeout: Option<u32>,
@@ -193,24 +251,24 @@ impl StepOptions {
         self
     }
 
-    /// Sets `base_delay`, in seconds.
+    /// Sets `base_delay`: whole seconds, or a [`Duration`] rounded up to them (see [`Seconds`]).
     #[must_use]
-    pub const fn base_delay(mut self, seconds: u32) -> Self {
-        self.base_delay = Some(seconds);
+    pub fn base_delay(mut self, time: impl Seconds) -> Self {
+        self.base_delay = Some(time.into_seconds());
         self
     }
 
-    /// Sets `timeout`, in seconds.
+    /// Sets `timeout`: whole seconds, or a [`Duration`] rounded up to them (see [`Seconds`]).
     #[must_use]
-    pub const fn timeout(mut self, seconds: u32) -> Self {
-        self.timeout = Some(seconds);
+    pub fn timeout(mut self, time: impl Seconds) -> Self {
+        self.timeout = Some(time.into_seconds());
         self
     }
 
-    /// Sets `start_delay`, in seconds.
+    /// Sets `start_delay`: whole seconds, or a [`Duration`] rounded up to them (see [`Seconds`]).
     #[must_use]
-    pub const fn start_delay(mut self, seconds: u32) -> Self {
-        self.start_delay = Some(seconds);
+    pub fn start_delay(mut self, time: impl Seconds) -> Self {
+        self.start_delay = Some(time.into_seconds());
         self
     }
 
@@ -222,17 +280,17 @@ impl StepOptions {
     /// use pgflow_core::StepOptions;
     ///
     /// assert_eq!(StepOptions::problem("timeout", 30), None);
-    /// assert_eq!(StepOptions::problem("timeout", 0), Some("must be greater than 0"));
+    /// assert_eq!(StepOptions::problem("timeout", 2), Some("must be at least 3 seconds"));
     /// assert_eq!(
     ///     StepOptions::problem("timeout", StepOptions::MAX_TIMEOUT + 1),
     ///     Some("must be at most 86400 seconds (one day)")
     /// );
     /// ```
     pub const fn problem(option: &str, value: u32) -> Option<&'static str> {
-        if same(option, "timeout") && value == 0 {
-            return Some("must be greater than 0");
+        match below_bound(option, value) {
+            Some(rule) => Some(rule),
+            None => above_bound(option, value),
         }
-        above_bound(option, value)
     }
 
     /// The options in SQL order, with their names: only those that are set.
@@ -290,14 +348,97 @@ mod tests {
     }
 
     #[test]
-    fn lower_bounds_are_unchanged() {
-        assert_eq!(
-            StepOptions::problem("timeout", 0),
-            Some("must be greater than 0")
-        );
-        for option in ["max_attempts", "base_delay", "start_delay"] {
-            assert_eq!(StepOptions::problem(option, 0), None, "{option}");
+    fn each_option_accepts_down_to_its_typescript_bound() {
+        let lower = [
+            ("max_attempts", StepOptions::MIN_ATTEMPTS, "attempt"),
+            ("base_delay", StepOptions::MIN_BASE_DELAY, "second"),
+            ("timeout", StepOptions::MIN_TIMEOUT, "seconds"),
+        ];
+        assert_eq!(lower.map(|(_, min, _)| min), [1, 1, 3]);
+        for (option, min, unit) in lower {
+            assert_eq!(StepOptions::problem(option, min), None, "{option}");
+            assert_eq!(
+                StepOptions::problem(option, min - 1),
+                Some(format!("must be at least {min} {unit}").as_str()),
+                "{option}"
+            );
+            assert!(StepOptions::problem(option, 0).is_some(), "{option}");
         }
+        assert_eq!(StepOptions::problem("start_delay", 0), None);
+    }
+
+    /// The error of a flow whose one step has `timeout`, which must be refused.
+    fn step_timeout_refused(timeout: u32) -> Error {
+        let step = step_fn("s")
+            .timeout(timeout)
+            .handler(|n: u8, _: StepContext| async move { Ok::<_, StepError>(n) });
+        let error = Flow::<u8>::new("f").step(step).try_build().unwrap_err();
+        assert!(
+            matches!(
+                error,
+                Error::InvalidStepOption {
+                    option: "timeout",
+                    value,
+                    ..
+                } if value == timeout
+            ),
+            "{error}"
+        );
+        error
+    }
+
+    #[test]
+    fn the_builder_refuses_values_below_the_bounds() {
+        let error = Flow::<u8>::new("f").base_delay(0).try_build().unwrap_err();
+        assert_eq!(
+            error.to_string(),
+            "option `base_delay` of flow `f` is 0, but it must be at least 1 second"
+        );
+        let error = step_timeout_refused(2);
+        assert!(
+            error.to_string().ends_with("must be at least 3 seconds"),
+            "{error}"
+        );
+    }
+
+    #[test]
+    fn durations_are_rounded_up_to_whole_seconds() {
+        assert_eq!(Duration::from_millis(1500).into_seconds(), 2);
+        assert_eq!(Duration::from_nanos(1).into_seconds(), 1);
+        assert_eq!(Duration::from_secs(30).into_seconds(), 30);
+        assert_eq!(Duration::ZERO.into_seconds(), 0);
+        assert_eq!(Duration::MAX.into_seconds(), u32::MAX);
+        let options = StepOptions::new()
+            .base_delay(Duration::from_secs(5))
+            .timeout(Duration::from_millis(2500))
+            .start_delay(Duration::from_secs(60));
+        assert_eq!(
+            (options.base_delay, options.timeout, options.start_delay),
+            (Some(5), Some(3), Some(60))
+        );
+    }
+
+    #[test]
+    fn an_integer_literal_is_whole_seconds() {
+        let options = FlowOptions::new().base_delay(5).timeout(60);
+        assert_eq!((options.base_delay, options.timeout), (Some(5), Some(60)));
+        let flow = Flow::<u8>::new("f").base_delay(5).timeout(60).build();
+        assert_eq!(flow.options().timeout, Some(60));
+    }
+
+    #[test]
+    fn a_duration_too_long_for_the_engine_is_refused_not_wrapped() {
+        // 2^32 + 5 seconds would wrap to 5 in a plain cast.
+        let long = Duration::from_secs(u64::from(u32::MAX) + 6);
+        let error = Flow::<u8>::new("f").timeout(long).try_build().unwrap_err();
+        assert_eq!(
+            error.to_string(),
+            "option `timeout` of flow `f` is 4294967295, but it must be at most 86400 seconds (one day)"
+        );
+        let step = step_fn("s")
+            .start_delay(Duration::MAX)
+            .handler(|n: u8, _: StepContext| async move { Ok::<_, StepError>(n) });
+        assert!(Flow::<u8>::new("f").step(step).try_build().is_err());
     }
 
     #[test]
@@ -320,18 +461,7 @@ mod tests {
             "option `timeout` of flow `f` is 2147483646, but it must be at most 86400 seconds (one day)"
         );
 
-        let step = step_fn("s")
-            .timeout(2_147_483_646)
-            .handler(|n: u8, _: StepContext| async move { Ok::<_, StepError>(n) });
-        let error = Flow::<u8>::new("f").step(step).try_build().unwrap_err();
-        assert!(matches!(
-            error,
-            Error::InvalidStepOption {
-                option: "timeout",
-                value: 2_147_483_646,
-                ..
-            }
-        ));
+        step_timeout_refused(2_147_483_646);
 
         let step = step_fn("s")
             .max_attempts(StepOptions::MAX_ATTEMPTS)

@@ -294,7 +294,7 @@ mod tests {
         bad.options.timeout = Some(0);
         assert_eq!(
             bad.validate().unwrap_err().to_string(),
-            "option `timeout` of flow `f` is 0, but it must be greater than 0"
+            "option `timeout` of flow `f` is 0, but it must be at least 3 seconds"
         );
 
         let bad = shape(vec![StepShape {
@@ -345,9 +345,12 @@ mod tests {
     }
 
     #[test]
-    fn zero_attempts_and_delays_are_allowed() {
+    fn the_smallest_values_are_allowed() {
         let flow = FlowShape {
-            options: FlowOptions::new().max_attempts(0).base_delay(0),
+            options: FlowOptions::new()
+                .max_attempts(StepOptions::MIN_ATTEMPTS)
+                .base_delay(StepOptions::MIN_BASE_DELAY)
+                .timeout(StepOptions::MIN_TIMEOUT),
             ..shape(vec![StepShape {
                 options: StepOptions::new().start_delay(0),
                 ..StepShape::new("s")
@@ -356,7 +359,7 @@ mod tests {
         assert_eq!(
             flow.statements().unwrap(),
             [
-                "SELECT pgflow.create_flow('f', max_attempts => 0, base_delay => 0);",
+                "SELECT pgflow.create_flow('f', max_attempts => 1, base_delay => 1, timeout => 3);",
                 "SELECT pgflow.add_step('f', 's', start_delay => 0);",
             ]
         );

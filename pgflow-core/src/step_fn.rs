@@ -86,24 +86,27 @@ impl<K> StepFnBuilder<K> {
         self
     }
 
-    /// Sets the step's `base_delay`, in seconds.
+    /// Sets the step's `base_delay`: whole seconds, or a [`Duration`](std::time::Duration)
+    /// rounded up to them (see [`Seconds`](crate::Seconds)).
     #[must_use]
-    pub fn base_delay(mut self, seconds: u32) -> Self {
-        self.options.base_delay = Some(seconds);
+    pub fn base_delay(mut self, time: impl crate::Seconds) -> Self {
+        self.options.base_delay = Some(time.into_seconds());
         self
     }
 
-    /// Sets the step's `timeout`, in seconds.
+    /// Sets the step's `timeout`: whole seconds, or a [`Duration`](std::time::Duration)
+    /// rounded up to them (see [`Seconds`](crate::Seconds)).
     #[must_use]
-    pub fn timeout(mut self, seconds: u32) -> Self {
-        self.options.timeout = Some(seconds);
+    pub fn timeout(mut self, time: impl crate::Seconds) -> Self {
+        self.options.timeout = Some(time.into_seconds());
         self
     }
 
-    /// Sets the step's `start_delay`, in seconds.
+    /// Sets the step's `start_delay`: whole seconds, or a [`Duration`](std::time::Duration)
+    /// rounded up to them (see [`Seconds`](crate::Seconds)).
     #[must_use]
-    pub fn start_delay(mut self, seconds: u32) -> Self {
-        self.options.start_delay = Some(seconds);
+    pub fn start_delay(mut self, time: impl crate::Seconds) -> Self {
+        self.options.start_delay = Some(time.into_seconds());
         self
     }
 

@@ -234,14 +234,17 @@ fn option_checks(args: &Args, cfgs: &[&Attribute], private: &TokenStream) -> Tok
 }
 
 /// What the expansion emits when the step is invalid: the struct, its `call` and lenient
-/// impls, so that the errors above are the only ones the user sees.
+/// impls, so that the errors above are the only ones the user sees, besides those of the
+/// literal option values: their bounds are pgflow-core's, which only the compiler can ask.
 fn fallback(step: &StepFn, args: &Args, slug: &str, private: &TokenStream) -> TokenStream {
     let name = &step.item.sig.ident;
     let cfgs = cfg_attrs(&step.item.attrs);
     let common = common(step, slug);
     let output = step_output(step, args.map.is_some(), private);
+    let option_checks = option_checks(args, &cfgs, private);
     quote! {
         #common
+        #option_checks
 
         #(#cfgs)*
         impl #private::Step for #name {

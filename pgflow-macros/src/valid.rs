@@ -90,7 +90,6 @@ fn literal_problem(name: &str, value: &Expr) -> Option<String> {
             Ok(n) if u32::try_from(n).is_err() => {
                 Some(format!("{n} is too large: option values are `u32`"))
             }
-            Ok(0) if name == "timeout" => Some("a timeout must be greater than 0".into()),
             Ok(_) => None,
             Err(error) => Some(error.to_string()),
         },
@@ -113,7 +112,8 @@ mod tests {
         assert_eq!(literal_problem("timeout", &parse_quote!(30)), None);
         assert_eq!(literal_problem("base_delay", &parse_quote!(0)), None);
         assert_eq!(literal_problem("timeout", &parse_quote!(CONST)), None);
-        assert!(literal_problem("timeout", &parse_quote!(0)).is_some());
+        // In range or not: the bounds are pgflow-core's, checked by the expansion.
+        assert_eq!(literal_problem("timeout", &parse_quote!(0)), None);
         assert!(literal_problem("max_attempts", &parse_quote!(-1)).is_some());
         assert!(literal_problem("max_attempts", &parse_quote!(5_000_000_000)).is_some());
         // In `u32`: its range is checked against pgflow-core's bound by the expansion.

@@ -12,7 +12,7 @@ use pgflow_core::{Flow, StepContext, StepError, StepKind, step_fn};
 use serde_json::{Value, json};
 use uuid::Uuid;
 
-use crate::support::client;
+use crate::support::{client, set_engine_options};
 
 fn chain(timeout: u32) -> Flow<Value> {
     let validate = step_fn("validate")
@@ -356,10 +356,10 @@ async fn waiting_on_a_run_that_fails_after_retries_says_where_and_why() {
     let (_db, client) = client().await;
     let validate = step_fn("validate")
         .max_attempts(2)
-        .base_delay(0)
         .handler(|v: Value, _ctx: StepContext| async move { Ok::<_, StepError>(v) });
     let flow: Flow<Value> = Flow::new("flaky").step(validate).build();
     client.compile(&flow).await.unwrap();
+    set_engine_options(client.pool(), "flaky", None, &[("base_delay", 0)]).await;
     let run = client.start(&flow, &json!(1)).await.unwrap();
     drive(&client, "flaky", run.id(), |_, _| {
         Err("card declined".into())

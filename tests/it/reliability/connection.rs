@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use pgflow_client::{Client, WorkerHandle};
+use pgflow_client::WorkerHandle;
 use serde_json::json;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{Connection, PgConnection, PgPool};
@@ -21,7 +21,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
 
-use super::{Executions, assert_squares_completed, squares, worker};
+use super::{Executions, assert_squares_completed, compile_squares, squares, worker};
 use crate::support::{database, finished_all, start, tasks_of};
 
 /// The `application_name` of worker connections, to find (and terminate) them.
@@ -43,10 +43,7 @@ async fn a_connection_lost_before_the_completion_landed_is_reported_again() {
     let pool = db.pool();
     let executions = Executions::default();
     let flow = squares("cut_before", Duration::from_millis(300), &executions);
-    Client::new(pool.clone())
-        .compile(&flow)
-        .await
-        .expect("compile");
+    compile_squares(pool, &flow).await;
     let worker_pool = worker_pool(db.url()).await;
     let worker = worker(&worker_pool, &flow, 4);
     let run = start(pool, "cut_before", json!(1)).await;
@@ -252,10 +249,7 @@ async fn a_connection_lost_after_the_completion_landed_is_not_applied_twice() {
     let pool = db.pool();
     let executions = Executions::default();
     let flow = squares("cut_after", Duration::from_millis(20), &executions);
-    Client::new(pool.clone())
-        .compile(&flow)
-        .await
-        .expect("compile");
+    compile_squares(pool, &flow).await;
     let options: PgConnectOptions = db.url().parse().expect("url");
     let proxy = CuttingProxy::start(options.get_port(), 3).await;
     let proxied = format!(
@@ -298,10 +292,7 @@ async fn runs_complete_while_worker_connections_are_terminated_again_and_again()
     let pool = db.pool();
     let executions = Executions::default();
     let flow = squares("terminated", Duration::from_millis(30), &executions);
-    Client::new(pool.clone())
-        .compile(&flow)
-        .await
-        .expect("compile");
+    compile_squares(pool, &flow).await;
     let worker_pool = worker_pool(db.url()).await;
     let worker = worker(&worker_pool, &flow, 8);
     let inputs: Vec<u64> = (0..30).map(|i| 2 + i % 4).collect();

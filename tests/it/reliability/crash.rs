@@ -16,15 +16,17 @@ use sqlx::PgPool;
 use uuid::Uuid;
 
 use super::{ChildProcess, serve_in_child};
-use crate::support::{assert_consistent, database, finished_all, start, tasks_of};
+use crate::support::{
+    assert_consistent, database, finished_all, set_engine_options, start, tasks_of,
+};
 
 /// The database the child worker serves.
 const CHILD_DB: &str = "PGFLOW_CHILD_WORKER_DB";
 /// The `max_attempts` of the slow step in the child's flow.
 const CHILD_ATTEMPTS: &str = "PGFLOW_CHILD_WORKER_ATTEMPTS";
 /// How long the slow step may run before its attempt is over (and its message reappears 2 s
-/// later).
-const TIMEOUT: u32 = 2;
+/// later): set in the engine, below the builder's bound.
+const TIMEOUT: i32 = 2;
 
 /// `n` → `n + 1` → `× 10` (slow in the child: it hangs until killed) → `+ 1`.
 ///
@@ -36,9 +38,7 @@ fn crash_flow(slow_attempts: u32) -> Flow<u64> {
     });
     let slow = step_fn("slow")
         .depends_on(&first)
-        .timeout(TIMEOUT)
         .max_attempts(slow_attempts)
-        .base_delay(0)
         .handler(|_n: u64, first: u64, ctx: StepContext| async move {
             record(&ctx).await?;
             if std::env::var_os(CHILD_DB).is_some() {
@@ -113,6 +113,8 @@ async fn prepare(slow_attempts: u32) -> (TestDatabase, Uuid) {
         .compile(&crash_flow(slow_attempts))
         .await
         .expect("compile");
+    let timing = [("timeout", TIMEOUT), ("base_delay", 0)];
+    set_engine_options(pool, "crash", Some("slow"), &timing).await;
     let run = start(pool, "crash", json!(4)).await;
     (db, run)
 }

@@ -21,14 +21,13 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use pgflow_client::Worker;
-use pgflow_client::{WorkerBuilder, WorkerHandle};
+use pgflow_client::{Client, Worker, WorkerBuilder, WorkerHandle};
 use pgflow_core::{Flow, StepContext, StepError, step_fn};
 use serde_json::json;
 use sqlx::PgPool;
 use uuid::Uuid;
 
-use crate::support::{assert_consistent, count_tasks, finished_all, tasks_of};
+use crate::support::{assert_consistent, count_tasks, finished_all, set_engine_options, tasks_of};
 
 /// A task: (run, step, task index).
 type TaskKey = (Uuid, String, u32);
@@ -58,24 +57,17 @@ impl Executions {
     }
 }
 
-/// `n` → `[0, 1, .., n-1]` → each squared after `delay` (a map step) → their sum.
-///
-/// Step timeouts of 2 s: a task whose worker was lost reappears 4 s after it started.
+/// `n` → `[0, 1, .., n-1]` → each squared after `delay` (a map step) → their sum. Compile it
+/// with [`compile_squares`], which gives it its timing.
 pub fn squares(slug: &str, delay: Duration, executions: &Executions) -> Flow<u64> {
     let seen = executions.clone();
-    let range =
-        step_fn("range")
-            .timeout(2)
-            .base_delay(0)
-            .handler(move |n: u64, ctx: StepContext| {
-                seen.record(&ctx);
-                async move { Ok::<_, StepError>((0..n).collect::<Vec<u64>>()) }
-            });
+    let range = step_fn("range").handler(move |n: u64, ctx: StepContext| {
+        seen.record(&ctx);
+        async move { Ok::<_, StepError>((0..n).collect::<Vec<u64>>()) }
+    });
     let seen = executions.clone();
     let square = step_fn("square")
         .map_over(&range)
-        .timeout(2)
-        .base_delay(0)
         .handler(move |x: u64, ctx: StepContext| {
             seen.record(&ctx);
             async move {
@@ -84,21 +76,34 @@ pub fn squares(slug: &str, delay: Duration, executions: &Executions) -> Flow<u64
             }
         });
     let seen = executions.clone();
-    let sum = step_fn("sum")
-        .depends_on(&square)
-        .timeout(2)
-        .base_delay(0)
-        .handler(move |_n: u64, squares: Vec<u64>, ctx: StepContext| {
+    let sum = step_fn("sum").depends_on(&square).handler(
+        move |_n: u64, squares: Vec<u64>, ctx: StepContext| {
             seen.record(&ctx);
             async move { Ok::<_, StepError>(squares.iter().sum::<u64>()) }
-        });
+        },
+    );
     Flow::new(slug)
         .max_attempts(5)
-        .base_delay(0)
         .step(range)
         .step(square)
         .step(sum)
         .build()
+}
+
+/// Compiles a flow of [`squares`] and sets its timing in the engine: no backoff, and step
+/// timeouts of 2 s, so that a task whose worker was lost reappears 4 s after it started.
+pub async fn compile_squares(pool: &PgPool, flow: &Flow<u64>) {
+    Client::new(pool.clone())
+        .compile(flow)
+        .await
+        .expect("compile");
+    set_engine_options(
+        pool,
+        flow.slug(),
+        None,
+        &[("base_delay", 0), ("timeout", 2)],
+    )
+    .await;
 }
 
 /// The sum of the squares below `n`: what a run of [`squares`] outputs under `sum`.

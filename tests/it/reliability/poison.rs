@@ -11,7 +11,14 @@ use sqlx::PgPool;
 use uuid::Uuid;
 
 use super::worker;
-use crate::support::{assert_consistent, client, finished_all, start, tasks_of};
+use crate::support::{
+    assert_consistent, client, finished_all, set_engine_options, start, tasks_of,
+};
+
+/// Set in the engine for the flows here, below the builder's bounds: no backoff, and short
+/// timeouts, so that a task whose worker lost it would show as such within the test's
+/// patience instead of hanging it.
+const FAST: &[(&str, i32)] = &[("base_delay", 0), ("timeout", 2)];
 
 /// `levels` arrays, one inside the other, around a 0.
 fn nested(levels: usize) -> Value {
@@ -33,12 +40,9 @@ async fn start_text(pool: &PgPool, slug: &str, input: &str) -> Uuid {
         .expect("run starts")
 }
 
-/// A flow of one step that takes any input. Short timeouts, so that a task whose worker lost it
-/// would show as such within the test's patience instead of hanging it.
+/// A flow of one step that takes any input. Compiled with [`FAST`] timing.
 fn any_input(slug: &str) -> Flow<Value> {
     let take = step_fn("take")
-        .timeout(2)
-        .base_delay(0)
         .handler(|_input: Value, _ctx: StepContext| async move { Ok::<_, StepError>(1_u32) });
     Flow::new(slug).max_attempts(3).step(take).build()
 }
@@ -74,6 +78,7 @@ async fn one_bad_input_among_ten(slug: &str, bad_input: &str, reason: &str) {
     let pool = db.pool();
     let flow = any_input(slug);
     client.compile(&flow).await.expect("compile");
+    set_engine_options(pool, slug, None, FAST).await;
     let mut good = Vec::new();
     for n in 0..5 {
         good.push(start(pool, slug, json!(n)).await);
@@ -108,17 +113,11 @@ async fn a_number_out_of_f64_range_fails_only_its_own_task() {
 async fn an_output_too_deep_to_read_back_fails_its_own_task_not_the_readers() {
     let (db, client) = client().await;
     let pool = db.pool();
-    let make =
-        step_fn("make")
-            .timeout(2)
-            .base_delay(0)
-            .handler(|n: u64, _ctx: StepContext| async move {
-                Ok::<_, StepError>(if n == 5 { nested(200) } else { json!(n) })
-            });
+    let make = step_fn("make").handler(|n: u64, _ctx: StepContext| async move {
+        Ok::<_, StepError>(if n == 5 { nested(200) } else { json!(n) })
+    });
     let read = step_fn("read")
         .depends_on(&make)
-        .timeout(2)
-        .base_delay(0)
         .handler(|n: u64, _made: Value, _ctx: StepContext| async move { Ok::<_, StepError>(n) });
     let flow: Flow<u64> = Flow::new("deep_output")
         .max_attempts(3)
@@ -126,6 +125,7 @@ async fn an_output_too_deep_to_read_back_fails_its_own_task_not_the_readers() {
         .step(read)
         .build();
     client.compile(&flow).await.expect("compile");
+    set_engine_options(pool, "deep_output", None, FAST).await;
     let mut good = Vec::new();
     for n in 0..10 {
         good.push(start(pool, "deep_output", json!(n)).await);

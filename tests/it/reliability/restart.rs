@@ -4,12 +4,13 @@
 
 use std::time::Duration;
 
-use pgflow_client::Client;
 use pgflow_client::throwaway::{Shutdown, ThrowawayServer};
 use serde_json::json;
 use sqlx::postgres::PgPoolOptions;
 
-use super::{Executions, assert_squares_completed, squares, until_completed, worker};
+use super::{
+    Executions, assert_squares_completed, compile_squares, squares, until_completed, worker,
+};
 use crate::support::{count_tasks, start};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -25,10 +26,7 @@ async fn runs_survive_database_restarts_mid_run() {
     pgflow_client::install(&pool).await.expect("install");
     let executions = Executions::default();
     let flow = squares("restarts", Duration::from_millis(40), &executions);
-    Client::new(pool.clone())
-        .compile(&flow)
-        .await
-        .expect("compile");
+    compile_squares(&pool, &flow).await;
 
     // Two workers, each with a pool of its own, as two processes would have.
     let mut workers = Vec::new();

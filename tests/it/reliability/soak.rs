@@ -10,7 +10,7 @@ use serde_json::json;
 use sqlx::postgres::PgPoolOptions;
 
 use super::{Executions, env_size, worker};
-use crate::support::{assert_consistent, database, finished_all, tasks_of};
+use crate::support::{assert_consistent, database, finished_all, set_engine_options, tasks_of};
 
 /// `n` → `[0..n % 5)` → each doubled (a map; an element divisible by 7 fails its first attempt)
 /// → their sum, plus `n`.
@@ -21,8 +21,9 @@ fn soak_flow(executions: &Executions) -> Flow<u64> {
         async move { Ok::<_, StepError>((0..n % 5).map(|i| n + i).collect::<Vec<u64>>()) }
     });
     let seen = executions.clone();
-    let double = step_fn("double").map_over(&spread).base_delay(0).handler(
-        move |x: u64, ctx: StepContext| {
+    let double = step_fn("double")
+        .map_over(&spread)
+        .handler(move |x: u64, ctx: StepContext| {
             seen.record(&ctx);
             async move {
                 if x.is_multiple_of(7) && ctx.attempt() == 1 {
@@ -30,8 +31,7 @@ fn soak_flow(executions: &Executions) -> Flow<u64> {
                 }
                 Ok::<_, StepError>(x * 2)
             }
-        },
-    );
+        });
     let seen = executions.clone();
     let total = step_fn("total").depends_on(&double).handler(
         move |n: u64, doubled: Vec<u64>, ctx: StepContext| {
@@ -59,6 +59,8 @@ async fn soak(runs: usize, workers: usize) {
     let flow = soak_flow(&executions);
     let client = Client::new(pool.clone());
     client.compile(&flow).await.expect("compile");
+    // Retried at once: set in the engine, below the builder's bound.
+    set_engine_options(pool, "soak", Some("double"), &[("base_delay", 0)]).await;
     let mut handles = Vec::new();
     for _ in 0..workers {
         let own = PgPoolOptions::new()

@@ -16,7 +16,7 @@ use sqlx::PgPool;
 use uuid::Uuid;
 
 use super::{ChildProcess, serve_in_child};
-use crate::support::{assert_consistent, database, finished_all, start};
+use crate::support::{assert_consistent, database, finished_all, set_engine_options, start};
 
 /// The database the child worker serves.
 const CHILD_DB: &str = "PGFLOW_STALE_WORKER_DB";
@@ -25,7 +25,8 @@ const CHILD_MODE: &str = "PGFLOW_STALE_WORKER_MODE";
 /// A file the test creates once the second attempt runs: a blocked handler waits for it.
 const CHILD_GO: &str = "PGFLOW_STALE_WORKER_GO";
 /// The step's timeout: its message reappears for another worker `TIMEOUT + 2` s after a start.
-const TIMEOUT: u32 = 2;
+/// Set in the engine, below the builder's bound.
+const TIMEOUT: i32 = 2;
 /// How long the second attempt runs: long enough for the first worker's late report to
 /// arrive while it is still the task's current attempt, short of the step's timeout.
 const SECOND_ATTEMPT: Duration = Duration::from_millis(1500);
@@ -56,9 +57,7 @@ fn mode(quiet: Quiet, error: ErrorKind) -> String {
 /// second attempt failed the run (exhausted, or permanent).
 fn stale_flow(quiet: Quiet, error: ErrorKind, go: Option<std::path::PathBuf>) -> Flow<u64> {
     let work = step_fn("work")
-        .timeout(TIMEOUT)
         .max_attempts(2)
-        .base_delay(0)
         .handler(move |n: u64, ctx: StepContext| {
             let go = go.clone();
             async move {
@@ -178,6 +177,8 @@ async fn late_report_changes_nothing(quiet: Quiet, error: ErrorKind) {
         .compile(&stale_flow(quiet, error, None))
         .await
         .expect("compile");
+    let timing = [("timeout", TIMEOUT), ("base_delay", 0)];
+    set_engine_options(pool, "stale", Some("work"), &timing).await;
     let run = start(pool, "stale", json!(4)).await;
     let go = std::env::temp_dir().join(format!("pgflow-stale-go-{}", Uuid::new_v4()));
     let env = |()| {

@@ -34,6 +34,44 @@ pub async fn compile<I>(pool: &PgPool, flow: &Flow<I>) {
     }
 }
 
+/// Sets options of flow `flow` straight in the engine's tables: on the flow's row when `step`
+/// is `None` (its steps inherit them), else on that step's. `options` are `(name, value)`
+/// pairs, names as in SQL (`base_delay`, `timeout`, ...).
+///
+/// Why: tests retry without backoff (`base_delay` 0) and lose tasks within a second or two
+/// (`timeout` 1 or 2) to run fast, values below the lower bounds the Rust builder shares with
+/// pgflow's TypeScript DSL, which the engine itself accepts. Use it only where no second
+/// [`Client::compile`] of the flow follows: the client's drift check compares options, and
+/// would report these as a changed flow.
+pub async fn set_engine_options(
+    pool: &PgPool,
+    flow: &str,
+    step: Option<&str>,
+    options: &[(&str, i32)],
+) {
+    for &(option, value) in options {
+        assert!(
+            ["max_attempts", "base_delay", "timeout", "start_delay"].contains(&option),
+            "no option {option}"
+        );
+        let (table, which) = match step {
+            None => ("flows", "$3::text IS NULL"),
+            Some(_) => ("steps", "step_slug = $3"),
+        };
+        let updated = sqlx::query(&format!(
+            "UPDATE pgflow.{table} SET opt_{option} = $1 WHERE flow_slug = $2 AND {which}"
+        ))
+        .bind(value)
+        .bind(flow)
+        .bind(step)
+        .execute(pool)
+        .await
+        .expect("option set")
+        .rows_affected();
+        assert_eq!(updated, 1, "{flow} {step:?} {option}");
+    }
+}
+
 /// Starts a run of flow `slug` through the SQL API.
 pub async fn start(pool: &PgPool, slug: &str, input: Value) -> Uuid {
     sqlx::query_scalar("SELECT run_id FROM pgflow.start_flow($1, $2)")

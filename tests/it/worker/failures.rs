@@ -9,7 +9,12 @@ use pgflow::{Flow, StepContext, StepError, step_fn};
 use pgflow_client::Worker;
 use serde_json::json;
 
-use crate::support::{compile, database, eventually, finished, start, step_error, tasks};
+use crate::support::{
+    compile, database, eventually, finished, set_engine_options, start, step_error, tasks,
+};
+
+/// Retries at once: set in the engine, below the builder's bound, for tests that retry.
+const NO_BACKOFF: &[(&str, i32)] = &[("base_delay", 0)];
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_panicking_handler_is_retried_then_fails_the_run_with_the_panic_message() {
@@ -17,8 +22,9 @@ async fn a_panicking_handler_is_retried_then_fails_the_run_with_the_panic_messag
     let pool = db.pool();
     let calls = Arc::new(AtomicU32::new(0));
     let counted = Arc::clone(&calls);
-    let explode = step_fn("explode").max_attempts(2).base_delay(0).handler(
-        move |n: u32, _ctx: StepContext| {
+    let explode = step_fn("explode")
+        .max_attempts(2)
+        .handler(move |n: u32, _ctx: StepContext| {
             counted.fetch_add(1, Ordering::SeqCst);
             async move {
                 if n > 0 {
@@ -26,10 +32,10 @@ async fn a_panicking_handler_is_retried_then_fails_the_run_with_the_panic_messag
                 }
                 Ok::<_, StepError>(n)
             }
-        },
-    );
+        });
     let flow: Flow<u32> = Flow::new("panics").step(explode).build();
     compile(pool, &flow).await;
+    set_engine_options(pool, "panics", None, NO_BACKOFF).await;
     let worker = Worker::builder(pool.clone())
         .flow(flow)
         .spawn()
@@ -66,16 +72,17 @@ async fn a_panicking_handler_is_retried_then_fails_the_run_with_the_panic_messag
 async fn an_error_is_retried_and_the_next_attempt_can_succeed() {
     let db = database().await;
     let pool = db.pool();
-    let flaky = step_fn("flaky").max_attempts(3).base_delay(0).handler(
-        |n: u32, ctx: StepContext| async move {
+    let flaky = step_fn("flaky")
+        .max_attempts(3)
+        .handler(|n: u32, ctx: StepContext| async move {
             if ctx.attempt() < 2 {
                 return Err(StepError::new(format!("attempt {} failed", ctx.attempt())));
             }
             Ok(n + ctx.attempt())
-        },
-    );
+        });
     let flow: Flow<u32> = Flow::new("flaky").step(flaky).build();
     compile(pool, &flow).await;
+    set_engine_options(pool, "flaky", None, NO_BACKOFF).await;
     let worker = Worker::builder(pool.clone())
         .flow(flow)
         .spawn()
@@ -99,14 +106,15 @@ async fn a_no_retry_error_fails_the_run_at_once() {
     let pool = db.pool();
     let calls = Arc::new(AtomicU32::new(0));
     let counted = Arc::clone(&calls);
-    let refuse = step_fn("refuse").max_attempts(5).base_delay(0).handler(
-        move |_n: u32, _ctx: StepContext| {
+    let refuse = step_fn("refuse")
+        .max_attempts(5)
+        .handler(move |_n: u32, _ctx: StepContext| {
             counted.fetch_add(1, Ordering::SeqCst);
             async move { Err::<u32, _>(StepError::new("invalid order").no_retry()) }
-        },
-    );
+        });
     let flow: Flow<u32> = Flow::new("refusals").step(refuse).build();
     compile(pool, &flow).await;
+    set_engine_options(pool, "refusals", None, NO_BACKOFF).await;
     let worker = Worker::builder(pool.clone())
         .flow(flow)
         .spawn()
@@ -138,25 +146,24 @@ async fn a_handler_outliving_its_timeout_is_cancelled_and_failed() {
     let pool = db.pool();
     let cancelled = Arc::new(AtomicBool::new(false));
     let seen = Arc::clone(&cancelled);
-    let slow =
-        step_fn("slow")
-            .timeout(1)
-            .max_attempts(1)
-            .handler(move |_n: u32, ctx: StepContext| {
-                let seen = Arc::clone(&seen);
-                async move {
-                    let token = ctx.cancellation_token().clone();
-                    // Observe the token from outside the handler's future, which is dropped.
-                    tokio::spawn(async move {
-                        token.cancelled().await;
-                        seen.store(true, Ordering::SeqCst);
-                    });
-                    tokio::time::sleep(Duration::from_secs(30)).await;
-                    Ok::<_, StepError>(0_u32)
-                }
-            });
+    let slow = step_fn("slow")
+        .max_attempts(1)
+        .handler(move |_n: u32, ctx: StepContext| {
+            let seen = Arc::clone(&seen);
+            async move {
+                let token = ctx.cancellation_token().clone();
+                // Observe the token from outside the handler's future, which is dropped.
+                tokio::spawn(async move {
+                    token.cancelled().await;
+                    seen.store(true, Ordering::SeqCst);
+                });
+                tokio::time::sleep(Duration::from_secs(30)).await;
+                Ok::<_, StepError>(0_u32)
+            }
+        });
     let flow: Flow<u32> = Flow::new("timeouts").step(slow).build();
     compile(pool, &flow).await;
+    set_engine_options(pool, "timeouts", None, &[("timeout", 1)]).await;
     let worker = Worker::builder(pool.clone())
         .flow(flow)
         .spawn()
@@ -192,16 +199,15 @@ async fn an_output_the_database_refuses_fails_only_its_own_task() {
     // jsonb has no place for \u0000: storing this output fails, the other elements' do not.
     // Two attempts, so that the run fails only after the others were reported (completing a
     // task of a failed run changes nothing).
-    let echo = step_fn("echo")
-        .map_over_input()
-        .max_attempts(2)
-        .base_delay(0)
-        .handler(|text: String, _ctx: StepContext| async move {
+    let echo = step_fn("echo").map_over_input().max_attempts(2).handler(
+        |text: String, _ctx: StepContext| async move {
             tokio::time::sleep(Duration::from_millis(50)).await;
             Ok::<_, StepError>(text.replace("NUL", "\0"))
-        });
+        },
+    );
     let flow: Flow<Vec<String>> = Flow::new("nul_bytes").step(echo).build();
     compile(pool, &flow).await;
+    set_engine_options(pool, "nul_bytes", None, NO_BACKOFF).await;
     let worker = Worker::builder(pool.clone())
         .flow(flow)
         .spawn()

@@ -11,10 +11,12 @@ use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
 use crate::support::{
-    compile, count_tasks, database, deprecated, eventually, finished, start, tasks,
+    compile, count_tasks, database, deprecated, eventually, finished, set_engine_options, start,
+    tasks,
 };
 
-/// A root map step whose handlers count their starts and ends and take `pause` each.
+/// A root map step whose handlers count their starts and ends and take `pause` each. Compiled
+/// with no backoff, set in the engine (below the builder's bound).
 fn slow_map(
     slug: &str,
     pause: Duration,
@@ -22,11 +24,8 @@ fn slow_map(
     ended: &Arc<AtomicU32>,
 ) -> Flow<Vec<u32>> {
     let (started, ended) = (Arc::clone(started), Arc::clone(ended));
-    let work = step_fn("work")
-        .map_over_input()
-        .max_attempts(3)
-        .base_delay(0)
-        .handler(move |x: u32, _ctx: StepContext| {
+    let work = step_fn("work").map_over_input().max_attempts(3).handler(
+        move |x: u32, _ctx: StepContext| {
             let (started, ended) = (Arc::clone(&started), Arc::clone(&ended));
             async move {
                 started.fetch_add(1, Ordering::SeqCst);
@@ -34,7 +33,8 @@ fn slow_map(
                 ended.fetch_add(1, Ordering::SeqCst);
                 Ok::<_, StepError>(x)
             }
-        });
+        },
+    );
     Flow::new(slug).step(work).build()
 }
 
@@ -45,6 +45,7 @@ async fn shutdown_finishes_in_flight_tasks_and_leaves_none_started() {
     let (began, ended) = (Arc::new(AtomicU32::new(0)), Arc::new(AtomicU32::new(0)));
     let flow = slow_map("drain", Duration::from_millis(500), &began, &ended);
     compile(pool, &flow).await;
+    set_engine_options(pool, "drain", None, &[("base_delay", 0)]).await;
     let worker = Worker::builder(pool.clone())
         .flow(flow)
         .concurrency(5)
@@ -112,6 +113,7 @@ async fn handlers_past_the_shutdown_timeout_are_cancelled_and_their_attempt_fail
     let (began, ended) = (Arc::new(AtomicU32::new(0)), Arc::new(AtomicU32::new(0)));
     let flow = slow_map("stuck", Duration::from_secs(30), &began, &ended);
     compile(pool, &flow).await;
+    set_engine_options(pool, "stuck", None, &[("base_delay", 0)]).await;
     let worker = Worker::builder(pool.clone())
         .flow(flow)
         .shutdown_timeout(Duration::from_millis(300))
@@ -148,6 +150,7 @@ async fn the_app_token_and_deprecation_stop_the_worker() {
     let (began, ended) = (Arc::new(AtomicU32::new(0)), Arc::new(AtomicU32::new(0)));
     let flow = slow_map("retired", Duration::from_millis(1), &began, &ended);
     compile(pool, &flow).await;
+    set_engine_options(pool, "retired", None, &[("base_delay", 0)]).await;
 
     // The application's token.
     let app = CancellationToken::new();
