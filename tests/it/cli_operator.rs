@@ -203,3 +203,39 @@ fn watch_help_lists_its_exit_statuses() {
         assert!(help.contains(line), "{help}");
     }
 }
+
+/// `pgflow` with `env` and nothing of the caller's colour settings.
+fn pgflow_in(url: &str, args: &[&str], env: &[(&str, &str)]) -> String {
+    let output = Command::new(env!("CARGO_BIN_EXE_pgflow"))
+        .args(args)
+        .env("DATABASE_URL", url)
+        .env_remove("NO_COLOR")
+        .env_remove("CLICOLOR_FORCE")
+        .envs(env.iter().copied())
+        .output()
+        .unwrap();
+    String::from_utf8(output.stdout).unwrap()
+}
+
+#[tokio::test]
+async fn colours_show_on_demand_and_never_in_a_pipe_or_under_no_color() {
+    let (db, client) = client().await;
+    let run = crawling(&db, &client).await;
+    fail(db.pool(), run, "fetch", 0, "timeout").await;
+    fail(db.pool(), run, "fetch", 0, "404 not found").await;
+    let run = run.to_string();
+    for args in [&["runs"][..], &["run", &run]] {
+        // CLICOLOR_FORCE stands in for a terminal.
+        let forced = pgflow_in(db.url(), args, &[("CLICOLOR_FORCE", "1")]);
+        assert!(forced.contains("\u{1b}[31mfailed\u{1b}[0m"), "{forced}");
+        let piped = pgflow_in(db.url(), args, &[]);
+        assert!(!piped.contains('\u{1b}'), "{piped}");
+        assert!(piped.contains("failed"), "{piped}");
+        let no_color = pgflow_in(
+            db.url(),
+            args,
+            &[("CLICOLOR_FORCE", "1"), ("NO_COLOR", "1")],
+        );
+        assert_eq!(no_color, piped);
+    }
+}

@@ -11,6 +11,7 @@ mod connect;
 mod failure;
 mod output;
 mod run_view;
+mod style;
 mod table;
 
 use std::io::Write;

@@ -3,7 +3,8 @@
 use chrono::{DateTime, Utc};
 use pgflow_client::{RunState, TaskStatus};
 
-use crate::table::table_text;
+use crate::style;
+use crate::table::{Cell, table_text};
 
 /// The run as a table of its steps, in the order of definition.
 pub(crate) fn render_run(state: &RunState) -> String {
@@ -12,18 +13,10 @@ pub(crate) fn render_run(state: &RunState) -> String {
         "run {} of flow {}: {} ({})\n",
         run.run_id,
         run.flow_slug,
-        run.status,
+        style::paint(style::status(run.status.as_str()), run.status.as_str()),
         duration(Some(run.started_at), run.completed_at.or(run.failed_at))
     );
-    let mut table = vec![[
-        "STEP".to_string(),
-        "KIND".into(),
-        "STATUS".into(),
-        "TASKS".into(),
-        "ATTEMPTS".into(),
-        "DURATION".into(),
-        "ERROR".into(),
-    ]];
+    let mut rows: Vec<[Cell; 7]> = Vec::new();
     for step in &state.steps {
         let tasks: Vec<_> = state
             .tasks
@@ -38,17 +31,20 @@ pub(crate) fn render_run(state: &RunState) -> String {
             .initial_tasks
             .map_or_else(|| "?".to_string(), |n| n.to_string());
         let attempts = tasks.iter().map(|t| t.attempts_count).max().unwrap_or(0);
-        table.push([
-            step.step_slug.clone(),
-            step.step_type.to_string(),
-            step.status.to_string(),
-            format!("{done}/{total}"),
-            attempts.to_string(),
-            duration(step.started_at, step.completed_at.or(step.failed_at)),
-            step.error_message.clone().unwrap_or_default(),
+        rows.push([
+            step.step_slug.as_str().into(),
+            step.step_type.to_string().into(),
+            Cell::styled(step.status.as_str(), style::status(step.status.as_str())),
+            format!("{done}/{total}").into(),
+            attempts.to_string().into(),
+            duration(step.started_at, step.completed_at.or(step.failed_at)).into(),
+            Cell::styled(step.error_message.clone().unwrap_or_default(), style::ERROR),
         ]);
     }
-    out.push_str(&table_text(&table));
+    let titles = [
+        "STEP", "KIND", "STATUS", "TASKS", "ATTEMPTS", "DURATION", "ERROR",
+    ];
+    out.push_str(&table_text(titles, &rows));
     out
 }
 

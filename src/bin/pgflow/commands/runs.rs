@@ -5,7 +5,8 @@ use pgflow_client::{Client, RunStatus};
 use crate::CliResult;
 use crate::output::print_json;
 use crate::run_view::duration;
-use crate::table::table_text;
+use crate::style;
+use crate::table::{Cell, table_text};
 
 pub(crate) async fn runs(
     client: &Client,
@@ -24,27 +25,34 @@ pub(crate) async fn runs(
             .collect();
         return print_json(out, &serde_json::json!({"runs": runs, "counts": counts}));
     }
-    let mut table = vec![[
-        "RUN ID".to_string(),
-        "FLOW".into(),
-        "STATUS".into(),
-        "STEPS LEFT".into(),
-        "STARTED".into(),
-        "DURATION".into(),
-    ]];
-    for run in &runs {
-        table.push([
-            run.run_id.to_string(),
-            run.flow_slug.clone(),
-            run.status.to_string(),
-            run.remaining_steps.to_string(),
-            run.started_at.format("%Y-%m-%d %H:%M:%S").to_string(),
-            duration(Some(run.started_at), run.ended_at),
-        ]);
-    }
-    write!(out, "{}", table_text(&table))?;
+    let rows: Vec<[Cell; 6]> = runs
+        .iter()
+        .map(|run| {
+            [
+                run.run_id.to_string().into(),
+                run.flow_slug.as_str().into(),
+                Cell::styled(run.status.as_str(), style::status(run.status.as_str())),
+                run.remaining_steps.to_string().into(),
+                run.started_at
+                    .format("%Y-%m-%d %H:%M:%S")
+                    .to_string()
+                    .into(),
+                duration(Some(run.started_at), run.ended_at).into(),
+            ]
+        })
+        .collect();
+    let titles = [
+        "RUN ID",
+        "FLOW",
+        "STATUS",
+        "STEPS LEFT",
+        "STARTED",
+        "DURATION",
+    ];
+    write!(out, "{}", table_text(titles, &rows))?;
     writeln!(out)?;
     for (flow, status, count) in counts {
+        let status = style::paint(style::status(status.as_str()), status.as_str());
         writeln!(out, "{flow}: {count} {status}")?;
     }
     Ok(())
