@@ -144,8 +144,11 @@ async fn flows_start_runs_and_run_show_what_is_there() {
         lines[2].starts_with("urls") && lines[2].contains("started") && lines[2].contains("0/1"),
         "{run}"
     );
+    // One layer below urls, which it depends on.
     assert!(
-        lines[3].starts_with("fetch") && lines[3].contains("created") && lines[3].contains("0/?"),
+        lines[3].starts_with("  fetch  urls")
+            && lines[3].contains("created")
+            && lines[3].contains("0/?"),
         "{run}"
     );
 }

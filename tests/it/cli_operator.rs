@@ -239,3 +239,123 @@ async fn colours_show_on_demand_and_never_in_a_pipe_or_under_no_color() {
         assert_eq!(no_color, piped);
     }
 }
+
+/// The row of `step` in `pgflow run`'s table, its indentation kept.
+fn row<'a>(view: &'a str, step: &str) -> &'a str {
+    view.lines()
+        .find(|line| line.trim_start().starts_with(&format!("{step} ")))
+        .unwrap_or_else(|| panic!("no row for {step} in\n{view}"))
+}
+
+fn words(line: &str) -> Vec<&str> {
+    line.split_whitespace().collect()
+}
+
+#[tokio::test]
+async fn run_draws_the_dag_with_map_progress_retries_and_durations_that_stop() {
+    let (db, client) = client().await;
+    let run = crawling(&db, &client).await;
+    complete(db.pool(), run, "fetch", 0, json!("page a")).await;
+    fail(db.pool(), run, "fetch", 1, "timeout").await;
+    take(db.pool(), run, "fetch", 2).await;
+    let id = run.to_string();
+    let utc = [("TZ", "UTC")];
+
+    let view = pgflow_in(db.url(), &["run", &id], &utc);
+    let lines: Vec<&str> = view.lines().collect();
+    assert!(
+        lines[0].starts_with(&format!("run {id} of flow crawl: started for ")),
+        "{view}"
+    );
+    assert!(lines[0].ends_with(" +00:00)"), "{view}");
+    assert_eq!(
+        words(lines[1]),
+        [
+            "STEP", "AFTER", "KIND", "STATUS", "TASKS", "ATTEMPTS", "STARTED", "DURATION", "ERROR"
+        ]
+    );
+    let urls = row(&view, "urls");
+    assert!(urls.starts_with("urls "), "{urls}");
+    assert!(urls.contains("completed") && urls.contains("1/1"), "{urls}");
+    // One layer down: after urls; one task of three done, one retried with its error.
+    let fetch = row(&view, "fetch");
+    assert!(fetch.starts_with("  fetch "), "{fetch}");
+    assert_eq!(
+        words(fetch)[..7],
+        [
+            "fetch",
+            "urls",
+            "map",
+            "started",
+            "1/3",
+            "[####......]",
+            "1"
+        ]
+    );
+    assert!(fetch.ends_with("[1] timeout (retried)"), "{fetch}");
+    let save = row(&view, "save");
+    assert!(save.starts_with("    save "), "{save}");
+    assert_eq!(
+        words(save),
+        ["save", "fetch", "single", "created", "0/1", "0", "-"]
+    );
+
+    // The second attempt fails for good: the run fails, and nothing in the view moves on.
+    fail(db.pool(), run, "fetch", 1, "404 not found").await;
+    let failed = pgflow_in(db.url(), &["run", &id], &utc);
+    assert!(
+        failed.starts_with(&format!("run {id} of flow crawl: failed after ")),
+        "{failed}"
+    );
+    let fetch = row(&failed, "fetch");
+    assert_eq!(words(fetch)[3..7], ["failed", "1/3", "[####......]", "2"]);
+    assert!(fetch.ends_with("[1] 404 not found"), "{fetch}");
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    assert_eq!(pgflow_in(db.url(), &["run", &id], &utc), failed);
+}
+
+#[tokio::test]
+async fn watch_tells_map_progress_and_retries_as_they_happen() {
+    let (db, client) = client().await;
+    let run = crawling(&db, &client).await;
+    let mut watcher = Command::new(env!("CARGO_BIN_EXE_pgflow"))
+        .args(["watch", &run.to_string()])
+        .env("DATABASE_URL", db.url())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (lines, seen) = std::sync::mpsc::channel();
+    let stdout = BufReader::new(watcher.stdout.take().unwrap());
+    std::thread::spawn(move || {
+        for line in stdout.lines() {
+            let _ = lines.send(line.unwrap());
+        }
+    });
+    let wait_for = |prefix: &str| {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let line = seen
+                .recv_timeout(left)
+                .unwrap_or_else(|_| panic!("watch never said {prefix:?}"));
+            // Event and progress lines start with the time of day.
+            let said = line.split_once(' ').map_or("", |(_, said)| said);
+            if line.trim_start().starts_with(prefix) || said.starts_with(prefix) {
+                return line;
+            }
+        }
+    };
+    // The last row of the first view: the watch has its starting point.
+    wait_for("save");
+
+    complete(db.pool(), run, "fetch", 0, json!("page a")).await;
+    wait_for("progress fetch 1/3 [####......]");
+    fail(db.pool(), run, "fetch", 1, "timeout").await;
+    wait_for("retry fetch[1]: attempt 1 failed: timeout");
+    complete(db.pool(), run, "fetch", 1, json!("page b")).await;
+    complete(db.pool(), run, "fetch", 2, json!("page c")).await;
+    complete(db.pool(), run, "save", 0, json!("saved")).await;
+    wait_for("run:completed");
+    let status = watcher.wait().unwrap();
+    assert_eq!(status.code(), Some(0));
+}

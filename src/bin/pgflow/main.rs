@@ -10,9 +10,11 @@ mod commands;
 mod connect;
 mod failure;
 mod output;
+mod progress;
 mod run_view;
 mod style;
 mod table;
+mod time;
 
 use std::io::Write;
 use std::process::ExitCode;

@@ -1,62 +1,148 @@
-//! A run as text: its steps with their status, tasks, attempts, duration and error.
+//! A run as text: its steps as a layered DAG, each indented one level deeper than its deepest
+//! dependency and naming them, with status, tasks (a bar for map steps), attempts, start,
+//! duration and the last error.
 
-use chrono::{DateTime, Utc};
-use pgflow_client::{RunState, TaskStatus};
+use std::collections::HashMap;
+
+use pgflow_client::{RunState, StepStateRow, TaskRow, TaskStatus};
+use pgflow_core::{FlowShape, StepKind};
 
 use crate::style;
 use crate::table::{Cell, table_text};
+use crate::time::{duration, time_of_day, timestamp};
 
-/// The run as a table of its steps, in the order of definition.
-pub(crate) fn render_run(state: &RunState) -> String {
+/// Errors longer than this are cut in the table; `run --json` has them whole.
+const ERROR_WIDTH: usize = 60;
+/// Cells of a map step's progress bar.
+const BAR_WIDTH: usize = 10;
+
+/// The run's header line and its steps in the order of definition. `shape` is the flow's
+/// definition, for the dependencies; without it the steps are listed flat.
+pub(crate) fn render_run(state: &RunState, shape: Option<&FlowShape>) -> String {
     let run = &state.run;
-    let mut out = format!(
-        "run {} of flow {}: {} ({})\n",
-        run.run_id,
-        run.flow_slug,
-        style::paint(style::status(run.status.as_str()), run.status.as_str()),
-        duration(Some(run.started_at), run.completed_at.or(run.failed_at))
-    );
-    let mut rows: Vec<[Cell; 7]> = Vec::new();
+    let status = style::paint(style::status(run.status.as_str()), run.status.as_str());
+    let ended = run.completed_at.or(run.failed_at);
+    let mut out = match ended {
+        Some(end) => format!(
+            "run {} of flow {}: {status} after {} (started {}, {} {})\n",
+            run.run_id,
+            run.flow_slug,
+            duration(Some(run.started_at), Some(end)),
+            timestamp(run.started_at),
+            run.status,
+            timestamp(end),
+        ),
+        None => format!(
+            "run {} of flow {}: {status} for {} (since {})\n",
+            run.run_id,
+            run.flow_slug,
+            duration(Some(run.started_at), None),
+            timestamp(run.started_at),
+        ),
+    };
+    let dependencies: HashMap<&str, &[String]> = shape
+        .map(|shape| {
+            shape
+                .steps
+                .iter()
+                .map(|step| (step.slug.as_str(), step.dependencies.as_slice()))
+                .collect()
+        })
+        .unwrap_or_default();
+    let mut depths: HashMap<&str, usize> = HashMap::new();
+    let mut rows: Vec<[Cell; 9]> = Vec::new();
     for step in &state.steps {
-        let tasks: Vec<_> = state
+        let slug = step.step_slug.as_str();
+        let after = dependencies.get(slug).copied().unwrap_or_default();
+        // Steps come in the order of definition, so a dependency's depth is known.
+        let depth = after
+            .iter()
+            .map(|dep| depths.get(dep.as_str()).map_or(0, |depth| depth + 1))
+            .max()
+            .unwrap_or(0);
+        depths.insert(slug, depth);
+        let tasks: Vec<&TaskRow> = state
             .tasks
             .iter()
-            .filter(|t| t.step_slug == step.step_slug)
+            .filter(|task| task.step_slug == slug)
             .collect();
-        let done = tasks
-            .iter()
-            .filter(|t| t.status == TaskStatus::Completed)
-            .count();
-        let total = step
-            .initial_tasks
-            .map_or_else(|| "?".to_string(), |n| n.to_string());
         let attempts = tasks.iter().map(|t| t.attempts_count).max().unwrap_or(0);
+        // A step of a run that ended without it has stopped too.
+        let end = step.completed_at.or(step.failed_at).or(ended);
         rows.push([
-            step.step_slug.as_str().into(),
+            format!("{}{slug}", "  ".repeat(depth)).into(),
+            after.join(", ").into(),
             step.step_type.to_string().into(),
             Cell::styled(step.status.as_str(), style::status(step.status.as_str())),
-            format!("{done}/{total}").into(),
+            progress(step, &tasks).into(),
             attempts.to_string().into(),
-            duration(step.started_at, step.completed_at.or(step.failed_at)).into(),
-            Cell::styled(step.error_message.clone().unwrap_or_default(), style::ERROR),
+            step.started_at.map(time_of_day).unwrap_or_default().into(),
+            duration(step.started_at, end).into(),
+            Cell::styled(last_error(step, &tasks), style::ERROR),
         ]);
     }
     let titles = [
-        "STEP", "KIND", "STATUS", "TASKS", "ATTEMPTS", "DURATION", "ERROR",
+        "STEP", "AFTER", "KIND", "STATUS", "TASKS", "ATTEMPTS", "STARTED", "DURATION", "ERROR",
     ];
     out.push_str(&table_text(titles, &rows));
     out
 }
 
-pub(crate) fn duration(start: Option<DateTime<Utc>>, end: Option<DateTime<Utc>>) -> String {
-    let Some(start) = start else {
-        return "-".into();
+/// Tasks done of the step's total (`?` until a map step knows it), with a bar for map steps.
+pub(crate) fn progress(step: &StepStateRow, tasks: &[&TaskRow]) -> String {
+    let done = tasks
+        .iter()
+        .filter(|task| task.status == TaskStatus::Completed)
+        .count();
+    let Some(total) = step.initial_tasks.and_then(|n| usize::try_from(n).ok()) else {
+        return format!("{done}/?");
     };
-    let end = end.unwrap_or_else(Utc::now);
-    let ms = (end - start).num_milliseconds().max(0);
-    match ms {
-        0..1_000 => format!("{ms}ms"),
-        1_000..60_000 => format!("{:.1}s", ms as f64 / 1000.0),
-        _ => format!("{}m{:02}s", ms / 60_000, (ms / 1000) % 60),
+    if step.step_type != StepKind::Map || total == 0 {
+        return format!("{done}/{total}");
     }
+    let filled = (done * BAR_WIDTH).div_ceil(total).min(BAR_WIDTH);
+    format!(
+        "{done}/{total} [{}{}]",
+        "#".repeat(filled),
+        ".".repeat(BAR_WIDTH - filled)
+    )
+}
+
+/// The step's error, or else the last error of its tasks: a task that failed and was retried
+/// keeps its last attempt's error in `step_tasks` while the step has none.
+fn last_error(step: &StepStateRow, tasks: &[&TaskRow]) -> String {
+    let with_error: Vec<&&TaskRow> = tasks
+        .iter()
+        .filter(|task| task.error_message.is_some())
+        .collect();
+    // The failed task first, then the one with the most attempts.
+    let task = with_error
+        .iter()
+        .max_by_key(|task| (task.status == TaskStatus::Failed, task.attempts_count));
+    let (message, index) = match (&step.error_message, task) {
+        (Some(message), task) => (message.as_str(), task.map(|task| task.task_index)),
+        (None, Some(task)) => (
+            task.error_message.as_deref().unwrap_or_default(),
+            Some(task.task_index),
+        ),
+        (None, None) => return String::new(),
+    };
+    let mut text = String::new();
+    if let (StepKind::Map, Some(index)) = (step.step_type, index) {
+        text.push_str(&format!("[{index}] "));
+    }
+    let first_line = message.lines().next().unwrap_or_default();
+    if first_line.chars().count() > ERROR_WIDTH {
+        text.extend(first_line.chars().take(ERROR_WIDTH - 1));
+        text.push('…');
+    } else {
+        text.push_str(first_line);
+    }
+    if step.error_message.is_none() {
+        text.push_str(" (retried)");
+    }
+    if with_error.len() > 1 {
+        text.push_str(&format!(" (+{} more)", with_error.len() - 1));
+    }
+    text
 }

@@ -17,6 +17,7 @@ pub(crate) async fn show_run(
     if json {
         return print_json(out, &state);
     }
-    write!(out, "{}", render_run(&state))?;
+    let shape = client.flow_shape(&state.run.flow_slug).await?;
+    write!(out, "{}", render_run(&state, shape.as_ref()))?;
     Ok(())
 }

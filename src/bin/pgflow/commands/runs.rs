@@ -4,9 +4,9 @@ use pgflow_client::{Client, RunStatus};
 
 use crate::CliResult;
 use crate::output::print_json;
-use crate::run_view::duration;
 use crate::style;
 use crate::table::{Cell, table_text};
+use crate::time::{duration, timestamp};
 
 pub(crate) async fn runs(
     client: &Client,
@@ -33,10 +33,7 @@ pub(crate) async fn runs(
                 run.flow_slug.as_str().into(),
                 Cell::styled(run.status.as_str(), style::status(run.status.as_str())),
                 run.remaining_steps.to_string().into(),
-                run.started_at
-                    .format("%Y-%m-%d %H:%M:%S")
-                    .to_string()
-                    .into(),
+                timestamp(run.started_at).into(),
                 duration(Some(run.started_at), run.ended_at).into(),
             ]
         })

@@ -6,17 +6,21 @@ use std::time::Duration;
 use chrono::Utc;
 use futures_util::StreamExt;
 use pgflow_client::{Client, EventKind, RunState, RunStatus};
-use tokio::time::Instant;
+use tokio::time::{Instant, MissedTickBehavior};
 use uuid::Uuid;
 
 use crate::CliResult;
 use crate::failure::Failure;
+use crate::progress::Progress;
 use crate::run_view::render_run;
+use crate::time::time_of_day;
 
 /// Exit status of a watched run that failed (0 is a completed run, 1 a watch that failed).
 const RUN_FAILED: u8 = 3;
 /// Exit status when `--timeout` passed first.
 const TIMED_OUT: u8 = 4;
+/// How often the run's state is read for progress and retries, which have no events.
+const POLL: Duration = Duration::from_millis(500);
 
 pub(crate) async fn watch(
     client: &Client,
@@ -29,9 +33,16 @@ pub(crate) async fn watch(
     let run = client.run(run_id);
     // Subscribed before the first read: nothing that happens in between is missed.
     let events = run.events().await?;
+    let first = run.state().await?;
+    let shape = client.flow_shape(&first.run.flow_slug).await?;
+    let shape = shape.as_ref();
+    let mut progress = Progress::new(&first);
     if !json {
-        write!(out, "{}", render_run(&run.state().await?))?;
+        write!(out, "{}", render_run(&first, shape))?;
+        out.flush()?;
     }
+    let mut poll = tokio::time::interval(POLL);
+    poll.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let mut events = pin!(events);
     let mut timed_out = pin!(async {
         match deadline {
@@ -48,17 +59,23 @@ pub(crate) async fn watch(
                     serde_json::to_writer(&mut *out, &event)?;
                     writeln!(out)?;
                 } else {
-                    writeln!(out, "{} {event}", Utc::now().format("%H:%M:%S%.3f"))?;
+                    writeln!(out, "{} {event}", time_of_day(Utc::now()))?;
                 }
                 out.flush()?;
                 if event.kind == EventKind::RunFailed || event.kind == EventKind::RunCompleted {
                     break;
                 }
             }
+            _ = poll.tick(), if !json => {
+                for line in progress.changes(&run.state().await?) {
+                    writeln!(out, "{} {line}", time_of_day(Utc::now()))?;
+                }
+                out.flush()?;
+            }
             () = &mut timed_out => {
                 let state = run.state().await?;
                 if !json {
-                    write!(out, "{}", render_run(&state))?;
+                    write!(out, "{}", render_run(&state, shape))?;
                 }
                 return Err(Failure::with_status(
                     TIMED_OUT,
@@ -72,7 +89,7 @@ pub(crate) async fn watch(
     }
     let state = run.state().await?;
     if !json {
-        write!(out, "{}", render_run(&state))?;
+        write!(out, "{}", render_run(&state, shape))?;
     }
     ended(&state)
 }
