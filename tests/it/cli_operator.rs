@@ -359,3 +359,102 @@ async fn watch_tells_map_progress_and_retries_as_they_happen() {
     let status = watcher.wait().unwrap();
     assert_eq!(status.code(), Some(0));
 }
+
+/// The keys of a JSON object, sorted.
+fn keys(value: &Value) -> Vec<&str> {
+    let mut keys: Vec<&str> = value
+        .as_object()
+        .unwrap_or_else(|| panic!("not an object: {value}"))
+        .keys()
+        .map(String::as_str)
+        .collect();
+    keys.sort_unstable();
+    keys
+}
+
+#[tokio::test]
+async fn runs_and_run_json_keep_the_documented_keys() {
+    // docs/operating.md, "JSON output": a key removed or renamed breaks scripts; a key added
+    // is documented there first.
+    let (db, client) = client().await;
+    let run = crawling(&db, &client).await;
+    fail(db.pool(), run, "fetch", 1, "timeout").await;
+
+    let runs: Value =
+        serde_json::from_str(&stdout(&pgflow(db.url(), &["runs", "--json"]))).unwrap();
+    assert_eq!(keys(&runs), ["counts", "runs"]);
+    assert_eq!(
+        keys(&runs["runs"][0]),
+        [
+            "ended_at",
+            "flow_slug",
+            "remaining_steps",
+            "run_id",
+            "started_at",
+            "status"
+        ]
+    );
+    assert_eq!(keys(&runs["counts"][0]), ["count", "flow_slug", "status"]);
+    assert_eq!(runs["runs"][0]["run_id"], json!(run));
+    assert_eq!(
+        runs["counts"][0],
+        json!({"flow_slug": "crawl", "status": "started", "count": 1})
+    );
+
+    let text = stdout(&pgflow(db.url(), &["run", &run.to_string(), "--json"]));
+    let state: Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(keys(&state), ["run", "steps", "tasks"]);
+    assert_eq!(
+        keys(&state["run"]),
+        [
+            "completed_at",
+            "failed_at",
+            "flow_slug",
+            "input",
+            "output",
+            "remaining_steps",
+            "run_id",
+            "started_at",
+            "status"
+        ]
+    );
+    assert_eq!(
+        keys(&state["steps"][1]),
+        [
+            "completed_at",
+            "created_at",
+            "error_message",
+            "failed_at",
+            "initial_tasks",
+            "remaining_deps",
+            "remaining_tasks",
+            "started_at",
+            "status",
+            "step_index",
+            "step_slug",
+            "step_type"
+        ]
+    );
+    assert_eq!(
+        keys(&state["tasks"][2]),
+        [
+            "attempts_count",
+            "completed_at",
+            "error_message",
+            "failed_at",
+            "last_worker_id",
+            "message_id",
+            "output",
+            "queued_at",
+            "started_at",
+            "status",
+            "step_slug",
+            "task_index"
+        ]
+    );
+    // The retried task, with its last error.
+    assert_eq!(state["tasks"][2]["step_slug"], "fetch");
+    assert_eq!(state["tasks"][2]["task_index"], 1);
+    assert_eq!(state["tasks"][2]["status"], "queued");
+    assert_eq!(state["tasks"][2]["error_message"], "timeout");
+}
