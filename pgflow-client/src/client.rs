@@ -411,17 +411,16 @@ impl Client {
         .await?)
     }
 
-    /// Checks the consistency of every run; see [`crate::check`].
+    /// Finds the inconsistent runs and the stuck ones; see [`crate::check`].
     ///
     /// ```no_run
     /// # async fn demo(client: pgflow_client::Client) -> pgflow_client::Result<()> {
-    /// let violations = client.check().await?;
-    /// for violation in &violations {
-    ///     eprintln!("{violation}");
+    /// for finding in client.check().await? {
+    ///     eprintln!("{finding}");
     /// }
     /// # Ok(()) }
     /// ```
-    pub async fn check(&self) -> Result<Vec<crate::Violation>> {
+    pub async fn check(&self) -> Result<Vec<crate::Finding>> {
         crate::check(&self.pool).await
     }
 

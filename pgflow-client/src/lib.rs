@@ -19,7 +19,7 @@ mod status;
 pub mod throwaway;
 mod worker;
 
-pub use check::{Violation, check};
+pub use check::{Finding, FindingKind, LIVE_WORKER_WINDOW, check};
 pub use client::Client;
 pub use definition::{Compiled, Difference, Replace, differences};
 pub use error::{Error, Result};

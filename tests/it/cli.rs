@@ -250,6 +250,24 @@ async fn check_finds_nothing_on_a_sound_database_and_names_what_is_broken() {
     let (db, client) = client().await;
     client.compile(&flow()).await.unwrap();
     let run = client.start_json("crawl", json!("x"), None).await.unwrap();
+    // Nothing serves the run: stuck, and said so.
+    let unserved = pgflow(db.url(), &["check"]);
+    assert!(!unserved.status.success());
+    let text = String::from_utf8_lossy(&unserved.stdout);
+    assert!(
+        text.starts_with(&format!(
+            "stuck [no_live_worker] run {}, flow crawl",
+            run.id()
+        )),
+        "{text}"
+    );
+    sqlx::query(
+        "INSERT INTO pgflow.workers (worker_id, queue_name, function_name) \
+         VALUES (gen_random_uuid(), 'crawl', 'test')",
+    )
+    .execute(db.pool())
+    .await
+    .unwrap();
     assert_eq!(
         stdout(&pgflow(db.url(), &["check"])),
         "every run is consistent\n"
@@ -269,12 +287,13 @@ async fn check_finds_nothing_on_a_sound_database_and_names_what_is_broken() {
     let text = String::from_utf8_lossy(&broken.stdout);
     assert!(
         text.contains(&format!(
-            "[remaining_steps] run {}: remaining_steps is 5 but 2 steps are not completed",
+            "inconsistent [remaining_steps] run {}, flow crawl: remaining_steps is 5 but 2 \
+             steps are not completed",
             run.id()
         )),
         "{text}"
     );
-    assert!(text.contains("[queued_task_message]"), "{text}");
+    assert!(text.contains("stuck [queued_task_message]"), "{text}");
     assert_eq!(
         String::from_utf8_lossy(&broken.stderr),
         "error: 2 inconsistencies found\n"

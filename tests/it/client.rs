@@ -546,6 +546,15 @@ async fn check_reads_the_queue_of_a_flow_named_with_capitals() {
     let (_db, client) = client().await;
     client.compile(&one_step("MyFlow")).await.unwrap();
     let run = client.start_json("MyFlow", json!({}), None).await.unwrap();
+    // A live worker serves it: the run is not stuck for want of one.
+    sqlx::query(
+        "INSERT INTO pgflow.workers (worker_id, queue_name, function_name) \
+         VALUES ($1, 'MyFlow', 'test')",
+    )
+    .bind(Uuid::new_v4())
+    .execute(client.pool())
+    .await
+    .unwrap();
     assert_eq!(client.check().await.unwrap(), []);
 
     // The queue it reads is pgmq's own, pgmq.q_myflow: a lost message is seen there.

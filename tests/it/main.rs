@@ -4,6 +4,7 @@
 // Test helpers are shared between modules with `pub`; the binary exports nothing.
 #![allow(unreachable_pub)]
 
+mod check;
 // The CLI's tests need its binary: `cargo test --all-features` (README's test command).
 #[cfg(feature = "cli")]
 mod cli;

@@ -619,8 +619,16 @@ async fn the_reader_checks_and_reads_everything_and_changes_nothing() {
     );
 
     let reader_pool = pool_of(&db, &roles.name("grafana")).await;
-    let violations = pgflow_client::check(&reader_pool).await.unwrap();
-    assert_eq!(violations, vec![]);
+    // Nothing is inconsistent; the run of `later` is stuck, no worker serving it.
+    let findings = pgflow_client::check(&reader_pool).await.unwrap();
+    let found: Vec<_> = findings
+        .iter()
+        .map(|f| (f.kind, f.rule, f.flow_slug.as_str()))
+        .collect();
+    assert_eq!(
+        found,
+        [(pgflow_client::FindingKind::Stuck, "no_live_worker", "later")]
+    );
     let mut reader = set_role(&db, &roles.name("grafana")).await;
     let status: String = sqlx::query_scalar("SELECT status FROM pgflow.runs WHERE run_id = $1")
         .bind(payroll_run)

@@ -76,6 +76,7 @@ mod task;
 pub use builder::WorkerBuilder;
 pub use context::StepContextExt;
 pub use handle::{WorkerHandle, WorkerStats};
+pub(crate) use settings::DEFAULT_HEARTBEAT_INTERVAL;
 
 use sqlx::PgPool;
 

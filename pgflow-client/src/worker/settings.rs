@@ -8,6 +8,12 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{Error, Result};
 
+/// How often a worker heartbeats unless [`WorkerBuilder::heartbeat_interval`] says otherwise.
+/// [`crate::check`] counts a worker as live from it.
+///
+/// [`WorkerBuilder::heartbeat_interval`]: super::WorkerBuilder::heartbeat_interval
+pub(crate) const DEFAULT_HEARTBEAT_INTERVAL: Duration = Duration::from_secs(5);
+
 /// The worker's settings, with their defaults.
 #[derive(Debug, Clone)]
 pub(crate) struct Settings {
@@ -31,7 +37,7 @@ impl Default for Settings {
             visibility_timeout: Duration::from_secs(2),
             max_poll_wait: Duration::from_secs(5),
             poll_interval: Duration::from_millis(100),
-            heartbeat_interval: Duration::from_secs(5),
+            heartbeat_interval: DEFAULT_HEARTBEAT_INTERVAL,
             shutdown_timeout: Duration::from_secs(30),
             notifications: true,
             shutdown_on_signal: false,
