@@ -160,6 +160,11 @@ async fn watch_exits_0_for_a_completed_run() {
     complete(db.pool(), run, "save", 0, json!("saved")).await;
     let output = pgflow(db.url(), &["watch", &run.to_string()]);
     assert_eq!(output.status.code(), Some(0), "{output:?}");
+    // Ended before the watch began: its view once, then its last event.
+    let text = String::from_utf8_lossy(&output.stdout);
+    let views = text.lines().filter(|line| line.starts_with("run ")).count();
+    assert_eq!(views, 1, "{text}");
+    assert!(text.trim_end().ends_with(" run:completed"), "{text}");
 }
 
 #[tokio::test]

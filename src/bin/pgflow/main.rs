@@ -3,7 +3,7 @@
 //!
 //! Every command but `schema` connects to `--database-url` or `DATABASE_URL`. Output is meant
 //! for a terminal; `--json` gives the same data for scripts. Errors go to stderr, with exit
-//! status 1.
+//! status 1 (`watch` tells a failed run and a timeout apart: see `args::WATCH_EXIT_STATUS`).
 
 mod args;
 mod commands;

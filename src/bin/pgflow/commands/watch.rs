@@ -88,7 +88,8 @@ pub(crate) async fn watch(
         }
     }
     let state = run.state().await?;
-    if !json {
+    // A run that had ended before the watch began is shown once.
+    if !json && state != first {
         write!(out, "{}", render_run(&state, shape))?;
     }
     ended(&state)
