@@ -89,6 +89,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "roles",
         sql: include_str!("../migrations/0004_roles.sql"),
     },
+    Migration {
+        version: 5,
+        name: "events",
+        sql: include_str!("../migrations/0005_events.sql"),
+    },
 ];
 
 /// The schema version this build of pgflow installs: the last migration's version.

@@ -1,27 +1,209 @@
-//! Events: pg_notify on channel `pgflow`, and realtime.send where it exists.
+//! Events: pg_notify on channel `pgflow`, and realtime.send where it exists, with pgflow
+//! 0.8.1's keys and values plus the additions docs/sql-api.md lists.
 
+use std::collections::BTreeSet;
 use std::time::Duration;
 
+use chrono::{DateTime, Utc};
 use serde_json::{Value, json};
 use sqlx::postgres::PgListener;
+use uuid::Uuid;
 
 use super::Engine;
 
-const REALTIME_KEYS: &[&str] = &[
-    "event_type",
-    "run_id",
-    "flow_slug",
-    "step_slug",
-    "status",
-    "input",
-    "output",
-    "error_message",
-    "started_at",
-    "completed_at",
-    "failed_at",
-    "remaining_tasks",
-    "remaining_deps",
+/// The keys of one kind of event: those pgflow 0.8.1 puts in it, and those this engine adds.
+struct Shape {
+    /// The first cell of its row in docs/sql-api.md's payload table.
+    row: &'static str,
+    upstream: &'static [&'static str],
+    added: &'static [&'static str],
+}
+
+impl Shape {
+    fn keys(&self) -> BTreeSet<&'static str> {
+        self.upstream.iter().chain(self.added).copied().collect()
+    }
+}
+
+const RUN_STARTED: Shape = Shape {
+    row: "`run:started`",
+    upstream: &[
+        "event_type",
+        "run_id",
+        "flow_slug",
+        "status",
+        "started_at",
+        "remaining_steps",
+        "input",
+    ],
+    added: &[],
+};
+const STEP_STARTED: Shape = Shape {
+    row: "`step:started`",
+    upstream: &[
+        "event_type",
+        "run_id",
+        "step_slug",
+        "status",
+        "started_at",
+        "remaining_tasks",
+        "remaining_deps",
+    ],
+    added: &["flow_slug"],
+};
+const STEP_COMPLETED: Shape = Shape {
+    row: "`step:completed` (after its tasks)",
+    upstream: &[
+        "event_type",
+        "run_id",
+        "step_slug",
+        "status",
+        "completed_at",
+        "output",
+    ],
+    added: &["flow_slug", "started_at", "remaining_tasks"],
+};
+const EMPTY_STEP_COMPLETED: Shape = Shape {
+    row: "`step:completed` (empty map)",
+    upstream: &[
+        "event_type",
+        "run_id",
+        "step_slug",
+        "status",
+        "started_at",
+        "completed_at",
+        "remaining_tasks",
+        "remaining_deps",
+        "output",
+    ],
+    added: &["flow_slug"],
+};
+const STEP_FAILED: Shape = Shape {
+    row: "`step:failed`",
+    upstream: &[
+        "event_type",
+        "run_id",
+        "step_slug",
+        "status",
+        "error_message",
+        "failed_at",
+    ],
+    added: &["flow_slug"],
+};
+const RUN_COMPLETED: Shape = Shape {
+    row: "`run:completed`",
+    upstream: &[
+        "event_type",
+        "run_id",
+        "flow_slug",
+        "status",
+        "completed_at",
+        "output",
+    ],
+    added: &["started_at"],
+};
+const RUN_FAILED: Shape = Shape {
+    row: "`run:failed`",
+    upstream: &[
+        "event_type",
+        "run_id",
+        "flow_slug",
+        "status",
+        "error_message",
+        "failed_at",
+    ],
+    added: &[],
+};
+const TYPE_VIOLATION_RUN_FAILED: Shape = Shape {
+    row: "`run:failed` (type violation)",
+    upstream: &["event_type", "run_id", "flow_slug", "status", "failed_at"],
+    added: &["error_message"],
+};
+
+const SHAPES: &[&Shape] = &[
+    &RUN_STARTED,
+    &STEP_STARTED,
+    &STEP_COMPLETED,
+    &EMPTY_STEP_COMPLETED,
+    &STEP_FAILED,
+    &RUN_COMPLETED,
+    &RUN_FAILED,
+    &TYPE_VIOLATION_RUN_FAILED,
 ];
+
+/// Checks one payload: exactly the keys of `shape`, each with the value that `values` or, for
+/// a timestamp, `times` gives it.
+fn assert_payload(
+    payload: &Value,
+    shape: &Shape,
+    values: Value,
+    times: &[(&str, Option<DateTime<Utc>>)],
+) {
+    assert_eq!(keys_of(payload), shape.keys(), "keys of {payload}");
+    let Value::Object(values) = values else {
+        panic!("values must be an object")
+    };
+    for key in shape.keys() {
+        match (values.get(key), times.iter().find(|(k, _)| *k == key)) {
+            (Some(value), None) => assert_eq!(&payload[key], value, "{key} of {payload}"),
+            (None, Some((_, time))) => {
+                let sent = DateTime::parse_from_rfc3339(payload[key].as_str().unwrap())
+                    .unwrap()
+                    .with_timezone(&Utc);
+                assert_eq!(Some(sent), *time, "{key} of {payload}");
+            }
+            _ => panic!("the test gives no single value for {key}"),
+        }
+    }
+}
+
+fn keys_of(payload: &Value) -> BTreeSet<&str> {
+    payload
+        .as_object()
+        .unwrap()
+        .keys()
+        .map(String::as_str)
+        .collect()
+}
+
+/// `(started_at, completed_at, failed_at)` of a run, or of one of its steps.
+async fn times(engine: &Engine, run: Uuid, step: Option<&str>) -> [Option<DateTime<Utc>>; 3] {
+    let (started, completed, failed) = sqlx::query_as(match step {
+        None => "SELECT started_at, completed_at, failed_at FROM pgflow.runs WHERE run_id = $1",
+        Some(_) => {
+            "SELECT started_at, completed_at, failed_at FROM pgflow.step_states \
+              WHERE run_id = $1 AND step_slug = $2"
+        }
+    })
+    .bind(run)
+    .bind(step)
+    .fetch_one(engine.pool())
+    .await
+    .unwrap();
+    [started, completed, failed]
+}
+
+/// The payload realtime.send got under event name `event` (sent once).
+fn payload_of<'a>(sent: &'a [(Value, String, String, bool)], event: &str) -> &'a Value {
+    let mut found = sent.iter().filter(|s| s.1 == event);
+    let payload = &found.next().unwrap_or_else(|| panic!("no {event}")).0;
+    assert!(found.next().is_none(), "{event} sent twice");
+    payload
+}
+
+/// A flow `f`: `list` (single) -> `each` (map) -> `fin` (single).
+async fn list_each_fin(engine: &Engine) {
+    engine
+        .flow(
+            "f",
+            &[
+                ("list", &[], "single"),
+                ("each", &["list"], "map"),
+                ("fin", &["each"], "single"),
+            ],
+        )
+        .await;
+}
 
 async fn listen(engine: &Engine) -> PgListener {
     let mut listener = PgListener::connect(engine.url()).await.unwrap();
@@ -75,16 +257,7 @@ async fn realtime_sent(engine: &Engine) -> Vec<(Value, String, String, bool)> {
 #[tokio::test]
 async fn a_run_notifies_every_state_change_once_in_order_without_outputs() {
     let engine = Engine::new().await;
-    engine
-        .flow(
-            "f",
-            &[
-                ("list", &[], "single"),
-                ("each", &["list"], "map"),
-                ("fin", &["each"], "single"),
-            ],
-        )
-        .await;
+    list_each_fin(&engine).await;
     let mut listener = listen(&engine).await;
     let run = engine.start("f", json!({"secret": "input"})).await;
     engine
@@ -166,16 +339,7 @@ async fn failures_notify_step_failed_then_run_failed_with_a_bounded_message() {
 async fn realtime_send_gets_every_event_with_outputs_topic_and_names() {
     let engine = Engine::new().await;
     fake_realtime(&engine).await;
-    engine
-        .flow(
-            "f",
-            &[
-                ("list", &[], "single"),
-                ("each", &["list"], "map"),
-                ("fin", &["each"], "single"),
-            ],
-        )
-        .await;
+    list_each_fin(&engine).await;
     let run = engine.start("f", json!({"in": 1})).await;
     engine
         .drain("f", |task| match task.step_slug.as_str() {
@@ -202,12 +366,14 @@ async fn realtime_send_gets_every_event_with_outputs_topic_and_names() {
     for (payload, _, topic, private) in &sent {
         assert_eq!(topic, &format!("pgflow:run:{run}"));
         assert!(!private);
-        for key in payload.as_object().unwrap().keys() {
-            assert!(
-                REALTIME_KEYS.contains(&key.as_str()),
-                "unexpected key {key}"
-            );
-        }
+        let shape = match payload["event_type"].as_str().unwrap() {
+            "run:started" => &RUN_STARTED,
+            "step:started" => &STEP_STARTED,
+            "step:completed" => &STEP_COMPLETED,
+            "run:completed" => &RUN_COMPLETED,
+            other => panic!("unexpected {other}"),
+        };
+        assert_eq!(keys_of(payload), shape.keys(), "{payload}");
     }
     assert_eq!(sent[0].0["input"], json!({"in": 1}));
     assert_eq!(sent[2].0["output"], json!(["a", "b"]));
@@ -259,8 +425,10 @@ async fn empty_maps_send_one_completed_event_each_parent_before_child() {
     assert_eq!(sent[4].0["output"], json!([]));
 }
 
+/// 0.8.1's order for a type violation: run:failed, then step:failed, and nothing after. Its
+/// run:failed has no error_message there; ours carries the step's, an addition.
 #[tokio::test]
-async fn realtime_gets_no_events_after_a_type_violation_failed_the_run() {
+async fn a_type_violation_sends_run_failed_then_step_failed_as_0_8_1_and_nothing_after() {
     let engine = Engine::new().await;
     fake_realtime(&engine).await;
     engine
@@ -273,17 +441,334 @@ async fn realtime_gets_no_events_after_a_type_violation_failed_the_run() {
             ],
         )
         .await;
-    engine.start("f", json!({})).await;
+    let run = engine.start("f", json!({})).await;
     let tasks = engine.poll("f").await;
     engine.exec("TRUNCATE realtime.sent").await;
+    let mut listener = listen(&engine).await;
     engine.complete(&tasks[0], json!(42)).await;
     engine.complete(&tasks[1], json!(1)).await;
     let sent = realtime_sent(&engine).await;
     let names: Vec<&str> = sent.iter().map(|s| s.1.as_str()).collect();
-    assert_eq!(names, vec!["step:a:failed", "run:failed"]);
+    assert_eq!(names, vec!["run:failed", "step:a:failed"]);
+    let message =
+        "[TYPE_VIOLATION] Map step m expects array input but dependency a produced number";
+    let [_, _, run_failed_at] = times(&engine, run, None).await;
+    assert_payload(
+        &sent[0].0,
+        &TYPE_VIOLATION_RUN_FAILED,
+        json!({"event_type": "run:failed", "run_id": run, "flow_slug": "f",
+               "status": "failed", "error_message": message}),
+        &[("failed_at", run_failed_at)],
+    );
+    let [_, _, step_failed_at] = times(&engine, run, Some("a")).await;
+    assert_payload(
+        &sent[1].0,
+        &STEP_FAILED,
+        json!({"event_type": "step:failed", "run_id": run, "flow_slug": "f", "step_slug": "a",
+               "status": "failed", "error_message": message}),
+        &[("failed_at", step_failed_at)],
+    );
+    // Channel pgflow keeps run:failed last: its listeners stop at the event that ends a run.
     assert_eq!(
-        sent[0].0["error_message"],
-        json!("[TYPE_VIOLATION] Map step m expects array input but dependency a produced number")
+        summary(&drain(&mut listener).await),
+        vec!["step:failed a", "run:failed"]
+    );
+}
+
+/// A handler's error that reads like a type violation is a plain failure: 0.8.1's order for
+/// fail_task, step:failed then run:failed, with the message on both.
+#[tokio::test]
+async fn a_failure_that_only_reads_like_a_type_violation_keeps_the_order_of_fail_task() {
+    let engine = Engine::new().await;
+    fake_realtime(&engine).await;
+    engine
+        .exec("SELECT pgflow.create_flow('f', max_attempts => 1)")
+        .await;
+    engine.exec("SELECT pgflow.add_step('f', 'a')").await;
+    engine
+        .exec("SELECT pgflow.add_step('f', 'm', ARRAY['a'], step_type => 'map')")
+        .await;
+    engine.start("f", json!({})).await;
+    let tasks = engine.poll("f").await;
+    engine.exec("TRUNCATE realtime.sent").await;
+    let message =
+        "[TYPE_VIOLATION] Map step m expects array input but dependency a produced number";
+    engine.fail(&tasks[0], message).await;
+    let sent = realtime_sent(&engine).await;
+    let names: Vec<&str> = sent.iter().map(|s| s.1.as_str()).collect();
+    assert_eq!(names, vec!["step:a:failed", "run:failed"]);
+    assert_eq!(sent[1].0["error_message"], json!(message));
+}
+
+#[tokio::test]
+async fn run_started_carries_remaining_steps_and_every_key_of_0_8_1() {
+    let engine = Engine::new().await;
+    fake_realtime(&engine).await;
+    list_each_fin(&engine).await;
+    engine
+        .flow("empty", &[("m", &[], "map"), ("after", &["m"], "single")])
+        .await;
+    engine.exec("SELECT pgflow.create_flow('nothing')").await;
+    let mut listener = listen(&engine).await;
+
+    let run = engine.start("f", json!({"in": 1})).await;
+    let with_states: Uuid = engine
+        .scalar("SELECT (pgflow.start_flow_with_states('f', '[2]') -> 'run' ->> 'run_id')::uuid")
+        .await;
+    // An empty root map completes at once: remaining_steps is the count as inserted.
+    let empty = engine.start("empty", json!([])).await;
+    let nothing = engine.start("nothing", json!(null)).await;
+
+    let sent = realtime_sent(&engine).await;
+    let started: Vec<&Value> = sent
+        .iter()
+        .filter(|s| s.1 == "run:started")
+        .map(|s| &s.0)
+        .collect();
+    assert_eq!(started.len(), 4);
+    for (payload, run, flow, input, steps) in [
+        (started[0], run, "f", json!({"in": 1}), 3),
+        (started[1], with_states, "f", json!([2]), 3),
+        (started[2], empty, "empty", json!([]), 2),
+        (started[3], nothing, "nothing", json!(null), 0),
+    ] {
+        let [started_at, _, _] = times(&engine, run, None).await;
+        assert_payload(
+            payload,
+            &RUN_STARTED,
+            json!({"event_type": "run:started", "run_id": run, "flow_slug": flow,
+                   "status": "started", "remaining_steps": steps, "input": input}),
+            &[("started_at", started_at)],
+        );
+    }
+    // Channel pgflow: the same without `input`.
+    let notified: Vec<Value> = drain(&mut listener)
+        .await
+        .into_iter()
+        .filter(|e| e["event_type"] == "run:started")
+        .collect();
+    let mut expected = started[0].clone();
+    expected.as_object_mut().unwrap().remove("input");
+    assert_eq!(notified[0], expected);
+}
+
+#[tokio::test]
+async fn step_started_carries_every_key_of_0_8_1_for_roots_and_released_steps() {
+    let engine = Engine::new().await;
+    fake_realtime(&engine).await;
+    list_each_fin(&engine).await;
+    let run = engine.start("f", json!({})).await;
+    engine
+        .drain("f", |task| match task.step_slug.as_str() {
+            "list" => json!([1, 2, 3]),
+            _ => json!(0),
+        })
+        .await;
+    let sent = realtime_sent(&engine).await;
+    for (step, tasks) in [("list", 1), ("each", 3), ("fin", 1)] {
+        let [started_at, _, _] = times(&engine, run, Some(step)).await;
+        assert_payload(
+            payload_of(&sent, &format!("step:{step}:started")),
+            &STEP_STARTED,
+            json!({"event_type": "step:started", "run_id": run, "flow_slug": "f",
+                   "step_slug": step, "status": "started", "remaining_tasks": tasks,
+                   "remaining_deps": 0}),
+            &[("started_at", started_at)],
+        );
+    }
+}
+
+#[tokio::test]
+async fn step_completed_and_run_completed_carry_every_key_of_0_8_1() {
+    let engine = Engine::new().await;
+    fake_realtime(&engine).await;
+    list_each_fin(&engine).await;
+    let run = engine.start("f", json!({})).await;
+    engine
+        .drain("f", |task| match task.step_slug.as_str() {
+            "list" => json!(["a", "b"]),
+            "each" => json!(format!("{}!", task.input.as_str().unwrap())),
+            _ => json!({"done": true}),
+        })
+        .await;
+    let sent = realtime_sent(&engine).await;
+    for (step, output) in [
+        ("list", json!(["a", "b"])),
+        ("each", json!(["a!", "b!"])),
+        ("fin", json!({"done": true})),
+    ] {
+        let [started_at, completed_at, _] = times(&engine, run, Some(step)).await;
+        assert_payload(
+            payload_of(&sent, &format!("step:{step}:completed")),
+            &STEP_COMPLETED,
+            json!({"event_type": "step:completed", "run_id": run, "flow_slug": "f",
+                   "step_slug": step, "status": "completed", "remaining_tasks": 0,
+                   "output": output}),
+            &[("started_at", started_at), ("completed_at", completed_at)],
+        );
+    }
+    let [started_at, completed_at, _] = times(&engine, run, None).await;
+    assert_payload(
+        payload_of(&sent, "run:completed"),
+        &RUN_COMPLETED,
+        json!({"event_type": "run:completed", "run_id": run, "flow_slug": "f",
+               "status": "completed", "output": {"fin": {"done": true}}}),
+        &[("started_at", started_at), ("completed_at", completed_at)],
+    );
+}
+
+#[tokio::test]
+async fn an_empty_map_completes_with_every_key_of_0_8_1() {
+    let engine = Engine::new().await;
+    fake_realtime(&engine).await;
+    engine
+        .flow(
+            "f",
+            &[
+                ("list", &[], "single"),
+                ("m", &["list"], "map"),
+                ("root", &[], "map"),
+            ],
+        )
+        .await;
+    // A root map empty at start (cascade from start_flow), and one a completion empties.
+    let run = engine.start("f", json!([])).await;
+    engine.drain("f", |_| json!([])).await;
+    let sent = realtime_sent(&engine).await;
+    for step in ["root", "m"] {
+        let [started_at, completed_at, _] = times(&engine, run, Some(step)).await;
+        assert_payload(
+            payload_of(&sent, &format!("step:{step}:completed")),
+            &EMPTY_STEP_COMPLETED,
+            json!({"event_type": "step:completed", "run_id": run, "flow_slug": "f",
+                   "step_slug": step, "status": "completed", "remaining_tasks": 0,
+                   "remaining_deps": 0, "output": []}),
+            &[("started_at", started_at), ("completed_at", completed_at)],
+        );
+    }
+}
+
+#[tokio::test]
+async fn step_failed_then_run_failed_carry_every_key_of_0_8_1() {
+    let engine = Engine::new().await;
+    fake_realtime(&engine).await;
+    engine
+        .exec("SELECT pgflow.create_flow('f', max_attempts => 1)")
+        .await;
+    engine.exec("SELECT pgflow.add_step('f', 'a')").await;
+    let run = engine.start("f", json!({})).await;
+    let tasks = engine.poll("f").await;
+    engine.exec("TRUNCATE realtime.sent").await;
+    engine.fail(&tasks[0], "boom").await;
+    let sent = realtime_sent(&engine).await;
+    let names: Vec<&str> = sent.iter().map(|s| s.1.as_str()).collect();
+    assert_eq!(names, vec!["step:a:failed", "run:failed"]);
+    let [_, _, failed_at] = times(&engine, run, Some("a")).await;
+    assert_payload(
+        &sent[0].0,
+        &STEP_FAILED,
+        json!({"event_type": "step:failed", "run_id": run, "flow_slug": "f", "step_slug": "a",
+               "status": "failed", "error_message": "boom"}),
+        &[("failed_at", failed_at)],
+    );
+    let [_, _, failed_at] = times(&engine, run, None).await;
+    assert_payload(
+        &sent[1].0,
+        &RUN_FAILED,
+        json!({"event_type": "run:failed", "run_id": run, "flow_slug": "f",
+               "status": "failed", "error_message": "boom"}),
+        &[("failed_at", failed_at)],
+    );
+}
+
+/// docs/sql-api.md's payload table lists the keys these tests check, 0.8.1's and ours apart.
+#[test]
+fn the_documented_payloads_are_the_shapes_tested_here() {
+    let docs = include_str!("../../../docs/sql-api.md");
+    let section = &docs[docs.find("### Event payloads").unwrap()..];
+    let documented: Vec<(String, BTreeSet<String>, BTreeSet<String>)> = section
+        .lines()
+        .skip_while(|line| !line.starts_with('|'))
+        .take_while(|line| line.starts_with('|'))
+        .filter(|line| line.starts_with("| `"))
+        .map(|line| {
+            let cells: Vec<&str> = line.split('|').map(str::trim).collect();
+            (cells[1].to_string(), keys_in(cells[3]), keys_in(cells[4]))
+        })
+        .collect();
+    let tested: Vec<(String, BTreeSet<String>, BTreeSet<String>)> = SHAPES
+        .iter()
+        .map(|shape| {
+            let set = |keys: &[&str]| keys.iter().map(|k| k.to_string()).collect();
+            (shape.row.to_string(), set(shape.upstream), set(shape.added))
+        })
+        .collect();
+    assert_eq!(documented, tested);
+}
+
+/// The keys a table cell names: its code spans, without the values in parentheses.
+fn keys_in(cell: &str) -> BTreeSet<String> {
+    let mut bare = String::new();
+    let mut depth = 0;
+    for c in cell.chars() {
+        match c {
+            '(' => depth += 1,
+            ')' => depth -= 1,
+            _ if depth == 0 => bare.push(c),
+            _ => {}
+        }
+    }
+    bare.split('`')
+        .skip(1)
+        .step_by(2)
+        .map(str::to_string)
+        .collect()
+}
+
+/// What 0005 replaced kept what it had: SECURITY DEFINER (start_flow, since 0004), the
+/// settings, and the grants, which the security tests exercise.
+#[tokio::test]
+async fn the_replaced_functions_keep_their_attributes() {
+    let engine = Engine::new().await;
+    let rows: Vec<(String, bool, Vec<String>)> = sqlx::query_as(
+        "SELECT p.oid::regprocedure::text, p.prosecdef, coalesce(p.proconfig, '{}') \
+           FROM pg_proc p \
+          WHERE p.oid IN ('pgflow.start_flow(text, jsonb, uuid)'::regprocedure, \
+                          'pgflow._emit_all(jsonb[])'::regprocedure, \
+                          'pgflow._fail_run(uuid, text, text, text)'::regprocedure, \
+                          'pgflow.set_vt_batch(text, bigint[], integer[])'::regprocedure) \
+          ORDER BY 1",
+    )
+    .fetch_all(engine.pool())
+    .await
+    .unwrap();
+    let hot = vec![
+        "search_path=\"\"".to_string(),
+        "plan_cache_mode=force_generic_plan".to_string(),
+        "enable_seqscan=off".to_string(),
+        "enable_hashjoin=off".to_string(),
+        "enable_mergejoin=off".to_string(),
+    ];
+    assert_eq!(
+        rows,
+        vec![
+            ("pgflow._emit_all(jsonb[])".to_string(), false, hot.clone()),
+            (
+                "pgflow._fail_run(uuid,text,text,text)".to_string(),
+                false,
+                hot.clone()
+            ),
+            (
+                "pgflow.set_vt_batch(text,bigint[],integer[])".to_string(),
+                false,
+                hot
+            ),
+            (
+                "pgflow.start_flow(text,jsonb,uuid)".to_string(),
+                true,
+                vec!["search_path=\"\"".to_string()]
+            ),
+        ]
     );
 }
 

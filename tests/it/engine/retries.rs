@@ -475,6 +475,34 @@ async fn set_vt_batch_sets_each_offset_in_one_call() {
     );
 }
 
+/// pgflow 0.8.1 returns no row when either array is NULL, even for a queue that does not
+/// exist (0005; it raised before), and touches no message.
+#[tokio::test]
+async fn set_vt_batch_returns_no_row_for_a_null_array() {
+    let engine = Engine::new().await;
+    engine.exec("SELECT pgmq.create('q')").await;
+    let id: i64 = engine
+        .scalar("SELECT * FROM pgmq.send('q', '{}'::jsonb)")
+        .await;
+    for call in [
+        "pgflow.set_vt_batch('q', NULL, ARRAY[60])",
+        "pgflow.set_vt_batch('q', ARRAY[$1], NULL)",
+        "pgflow.set_vt_batch('q', NULL, NULL)",
+        "pgflow.set_vt_batch('missing', NULL, ARRAY[60])",
+        "pgflow.set_vt_batch('missing', ARRAY[$1], NULL)",
+    ] {
+        let rows: i64 = sqlx::query_scalar(&format!(
+            "SELECT count(*) FROM {call} WHERE $1::bigint IS NOT NULL"
+        ))
+        .bind(id)
+        .fetch_one(engine.pool())
+        .await
+        .unwrap_or_else(|err| panic!("{call}: {err}"));
+        assert_eq!(rows, 0, "{call}");
+    }
+    assert_eq!(engine.visible_in("q", id).await, 0);
+}
+
 /// Makes task `step`/0 of `run` look started `seconds` ago, as if its worker had died then.
 async fn age_started_task(engine: &Engine, run: uuid::Uuid, step: &str, seconds: i32) {
     sqlx::query(
