@@ -9,9 +9,9 @@ use sqlx::{PgConnection, Postgres, Transaction};
 use crate::{Error, Result};
 
 /// The defaults of `pgflow.create_flow`, which is what an unset flow option becomes.
-const DEFAULT_MAX_ATTEMPTS: u32 = 3;
-const DEFAULT_BASE_DELAY: u32 = 5;
-const DEFAULT_TIMEOUT: u32 = 60;
+const DEFAULT_MAX_ATTEMPTS: u32 = FlowOptions::DEFAULT_MAX_ATTEMPTS;
+const DEFAULT_BASE_DELAY: u32 = FlowOptions::DEFAULT_BASE_DELAY;
+const DEFAULT_TIMEOUT: u32 = FlowOptions::DEFAULT_TIMEOUT;
 
 /// What [`Client::compile`](crate::Client::compile) did.
 ///

@@ -20,8 +20,10 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-/// A length of time as an option takes it: whole seconds (see the [module](self) for the
-/// rounding of a [`Duration`]).
+/// A length of time as an option takes it: whole seconds. A [`Duration`] is rounded **up** to
+/// whole seconds (a timeout is never shorter than asked: 1.5 s is 2 s) and saturates at
+/// `u32::MAX` seconds, so that a duration too long for the engine is refused by the bounds
+/// rather than wrapped.
 ///
 /// ```
 /// use std::time::Duration;
@@ -136,8 +138,9 @@ const fn same(a: &str, b: &str) -> bool {
 
 /// Options of a whole flow; each step inherits them unless it sets its own.
 ///
-/// Options left as `None` are omitted from the SQL, so the engine's defaults apply (3 attempts,
-/// 1 second base delay, 60 seconds timeout in pgflow 0.8.1). Values are whole seconds or counts;
+/// Options left as `None` are omitted from the SQL, so the engine's defaults apply
+/// ([`FlowOptions::DEFAULT_MAX_ATTEMPTS`], [`FlowOptions::DEFAULT_BASE_DELAY`],
+/// [`FlowOptions::DEFAULT_TIMEOUT`]: `pgflow.create_flow`'s). Values are whole seconds or counts;
 /// the setters of times also take a [`Duration`] (see [`Seconds`]). They accept the same values
 /// as the step options of the same names (see [`StepOptions::problem`]).
 ///
@@ -165,6 +168,15 @@ pub struct FlowOptions {
 }
 
 impl FlowOptions {
+    /// What an unset `max_attempts` becomes: the default of `pgflow.create_flow`'s argument.
+    pub const DEFAULT_MAX_ATTEMPTS: u32 = 3;
+    /// What an unset `base_delay` becomes, in seconds: the default of `pgflow.create_flow`'s
+    /// argument (the table's column default, 1, is never used: create_flow always passes one).
+    pub const DEFAULT_BASE_DELAY: u32 = 5;
+    /// What an unset `timeout` becomes, in seconds: the default of `pgflow.create_flow`'s
+    /// argument.
+    pub const DEFAULT_TIMEOUT: u32 = 60;
+
     /// No options set: the engine's defaults apply.
     pub const fn new() -> Self {
         Self {

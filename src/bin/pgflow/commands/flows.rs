@@ -3,6 +3,7 @@ use std::io::Write;
 use std::fmt::Write as _;
 
 use pgflow_client::Client;
+use pgflow_core::FlowOptions;
 
 use crate::CliResult;
 use crate::output::print_json;
@@ -21,9 +22,9 @@ pub(crate) async fn flows(client: &Client, json: bool, out: &mut impl Write) -> 
             out,
             "{}  (max_attempts {}, base_delay {}s, timeout {}s)",
             flow.slug,
-            o.max_attempts.unwrap_or(3),
-            o.base_delay.unwrap_or(5),
-            o.timeout.unwrap_or(60)
+            o.max_attempts.unwrap_or(FlowOptions::DEFAULT_MAX_ATTEMPTS),
+            o.base_delay.unwrap_or(FlowOptions::DEFAULT_BASE_DELAY),
+            o.timeout.unwrap_or(FlowOptions::DEFAULT_TIMEOUT)
         )?;
         for step in &flow.steps {
             let mut line = format!("  {} [{}]", step.slug, step.kind);
