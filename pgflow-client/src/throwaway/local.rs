@@ -1,6 +1,7 @@
 //! Where an example or a test connects: `DATABASE_URL`, or else a throwaway server.
 
 use std::fmt;
+use std::time::Duration;
 
 use sqlx::PgPool;
 use sqlx::postgres::PgPoolOptions;
@@ -101,6 +102,13 @@ impl LocalDatabase {
     /// Closes the pool, then stops the throwaway server if one was started.
     pub async fn close(self) {
         self.pool.close().await;
+        // `close` returns once no connection is idle or waited for, which can be before one
+        // that is being handed back (and pinged on the way) is closed: stopping the server
+        // under it makes sqlx warn of a terminated connection. Wait for the last one.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+        while self.pool.size() > 0 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
         drop(self.server);
     }
 }

@@ -98,11 +98,12 @@ pub(crate) fn spawn(
             }
         };
         let outcome = storable(outcome);
-        let elapsed_ms = began.elapsed().as_secs_f64() * 1000.0;
+        // The failure itself is logged once its report says what became of the task.
+        let elapsed_ms = u64::try_from(began.elapsed().as_millis()).unwrap_or(u64::MAX);
         match &outcome {
             Outcome::Completed(_) => tracing::debug!(elapsed_ms, "task finished"),
-            Outcome::Failed { message, retry } => {
-                tracing::error!(error = %message, retry = *retry, elapsed_ms, "task failed");
+            Outcome::Failed { retry, .. } => {
+                tracing::debug!(retry = *retry, elapsed_ms, "task failed");
             }
         }
         let report = Report {

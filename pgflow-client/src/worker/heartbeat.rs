@@ -48,6 +48,9 @@ pub(crate) async fn run(
     while sleep_or_stop(delay, &stop).await {
         match beat(&pool, &flows).await {
             Ok(deprecated) => {
+                if backoff.failures() > 0 {
+                    tracing::info!("heartbeat succeeded again");
+                }
                 backoff.reset();
                 delay = interval;
                 apply_deprecations(&flows, &deprecated, &shutdown);

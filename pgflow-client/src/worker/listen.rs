@@ -54,7 +54,7 @@ pub(crate) async fn run(shared: Arc<Shared>, flows: Vec<Arc<FlowEntry>>, stop: C
             }
         };
         if backoff.failures() > 0 {
-            tracing::warn!("listening for queued tasks again");
+            tracing::info!("listening for queued tasks again");
         } else {
             tracing::debug!("listening for queued tasks");
         }

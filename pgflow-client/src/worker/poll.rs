@@ -5,6 +5,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
+use pgflow_core::FlowOptions;
 use serde_json::Value;
 use sqlx::PgPool;
 use tokio::sync::{OwnedSemaphorePermit, mpsc};
@@ -32,9 +33,6 @@ SELECT t.run_id, t.step_slug, t.input::text, t.task_index, t.attempt, t.timeout 
 /// costs the database much less than several partial ones.
 const BATCH_FILL_WAIT: Duration = Duration::from_millis(2);
 
-/// The step timeout when the database names none (the engine's default).
-const DEFAULT_TIMEOUT_SECONDS: i32 = 60;
-
 type FetchRow = (Uuid, String, Option<String>, i32, Option<i32>, Option<i32>);
 
 /// Reads up to `qty` messages of `flow`'s queue and starts their tasks.
@@ -60,8 +58,12 @@ async fn fetch(
                 input: input.as_deref().map_or(Ok(Value::Null), decode_input),
                 task_index,
                 attempt: attempt.unwrap_or(1),
+                // The database names none only for rows it should never hand out.
                 timeout: Duration::from_secs(
-                    u64::try_from(timeout.unwrap_or(DEFAULT_TIMEOUT_SECONDS).max(1)).unwrap_or(60),
+                    timeout
+                        .and_then(|seconds| u64::try_from(seconds).ok())
+                        .unwrap_or(u64::from(FlowOptions::DEFAULT_TIMEOUT))
+                        .max(1),
                 ),
             },
         )
@@ -120,6 +122,9 @@ pub(crate) async fn run(shared: Arc<Shared>, flow: Arc<FlowEntry>, reports: mpsc
                 break;
             }
         };
+        if backoff.failures() > 0 {
+            tracing::info!(flow_slug = %flow.slug, "reading tasks again");
+        }
         backoff.reset();
         let started = tasks.len();
         for task in tasks {

@@ -26,6 +26,9 @@ pub(crate) struct FlowEntry {
     pub(crate) stop: CancellationToken,
     /// `SELECT` of the seconds until the next message of the queue becomes visible.
     pub(crate) next_visible_sql: String,
+    /// `SELECT` of the seconds until message `$1` of the queue is visible again: when a failed
+    /// task is retried, for the log line.
+    pub(crate) retry_in_sql: String,
 }
 
 impl fmt::Debug for FlowEntry {
@@ -57,6 +60,10 @@ impl FlowEntry {
         let next_visible_sql = format!(
             "SELECT extract(epoch FROM min(vt) - clock_timestamp())::float8 FROM pgmq.\"{queue_table}\""
         );
+        let retry_in_sql = format!(
+            "SELECT extract(epoch FROM vt - clock_timestamp())::float8 \
+               FROM pgmq.\"{queue_table}\" WHERE msg_id = $1"
+        );
         let steps = steps
             .into_iter()
             .map(|(step, handler)| {
@@ -75,6 +82,7 @@ impl FlowEntry {
             wake: Notify::new(),
             stop: shutdown.child_token(),
             next_visible_sql,
+            retry_in_sql,
         }
     }
 }

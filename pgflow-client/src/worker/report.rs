@@ -192,6 +192,9 @@ async fn complete(shared: &Shared, mut tasks: Vec<Done>) {
         }
         let error = match complete_tasks(shared, &tasks).await {
             Ok(()) => {
+                if backoff.failures() > 0 {
+                    tracing::info!(tasks = tasks.len(), "reported completions after retrying");
+                }
                 tracing::trace!(tasks = tasks.len(), "reported completions");
                 settle(shared, tasks.len(), 0);
                 return;
@@ -340,29 +343,65 @@ async fn fail(shared: &Shared, failure: Failure) {
 }
 
 /// Fails the attempt `key` names, and only that attempt; a permanent failure is not retried
-/// whatever attempts are left.
+/// whatever attempts are left. Logs the failure at the level of its consequence: WARN when the
+/// engine retries the task (with the attempt and the delay), ERROR when the task has failed for
+/// good, which fails its run.
 async fn fail_task(shared: &Shared, failure: &Failure) -> sqlx::Result<()> {
     let key = &failure.key;
-    let rows: i64 =
-        sqlx::query_scalar("SELECT count(*) FROM pgflow.fail_task($1, $2, $3, $4, $5, $6, $7)")
-            .bind(key.run_id)
-            .bind(&*key.step_slug)
-            .bind(key.task_index)
-            .bind(&failure.message)
-            .bind(key.attempt)
-            .bind(key.flow.worker_id)
-            .bind(!failure.retry)
-            .fetch_one(&shared.pool)
-            .await?;
-    if rows == 0 {
-        failure.span.in_scope(|| {
+    let row: Option<(String, i32, Option<i64>)> = sqlx::query_as(
+        "SELECT status::text, attempts_count, message_id \
+           FROM pgflow.fail_task($1, $2, $3, $4, $5, $6, $7)",
+    )
+    .bind(key.run_id)
+    .bind(&*key.step_slug)
+    .bind(key.task_index)
+    .bind(&failure.message)
+    .bind(key.attempt)
+    .bind(key.flow.worker_id)
+    .bind(!failure.retry)
+    .fetch_optional(&shared.pool)
+    .await?;
+    match row {
+        None => failure.span.in_scope(|| {
             tracing::info!(
                 "failure not applied: this attempt is no longer the task's current one (it ran \
                  past its timeout and was started again)"
             );
-        });
+        }),
+        Some((status, attempt, message_id)) if status == "queued" => {
+            // A second statement: the first one's snapshot predates the new visibility time.
+            let retry_in = match message_id {
+                Some(id) => retry_in(shared, key, id).await,
+                None => None,
+            };
+            failure.span.in_scope(|| match retry_in {
+                Some(delay) => tracing::warn!(
+                    error = %failure.message, attempt, retry_in = ?delay, "task failed; retrying"
+                ),
+                None => tracing::warn!(error = %failure.message, attempt, "task failed; retrying"),
+            });
+        }
+        Some((_, attempt, _)) => failure.span.in_scope(|| {
+            tracing::error!(error = %failure.message, attempt, "task failed for good; its run fails");
+        }),
     }
     Ok(())
+}
+
+/// How long until message `id` of the task's queue is visible again, in whole milliseconds (the
+/// delay is the engine's, in seconds; the rest is noise); `None` when that cannot be read, which
+/// only costs the log line its delay.
+async fn retry_in(shared: &Shared, key: &TaskKey, id: i64) -> Option<Duration> {
+    let seconds: Option<f64> = sqlx::query_scalar(&key.flow.retry_in_sql)
+        .bind(id)
+        .fetch_optional(&shared.pool)
+        .await
+        .ok()
+        .flatten();
+    let millis = (seconds?.max(0.0) * 1000.0).round();
+    // In range: a visibility time is at most decades away.
+    #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+    Some(Duration::from_millis(millis as u64))
 }
 
 /// The positions (0-based) of the tasks that are still `started` with the attempt and worker

@@ -38,8 +38,9 @@ pub(crate) async fn run(
         match schema_check::check(&shared.pool).await {
             Ok(None) => break,
             Ok(Some(problem)) => {
-                // Also logged: an application may never await the handle that returns it.
-                tracing::error!(error = %problem, "the worker refuses to start");
+                // Also logged, as a warning: an application may never await the handle that
+                // returns it, and one that does decides how grave it is.
+                tracing::warn!(error = %problem, "the worker refuses to start");
                 // The handle's token tells watchers the worker is gone, and ends the signal task.
                 shutdown.cancel();
                 return Err(problem);
