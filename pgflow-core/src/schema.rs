@@ -94,6 +94,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "events",
         sql: include_str!("../migrations/0005_events.sql"),
     },
+    Migration {
+        version: 6,
+        name: "attempt_history",
+        sql: include_str!("../migrations/0006_attempt_history.sql"),
+    },
 ];
 
 /// The schema version this build of pgflow installs: the last migration's version.

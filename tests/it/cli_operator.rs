@@ -463,3 +463,67 @@ async fn runs_and_run_json_keep_the_documented_keys() {
     assert_eq!(state["tasks"][2]["status"], "queued");
     assert_eq!(state["tasks"][2]["error_message"], "timeout");
 }
+
+#[tokio::test]
+async fn run_attempts_lists_every_failed_attempt_with_its_message() {
+    let (db, client) = client().await;
+    let run = crawling(&db, &client).await;
+    // fetch/1 fails on its first attempt, is retried, and fails on its second (its last).
+    fail(db.pool(), run, "fetch", 1, "connection reset").await;
+    fail(db.pool(), run, "fetch", 1, "404 not found\nat line 2").await;
+    let id = run.to_string();
+    let utc = [("TZ", "UTC")];
+
+    let view = pgflow_in(db.url(), &["run", &id, "--attempts"], &utc);
+    let (dag, attempts) = view
+        .split_once("\nfailed attempts: 2\n")
+        .unwrap_or_else(|| panic!("{view}"));
+    // The DAG view is the one `run` draws without the flag.
+    assert_eq!(dag, pgflow_in(db.url(), &["run", &id], &utc), "{view}");
+    let lines: Vec<&str> = attempts.lines().collect();
+    assert_eq!(lines.len(), 3, "{view}");
+    assert_eq!(
+        words(lines[0]),
+        ["STEP", "TASK", "ATTEMPT", "FAILED", "AT", "ERROR"]
+    );
+    assert_eq!(words(lines[1])[..3], ["fetch", "1", "1"], "{view}");
+    assert!(lines[1].ends_with(" connection reset"), "{view}");
+    assert_eq!(words(lines[2])[..3], ["fetch", "1", "2"], "{view}");
+    // The first line of the message; --json has it whole.
+    assert!(lines[2].ends_with(" 404 not found"), "{view}");
+
+    let state: Value = serde_json::from_str(&stdout(&pgflow(
+        db.url(),
+        &["run", &id, "--attempts", "--json"],
+    )))
+    .unwrap();
+    assert_eq!(keys(&state), ["attempts", "run", "steps", "tasks"]);
+    assert_eq!(
+        keys(&state["attempts"][0]),
+        [
+            "attempt",
+            "error_message",
+            "failed_at",
+            "last_worker_id",
+            "step_slug",
+            "task_index"
+        ]
+    );
+    let messages: Vec<&str> = state["attempts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a["error_message"].as_str().unwrap())
+        .collect();
+    assert_eq!(messages, ["connection reset", "404 not found\nat line 2"]);
+    assert_eq!(state["attempts"][1]["attempt"], json!(2));
+
+    // A run without failures says so.
+    let clean = client
+        .start_json("crawl", json!("y"), None)
+        .await
+        .unwrap()
+        .id();
+    let view = pgflow_in(db.url(), &["run", &clean.to_string(), "--attempts"], &utc);
+    assert!(view.ends_with("\nfailed attempts: none\n"), "{view}");
+}

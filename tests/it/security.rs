@@ -707,3 +707,112 @@ async fn the_reader_checks_and_reads_everything_and_changes_nothing() {
     reader_pool.close().await;
     roles.drop(&db, &[nobody]).await;
 }
+
+#[tokio::test]
+async fn failed_attempts_are_recorded_for_the_worker_role_and_readable_by_the_reader() {
+    let db = database().await;
+    let roles = Roles::new(&db);
+    secured(&db, &roles, false).await;
+    let orders_run: Uuid =
+        sqlx::query_scalar("SELECT run_id FROM pgflow.start_flow('orders', '1')")
+            .fetch_one(db.pool())
+            .await
+            .unwrap();
+    let own = Uuid::new_v4();
+    let mut worker = set_role(&db, &roles.name("orders_worker")).await;
+    sqlx::query(
+        "INSERT INTO pgflow.workers (worker_id, queue_name, function_name) \
+         VALUES ($1, 'orders', 'by hand')",
+    )
+    .bind(own)
+    .execute(&mut worker)
+    .await
+    .unwrap();
+    let started: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM pgflow._read_and_start('orders', 10, 30, $1)")
+            .bind(own)
+            .fetch_one(&mut worker)
+            .await
+            .unwrap();
+    assert_eq!(started, 1);
+    // The worker role has no privilege on pgflow_ext; the trigger writes as the owner.
+    let failed: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM pgflow.fail_task($1, 'only', 0, 'card declined', 1, $2, true)",
+    )
+    .bind(orders_run)
+    .bind(own)
+    .fetch_one(&mut worker)
+    .await
+    .unwrap();
+    assert_eq!(failed, 1);
+    refused(
+        &mut worker,
+        "SELECT count(*) FROM pgflow_ext.step_task_attempts",
+        "permission denied for schema pgflow_ext",
+    )
+    .await;
+    worker.close().await.unwrap();
+
+    let mut reader = set_role(&db, &roles.name("grafana")).await;
+    let recorded: (i32, String, Option<Uuid>) = sqlx::query_as(
+        "SELECT attempt, error_message, last_worker_id \
+           FROM pgflow_ext.step_task_attempts WHERE run_id = $1",
+    )
+    .bind(orders_run)
+    .fetch_one(&mut reader)
+    .await
+    .unwrap();
+    assert_eq!(recorded, (1, "card declined".to_owned(), Some(own)));
+    refused(
+        &mut reader,
+        "DELETE FROM pgflow_ext.step_task_attempts",
+        "permission denied for table step_task_attempts",
+    )
+    .await;
+    reader.close().await.unwrap();
+
+    // A role that updates step_tasks directly (as the grants before 0004 allowed) needs no
+    // privilege on pgflow_ext for its failures to be recorded.
+    let legacy = format!("legacy_{}", roles.suffix);
+    sqlx::raw_sql(&format!(
+        "CREATE ROLE {legacy} NOLOGIN; GRANT USAGE ON SCHEMA pgflow TO {legacy}; \
+         GRANT SELECT, UPDATE ON pgflow.step_tasks TO {legacy};"
+    ))
+    .execute(db.pool())
+    .await
+    .unwrap();
+    let payroll_run: Uuid =
+        sqlx::query_scalar("SELECT run_id FROM pgflow.start_flow('payroll', '{}')")
+            .fetch_one(db.pool())
+            .await
+            .unwrap();
+    let mut direct = set_role(&db, &legacy).await;
+    sqlx::query(
+        "UPDATE pgflow.step_tasks SET status = 'started', attempts_count = 1, started_at = now() \
+          WHERE run_id = $1",
+    )
+    .bind(payroll_run)
+    .execute(&mut direct)
+    .await
+    .unwrap();
+    sqlx::query(
+        "UPDATE pgflow.step_tasks SET status = 'queued', started_at = NULL, \
+                error_message = 'by hand' WHERE run_id = $1",
+    )
+    .bind(payroll_run)
+    .execute(&mut direct)
+    .await
+    .unwrap();
+    direct.close().await.unwrap();
+    let recorded: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM pgflow_ext.step_task_attempts \
+          WHERE run_id = $1 AND error_message = 'by hand'",
+    )
+    .bind(payroll_run)
+    .fetch_one(db.pool())
+    .await
+    .unwrap();
+    assert_eq!(recorded, 1);
+
+    roles.drop(&db, &[legacy]).await;
+}

@@ -63,6 +63,10 @@ pub(crate) enum Command {
     Run {
         /// The run's id.
         run_id: Uuid,
+        /// Also list every failed attempt of every task, with its error (from
+        /// `pgflow_ext.step_task_attempts`); with `--json`, under the key `attempts`.
+        #[arg(long)]
+        attempts: bool,
     },
     /// Start a run of a flow with a JSON input; prints the run id.
     Start {

@@ -7,6 +7,7 @@ use std::collections::HashMap;
 use pgflow_client::{RunState, StepStateRow, TaskRow, TaskStatus};
 use pgflow_core::{FlowShape, StepKind};
 
+use crate::commands::run::FailedAttempt;
 use crate::style;
 use crate::table::{Cell, table_text};
 use crate::time::{duration, time_of_day, timestamp};
@@ -145,4 +146,33 @@ fn last_error(step: &StepStateRow, tasks: &[&TaskRow]) -> String {
         text.push_str(&format!(" (+{} more)", with_error.len() - 1));
     }
     text
+}
+
+/// `run --attempts`: every failed attempt, one a line, under the DAG. The error's first line
+/// is shown whole; `run --json --attempts` has the complete message.
+pub(crate) fn render_attempts(attempts: &[FailedAttempt]) -> String {
+    if attempts.is_empty() {
+        return "failed attempts: none\n".to_string();
+    }
+    let rows: Vec<[Cell; 5]> = attempts
+        .iter()
+        .map(|attempt| {
+            [
+                attempt.step_slug.as_str().into(),
+                attempt.task_index.to_string().into(),
+                attempt.attempt.to_string().into(),
+                timestamp(attempt.failed_at).into(),
+                Cell::styled(
+                    attempt.error_message.lines().next().unwrap_or_default(),
+                    style::ERROR,
+                ),
+            ]
+        })
+        .collect();
+    let mut out = format!("failed attempts: {}\n", attempts.len());
+    out.push_str(&table_text(
+        ["STEP", "TASK", "ATTEMPT", "FAILED AT", "ERROR"],
+        &rows,
+    ));
+    out
 }

@@ -1,6 +1,7 @@
 //! The SQL engine, driven through its SQL API alone, one test per rule of the contract
 //! (`shared/spec/sql-api.md`). Each test gets its own database with pgmq and the schema.
 
+mod attempt_history;
 mod attempts;
 mod concurrency;
 mod definitions;

@@ -3,7 +3,7 @@
 mod check;
 mod flows;
 mod install;
-mod run;
+pub(crate) mod run;
 mod runs;
 mod start;
 mod watch;
@@ -31,7 +31,9 @@ pub(crate) async fn dispatch(
             status,
             limit,
         } => runs::runs(client, flow.as_deref(), status, limit, json, out).await,
-        Command::Run { run_id } => run::show_run(client, run_id, json, out).await,
+        Command::Run { run_id, attempts } => {
+            run::show_run(client, run_id, attempts, json, out).await
+        }
         Command::Start {
             flow,
             input,

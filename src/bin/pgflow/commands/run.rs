@@ -1,23 +1,90 @@
 use std::io::Write;
 
-use pgflow_client::Client;
+use chrono::{DateTime, Utc};
+use pgflow_client::{Client, RunState};
+use serde::Serialize;
 use uuid::Uuid;
 
 use crate::CliResult;
+use crate::failure::Failure;
 use crate::output::print_json;
-use crate::run_view::render_run;
+use crate::run_view::{render_attempts, render_run};
+
+/// A row of `pgflow_ext.step_task_attempts` (migration 0006): one failed attempt of a task.
+#[derive(Debug, Serialize, sqlx::FromRow)]
+pub(crate) struct FailedAttempt {
+    pub(crate) step_slug: String,
+    pub(crate) task_index: i32,
+    /// The task's `attempts_count` when it failed: 1 for the first attempt.
+    pub(crate) attempt: i32,
+    pub(crate) error_message: String,
+    pub(crate) failed_at: DateTime<Utc>,
+    pub(crate) last_worker_id: Option<Uuid>,
+}
+
+/// `run --json --attempts`: the run's state with its failed attempts under `attempts`.
+#[derive(Serialize)]
+struct WithAttempts<'a> {
+    #[serde(flatten)]
+    state: &'a RunState,
+    attempts: &'a [FailedAttempt],
+}
 
 pub(crate) async fn show_run(
     client: &Client,
     run_id: Uuid,
+    attempts: bool,
     json: bool,
     out: &mut impl Write,
 ) -> CliResult {
     let state = client.run_state(run_id).await?;
+    let failed = if attempts {
+        Some(failed_attempts(client, run_id).await?)
+    } else {
+        None
+    };
     if json {
-        return print_json(out, &state);
+        return match &failed {
+            Some(attempts) => print_json(
+                out,
+                &WithAttempts {
+                    state: &state,
+                    attempts,
+                },
+            ),
+            None => print_json(out, &state),
+        };
     }
     let shape = client.flow_shape(&state.run.flow_slug).await?;
     write!(out, "{}", render_run(&state, shape.as_ref()))?;
+    if let Some(failed) = &failed {
+        write!(out, "\n{}", render_attempts(failed))?;
+    }
     Ok(())
+}
+
+/// Every failed attempt of the run's tasks: by step (order of definition), task, attempt.
+async fn failed_attempts(client: &Client, run_id: Uuid) -> Result<Vec<FailedAttempt>, Failure> {
+    sqlx::query_as(
+        "SELECT a.step_slug, a.task_index, a.attempt, a.error_message, a.failed_at, \
+                a.last_worker_id \
+           FROM pgflow_ext.step_task_attempts a \
+           JOIN pgflow.runs r ON r.run_id = a.run_id \
+           JOIN pgflow.steps s ON s.flow_slug = r.flow_slug AND s.step_slug = a.step_slug \
+          WHERE a.run_id = $1 \
+          ORDER BY s.step_index, a.task_index, a.attempt",
+    )
+    .bind(run_id)
+    .fetch_all(client.pool())
+    .await
+    .map_err(|err| match &err {
+        sqlx::Error::Database(db) if db.code().as_deref() == Some("42501") => {
+            Failure::error(format!(
+                "{db}: --attempts reads pgflow_ext.step_task_attempts; grant it with \
+                 `GRANT USAGE ON SCHEMA pgflow_ext TO <role>; \
+                 GRANT SELECT ON pgflow_ext.step_task_attempts TO <role>;`"
+            ))
+        }
+        _ => Failure::from(pgflow_client::Error::from(err)),
+    })
 }
