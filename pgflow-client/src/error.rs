@@ -30,6 +30,19 @@ pub enum Error {
     )]
     ForeignSchema,
 
+    /// `pgflow_meta.schema_migrations` records migrations but schema `pgflow` is gone (dropped
+    /// by hand): installing again would apply nothing and report the engine up to date.
+    #[error(
+        "schema `pgflow` is missing, but pgflow_meta.schema_migrations records migrations {recorded:?}: \
+         the engine was dropped by hand. To install it afresh, drop what it left behind first \
+         (`DROP SCHEMA IF EXISTS pgflow_private, pgflow_ext CASCADE; DROP SCHEMA pgflow_meta \
+         CASCADE;`), then install again; its flows and runs went with schema `pgflow`"
+    )]
+    SchemaMissing {
+        /// The versions recorded as applied.
+        recorded: Vec<i32>,
+    },
+
     /// The database holds a newer schema version than this build knows.
     #[error(
         "the database has pgflow schema version {found}, newer than version {known} that this build \

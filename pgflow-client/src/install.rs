@@ -124,6 +124,11 @@ async fn install_schema(pool: &PgPool) -> Result<Vec<i32>> {
     if has_pgflow && recorded.is_empty() {
         return Err(Error::ForeignSchema);
     }
+    if !has_pgflow && !recorded.is_empty() {
+        return Err(Error::SchemaMissing {
+            recorded: recorded.iter().map(|(version, _, _)| *version).collect(),
+        });
+    }
     if let Some((found, _, _)) = recorded.last()
         && *found > SCHEMA_VERSION
     {

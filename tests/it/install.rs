@@ -104,6 +104,35 @@ async fn a_foreign_pgflow_schema_is_left_alone() {
 }
 
 #[tokio::test]
+async fn a_dropped_engine_is_not_reported_up_to_date_and_installs_again_after_the_cleanup() {
+    let db = database().await;
+    sqlx::raw_sql("DROP SCHEMA pgflow CASCADE")
+        .execute(db.pool())
+        .await
+        .unwrap();
+    let err = install(db.pool()).await.unwrap_err();
+    match &err {
+        Error::SchemaMissing { recorded } => assert_eq!(*recorded, every_version()),
+        other => panic!("expected SchemaMissing, got {other}"),
+    }
+    // The message's cleanup is enough for a fresh install.
+    let text = err.to_string();
+    let cleanup = text
+        .split('`')
+        .find(|part| part.starts_with("DROP SCHEMA IF EXISTS"))
+        .expect("the cleanup statement is quoted in the message");
+    sqlx::raw_sql(cleanup).execute(db.pool()).await.unwrap();
+    let report = install(db.pool()).await.unwrap();
+    assert_eq!(report.applied, every_version());
+    let tables: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM pg_tables WHERE schemaname = 'pgflow'")
+            .fetch_one(db.pool())
+            .await
+            .unwrap();
+    assert_eq!(tables, 7);
+}
+
+#[tokio::test]
 async fn a_newer_schema_than_we_know_is_refused() {
     let db = database().await;
     sqlx::query("INSERT INTO pgflow_meta.schema_migrations (version, name, checksum) VALUES (9999, 'future', 'x')")
