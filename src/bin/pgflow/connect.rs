@@ -41,7 +41,12 @@ fn masked(url: &str) -> String {
     let Some((scheme, rest)) = url.split_once("://") else {
         return url.to_owned();
     };
-    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    // The host starts after the last `@`: a password may hold `/`, `?` or `#` unencoded, and
+    // cutting the authority at the first of them would print the rest of the password.
+    let host_start = rest.rfind('@').map_or(0, |at| at + 1);
+    let authority_end = rest[host_start..]
+        .find(['/', '?', '#'])
+        .map_or(rest.len(), |end| host_start + end);
     let (authority, tail) = rest.split_at(authority_end);
     let authority = match authority.rsplit_once('@') {
         Some((userinfo, host)) => match userinfo.split_once(':') {
@@ -80,6 +85,10 @@ mod tests {
             ("postgres://app@db/orders", "postgres://app@db/orders"),
             ("postgres://db/orders", "postgres://db/orders"),
             ("postgresql://a:p@ss@h/d", "postgresql://a:***@h/d"),
+            (
+                "postgres://a:p/ss?w#rd@h:5432/d",
+                "postgres://a:***@h:5432/d",
+            ),
             (
                 "postgres:///orders?host=/run/pg&password=s3cret&sslmode=off",
                 "postgres:///orders?host=/run/pg&password=***&sslmode=off",
