@@ -35,40 +35,77 @@ pub(crate) async fn connect(url: &str, timeout: Duration) -> Result<PgPool, Fail
         .connect_lazy_with(options))
 }
 
-/// `url` fit to print: its password, in the user part or as a `password=` parameter, is
-/// replaced by `***`.
+/// `url` fit to print: its password, in the user part or as a `password` parameter (in a URL's
+/// query or a `key=value` string, its name percent-encoded or not), is replaced by `***`.
+///
+/// Parameters go first: a parameter's value may hold `@`, which would otherwise be taken for
+/// the end of the user part.
 fn masked(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else {
-        return url.to_owned();
+    let url = masked_parameters(url);
+    let (scheme, rest) = match url.split_once("://") {
+        Some((scheme, rest)) => (Some(scheme), rest),
+        None => (None, url.as_str()),
     };
     // The host starts after the last `@`: a password may hold `/`, `?` or `#` unencoded, and
     // cutting the authority at the first of them would print the rest of the password.
-    let host_start = rest.rfind('@').map_or(0, |at| at + 1);
-    let authority_end = rest[host_start..]
-        .find(['/', '?', '#'])
-        .map_or(rest.len(), |end| host_start + end);
-    let (authority, tail) = rest.split_at(authority_end);
-    let authority = match authority.rsplit_once('@') {
-        Some((userinfo, host)) => match userinfo.split_once(':') {
-            Some((user, _password)) => format!("{user}:***@{host}"),
-            None => format!("{userinfo}@{host}"),
+    let rest = match rest.rsplit_once('@') {
+        Some((userinfo, after)) => match userinfo.split_once(':') {
+            Some((user, _password)) => format!("{user}:***@{after}"),
+            None => format!("{userinfo}@{after}"),
         },
-        None => authority.to_owned(),
+        None => rest.to_owned(),
     };
-    let tail = match tail.split_once('?') {
-        Some((path, query)) => {
-            let query: Vec<String> = query
-                .split('&')
-                .map(|pair| match pair.split_once('=') {
-                    Some((key, _)) if key.eq_ignore_ascii_case("password") => format!("{key}=***"),
-                    _ => pair.to_owned(),
-                })
-                .collect();
-            format!("{path}?{}", query.join("&"))
+    match scheme {
+        Some(scheme) => format!("{scheme}://{rest}"),
+        None => rest,
+    }
+}
+
+/// `text` with the value of every `password=` parameter replaced by `***`; parameters are
+/// separated by `?`, `&` or white space, and a name is compared percent-decoded.
+fn masked_parameters(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(eq) = rest.find('=') {
+        let name_start = rest[..eq]
+            .rfind(|c: char| c == '?' || c == '&' || c.is_whitespace())
+            .map_or(0, |at| at + 1);
+        let is_password = percent_decoded(&rest[name_start..eq]).eq_ignore_ascii_case("password");
+        out.push_str(&rest[..=eq]);
+        rest = &rest[eq + 1..];
+        if is_password {
+            let end = rest
+                .find(|c: char| c == '&' || c.is_whitespace())
+                .unwrap_or(rest.len());
+            out.push_str("***");
+            rest = &rest[end..];
         }
-        None => tail.to_owned(),
-    };
-    format!("{scheme}://{authority}{tail}")
+    }
+    out.push_str(rest);
+    out
+}
+
+/// `text` with its `%XX` escapes decoded (bytes that are not UTF-8 become U+FFFD).
+fn percent_decoded(text: &str) -> String {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = bytes
+            .get(i + 1..i + 3)
+            .and_then(|h| std::str::from_utf8(h).ok());
+        match (bytes[i], hex.and_then(|h| u8::from_str_radix(h, 16).ok())) {
+            (b'%', Some(byte)) => {
+                out.push(byte);
+                i += 3;
+            }
+            (byte, _) => {
+                out.push(byte);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 #[cfg(test)]
@@ -94,6 +131,27 @@ mod tests {
                 "postgres:///orders?host=/run/pg&password=***&sslmode=off",
             ),
             ("not a url", "not a url"),
+            (
+                "postgres://h:1/d?password=hun@ter2",
+                "postgres://h:1/d?password=***",
+            ),
+            (
+                "postgres://h/d?sslmode=x&password=a#b@c",
+                "postgres://h/d?sslmode=x&password=***",
+            ),
+            (
+                "postgres://h/d?pass%77ord=x&%70assword=y",
+                "postgres://h/d?pass%77ord=***&%70assword=***",
+            ),
+            (
+                "host=x password=hunter2 dbname=d",
+                "host=x password=*** dbname=d",
+            ),
+            ("u:secret@localhost/db", "u:***@localhost/db"),
+            (
+                "postgres:/h:1/d?password=hunter2",
+                "postgres:/h:1/d?password=***",
+            ),
         ] {
             assert_eq!(masked(url), shown, "{url}");
         }
