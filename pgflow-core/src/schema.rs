@@ -99,6 +99,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "attempt_history",
         sql: include_str!("../migrations/0006_attempt_history.sql"),
     },
+    Migration {
+        version: 7,
+        name: "run_control",
+        sql: include_str!("../migrations/0007_run_control.sql"),
+    },
 ];
 
 /// The schema version this build of pgflow installs: the last migration's version.

@@ -9,6 +9,7 @@ mod events;
 mod limits;
 mod maps;
 mod retries;
+mod run_control;
 mod runs;
 
 use pgflow_client::throwaway::TestDatabase;
