@@ -13,6 +13,7 @@ mod model;
 mod poison;
 mod processes;
 mod restart;
+mod run_control_model;
 mod soak;
 mod stale;
 

@@ -17,18 +17,18 @@ use super::env_size;
 
 /// One step of a generated flow, as drawn (normalised into a valid DAG by [`Dag::new`]).
 #[derive(Debug, Clone)]
-struct RawStep {
-    map: bool,
-    root: bool,
-    parent_pick: usize,
-    dep_mask: u8,
-    array_len: usize,
-    max_attempts: u32,
-    fails: u32,
-    non_array: bool,
+pub(super) struct RawStep {
+    pub(super) map: bool,
+    pub(super) root: bool,
+    pub(super) parent_pick: usize,
+    pub(super) dep_mask: u8,
+    pub(super) array_len: usize,
+    pub(super) max_attempts: u32,
+    pub(super) fails: u32,
+    pub(super) non_array: bool,
 }
 
-fn raw_step() -> impl Strategy<Value = RawStep> {
+pub(super) fn raw_step() -> impl Strategy<Value = RawStep> {
     (
         any::<bool>(),
         prop::bool::weighted(0.3),
@@ -57,35 +57,35 @@ fn raw_step() -> impl Strategy<Value = RawStep> {
 
 /// A case: the steps and the run input's length (the input is always an array of numbers, so
 /// root maps have something to map over).
-fn case() -> impl Strategy<Value = (Vec<RawStep>, usize)> {
+pub(super) fn case() -> impl Strategy<Value = (Vec<RawStep>, usize)> {
     (prop::collection::vec(raw_step(), 2..=6), 0..=3_usize)
 }
 
 /// A step of a valid flow.
 #[derive(Debug, Clone)]
-struct Step {
-    slug: String,
-    map: bool,
-    deps: Vec<usize>,
+pub(super) struct Step {
+    pub(super) slug: String,
+    pub(super) map: bool,
+    pub(super) deps: Vec<usize>,
     /// A single step that a map depends on outputs an array of this length.
-    array_len: usize,
+    pub(super) array_len: usize,
     /// A single step that a map depends on outputs an object instead (a type violation).
-    non_array: bool,
-    feeds_map: bool,
-    max_attempts: u32,
+    pub(super) non_array: bool,
+    pub(super) feeds_map: bool,
+    pub(super) max_attempts: u32,
     /// Every task of the step fails on attempts `1..=fails`.
-    fails: u32,
+    pub(super) fails: u32,
 }
 
 #[derive(Debug, Clone)]
-struct Dag {
-    steps: Vec<Step>,
-    input: Value,
+pub(super) struct Dag {
+    pub(super) steps: Vec<Step>,
+    pub(super) input: Value,
 }
 
 impl Dag {
     /// Deps only on earlier steps; a map has no dependency (a root map) or exactly one.
-    fn new(raw: &[RawStep], input_len: usize) -> Self {
+    pub(super) fn new(raw: &[RawStep], input_len: usize) -> Self {
         let mut steps: Vec<Step> = Vec::new();
         for (i, r) in raw.iter().enumerate() {
             let deps = if r.map {
@@ -119,7 +119,7 @@ impl Dag {
         Self { steps, input }
     }
 
-    fn index(&self, slug: &str) -> Option<usize> {
+    pub(super) fn index(&self, slug: &str) -> Option<usize> {
         self.steps.iter().position(|step| step.slug == slug)
     }
 }
@@ -135,7 +135,7 @@ fn handle(step: &Step, task_index: i32, attempt: i32, input: &Value) -> Result<V
     Ok(output(step, task_index, input))
 }
 
-fn output(step: &Step, task_index: i32, input: &Value) -> Value {
+pub(super) fn output(step: &Step, task_index: i32, input: &Value) -> Value {
     if step.map {
         json!({"from": step.slug, "i": task_index, "el": input})
     } else if step.feeds_map && !step.non_array {
@@ -151,22 +151,22 @@ fn output(step: &Step, task_index: i32, input: &Value) -> Value {
 
 /// The reference model's verdict on a case.
 #[derive(Debug)]
-struct Expected {
+pub(super) struct Expected {
     /// Each reached step's output; `None` for steps never reached or doomed.
-    outputs: Vec<Option<Value>>,
+    pub(super) outputs: Vec<Option<Value>>,
     /// The input of every task the engine may deliver: (step, task index) → input.
-    inputs: HashMap<(usize, i32), Value>,
+    pub(super) inputs: HashMap<(usize, i32), Value>,
     /// Steps that fail the run when they run (retries exhausted, or a type violation).
-    doomed: Vec<usize>,
+    pub(super) doomed: Vec<usize>,
     /// The run output, when the run completes.
-    run_output: Option<Value>,
+    pub(super) run_output: Option<Value>,
 }
 
 /// The spec, in memory: steps in order of definition (deps come earlier), each reached when all
 /// its deps completed; a single step has one task, a map one per element of its array (the run
 /// input for a root map, its dependency's output otherwise), completing at once with `[]` when
 /// empty; a task fails for good after `max_attempts` failed attempts, and then so does the run.
-fn model(dag: &Dag) -> Expected {
+pub(super) fn model(dag: &Dag) -> Expected {
     let mut outputs: Vec<Option<Value>> = vec![None; dag.steps.len()];
     let mut inputs = HashMap::new();
     let mut doomed = Vec::new();
@@ -229,9 +229,9 @@ fn model(dag: &Dag) -> Expected {
     }
 }
 
-const FLOW: &str = "model";
+pub(super) const FLOW: &str = "model";
 
-async fn compile(pool: &PgPool, dag: &Dag) -> Result<(), sqlx::Error> {
+pub(super) async fn compile(pool: &PgPool, dag: &Dag) -> Result<(), sqlx::Error> {
     sqlx::query("SELECT pgflow.create_flow($1, max_attempts => 3, base_delay => 0)")
         .bind(FLOW)
         .execute(pool)
