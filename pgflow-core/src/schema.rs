@@ -104,6 +104,16 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "run_control",
         sql: include_str!("../migrations/0007_run_control.sql"),
     },
+    Migration {
+        version: 8,
+        name: "retention",
+        sql: include_str!("../migrations/0008_retention.sql"),
+    },
+    Migration {
+        version: 9,
+        name: "schedules",
+        sql: include_str!("../migrations/0009_schedules.sql"),
+    },
 ];
 
 /// The schema version this build of pgflow installs: the last migration's version.
