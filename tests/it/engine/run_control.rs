@@ -603,3 +603,33 @@ async fn max_delay_caps_the_backoff_and_jitter_stays_within_half_of_it() {
         "P0002"
     );
 }
+
+/// A flow whose shape or options change is recompiled only by deleting its runs
+/// (`Replace::DeletingRuns`): a failed run of the old definition is then gone, and retrying it
+/// says so instead of resuming it against another definition.
+#[tokio::test]
+async fn a_run_deleted_by_recompiling_its_flow_cannot_be_retried() {
+    use pgflow_client::{Client, Replace};
+    use pgflow_core::{Flow, StepContext, StepError, step_fn};
+
+    fn flow(max_attempts: u32) -> Flow<serde_json::Value> {
+        let only = step_fn("only").max_attempts(max_attempts).handler(
+            |v: serde_json::Value, _ctx: StepContext| async move { Ok::<_, StepError>(v) },
+        );
+        Flow::new("recompiled").step(only).build()
+    }
+
+    let engine = Engine::new().await;
+    let client = Client::new(engine.pool().clone());
+    client.compile(&flow(1)).await.unwrap();
+    let run = engine.start("recompiled", json!({})).await;
+    let task = engine.poll("recompiled").await.remove(0);
+    engine.fail(&task, "boom").await;
+    assert_eq!(engine.run(run).await.0, "failed");
+
+    client
+        .compile_replacing(&flow(2), Replace::DeletingRuns)
+        .await
+        .unwrap();
+    assert_eq!(retry(&engine, run).await.unwrap_err().0, "P0002");
+}
