@@ -104,11 +104,11 @@ pub struct StepReferenceExamples;
 #[cfg(all(unix, feature = "throwaway"))]
 pub use pgflow_client::throwaway;
 pub use pgflow_client::{
-    Client, Compiled, Difference, Error, EventKind, Finding, FindingKind, InstallReport,
-    LIVE_WORKER_WINDOW, ParseStatusError, Replace, Result, RunEvent, RunEvents, RunFailure,
-    RunHandle, RunOutput, RunRow, RunState, RunStatus, RunSummary, StepContextExt, StepStateRow,
-    StepStatus, Subscription, TaskRow, TaskStatus, Worker, WorkerBuilder, WorkerHandle,
-    WorkerStats, check, differences, events, install, install_pgmq,
+    CANCEL_BATCH, Cancelled, Client, Compiled, Difference, Error, EventKind, Finding, FindingKind,
+    InstallReport, LIVE_WORKER_WINDOW, ParseStatusError, RETRY_BATCH, Replace, Result, RunEvent,
+    RunEvents, RunFailure, RunHandle, RunOutput, RunRetry, RunRow, RunState, RunStatus, RunSummary,
+    StepContextExt, StepStateRow, StepStatus, Subscription, TaskRow, TaskStatus, Worker,
+    WorkerBuilder, WorkerHandle, WorkerStats, check, differences, events, install, install_pgmq,
 };
 pub use sqlx::PgPool;
 

@@ -178,7 +178,7 @@ const RULES: &[(&str, &str)] = &[
            FROM pgflow.step_states ss
            JOIN pgflow.deps d ON d.flow_slug = ss.flow_slug AND d.step_slug = ss.step_slug
            JOIN pgflow.step_states dep ON dep.run_id = ss.run_id AND dep.step_slug = d.dep_slug
-          WHERE ss.status IN ('started', 'completed') AND dep.status <> 'completed'",
+          WHERE ss.status IN ('started', 'completed', 'cancelled') AND dep.status <> 'completed'",
     ),
     (
         "completed_step",
@@ -197,15 +197,46 @@ const RULES: &[(&str, &str)] = &[
             AND NOT EXISTS (SELECT 1 FROM pgflow.step_states ss
                              WHERE ss.run_id = r.run_id AND ss.status = 'failed')",
     ),
+    (
+        "cancelled_run",
+        "SELECT r.run_id, r.flow_slug, ss.step_slug, NULL::int,
+                format('run is cancelled but step %s is still started', ss.step_slug)
+           FROM pgflow.runs r JOIN pgflow.step_states ss ON ss.run_id = r.run_id
+          WHERE r.status = 'cancelled' AND ss.status = 'started'
+         UNION ALL
+         SELECT r.run_id, r.flow_slug, t.step_slug, t.task_index,
+                format('run is cancelled but task %s of step %s is still %s',
+                       t.task_index, t.step_slug, t.status)
+           FROM pgflow.runs r JOIN pgflow.step_tasks t ON t.run_id = r.run_id
+          WHERE r.status = 'cancelled' AND t.status IN ('queued', 'started')",
+    ),
+    (
+        "cancelled_outside_cancelled_run",
+        "SELECT r.run_id, r.flow_slug, ss.step_slug, NULL::int,
+                format('step %s is cancelled but the run is %s', ss.step_slug, r.status)
+           FROM pgflow.runs r JOIN pgflow.step_states ss ON ss.run_id = r.run_id
+          WHERE r.status <> 'cancelled' AND ss.status = 'cancelled'
+         UNION ALL
+         SELECT r.run_id, r.flow_slug, t.step_slug, t.task_index,
+                format('task %s of step %s is cancelled but the run is %s',
+                       t.task_index, t.step_slug, r.status)
+           FROM pgflow.runs r JOIN pgflow.step_tasks t ON t.run_id = r.run_id
+          WHERE r.status <> 'cancelled' AND t.status = 'cancelled'",
+    ),
 ];
 
 /// Checks every run of the database; an empty result means every run is consistent and none
 /// is stuck.
 ///
 /// Inconsistent ([`FindingKind::Inconsistent`]): the rules on the tables (counters, statuses,
-/// dependencies), and a message left in the queue of a run that has ended.
+/// dependencies), and a message left in the queue of a run that has ended (for a cancelled
+/// run: a message of a cancelled task, which cancelling archives). Of run control (migration
+/// 0007): `cancelled_run`, a cancelled run with a step still started or a task still queued or
+/// started; `cancelled_outside_cancelled_run`, a cancelled step or task in a run that is not
+/// cancelled (a retry takes them back to queued).
 ///
-/// Stuck ([`FindingKind::Stuck`]), for runs still started:
+/// Stuck ([`FindingKind::Stuck`]), for runs still started (a cancelled run is not stuck: it
+/// waits for nobody):
 /// - `no_live_worker`: tasks are queued and no live worker serves the flow (no row in
 ///   `pgflow.workers` for it, not deprecated, with a heartbeat in the last
 ///   [`LIVE_WORKER_WINDOW`]); one finding per step, naming its first queued task.
@@ -378,15 +409,25 @@ async fn no_live_worker(
 }
 
 /// A message left in the queue by an ended run: run, step, task index, message id, run status.
-type Leftover = (Uuid, Option<String>, Option<i32>, i64, String);
+type Leftover = (
+    Uuid,
+    Option<String>,
+    Option<i32>,
+    i64,
+    String,
+    Option<String>,
+);
 
 /// `ended_run_messages`: a message of a run that has ended is still in the queue.
 async fn leftover_messages(tx: &mut PgConnection, flow: &str, table: &str) -> Result<Vec<Finding>> {
     let rows: Vec<Leftover> = sqlx::query_as(&format!(
         "SELECT r.run_id, q.message->>'step_slug', (q.message->>'task_index')::int, q.msg_id,
-                r.status
+                r.status, t.status
            FROM {table} q
            JOIN pgflow.runs r ON r.run_id = (q.message->>'run_id')::uuid
+           LEFT JOIN pgflow.step_tasks t
+                  ON t.run_id = r.run_id AND t.step_slug = q.message->>'step_slug'
+                 AND t.task_index = (q.message->>'task_index')::int
           WHERE r.status <> 'started'
           ORDER BY r.run_id, q.msg_id"
     ))
@@ -394,9 +435,16 @@ async fn leftover_messages(tx: &mut PgConnection, flow: &str, table: &str) -> Re
     .await?;
     Ok(rows
         .into_iter()
-        .map(|(run_id, step, index, msg_id, status)| {
-            let detail =
-                format!("run is {status} but its message {msg_id} is still in the queue {table}");
+        .map(|(run_id, step, index, msg_id, status, task_status)| {
+            let detail = match task_status.as_deref() {
+                Some("cancelled") => format!(
+                    "task is cancelled but its message {msg_id} is still in the queue {table} \
+                     (cancelling a run archives its tasks' messages)"
+                ),
+                _ => format!(
+                    "run is {status} but its message {msg_id} is still in the queue {table}"
+                ),
+            };
             let action = format!(
                 "{REPORT}; the message itself is harmless (a worker that reads it changes \
                  nothing) and `SELECT pgmq.archive('{flow}', {msg_id})` removes it"

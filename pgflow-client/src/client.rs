@@ -1,16 +1,24 @@
 //! The client: install the engine, compile flows into the database, start runs.
 
+use chrono::{DateTime, Utc};
 use pgflow_core::{Flow, FlowShape};
 use serde::Serialize;
 use serde_json::Value;
-use sqlx::{Connection, PgPool};
+use sqlx::{Acquire, PgConnection, PgPool, Postgres};
 use uuid::Uuid;
 
 use crate::definition::{self, Compiled, Replace};
 use crate::events::Subscription;
-use crate::run::{RunHandle, RunState, RunSummary};
+use crate::run::{Cancelled, RunHandle, RunRetry, RunState, RunSummary};
 use crate::status::RunStatus;
 use crate::{Error, InstallReport, Result};
+
+/// How many runs [`Client::cancel_all`] cancels per call of `pgflow.cancel_runs` (its default).
+pub const CANCEL_BATCH: i32 = 1000;
+
+/// How many runs [`Client::retry_all`] retries per call of `pgflow.retry_runs`, each call a
+/// transaction of its own (the function's default).
+pub const RETRY_BATCH: i32 = 100;
 
 /// The application's door to the engine. Cheap to clone: it holds a pool.
 ///
@@ -239,6 +247,44 @@ impl Client {
         self.start_json(flow.slug(), encode(input)?, None).await
     }
 
+    /// Starts a run of `flow` inside the caller's transaction: the run, its first tasks and
+    /// their queue messages are written by `conn`, so they commit or roll back with the rest of
+    /// the caller's work (an order row and the run that processes it, say). Workers see the run
+    /// once the transaction commits; a rolled-back transaction leaves no run, no task and no
+    /// message, and the returned handle then names a run that does not exist.
+    ///
+    /// `conn` is anything that gives a connection: `&mut *tx` (or `&mut tx`) for a
+    /// transaction of yours, a `&mut PgConnection`, or a pool. An error from the engine (e.g.
+    /// [`Error::InvalidInput`]) aborts the caller's transaction, as any failed statement does;
+    /// an unknown flow ([`Error::UnknownFlow`]) is found before anything is written and does
+    /// not.
+    ///
+    /// ```no_run
+    /// # #[derive(serde::Serialize)]
+    /// # struct Order { order_id: i64 }
+    /// # async fn demo(client: pgflow_client::Client, flow: pgflow_core::Flow<Order>) -> pgflow_client::Result<()> {
+    /// let mut tx = client.pool().begin().await?;
+    /// sqlx::query("INSERT INTO orders (order_id) VALUES (42)").execute(&mut *tx).await?;
+    /// let run = client.start_in(&mut *tx, &flow, &Order { order_id: 42 }).await?;
+    /// sqlx::query("UPDATE orders SET run_id = $1 WHERE order_id = 42")
+    ///     .bind(run.id())
+    ///     .execute(&mut *tx)
+    ///     .await?;
+    /// tx.commit().await?; // the order and its run, or neither
+    /// # Ok(()) }
+    /// ```
+    #[tracing::instrument(skip_all, fields(flow_slug = flow.slug()), err)]
+    pub async fn start_in<'c, A, I>(&self, conn: A, flow: &Flow<I>, input: &I) -> Result<RunHandle>
+    where
+        A: Acquire<'c, Database = Postgres>,
+        I: Serialize,
+    {
+        let input = encode(input)?;
+        let mut conn = conn.acquire().await?;
+        let run_id = start_on(&mut conn, flow.slug(), &input, None).await?;
+        Ok(RunHandle::new(self.pool.clone(), run_id))
+    }
+
     /// Starts a run with a run id of the caller's choosing. Starting again with the same id
     /// returns the existing run instead of a second one, so a retried request is harmless.
     ///
@@ -290,37 +336,22 @@ impl Client {
         {
             return Ok(handle);
         }
-        let known: bool =
-            sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pgflow.flows WHERE flow_slug = $1)")
-                .bind(flow_slug)
-                .fetch_one(&self.pool)
-                .await?;
-        if !known {
-            let flows = sqlx::query_scalar("SELECT flow_slug FROM pgflow.flows ORDER BY flow_slug")
-                .fetch_all(&self.pool)
-                .await?;
-            return Err(Error::UnknownFlow {
-                flow: flow_slug.to_string(),
-                flows,
-            });
-        }
-        let started: std::result::Result<Uuid, sqlx::Error> =
-            sqlx::query_scalar("SELECT run_id FROM pgflow.start_flow($1, $2, $3)")
-                .bind(flow_slug)
-                .bind(&input)
-                .bind(run_id)
-                .fetch_one(&self.pool)
-                .await;
+        let started = {
+            let mut conn = self.pool.acquire().await?;
+            start_on(&mut conn, flow_slug, &input, run_id).await
+        };
         match started {
             Ok(id) => Ok(RunHandle::new(self.pool.clone(), id)),
             // Two callers raced with the same run id: the loser returns the winner's run.
-            Err(sqlx::Error::Database(db)) if db.is_unique_violation() && run_id.is_some() => {
+            Err(Error::Database(sqlx::Error::Database(db)))
+                if db.is_unique_violation() && run_id.is_some() =>
+            {
                 let run_id = run_id.unwrap_or_default();
                 self.existing_run(flow_slug, run_id)
                     .await?
                     .ok_or(Error::UnknownRun(run_id))
             }
-            Err(err) => Err(Error::from_start(flow_slug, err)),
+            Err(err) => Err(err),
         }
     }
 
@@ -411,6 +442,203 @@ impl Client {
         .await?)
     }
 
+    /// Cancels a started run: its queued and started tasks are cancelled and their messages
+    /// archived, its started steps are cancelled, and the run ends in status `cancelled`
+    /// (events `step:cancelled` and `run:cancelled`). Workers running one of its tasks are told
+    /// at once and fire the handler's cancellation token; what a handler reports afterwards
+    /// changes nothing. Completed steps keep their outputs, and [`Client::retry`] can start the
+    /// run again from them.
+    ///
+    /// Idempotent: a run that has already ended (completed, failed or cancelled) is left as it
+    /// is, and the answer says so ([`Cancelled::AlreadyEnded`]). No such run:
+    /// [`Error::UnknownRun`].
+    ///
+    /// ```no_run
+    /// # async fn demo(client: pgflow_client::Client, run_id: uuid::Uuid) -> pgflow_client::Result<()> {
+    /// use pgflow_client::Cancelled;
+    ///
+    /// match client.cancel(run_id).await? {
+    ///     Cancelled::Now => println!("cancelled run {run_id}"),
+    ///     Cancelled::AlreadyEnded(status) => println!("run {run_id} had already ended: {status}"),
+    ///     _ => {}
+    /// }
+    /// # Ok(()) }
+    /// ```
+    #[tracing::instrument(skip(self), err)]
+    pub async fn cancel(&self, run_id: Uuid) -> Result<Cancelled> {
+        let mut tx = self.pool.begin().await?;
+        let cancelled: bool = sqlx::query_scalar("SELECT pgflow.cancel_run($1)")
+            .bind(run_id)
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(|err| Error::from_run_control(run_id, err))?;
+        // The same transaction still holds the run's row: the status is the one cancel_run saw.
+        let status: RunStatus =
+            sqlx::query_scalar("SELECT status FROM pgflow.runs WHERE run_id = $1")
+                .bind(run_id)
+                .fetch_one(&mut *tx)
+                .await?;
+        tx.commit().await?;
+        let outcome = if cancelled {
+            Cancelled::Now
+        } else {
+            Cancelled::AlreadyEnded(status)
+        };
+        tracing::debug!(?outcome, "cancel");
+        Ok(outcome)
+    }
+
+    /// Cancels every started run of a flow, or those started before `started_before`, as
+    /// [`Client::cancel`] does each; returns how many it cancelled.
+    ///
+    /// Works in batches of [`CANCEL_BATCH`] runs, oldest first, each a transaction of its own,
+    /// so a flow with many runs does not hold one long transaction. Without `started_before`
+    /// it takes the server's time when the call begins: runs started after that are left
+    /// alone. A flow not in the database is [`Error::UnknownFlow`].
+    ///
+    /// ```no_run
+    /// # async fn demo(client: pgflow_client::Client) -> pgflow_client::Result<()> {
+    /// // Every run of the flow started more than an hour ago.
+    /// let hour_ago = chrono::Utc::now() - chrono::Duration::hours(1);
+    /// let cancelled = client.cancel_all("order_processing", Some(hour_ago)).await?;
+    /// println!("cancelled {cancelled} runs");
+    /// # Ok(()) }
+    /// ```
+    #[tracing::instrument(skip(self), err)]
+    pub async fn cancel_all(
+        &self,
+        flow_slug: &str,
+        started_before: Option<DateTime<Utc>>,
+    ) -> Result<u64> {
+        let started_before = {
+            let mut conn = self.pool.acquire().await?;
+            known_flow(&mut conn, flow_slug).await?;
+            match started_before {
+                Some(at) => at,
+                None => server_now(&mut conn).await?,
+            }
+        };
+        let mut total = 0;
+        loop {
+            let cancelled: i32 = sqlx::query_scalar("SELECT pgflow.cancel_runs($1, $2, $3)")
+                .bind(flow_slug)
+                .bind(started_before)
+                .bind(CANCEL_BATCH)
+                .fetch_one(&self.pool)
+                .await?;
+            total += u64::try_from(cancelled).unwrap_or_default();
+            tracing::debug!(batch = cancelled, total, "cancelled a batch of runs");
+            // Until a batch finds nothing: a run retried meanwhile may be started again.
+            if cancelled <= 0 {
+                return Ok(total);
+            }
+        }
+    }
+
+    /// Takes a failed or cancelled run back to `started`, resuming it from its completed work;
+    /// returns the run's new retry count (1 after its first retry).
+    ///
+    /// Every step that had failed, was cancelled or was still started starts again: its tasks
+    /// that did not complete are queued anew with fresh attempts (a map step resumes only
+    /// those of its tasks); completed tasks keep their outputs and do not run again. Steps
+    /// still waiting for dependencies wait as before. The engine emits `run:retried` and a
+    /// `step:started` for each step that starts again. How the run ended before each retry is
+    /// kept: [`Client::retry_history`].
+    ///
+    /// A run that is started or completed is refused with [`Error::NotRetryable`], nothing
+    /// changed; of two callers retrying one run at once, one wins and the other gets that
+    /// error with status `started`. No such run: [`Error::UnknownRun`].
+    ///
+    /// ```no_run
+    /// # async fn demo(client: pgflow_client::Client, run_id: uuid::Uuid) -> pgflow_client::Result<()> {
+    /// use pgflow_client::Error;
+    ///
+    /// match client.retry(run_id).await {
+    ///     Ok(count) => println!("run {run_id} started again (retry {count})"),
+    ///     Err(Error::NotRetryable { status, .. }) => println!("run {run_id} is {status}"),
+    ///     Err(err) => return Err(err),
+    /// }
+    /// let output = client.run(run_id).wait().await?;
+    /// # Ok(()) }
+    /// ```
+    #[tracing::instrument(skip(self), err)]
+    pub async fn retry(&self, run_id: Uuid) -> Result<u32> {
+        let count: i32 = sqlx::query_scalar("SELECT pgflow.retry_run($1)")
+            .bind(run_id)
+            .fetch_one(&self.pool)
+            .await
+            .map_err(|err| Error::from_run_control(run_id, err))?;
+        tracing::debug!(retry_count = count, "retried the run");
+        Ok(u32::try_from(count).unwrap_or_default())
+    }
+
+    /// Retries every failed run of a flow, or those that failed since `failed_since`, as
+    /// [`Client::retry`] does each; returns how many it retried. Cancelled runs are left alone
+    /// (retry them one by one).
+    ///
+    /// Safe while workers run: it works in batches of [`RETRY_BATCH`] runs, oldest failure
+    /// first, each batch a transaction of its own, and takes only runs that failed before the
+    /// call began (the server's time, read once), so a run that fails again meanwhile is not
+    /// retried twice. A run retried by another caller meanwhile is passed over. A flow not in
+    /// the database is [`Error::UnknownFlow`].
+    ///
+    /// ```no_run
+    /// # async fn demo(client: pgflow_client::Client) -> pgflow_client::Result<()> {
+    /// // After fixing the bug that failed last night's runs:
+    /// let since = chrono::Utc::now() - chrono::Duration::hours(12);
+    /// let retried = client.retry_all("order_processing", Some(since)).await?;
+    /// println!("retried {retried} runs");
+    /// # Ok(()) }
+    /// ```
+    #[tracing::instrument(skip(self), err)]
+    pub async fn retry_all(
+        &self,
+        flow_slug: &str,
+        failed_since: Option<DateTime<Utc>>,
+    ) -> Result<u64> {
+        let failed_before = {
+            let mut conn = self.pool.acquire().await?;
+            known_flow(&mut conn, flow_slug).await?;
+            server_now(&mut conn).await?
+        };
+        let mut total = 0;
+        loop {
+            let mut tx = self.pool.begin().await?;
+            let retried: i32 = sqlx::query_scalar("SELECT pgflow.retry_runs($1, $2, $3, $4)")
+                .bind(flow_slug)
+                .bind(failed_since)
+                .bind(failed_before)
+                .bind(RETRY_BATCH)
+                .fetch_one(&mut *tx)
+                .await?;
+            tx.commit().await?;
+            total += u64::try_from(retried).unwrap_or_default();
+            tracing::debug!(batch = retried, total, "retried a batch of runs");
+            // Until a batch finds nothing: a batch that passed over runs retried by another
+            // caller returns fewer than it took, and more may be left.
+            if retried <= 0 {
+                return Ok(total);
+            }
+        }
+    }
+
+    /// How a run ended before each of its retries, oldest first (empty for a run never
+    /// retried), from `pgflow_ext.run_retries`. No such run: [`Error::UnknownRun`].
+    ///
+    /// ```no_run
+    /// # async fn demo(client: pgflow_client::Client, run_id: uuid::Uuid) -> pgflow_client::Result<()> {
+    /// for retry in client.retry_history(run_id).await? {
+    ///     println!(
+    ///         "before retry {}: {} in step {:?}: {:?}",
+    ///         retry.retry_number, retry.previous_status, retry.failed_step_slug, retry.error_message
+    ///     );
+    /// }
+    /// # Ok(()) }
+    /// ```
+    pub async fn retry_history(&self, run_id: Uuid) -> Result<Vec<RunRetry>> {
+        RunRetry::of(&self.pool, run_id).await
+    }
+
     /// Finds the inconsistent runs and the stuck ones; see [`crate::check`].
     ///
     /// ```no_run
@@ -446,4 +674,46 @@ impl Client {
 
 fn encode<I: Serialize>(input: &I) -> Result<Value> {
     serde_json::to_value(input).map_err(Error::InputNotSerializable)
+}
+
+/// Starts a run on `conn`: the one place of the SQL that starts runs, for [`Client::start_json`]
+/// on the client's pool and [`Client::start_in`] on the caller's connection.
+async fn start_on(
+    conn: &mut PgConnection,
+    flow_slug: &str,
+    input: &Value,
+    run_id: Option<Uuid>,
+) -> Result<Uuid> {
+    known_flow(conn, flow_slug).await?;
+    sqlx::query_scalar("SELECT run_id FROM pgflow.start_flow($1, $2, $3)")
+        .bind(flow_slug)
+        .bind(input)
+        .bind(run_id)
+        .fetch_one(&mut *conn)
+        .await
+        .map_err(|err| Error::from_start(flow_slug, err))
+}
+
+/// `Ok` when the flow is in the database, else [`Error::UnknownFlow`] listing those that are.
+async fn known_flow(conn: &mut PgConnection, flow_slug: &str) -> Result<()> {
+    let known: bool =
+        sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pgflow.flows WHERE flow_slug = $1)")
+            .bind(flow_slug)
+            .fetch_one(&mut *conn)
+            .await?;
+    if known {
+        return Ok(());
+    }
+    let flows = sqlx::query_scalar("SELECT flow_slug FROM pgflow.flows ORDER BY flow_slug")
+        .fetch_all(&mut *conn)
+        .await?;
+    Err(Error::UnknownFlow {
+        flow: flow_slug.to_string(),
+        flows,
+    })
+}
+
+/// The server's time: bulk operations compare it with the times the server stored.
+async fn server_now(conn: &mut PgConnection) -> Result<DateTime<Utc>> {
+    Ok(sqlx::query_scalar("SELECT now()").fetch_one(conn).await?)
 }

@@ -2,10 +2,12 @@
 
 use std::time::Duration;
 
+use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
 use crate::definition::Difference;
 use crate::run::RunFailure;
+use crate::status::RunStatus;
 
 /// Everything that can go wrong while talking to the database or running a worker.
 #[derive(Debug, thiserror::Error)]
@@ -167,6 +169,29 @@ pub enum Error {
     #[error("{0}")]
     RunFailed(Box<RunFailure>),
 
+    /// The run was cancelled ([`Client::cancel`](crate::Client::cancel)): what waiting for it
+    /// ends with. A retry ([`Client::retry`](crate::Client::retry)) can start it again.
+    #[error("run {run_id} of flow `{flow_slug}` was cancelled")]
+    RunCancelled {
+        /// The run.
+        run_id: Uuid,
+        /// Its flow.
+        flow_slug: String,
+        /// When it was cancelled.
+        cancelled_at: Option<DateTime<Utc>>,
+    },
+
+    /// [`Client::retry`](crate::Client::retry) refused the run: only a failed or cancelled run
+    /// can be retried. A run that is `started` may just have been retried by another caller.
+    /// Nothing changed.
+    #[error("run {run_id} is {status}: only a failed or cancelled run can be retried")]
+    NotRetryable {
+        /// The run.
+        run_id: Uuid,
+        /// Its status when the retry was refused: started or completed.
+        status: RunStatus,
+    },
+
     /// Waiting for a run gave up; the run itself goes on.
     #[error("run {run_id} did not finish within {waited:?}")]
     WaitTimedOut {
@@ -263,6 +288,32 @@ impl Error {
     }
 }
 
+impl Error {
+    /// Maps an error of `pgflow.cancel_run` or `pgflow.retry_run` on run `run_id`: SQLSTATE
+    /// P0002 is no such run; 55000 is a run that cannot be retried, its status read from the
+    /// engine's message (`run <id> is <status>: only a failed or cancelled run can be retried`).
+    pub(crate) fn from_run_control(run_id: Uuid, err: sqlx::Error) -> Self {
+        let sqlx::Error::Database(db) = &err else {
+            return Self::Database(err);
+        };
+        match db.code().as_deref() {
+            Some("P0002") => Self::UnknownRun(run_id),
+            Some("55000") => match status_in_message(db.message()) {
+                Some(status) => Self::NotRetryable { run_id, status },
+                None => Self::Database(err),
+            },
+            _ => Self::Database(err),
+        }
+    }
+}
+
+/// The status in the engine's message `run <id> is <status>: ...`.
+fn status_in_message(message: &str) -> Option<RunStatus> {
+    let (_, rest) = message.split_once(" is ")?;
+    let (status, _) = rest.split_once(':')?;
+    status.trim().parse().ok()
+}
+
 /// The message of [`Error::IncompatibleSchema`]: what is wrong, and what to run about it.
 fn incompatible_schema(
     schema_exists: bool,
@@ -304,3 +355,18 @@ fn incompatible_schema(
 
 /// `Result` with this crate's [`Error`].
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_status_is_read_from_the_engines_refusal() {
+        let message = "run 0190b8a4-5e0c-7a8e-9d4f-1c2b3a4d5e6f is started: only a failed or \
+                       cancelled run can be retried";
+        assert_eq!(status_in_message(message), Some(RunStatus::Started));
+        let message = "run 0190b8a4-5e0c-7a8e-9d4f-1c2b3a4d5e6f is completed: only ...";
+        assert_eq!(status_in_message(message), Some(RunStatus::Completed));
+        assert_eq!(status_in_message("something else"), None);
+    }
+}

@@ -1,5 +1,6 @@
 //! The engine's events, as a stream: `run:started`, `step:started`, `step:completed`,
-//! `step:failed`, `run:completed`, `run:failed`.
+//! `step:failed`, `run:completed`, `run:failed`; and those of run control (migration 0007):
+//! `step:cancelled`, `run:cancelled`, `run:retried`.
 //!
 //! The engine publishes each event with `pg_notify` on channel [`CHANNEL`], in the transaction
 //! that makes the change, so listeners see them in commit order. Payloads carry identifiers,
@@ -41,6 +42,17 @@ pub enum EventKind {
     /// `step:failed`
     #[serde(rename = "step:failed")]
     StepFailed,
+    /// `run:cancelled`: the run was cancelled ([`Client::cancel`](crate::Client::cancel)).
+    #[serde(rename = "run:cancelled")]
+    RunCancelled,
+    /// `run:retried`: a failed or cancelled run was taken back to `started`
+    /// ([`Client::retry`](crate::Client::retry)); `step:started` follows for each step that
+    /// starts again.
+    #[serde(rename = "run:retried")]
+    RunRetried,
+    /// `step:cancelled`: a started step of a cancelled run; `run:cancelled` follows.
+    #[serde(rename = "step:cancelled")]
+    StepCancelled,
 }
 
 impl EventKind {
@@ -60,19 +72,28 @@ impl EventKind {
             Self::StepStarted => "step:started",
             Self::StepCompleted => "step:completed",
             Self::StepFailed => "step:failed",
+            Self::RunCancelled => "run:cancelled",
+            Self::RunRetried => "run:retried",
+            Self::StepCancelled => "step:cancelled",
         }
     }
 
-    /// Whether the run ends with this event.
+    /// Whether the run ends with this event: `run:completed`, `run:failed` or `run:cancelled`.
+    /// (A failed or cancelled run may be retried later: `run:retried` starts it again.)
     ///
     /// ```
     /// use pgflow_client::EventKind;
     ///
     /// assert!(EventKind::RunCompleted.ends_run());
+    /// assert!(EventKind::RunCancelled.ends_run());
     /// assert!(!EventKind::StepFailed.ends_run()); // a retry or the run's failure may follow
+    /// assert!(!EventKind::RunRetried.ends_run());
     /// ```
     pub const fn ends_run(self) -> bool {
-        matches!(self, Self::RunCompleted | Self::RunFailed)
+        matches!(
+            self,
+            Self::RunCompleted | Self::RunFailed | Self::RunCancelled
+        )
     }
 }
 
@@ -97,6 +118,15 @@ impl fmt::Display for EventKind {
 /// assert_eq!(event.kind, EventKind::StepFailed);
 /// assert_eq!(event.step_slug.as_deref(), Some("charge"));
 /// assert_eq!(event.to_string(), "step:failed charge: card declined");
+///
+/// let payload = r#"{"event_type": "run:retried",
+///                   "run_id": "0190b8a4-5e0c-7a8e-9d4f-1c2b3a4d5e6f",
+///                   "flow_slug": "orders", "status": "started", "retry_count": 2,
+///                   "retried_at": "2026-12-02T05:00:00.123+00:00"}"#;
+/// let event: RunEvent = serde_json::from_str(payload)?;
+/// assert_eq!(event.kind, EventKind::RunRetried);
+/// assert_eq!(event.retry_count, Some(2));
+/// assert_eq!(event.to_string(), "run:retried (retry 2)");
 /// # Ok::<(), serde_json::Error>(())
 /// ```
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -128,6 +158,15 @@ pub struct RunEvent {
     /// When it failed.
     #[serde(default)]
     pub failed_at: Option<DateTime<Utc>>,
+    /// When it was cancelled, for `run:cancelled` and `step:cancelled`.
+    #[serde(default)]
+    pub cancelled_at: Option<DateTime<Utc>>,
+    /// The run's retry count after this retry (1 after the first), for `run:retried`.
+    #[serde(default)]
+    pub retry_count: Option<u32>,
+    /// When the run was retried, for `run:retried`.
+    #[serde(default)]
+    pub retried_at: Option<DateTime<Utc>>,
 }
 
 impl fmt::Display for RunEvent {
@@ -135,6 +174,9 @@ impl fmt::Display for RunEvent {
         write!(f, "{}", self.kind)?;
         if let Some(step) = &self.step_slug {
             write!(f, " {step}")?;
+        }
+        if let (EventKind::RunRetried, Some(count)) = (self.kind, self.retry_count) {
+            write!(f, " (retry {count})")?;
         }
         if let Some(error) = &self.error_message {
             write!(f, ": {error}")?;
@@ -237,7 +279,8 @@ impl Subscription {
         }
     }
 
-    /// The events of one run, in order, ending after the run's `run:completed` or `run:failed`.
+    /// The events of one run, in order, ending after the run's `run:completed`, `run:failed` or
+    /// `run:cancelled`.
     ///
     /// Being finite, the stream can be collected:
     ///

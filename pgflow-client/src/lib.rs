@@ -20,13 +20,14 @@ pub mod throwaway;
 mod worker;
 
 pub use check::{Finding, FindingKind, LIVE_WORKER_WINDOW, check};
-pub use client::Client;
+pub use client::{CANCEL_BATCH, Client, RETRY_BATCH};
 pub use definition::{Compiled, Difference, Replace, differences};
 pub use error::{Error, Result};
 pub use events::{EventKind, RunEvent, RunEvents, Subscription};
 pub use install::{InstallReport, install, install_pgmq};
 pub use run::{
-    RunFailure, RunHandle, RunOutput, RunRow, RunState, RunSummary, StepStateRow, TaskRow,
+    Cancelled, RunFailure, RunHandle, RunOutput, RunRetry, RunRow, RunState, RunSummary,
+    StepStateRow, TaskRow,
 };
 pub use status::{ParseStatusError, RunStatus, StepStatus, TaskStatus};
 pub use worker::{StepContextExt, Worker, WorkerBuilder, WorkerHandle, WorkerStats};

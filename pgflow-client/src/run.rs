@@ -58,11 +58,12 @@ impl RunHandle {
         self.run_id
     }
 
-    /// Waits until the run completes or fails.
+    /// Waits until the run completes, fails or is cancelled.
     ///
-    /// Wakes on the engine's `run:completed`/`run:failed` notifications (no busy polling), and
-    /// re-reads the run every few seconds as a safety net. A failed run is
-    /// [`Error::RunFailed`], with the failing step, task, attempt and message.
+    /// Wakes on the engine's `run:completed`/`run:failed`/`run:cancelled` notifications (no
+    /// busy polling), and re-reads the run every few seconds as a safety net. A failed run is
+    /// [`Error::RunFailed`], with the failing step, task, attempt and message; a cancelled one
+    /// is [`Error::RunCancelled`].
     ///
     /// ```no_run
     /// # async fn demo(run: pgflow_client::RunHandle) -> pgflow_client::Result<()> {
@@ -73,6 +74,7 @@ impl RunHandle {
     ///     Err(Error::RunFailed(failure)) => {
     ///         eprintln!("step {} failed: {}", failure.step_slug, failure.error_message);
     ///     }
+    ///     Err(Error::RunCancelled { run_id, .. }) => eprintln!("run {run_id} was cancelled"),
     ///     Err(err) => return Err(err),
     /// }
     /// # Ok(()) }
@@ -90,13 +92,7 @@ impl RunHandle {
             let _ = tokio::time::timeout(SAFETY_POLL, async {
                 loop {
                     match subscription.next_event().await {
-                        Ok(event)
-                            if event.run_id == self.run_id
-                                && matches!(
-                                    event.kind,
-                                    EventKind::RunCompleted | EventKind::RunFailed
-                                ) =>
-                        {
+                        Ok(event) if event.run_id == self.run_id && event.kind.ends_run() => {
                             return;
                         }
                         Ok(_) => {}
@@ -137,14 +133,17 @@ impl RunHandle {
             })?
     }
 
-    /// The run's outcome if it has ended: `Ok` with its outputs, or the failure as an error.
+    /// The run's outcome if it has ended: `Ok` with its outputs, or the failure or the
+    /// cancellation as an error.
     async fn finished(&self) -> Result<Option<Result<RunOutput>>> {
-        let row: Option<(String, RunStatus, Option<Value>)> =
-            sqlx::query_as("SELECT flow_slug, status, output FROM pgflow.runs WHERE run_id = $1")
-                .bind(self.run_id)
-                .fetch_optional(&self.pool)
-                .await?;
-        let Some((flow_slug, status, output)) = row else {
+        type Row = (String, RunStatus, Option<Value>, Option<DateTime<Utc>>);
+        let row: Option<Row> = sqlx::query_as(
+            "SELECT flow_slug, status, output, cancelled_at FROM pgflow.runs WHERE run_id = $1",
+        )
+        .bind(self.run_id)
+        .fetch_optional(&self.pool)
+        .await?;
+        let Some((flow_slug, status, output, cancelled_at)) = row else {
             return Err(Error::UnknownRun(self.run_id));
         };
         match status {
@@ -157,6 +156,11 @@ impl RunHandle {
             RunStatus::Failed => Ok(Some(Err(Error::RunFailed(Box::new(
                 failure(&self.pool, self.run_id, flow_slug).await?,
             ))))),
+            RunStatus::Cancelled => Ok(Some(Err(Error::RunCancelled {
+                run_id: self.run_id,
+                flow_slug,
+                cancelled_at,
+            }))),
             _ => Ok(None),
         }
     }
@@ -196,6 +200,7 @@ impl RunHandle {
         let kind = match run.status {
             RunStatus::Completed => EventKind::RunCompleted,
             RunStatus::Failed => EventKind::RunFailed,
+            RunStatus::Cancelled => EventKind::RunCancelled,
             _ => return Ok(subscription.run_events(self.run_id)),
         };
         Ok(crate::events::RunEvents::ended(RunEvent {
@@ -208,6 +213,9 @@ impl RunHandle {
             started_at: Some(run.started_at),
             completed_at: run.completed_at,
             failed_at: run.failed_at,
+            cancelled_at: run.cancelled_at,
+            retry_count: None,
+            retried_at: None,
         }))
     }
 }
@@ -473,7 +481,7 @@ pub struct RunRow {
     pub run_id: Uuid,
     /// Its flow.
     pub flow_slug: String,
-    /// Started, completed or failed.
+    /// Started, completed, failed or cancelled.
     pub status: RunStatus,
     /// The flow input.
     pub input: Value,
@@ -487,6 +495,12 @@ pub struct RunRow {
     pub completed_at: Option<DateTime<Utc>>,
     /// When it failed.
     pub failed_at: Option<DateTime<Utc>>,
+    /// When it was cancelled, while it is cancelled.
+    pub cancelled_at: Option<DateTime<Utc>>,
+    /// How many times it was retried ([`Client::retry`](crate::Client::retry)): 0 for a run
+    /// never retried. [`Client::retry_history`](crate::Client::retry_history) has how each
+    /// earlier attempt of the run ended.
+    pub retry_count: i32,
 }
 
 /// A `pgflow.step_states` row, with the step's kind and index.
@@ -500,7 +514,7 @@ pub struct StepStateRow {
     pub step_type: StepKind,
     /// Its position in the flow.
     pub step_index: i32,
-    /// Created, started, completed or failed.
+    /// Created, started, completed, failed or cancelled.
     pub status: StepStatus,
     /// How many tasks the step has, once known.
     pub initial_tasks: Option<i32>,
@@ -528,7 +542,7 @@ pub struct TaskRow {
     pub step_slug: String,
     /// Its index (0 for single steps).
     pub task_index: i32,
-    /// Queued, started, completed or failed.
+    /// Queued, started, completed, failed or cancelled.
     pub status: TaskStatus,
     /// Attempts so far.
     pub attempts_count: i32,
@@ -551,7 +565,7 @@ pub struct TaskRow {
 }
 
 const RUN_COLUMNS: &str = "SELECT run_id, flow_slug, status, input, output, remaining_steps,
-        started_at, completed_at, failed_at
+        started_at, completed_at, failed_at, cancelled_at, retry_count
    FROM pgflow.runs WHERE run_id = $1";
 
 impl RunState {
@@ -611,14 +625,16 @@ pub struct RunSummary {
     pub run_id: Uuid,
     /// Its flow.
     pub flow_slug: String,
-    /// Started, completed or failed.
+    /// Started, completed, failed or cancelled.
     pub status: RunStatus,
     /// Steps not yet completed.
     pub remaining_steps: i32,
     /// When it started.
     pub started_at: DateTime<Utc>,
-    /// When it completed or failed.
+    /// When it completed, failed or was cancelled.
     pub ended_at: Option<DateTime<Utc>>,
+    /// How many times it was retried.
+    pub retry_count: i32,
 }
 
 impl RunSummary {
@@ -630,7 +646,7 @@ impl RunSummary {
     ) -> Result<Vec<Self>> {
         Ok(sqlx::query_as(
             "SELECT run_id, flow_slug, status, remaining_steps, started_at,
-                    coalesce(completed_at, failed_at) AS ended_at
+                    coalesce(completed_at, failed_at, cancelled_at) AS ended_at, retry_count
                FROM pgflow.runs
               WHERE ($1::text IS NULL OR flow_slug = $1) AND ($2::text IS NULL OR status = $2)
               ORDER BY started_at DESC, run_id
@@ -641,5 +657,93 @@ impl RunSummary {
         .bind(limit)
         .fetch_all(pool)
         .await?)
+    }
+}
+
+/// What [`Client::cancel`](crate::Client::cancel) did.
+///
+/// ```no_run
+/// # async fn demo(client: pgflow_client::Client, run_id: uuid::Uuid) -> pgflow_client::Result<()> {
+/// use pgflow_client::{Cancelled, RunStatus};
+///
+/// let outcome = client.cancel(run_id).await?;
+/// if outcome == Cancelled::AlreadyEnded(RunStatus::Completed) {
+///     println!("too late: run {run_id} had completed");
+/// }
+/// assert!(outcome.status().is_finished());
+/// # Ok(()) }
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[non_exhaustive]
+pub enum Cancelled {
+    /// This call cancelled the started run.
+    Now,
+    /// The run had already ended, in this status (completed, failed or cancelled); nothing
+    /// changed.
+    AlreadyEnded(RunStatus),
+}
+
+impl Cancelled {
+    /// The run's status after the call: `cancelled`, or the one it had already ended in.
+    ///
+    /// ```
+    /// use pgflow_client::{Cancelled, RunStatus};
+    ///
+    /// assert_eq!(Cancelled::Now.status(), RunStatus::Cancelled);
+    /// assert_eq!(Cancelled::AlreadyEnded(RunStatus::Failed).status(), RunStatus::Failed);
+    /// ```
+    pub const fn status(self) -> RunStatus {
+        match self {
+            Self::Now => RunStatus::Cancelled,
+            Self::AlreadyEnded(status) => status,
+        }
+    }
+}
+
+/// One retry of a run, as `pgflow_ext.run_retries` keeps it: how the run had ended before it.
+/// From [`Client::retry_history`](crate::Client::retry_history).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, sqlx::FromRow)]
+#[non_exhaustive]
+pub struct RunRetry {
+    /// 1 for the run's first retry.
+    pub retry_number: i32,
+    /// When the retry happened.
+    pub retried_at: DateTime<Utc>,
+    /// How the run had ended: failed or cancelled.
+    pub previous_status: RunStatus,
+    /// When it had ended (its `failed_at` or `cancelled_at` then).
+    pub ended_at: DateTime<Utc>,
+    /// The step that had failed it (`None` for a cancelled run).
+    pub failed_step_slug: Option<String>,
+    /// That step's error (`None` for a cancelled run).
+    pub error_message: Option<String>,
+}
+
+impl RunRetry {
+    pub(crate) async fn of(pool: &PgPool, run_id: Uuid) -> Result<Vec<Self>> {
+        let mut tx = pool.begin().await?;
+        sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
+            .execute(&mut *tx)
+            .await?;
+        let exists: bool =
+            sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pgflow.runs WHERE run_id = $1)")
+                .bind(run_id)
+                .fetch_one(&mut *tx)
+                .await?;
+        if !exists {
+            return Err(Error::UnknownRun(run_id));
+        }
+        let retries = sqlx::query_as(
+            "SELECT retry_number, retried_at, previous_status, ended_at, failed_step_slug,
+                    error_message
+               FROM pgflow_ext.run_retries
+              WHERE run_id = $1
+              ORDER BY retry_number",
+        )
+        .bind(run_id)
+        .fetch_all(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(retries)
     }
 }

@@ -23,7 +23,7 @@ use sqlx::{Decode, Encode, Postgres, Type};
 /// let error = "running".parse::<StepStatus>().unwrap_err();
 /// assert_eq!(
 ///     error.to_string(),
-///     "`running` is not a step status; valid: created, started, completed, failed"
+///     "`running` is not a step status; valid: created, started, completed, failed, cancelled"
 /// );
 /// ```
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -131,15 +131,22 @@ status! {
     /// assert_eq!("failed".parse::<RunStatus>(), Ok(RunStatus::Failed));
     /// assert_eq!(RunStatus::Completed.to_string(), "completed");
     /// let error = "done".parse::<RunStatus>().unwrap_err();
-    /// assert_eq!(error.to_string(), "`done` is not a run status; valid: started, completed, failed");
+    /// assert_eq!(
+    ///     error.to_string(),
+    ///     "`done` is not a run status; valid: started, completed, failed, cancelled"
+    /// );
     /// ```
     RunStatus, "run" {
         /// Steps are still to run.
         Started => "started",
         /// Every step completed; the run has its output.
         Completed => "completed",
-        /// A step failed for good; nothing more runs.
+        /// A step failed for good; nothing more runs until the run is retried
+        /// ([`Client::retry`](crate::Client::retry)).
         Failed => "failed",
+        /// Cancelled while it was started ([`Client::cancel`](crate::Client::cancel)); nothing
+        /// more runs until the run is retried.
+        Cancelled => "cancelled",
     }
 }
 
@@ -151,7 +158,7 @@ status! {
     ///
     /// assert_eq!("created".parse::<StepStatus>(), Ok(StepStatus::Created));
     /// assert_eq!(StepStatus::Started.as_str(), "started");
-    /// assert_eq!(StepStatus::ALL.last(), Some(&StepStatus::Failed));
+    /// assert_eq!(StepStatus::ALL.last(), Some(&StepStatus::Cancelled));
     /// ```
     StepStatus, "step" {
         /// Waiting for its dependencies.
@@ -162,6 +169,8 @@ status! {
         Completed => "completed",
         /// A task failed for good.
         Failed => "failed",
+        /// It was started when its run was cancelled (steps still `created` stay so).
+        Cancelled => "cancelled",
     }
 }
 
@@ -185,6 +194,9 @@ status! {
         Completed => "completed",
         /// Its last attempt failed and no retry is left.
         Failed => "failed",
+        /// It was queued or started when its run was cancelled; a late report of its handler
+        /// changes nothing.
+        Cancelled => "cancelled",
     }
 }
 
@@ -222,16 +234,31 @@ impl<'r> Decode<'r, Postgres> for StepKindText {
 }
 
 impl RunStatus {
-    /// Whether the run has ended (completed or failed).
+    /// Whether the run has ended (completed, failed or cancelled). A failed or cancelled run
+    /// may still be started again by a retry ([`RunStatus::is_retryable`]).
     ///
     /// ```
     /// use pgflow_client::RunStatus;
     ///
     /// assert!(!RunStatus::Started.is_finished());
     /// assert!(RunStatus::Completed.is_finished() && RunStatus::Failed.is_finished());
+    /// assert!(RunStatus::Cancelled.is_finished());
     /// ```
     pub const fn is_finished(self) -> bool {
         !matches!(self, Self::Started)
+    }
+
+    /// Whether [`Client::retry`](crate::Client::retry) takes a run in this status: a failed or
+    /// a cancelled one.
+    ///
+    /// ```
+    /// use pgflow_client::RunStatus;
+    ///
+    /// assert!(RunStatus::Failed.is_retryable() && RunStatus::Cancelled.is_retryable());
+    /// assert!(!RunStatus::Started.is_retryable() && !RunStatus::Completed.is_retryable());
+    /// ```
+    pub const fn is_retryable(self) -> bool {
+        matches!(self, Self::Failed | Self::Cancelled)
     }
 }
 
@@ -257,7 +284,7 @@ mod tests {
         let error = "Started".parse::<TaskStatus>().unwrap_err();
         assert_eq!(
             error.to_string(),
-            "`Started` is not a task status; valid: queued, started, completed, failed"
+            "`Started` is not a task status; valid: queued, started, completed, failed, cancelled"
         );
     }
 
