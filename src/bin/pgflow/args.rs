@@ -1,8 +1,11 @@
 //! The command line: global options and one variant per command.
 
+use chrono::{DateTime, Utc};
 use clap::{Parser, Subcommand};
 use pgflow_client::RunStatus;
 use uuid::Uuid;
+
+use crate::time::parse_time;
 
 /// `watch`'s exit statuses, for scripts that wait on a run; the numbers are in
 /// `commands::watch` and docs/operating.md.
@@ -12,7 +15,33 @@ Exit status:
   1  the run could not be watched (no database, no such run, connection lost)
   2  invalid arguments
   3  the run failed
-  4  --timeout passed before the run ended (the run goes on)";
+  4  --timeout passed before the run ended (the run goes on)
+  5  the run was cancelled";
+
+/// `cancel`'s exit statuses; its help gives them after the forms of a time.
+const CANCEL_EXIT_STATUS: &str = "\
+Exit status:
+  0  the run was cancelled, or had already ended (the output says which); with --flow, the
+     flow's started runs were cancelled (the output says how many, maybe none)
+  1  the command failed: no database, no such run or flow, the role may not cancel, or
+     the connection was lost (with --flow, the runs cancelled before stay cancelled)
+  2  invalid arguments";
+
+/// `retry`'s exit statuses; its help gives them after the forms of a time.
+const RETRY_EXIT_STATUS: &str = "\
+Exit status:
+  0  the run was retried; with --flow, the flow's failed runs were (the output says how many,
+     maybe none)
+  1  the command failed: no database, no such run or flow, the role may not retry, or
+     the connection was lost (with --flow, the runs retried before stay retried)
+  2  invalid arguments
+  3  the run is started or completed: only a failed or cancelled run can be retried; nothing
+     changed";
+
+/// The forms of a time argument, then `exit_status`.
+fn with_time_formats(exit_status: &str) -> String {
+    format!("{}\n\n{exit_status}", crate::time::TIME_FORMATS)
+}
 
 #[derive(Debug, Parser)]
 #[command(
@@ -52,7 +81,7 @@ pub(crate) enum Command {
         /// Only runs of this flow.
         #[arg(long)]
         flow: Option<String>,
-        /// Only runs in this status: started, completed or failed.
+        /// Only runs in this status: started, completed, failed or cancelled.
         #[arg(long)]
         status: Option<RunStatus>,
         /// How many runs to list.
@@ -63,10 +92,42 @@ pub(crate) enum Command {
     Run {
         /// The run's id.
         run_id: Uuid,
-        /// Also list every failed attempt of every task, with its error (from
-        /// `pgflow_ext.step_task_attempts`); with `--json`, under the key `attempts`.
+        /// Also list every failed attempt of every task, with its error and the run's retry
+        /// it belongs to (from `pgflow_ext.step_task_attempts`), and how the run had ended
+        /// before each of its retries (`pgflow_ext.run_retries`); with `--json`, under the
+        /// keys `attempts` and `retries`.
         #[arg(long)]
         attempts: bool,
+    },
+    /// Cancel a started run (its queued and running tasks stop), or every started run of a
+    /// flow. Completed steps keep their outputs; `pgflow retry` starts the run again.
+    #[command(after_help = with_time_formats(CANCEL_EXIT_STATUS))]
+    Cancel {
+        /// The run's id.
+        #[arg(required_unless_present = "flow", conflicts_with = "flow")]
+        run_id: Option<Uuid>,
+        /// Cancel every started run of this flow instead.
+        #[arg(long)]
+        flow: Option<String>,
+        /// With --flow: only the runs started before this time.
+        #[arg(long, requires = "flow", conflicts_with = "run_id", value_name = "TIME",
+              value_parser = parse_time)]
+        started_before: Option<DateTime<Utc>>,
+    },
+    /// Start a failed or cancelled run again from its completed steps, or every failed run of
+    /// a flow. Its unfinished tasks run again with fresh attempts; completed ones do not.
+    #[command(after_help = with_time_formats(RETRY_EXIT_STATUS))]
+    Retry {
+        /// The run's id.
+        #[arg(required_unless_present = "flow", conflicts_with = "flow")]
+        run_id: Option<Uuid>,
+        /// Retry every failed run of this flow instead (in batches, safe while workers run).
+        #[arg(long)]
+        flow: Option<String>,
+        /// With --flow: only the runs that failed at or after this time.
+        #[arg(long, requires = "flow", conflicts_with = "run_id", value_name = "TIME",
+              value_parser = parse_time)]
+        failed_since: Option<DateTime<Utc>>,
     },
     /// Start a run of a flow with a JSON input; prints the run id.
     Start {

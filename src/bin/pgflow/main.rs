@@ -1,9 +1,10 @@
 //! The `pgflow` command-line tool: install the engine, print its SQL, inspect flows and runs,
-//! start and watch runs.
+//! start, watch, cancel and retry runs.
 //!
 //! Every command but `schema` connects to `--database-url` or `DATABASE_URL`. Output is meant
 //! for a terminal; `--json` gives the same data for scripts. Errors go to stderr, with exit
-//! status 1 (`watch` tells a failed run and a timeout apart: see `args::WATCH_EXIT_STATUS`).
+//! status 1 (`watch` tells a failed run and a timeout apart, `retry` a run it may not retry:
+//! see `args::WATCH_EXIT_STATUS` and `args::RETRY_EXIT_STATUS`).
 
 mod args;
 mod commands;

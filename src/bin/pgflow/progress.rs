@@ -15,8 +15,8 @@ use crate::style;
 pub(crate) struct Progress {
     /// Per map step, its last progress text.
     shown: HashMap<String, String>,
-    /// Per task, the last failed attempt told.
-    failed_attempts: HashMap<(String, i32), i32>,
+    /// Per task and retry of the run, the last failed attempt told.
+    failed_attempts: HashMap<(String, i32, i32), i32>,
 }
 
 impl Progress {
@@ -40,7 +40,12 @@ impl Progress {
                 let Some(attempt) = retried_attempt(task) else {
                     continue;
                 };
-                let key = (task.step_slug.clone(), task.task_index);
+                // A retry of the run starts the task's attempts again from 1.
+                let key = (
+                    task.step_slug.clone(),
+                    task.task_index,
+                    state.run.retry_count,
+                );
                 if self
                     .failed_attempts
                     .get(&key)

@@ -7,6 +7,8 @@ use std::collections::HashMap;
 use pgflow_client::{RunState, StepStateRow, TaskRow, TaskStatus};
 use pgflow_core::{FlowShape, StepKind};
 
+use pgflow_client::RunRetry;
+
 use crate::commands::run::FailedAttempt;
 use crate::style;
 use crate::table::{Cell, table_text};
@@ -22,10 +24,15 @@ const BAR_WIDTH: usize = 10;
 pub(crate) fn render_run(state: &RunState, shape: Option<&FlowShape>) -> String {
     let run = &state.run;
     let status = style::paint(style::status(run.status.as_str()), run.status.as_str());
-    let ended = run.completed_at.or(run.failed_at);
+    let ended = run.completed_at.or(run.failed_at).or(run.cancelled_at);
+    let retried = match run.retry_count {
+        0 => String::new(),
+        1 => ", retried once".to_string(),
+        n => format!(", retried {n} times"),
+    };
     let mut out = match ended {
         Some(end) => format!(
-            "run {} of flow {}: {status} after {} (started {}, {} {})\n",
+            "run {} of flow {}: {status} after {} (started {}, {} {}{retried})\n",
             run.run_id,
             run.flow_slug,
             duration(Some(run.started_at), Some(end)),
@@ -34,7 +41,7 @@ pub(crate) fn render_run(state: &RunState, shape: Option<&FlowShape>) -> String 
             timestamp(end),
         ),
         None => format!(
-            "run {} of flow {}: {status} for {} (since {})\n",
+            "run {} of flow {}: {status} for {} (since {}{retried})\n",
             run.run_id,
             run.flow_slug,
             duration(Some(run.started_at), None),
@@ -148,16 +155,18 @@ fn last_error(step: &StepStateRow, tasks: &[&TaskRow]) -> String {
     text
 }
 
-/// `run --attempts`: every failed attempt, one a line, under the DAG. The error's first line
-/// is shown whole; `run --json --attempts` has the complete message.
+/// `run --attempts`: every failed attempt, one a line, under the DAG, each with the run's
+/// retry it belongs to (0 before the first). The error's first line is shown whole;
+/// `run --json --attempts` has the complete message.
 pub(crate) fn render_attempts(attempts: &[FailedAttempt]) -> String {
     if attempts.is_empty() {
         return "failed attempts: none\n".to_string();
     }
-    let rows: Vec<[Cell; 5]> = attempts
+    let rows: Vec<[Cell; 6]> = attempts
         .iter()
         .map(|attempt| {
             [
+                attempt.run_retry.to_string().into(),
                 attempt.step_slug.as_str().into(),
                 attempt.task_index.to_string().into(),
                 attempt.attempt.to_string().into(),
@@ -171,7 +180,38 @@ pub(crate) fn render_attempts(attempts: &[FailedAttempt]) -> String {
         .collect();
     let mut out = format!("failed attempts: {}\n", attempts.len());
     out.push_str(&table_text(
-        ["STEP", "TASK", "ATTEMPT", "FAILED AT", "ERROR"],
+        ["RETRY", "STEP", "TASK", "ATTEMPT", "FAILED AT", "ERROR"],
+        &rows,
+    ));
+    out
+}
+
+/// `run --attempts` of a retried run: how the run had ended before each retry, under the
+/// failed attempts; nothing for a run never retried.
+pub(crate) fn render_retries(retries: &[RunRetry]) -> String {
+    if retries.is_empty() {
+        return String::new();
+    }
+    let rows: Vec<[Cell; 6]> = retries
+        .iter()
+        .map(|retry| {
+            let error = retry.error_message.as_deref().unwrap_or_default();
+            [
+                retry.retry_number.to_string().into(),
+                timestamp(retry.retried_at).into(),
+                Cell::styled(
+                    retry.previous_status.as_str(),
+                    style::status(retry.previous_status.as_str()),
+                ),
+                timestamp(retry.ended_at).into(),
+                retry.failed_step_slug.as_deref().unwrap_or_default().into(),
+                Cell::styled(error.lines().next().unwrap_or_default(), style::ERROR),
+            ]
+        })
+        .collect();
+    let mut out = format!("retries: {}\n", retries.len());
+    out.push_str(&table_text(
+        ["RETRY", "RETRIED AT", "WAS", "ENDED AT", "STEP", "ERROR"],
         &rows,
     ));
     out

@@ -9,6 +9,7 @@ pub(crate) fn status(text: &str) -> Style {
         "completed" => AnsiColor::Green,
         "failed" => AnsiColor::Red,
         "started" => AnsiColor::Yellow,
+        "cancelled" => AnsiColor::Magenta,
         _ => return Style::new().dimmed(),
     };
     Style::new().fg_color(Some(color.into()))

@@ -1,6 +1,7 @@
 //! One module per command that talks to the database.
 
 mod check;
+mod control;
 mod flows;
 mod install;
 pub(crate) mod run;
@@ -43,5 +44,21 @@ pub(crate) async fn dispatch(
             watch::watch(client, run_id, timeout.map(Duration::from_secs), json, out).await
         }
         Command::Check => check::check(client, json, out).await,
+        Command::Cancel {
+            run_id,
+            flow,
+            started_before,
+        } => {
+            let target = control::Target::new(run_id, flow, started_before)?;
+            control::cancel(client, target, json, out).await
+        }
+        Command::Retry {
+            run_id,
+            flow,
+            failed_since,
+        } => {
+            let target = control::Target::new(run_id, flow, failed_since)?;
+            control::retry(client, target, json, out).await
+        }
     }
 }

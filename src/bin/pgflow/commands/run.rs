@@ -1,33 +1,38 @@
 use std::io::Write;
 
 use chrono::{DateTime, Utc};
-use pgflow_client::{Client, RunState};
+use pgflow_client::{Client, RunRetry, RunState};
 use serde::Serialize;
 use uuid::Uuid;
 
 use crate::CliResult;
 use crate::failure::Failure;
 use crate::output::print_json;
-use crate::run_view::{render_attempts, render_run};
+use crate::run_view::{render_attempts, render_retries, render_run};
 
-/// A row of `pgflow_ext.step_task_attempts` (migration 0006): one failed attempt of a task.
+/// A row of `pgflow_ext.step_task_attempts` (migrations 0006, 0007): one failed attempt of a
+/// task.
 #[derive(Debug, Serialize, sqlx::FromRow)]
 pub(crate) struct FailedAttempt {
     pub(crate) step_slug: String,
     pub(crate) task_index: i32,
     /// The task's `attempts_count` when it failed: 1 for the first attempt.
     pub(crate) attempt: i32,
+    /// The run's retry count when it failed: 0 before the run's first retry.
+    pub(crate) run_retry: i32,
     pub(crate) error_message: String,
     pub(crate) failed_at: DateTime<Utc>,
     pub(crate) last_worker_id: Option<Uuid>,
 }
 
-/// `run --json --attempts`: the run's state with its failed attempts under `attempts`.
+/// `run --json --attempts`: the run's state with its failed attempts under `attempts` and its
+/// retries under `retries`.
 #[derive(Serialize)]
 struct WithAttempts<'a> {
     #[serde(flatten)]
     state: &'a RunState,
     attempts: &'a [FailedAttempt],
+    retries: &'a [RunRetry],
 }
 
 pub(crate) async fn show_run(
@@ -38,18 +43,26 @@ pub(crate) async fn show_run(
     out: &mut impl Write,
 ) -> CliResult {
     let state = client.run_state(run_id).await?;
-    let failed = if attempts {
-        Some(failed_attempts(client, run_id).await?)
+    let history = if attempts {
+        let retries = client
+            .retry_history(run_id)
+            .await
+            .map_err(|err| match err {
+                pgflow_client::Error::Database(err) => not_granted(err, "run_retries"),
+                err => Failure::from(err),
+            })?;
+        Some((failed_attempts(client, run_id).await?, retries))
     } else {
         None
     };
     if json {
-        return match &failed {
-            Some(attempts) => print_json(
+        return match &history {
+            Some((attempts, retries)) => print_json(
                 out,
                 &WithAttempts {
                     state: &state,
                     attempts,
+                    retries,
                 },
             ),
             None => print_json(out, &state),
@@ -57,34 +70,44 @@ pub(crate) async fn show_run(
     }
     let shape = client.flow_shape(&state.run.flow_slug).await?;
     write!(out, "{}", render_run(&state, shape.as_ref()))?;
-    if let Some(failed) = &failed {
-        write!(out, "\n{}", render_attempts(failed))?;
+    if let Some((attempts, retries)) = &history {
+        write!(out, "\n{}", render_attempts(attempts))?;
+        if !retries.is_empty() {
+            write!(out, "\n{}", render_retries(retries))?;
+        }
     }
     Ok(())
 }
 
-/// Every failed attempt of the run's tasks: by step (order of definition), task, attempt.
+/// Every failed attempt of the run's tasks: by the run's retry, step (order of definition),
+/// task, attempt.
 async fn failed_attempts(client: &Client, run_id: Uuid) -> Result<Vec<FailedAttempt>, Failure> {
     sqlx::query_as(
-        "SELECT a.step_slug, a.task_index, a.attempt, a.error_message, a.failed_at, \
-                a.last_worker_id \
+        "SELECT a.step_slug, a.task_index, a.attempt, a.run_retry, a.error_message, \
+                a.failed_at, a.last_worker_id \
            FROM pgflow_ext.step_task_attempts a \
            JOIN pgflow.runs r ON r.run_id = a.run_id \
            JOIN pgflow.steps s ON s.flow_slug = r.flow_slug AND s.step_slug = a.step_slug \
           WHERE a.run_id = $1 \
-          ORDER BY s.step_index, a.task_index, a.attempt",
+          ORDER BY a.run_retry, s.step_index, a.task_index, a.attempt",
     )
     .bind(run_id)
     .fetch_all(client.pool())
     .await
-    .map_err(|err| match &err {
+    .map_err(|err| not_granted(err, "step_task_attempts"))
+}
+
+/// A read of `pgflow_ext.<table>` that failed; a role that may not read it is told the grant.
+fn not_granted(err: sqlx::Error, table: &str) -> Failure {
+    match &err {
         sqlx::Error::Database(db) if db.code().as_deref() == Some("42501") => {
             Failure::error(format!(
-                "{db}: --attempts reads pgflow_ext.step_task_attempts; grant it with \
-                 `GRANT USAGE ON SCHEMA pgflow_ext TO <role>; \
-                 GRANT SELECT ON pgflow_ext.step_task_attempts TO <role>;`"
+                "{db}: --attempts reads pgflow_ext.step_task_attempts and pgflow_ext.run_retries; \
+                 grant them with `GRANT USAGE ON SCHEMA pgflow_ext TO <role>; \
+                 GRANT SELECT ON pgflow_ext.step_task_attempts, pgflow_ext.run_retries TO <role>;` \
+                 (reading pgflow_ext.{table})"
             ))
         }
         _ => Failure::from(pgflow_client::Error::from(err)),
-    })
+    }
 }

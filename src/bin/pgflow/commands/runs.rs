@@ -25,13 +25,14 @@ pub(crate) async fn runs(
             .collect();
         return print_json(out, &serde_json::json!({"runs": runs, "counts": counts}));
     }
-    let rows: Vec<[Cell; 6]> = runs
+    let rows: Vec<[Cell; 7]> = runs
         .iter()
         .map(|run| {
             [
                 run.run_id.to_string().into(),
                 run.flow_slug.as_str().into(),
                 Cell::styled(run.status.as_str(), style::status(run.status.as_str())),
+                run.retry_count.to_string().into(),
                 run.remaining_steps.to_string().into(),
                 timestamp(run.started_at).into(),
                 duration(Some(run.started_at), run.ended_at).into(),
@@ -42,6 +43,7 @@ pub(crate) async fn runs(
         "RUN ID",
         "FLOW",
         "STATUS",
+        "RETRIES",
         "STEPS LEFT",
         "STARTED",
         "DURATION",

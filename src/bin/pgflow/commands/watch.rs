@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use chrono::Utc;
 use futures_util::StreamExt;
-use pgflow_client::{Client, EventKind, RunState, RunStatus};
+use pgflow_client::{Client, RunState, RunStatus};
 use tokio::time::{Instant, MissedTickBehavior};
 use uuid::Uuid;
 
@@ -19,6 +19,8 @@ use crate::time::time_of_day;
 const RUN_FAILED: u8 = 3;
 /// Exit status when `--timeout` passed first.
 const TIMED_OUT: u8 = 4;
+/// Exit status of a watched run that was cancelled.
+const RUN_CANCELLED: u8 = 5;
 /// How often the run's state is read for progress and retries, which have no events.
 const POLL: Duration = Duration::from_millis(500);
 
@@ -62,7 +64,7 @@ pub(crate) async fn watch(
                     writeln!(out, "{} {event}", time_of_day(Utc::now()))?;
                 }
                 out.flush()?;
-                if event.kind == EventKind::RunFailed || event.kind == EventKind::RunCompleted {
+                if event.kind.ends_run() {
                     break;
                 }
             }
@@ -114,6 +116,10 @@ fn ended(state: &RunState) -> CliResult {
                 format!("run {} failed{why}", run.run_id),
             ))
         }
+        RunStatus::Cancelled => Err(Failure::with_status(
+            RUN_CANCELLED,
+            format!("run {} was cancelled", run.run_id),
+        )),
         status => Err(Failure::error(format!(
             "the run's events ended while it is {status}"
         ))),
