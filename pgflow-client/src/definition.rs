@@ -12,6 +12,8 @@ use crate::{Error, Result};
 const DEFAULT_MAX_ATTEMPTS: u32 = FlowOptions::DEFAULT_MAX_ATTEMPTS;
 const DEFAULT_BASE_DELAY: u32 = FlowOptions::DEFAULT_BASE_DELAY;
 const DEFAULT_TIMEOUT: u32 = FlowOptions::DEFAULT_TIMEOUT;
+/// What an unset flow `jitter` is (the default of `pgflow.flows.opt_jitter`).
+const DEFAULT_JITTER: bool = FlowOptions::DEFAULT_JITTER;
 
 /// What [`Client::compile`](crate::Client::compile) did.
 ///
@@ -120,23 +122,60 @@ pub enum Difference {
         compiled: Vec<String>,
     },
     /// An option differs; `step` is `None` for a flow-level option. `None` values mean unset
-    /// (inherited from the flow).
+    /// (a step's is inherited from the flow; a flow's `max_delay` is no cap).
     OptionChanged {
         /// The step, or `None` for the flow itself.
         step: Option<String>,
-        /// The option's name, as in `add_step`.
+        /// The option's name, as in `add_step` or `set_retry_policy` (`max_delay`).
         option: &'static str,
         /// The stored value.
         stored: Option<u32>,
         /// The compiled value.
         compiled: Option<u32>,
     },
+    /// An on-or-off option differs (`jitter`, of `set_retry_policy`); `step` is `None` for the
+    /// flow's. `None` values mean unset: a step's is inherited from the flow (a flow's compares
+    /// as [`FlowOptions::DEFAULT_JITTER`], so it is never `None` here).
+    ///
+    /// ```
+    /// use pgflow_client::Difference;
+    ///
+    /// let difference = Difference::FlagChanged {
+    ///     step: Some("fetch".into()),
+    ///     option: "jitter",
+    ///     stored: None,
+    ///     compiled: Some(true),
+    /// };
+    /// assert_eq!(difference.to_string(), "step `fetch` option jitter is true instead of unset");
+    /// ```
+    FlagChanged {
+        /// The step, or `None` for the flow itself.
+        step: Option<String>,
+        /// The option's name, as in `set_retry_policy`.
+        option: &'static str,
+        /// The stored value.
+        stored: Option<bool>,
+        /// The compiled value.
+        compiled: Option<bool>,
+    },
 }
 
 impl fmt::Display for Difference {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        fn value(v: &Option<u32>) -> String {
-            v.map_or_else(|| "unset".to_string(), |v| v.to_string())
+        /// "step `s` option o is 2 instead of 1", or "flow option o is ...".
+        fn changed<T: fmt::Display>(
+            f: &mut fmt::Formatter<'_>,
+            step: Option<&String>,
+            option: &str,
+            stored: Option<&T>,
+            compiled: Option<&T>,
+        ) -> fmt::Result {
+            let value = |v: Option<&T>| v.map_or_else(|| "unset".to_string(), T::to_string);
+            match step {
+                Some(step) => write!(f, "step `{step}` option {option}")?,
+                None => write!(f, "flow option {option}")?,
+            }
+            write!(f, " is {} instead of {}", value(compiled), value(stored))
         }
         match self {
             Self::StepAdded { step } => write!(f, "step `{step}` is new"),
@@ -168,27 +207,17 @@ impl fmt::Display for Difference {
                 stored.join(", ")
             ),
             Self::OptionChanged {
-                step: Some(step),
+                step,
                 option,
                 stored,
                 compiled,
-            } => write!(
-                f,
-                "step `{step}` option {option} is {} instead of {}",
-                value(compiled),
-                value(stored)
-            ),
-            Self::OptionChanged {
-                step: None,
+            } => changed(f, step.as_ref(), option, stored.as_ref(), compiled.as_ref()),
+            Self::FlagChanged {
+                step,
                 option,
                 stored,
                 compiled,
-            } => write!(
-                f,
-                "flow option {option} is {} instead of {}",
-                value(compiled),
-                value(stored)
-            ),
+            } => changed(f, step.as_ref(), option, stored.as_ref(), compiled.as_ref()),
         }
     }
 }
@@ -196,7 +225,8 @@ impl fmt::Display for Difference {
 /// The differences between a stored shape and a compiled one, in a stable order: flow options,
 /// then steps in the compiled order, then removed steps.
 ///
-/// Unset flow options compare as the engine's defaults (`timeout` 60 here):
+/// Unset flow options compare as the engine's defaults (`timeout` 60 here; no `max_delay`
+/// cap, [`FlowOptions::DEFAULT_JITTER`]):
 ///
 /// ```
 /// use pgflow_client::{Difference, differences};
@@ -250,6 +280,14 @@ pub fn differences(stored: &FlowShape, compiled: &FlowShape) -> Vec<Difference> 
             });
         }
     }
+    // The flow's jitter is never unset in the database: unset compares as its default.
+    let flow_policy = |o: &FlowOptions| (o.max_delay, Some(o.jitter.unwrap_or(DEFAULT_JITTER)));
+    retry_policy_differences(
+        None,
+        flow_policy(&stored.options),
+        flow_policy(&compiled.options),
+        &mut out,
+    );
     for (position, step) in compiled.steps.iter().enumerate() {
         let Some((stored_position, old)) = stored
             .steps
@@ -323,17 +361,55 @@ fn step_differences(stored: &StepShape, compiled: &StepShape, out: &mut Vec<Diff
             });
         }
     }
+    let policy = |o: &StepOptions| (o.max_delay, o.jitter);
+    retry_policy_differences(
+        Some(&compiled.slug),
+        policy(&stored.options),
+        policy(&compiled.options),
+        out,
+    );
+}
+
+/// The differences in `max_delay` and `jitter`, each `(max_delay, jitter)`, of the flow
+/// (`step` `None`) or of a step.
+fn retry_policy_differences(
+    step: Option<&String>,
+    (old_cap, old_jitter): (Option<u32>, Option<bool>),
+    (new_cap, new_jitter): (Option<u32>, Option<bool>),
+    out: &mut Vec<Difference>,
+) {
+    if old_cap != new_cap {
+        out.push(Difference::OptionChanged {
+            step: step.cloned(),
+            option: "max_delay",
+            stored: old_cap,
+            compiled: new_cap,
+        });
+    }
+    if old_jitter != new_jitter {
+        out.push(Difference::FlagChanged {
+            step: step.cloned(),
+            option: "jitter",
+            stored: old_jitter,
+            compiled: new_jitter,
+        });
+    }
 }
 
 /// Reads a flow's stored shape, or `None` when the database has no such flow.
+///
+/// The flow's options are all set, as stored, but for its retry policy: `max_delay` is unset
+/// when the flow has no cap, and `jitter` when it is off (the default), so that a flow that
+/// has none reads as before migration 0007.
 pub(crate) async fn stored_shape(conn: &mut PgConnection, slug: &str) -> Result<Option<FlowShape>> {
-    let flow: Option<(i32, i32, i32)> = sqlx::query_as(
-        "SELECT opt_max_attempts, opt_base_delay, opt_timeout FROM pgflow.flows WHERE flow_slug = $1",
+    let flow: Option<(i32, i32, i32, Option<i32>, bool)> = sqlx::query_as(
+        "SELECT opt_max_attempts, opt_base_delay, opt_timeout, opt_max_delay, opt_jitter
+           FROM pgflow.flows WHERE flow_slug = $1",
     )
     .bind(slug)
     .fetch_optional(&mut *conn)
     .await?;
-    let Some((max_attempts, base_delay, timeout)) = flow else {
+    let Some((max_attempts, base_delay, timeout, max_delay, jitter)) = flow else {
         return Ok(None);
     };
     type StepRow = (
@@ -343,11 +419,13 @@ pub(crate) async fn stored_shape(conn: &mut PgConnection, slug: &str) -> Result<
         Option<i32>,
         Option<i32>,
         Option<i32>,
+        Option<i32>,
+        Option<bool>,
         Vec<String>,
     );
     let rows: Vec<StepRow> = sqlx::query_as(
         "SELECT s.step_slug, s.step_type, s.opt_max_attempts, s.opt_base_delay, s.opt_timeout,
-                s.opt_start_delay,
+                s.opt_start_delay, s.opt_max_delay, s.opt_jitter,
                 coalesce(array_agg(d.dep_slug ORDER BY d.dep_slug) FILTER (WHERE d.dep_slug IS NOT NULL), '{}')
            FROM pgflow.steps s
            LEFT JOIN pgflow.deps d ON d.flow_slug = s.flow_slug AND d.step_slug = s.step_slug
@@ -362,7 +440,17 @@ pub(crate) async fn stored_shape(conn: &mut PgConnection, slug: &str) -> Result<
     let steps = rows
         .into_iter()
         .map(
-            |(slug, kind, max_attempts, base_delay, timeout, start_delay, deps)| StepShape {
+            |(
+                slug,
+                kind,
+                max_attempts,
+                base_delay,
+                timeout,
+                start_delay,
+                max_delay,
+                jitter,
+                deps,
+            )| StepShape {
                 kind: if kind == "map" {
                     StepKind::Map
                 } else {
@@ -374,6 +462,8 @@ pub(crate) async fn stored_shape(conn: &mut PgConnection, slug: &str) -> Result<
                     base_delay: base_delay.map(to_u32),
                     timeout: timeout.map(to_u32),
                     start_delay: start_delay.map(to_u32),
+                    max_delay: max_delay.map(to_u32),
+                    jitter,
                 },
                 ..StepShape::new(slug)
             },
@@ -385,6 +475,8 @@ pub(crate) async fn stored_shape(conn: &mut PgConnection, slug: &str) -> Result<
             max_attempts: Some(to_u32(max_attempts)),
             base_delay: Some(to_u32(base_delay)),
             timeout: Some(to_u32(timeout)),
+            max_delay: max_delay.map(to_u32),
+            jitter: (jitter != DEFAULT_JITTER).then_some(jitter),
         },
         steps,
     }))
@@ -440,6 +532,33 @@ pub(crate) async fn create(tx: &mut Transaction<'_, Postgres>, shape: &FlowShape
             .execute(&mut **tx)
             .await?;
     }
+    // As `FlowShape::statements` writes it: the flow's policy, then each step's, only those set.
+    if let Some((max_delay, jitter)) = shape.options.retry_policy() {
+        set_retry_policy(tx, &shape.slug, None, max_delay, jitter).await?;
+    }
+    for step in &shape.steps {
+        if let Some((max_delay, jitter)) = step.options.retry_policy() {
+            set_retry_policy(tx, &shape.slug, Some(&step.slug), max_delay, jitter).await?;
+        }
+    }
+    Ok(())
+}
+
+/// `pgflow.set_retry_policy` (migration 0007), its values bound.
+async fn set_retry_policy(
+    tx: &mut Transaction<'_, Postgres>,
+    flow: &str,
+    step: Option<&str>,
+    max_delay: Option<u32>,
+    jitter: Option<bool>,
+) -> Result<()> {
+    sqlx::query("SELECT pgflow.set_retry_policy($1, $2, $3, $4)")
+        .bind(flow)
+        .bind(step)
+        .bind(max_delay.map(|v| i32::try_from(v).unwrap_or(i32::MAX)))
+        .bind(jitter)
+        .execute(&mut **tx)
+        .await?;
     Ok(())
 }
 
@@ -533,5 +652,41 @@ mod tests {
                 "step `c` is no longer in the flow",
             ]
         );
+    }
+
+    #[test]
+    fn a_changed_retry_policy_is_a_difference() {
+        // Unset compares as the defaults: no cap, no jitter.
+        let mut stored = shape(vec![dep("a", &[])]);
+        stored.options = FlowOptions::new().max_attempts(3).base_delay(5).timeout(60);
+        let mut compiled = shape(vec![dep("a", &[])]);
+        compiled.options = FlowOptions::new().jitter(false);
+        assert!(differences(&stored, &compiled).is_empty());
+
+        compiled.options = FlowOptions::new().max_delay(30).jitter(true);
+        compiled.steps[0].options = StepOptions::new().max_delay(5).jitter(false);
+        let text: Vec<String> = differences(&stored, &compiled)
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        assert_eq!(
+            text,
+            [
+                "flow option max_delay is 30 instead of unset",
+                "flow option jitter is true instead of false",
+                "step `a` option max_delay is 5 instead of unset",
+                "step `a` option jitter is false instead of unset",
+            ]
+        );
+        assert_eq!(
+            differences(&compiled, &stored)[1],
+            Difference::FlagChanged {
+                step: None,
+                option: "jitter",
+                stored: Some(true),
+                compiled: Some(false),
+            }
+        );
+        assert!(differences(&compiled, &compiled.clone()).is_empty());
     }
 }

@@ -74,7 +74,7 @@ pub enum Error {
     InvalidFlowOption {
         /// The flow.
         flow: String,
-        /// The option's name as in SQL: `max_attempts`, `base_delay` or `timeout`.
+        /// The option's name as in SQL: `max_attempts`, `base_delay`, `timeout` or `max_delay`.
         option: &'static str,
         /// The value given.
         value: u32,
@@ -89,7 +89,8 @@ pub enum Error {
         flow: String,
         /// The step.
         step: String,
-        /// The option's name as in SQL: `max_attempts`, `base_delay`, `timeout` or `start_delay`.
+        /// The option's name as in SQL: `max_attempts`, `base_delay`, `timeout`, `start_delay`
+        /// or `max_delay`.
         option: &'static str,
         /// The value given.
         value: u32,

@@ -348,6 +348,55 @@ impl<I, Steps> FlowBuilder<I, Steps> {
         self
     }
 
+    /// Sets the flow's `max_delay` (steps inherit it), the cap on each retry's delay: whole
+    /// seconds, or a [`Duration`](std::time::Duration) rounded up to them (see
+    /// [`Seconds`](crate::Seconds)). See [the retry policy](FlowOptions#retry-policy).
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use pgflow_core::Flow;
+    ///
+    /// // Retries after 10, 20, 40, 60, 60, ... seconds.
+    /// let flow: Flow<()> = Flow::new("sync")
+    ///     .base_delay(5)
+    ///     .max_delay(Duration::from_secs(60))
+    ///     .max_attempts(8)
+    ///     .build();
+    /// assert_eq!(flow.options().max_delay, Some(60));
+    /// assert_eq!(
+    ///     flow.statements()?,
+    ///     [
+    ///         "SELECT pgflow.create_flow('sync', max_attempts => 8, base_delay => 5);",
+    ///         "SELECT pgflow.set_retry_policy('sync', NULL, 60, false);",
+    ///     ]
+    /// );
+    /// # Ok::<(), pgflow_core::Error>(())
+    /// ```
+    #[must_use]
+    pub fn max_delay(mut self, time: impl crate::Seconds) -> Self {
+        self.shape.options.max_delay = Some(time.into_seconds());
+        self
+    }
+
+    /// Sets the flow's `jitter` (steps inherit it): whether each retry's delay *d* is drawn
+    /// uniformly from [⌈*d*/2⌉, *d*] seconds. See [the retry policy](FlowOptions#retry-policy).
+    ///
+    /// ```
+    /// use pgflow_core::Flow;
+    ///
+    /// let flow: Flow<()> = Flow::new("spread").max_delay(300).jitter(true).build();
+    /// assert_eq!(
+    ///     flow.statements()?[1],
+    ///     "SELECT pgflow.set_retry_policy('spread', NULL, 300, true);"
+    /// );
+    /// # Ok::<(), pgflow_core::Error>(())
+    /// ```
+    #[must_use]
+    pub fn jitter(mut self, jitter: bool) -> Self {
+        self.shape.options.jitter = Some(jitter);
+        self
+    }
+
     /// Adds a step: a `#[step]` function, or a [`FnStep`](crate::FnStep). It compiles only if
     /// every dependency of `step` was added before, if `step` was not added before, and if
     /// `step` takes this flow's input type (or no flow input).

@@ -8,13 +8,16 @@
 //! the values above the upper bounds (migration 0003), and accept the lower ones pgflow 0.8.1's
 //! SQL accepts, for definitions that do not come from Rust.
 //!
+//! The retry policy (`max_delay`, `jitter`) is explained once, in [`FlowOptions`]' docs.
+//!
 //! # Time
 //!
-//! The engine counts time in whole seconds. Every time-valued option (`base_delay`, `timeout`,
-//! `start_delay`) takes either a whole number of seconds (`u32`, as in `.timeout(60)`) or a
-//! [`Duration`], through [`Seconds`]. A `Duration` is rounded **up** to whole seconds, so that
-//! a timeout is never shorter than asked (1.5 s is 2 s), and saturates at `u32::MAX` seconds, so
-//! that a duration too long for the engine is refused by the bounds rather than wrapped.
+//! The engine counts time in whole seconds. Every time-valued option (`base_delay`,
+//! `max_delay`, `timeout`, `start_delay`) takes either a whole number of seconds (`u32`, as in
+//! `.timeout(60)`) or a [`Duration`], through [`Seconds`]. A `Duration` is rounded **up** to
+//! whole seconds, so that a timeout is never shorter than asked (1.5 s is 2 s), and saturates
+//! at `u32::MAX` seconds, so that a duration too long for the engine is refused by the bounds
+//! rather than wrapped.
 
 use std::time::Duration;
 
@@ -86,6 +89,9 @@ bounds! {
     MIN_BASE_DELAY, "base_delay" = 1 "second";
     /// The smallest `timeout`, in seconds, as in pgflow's TypeScript DSL.
     MIN_TIMEOUT, "timeout" = 3 "seconds";
+    /// The smallest `max_delay`, in seconds: a retry waits, as [`StepOptions::MIN_BASE_DELAY`]
+    /// says.
+    MIN_MAX_DELAY, "max_delay" = 1 "second";
 }
 
 bounds! {
@@ -98,6 +104,10 @@ bounds! {
     /// The largest `base_delay`, in seconds: one day before the first retry, doubling from
     /// there.
     MAX_BASE_DELAY, "base_delay" = 86_400 "seconds (one day)";
+    /// The largest `max_delay`, in seconds: one day, as for `base_delay`. A cap is there to
+    /// keep retries coming; a task that may wait longer between attempts than a day needs no
+    /// cap.
+    MAX_MAX_DELAY, "max_delay" = 86_400 "seconds (one day)";
     /// The largest `timeout`, in seconds: one day, as for a worker's own visibility timeout. A
     /// task that needs longer belongs in several steps; a lost worker's task waits at most
     /// this long for its retry. The engine hides a task's message for its timeout plus a few
@@ -113,7 +123,10 @@ bounds! {
 /// `MAX_*` constants of [`StepOptions`].
 pub const MAX_OPTION_VALUE: u32 = larger(
     larger(StepOptions::MAX_ATTEMPTS, StepOptions::MAX_BASE_DELAY),
-    larger(StepOptions::MAX_TIMEOUT, StepOptions::MAX_START_DELAY),
+    larger(
+        StepOptions::MAX_MAX_DELAY,
+        larger(StepOptions::MAX_TIMEOUT, StepOptions::MAX_START_DELAY),
+    ),
 );
 
 const fn larger(a: u32, b: u32) -> u32 {
@@ -140,9 +153,10 @@ const fn same(a: &str, b: &str) -> bool {
 ///
 /// Options left as `None` are omitted from the SQL, so the engine's defaults apply
 /// ([`FlowOptions::DEFAULT_MAX_ATTEMPTS`], [`FlowOptions::DEFAULT_BASE_DELAY`],
-/// [`FlowOptions::DEFAULT_TIMEOUT`]: `pgflow.create_flow`'s). Values are whole seconds or counts;
-/// the setters of times also take a [`Duration`] (see [`Seconds`]). They accept the same values
-/// as the step options of the same names (see [`StepOptions::problem`]).
+/// [`FlowOptions::DEFAULT_TIMEOUT`]: `pgflow.create_flow`'s; no `max_delay` cap, and
+/// [`FlowOptions::DEFAULT_JITTER`]). Values are whole seconds or counts; the setters of times
+/// also take a [`Duration`] (see [`Seconds`]). They accept the same values as the step options
+/// of the same names (see [`StepOptions::problem`]).
 ///
 /// ```
 /// use pgflow_core::FlowOptions;
@@ -151,6 +165,27 @@ const fn same(a: &str, b: &str) -> bool {
 /// assert_eq!(options.max_attempts, Some(3));
 /// assert_eq!(options.base_delay, None);
 /// ```
+///
+/// # Retry policy
+///
+/// A task that fails is retried after `base_delay` × 2^*n* seconds, *n* being the attempt that
+/// failed (1, 2, ...): from a base of 5 seconds, 10, 20, 40, ... as in pgflow 0.8.1. Two options
+/// that pgflow 0.8.1 does not have change this, each at flow or step level (a step inherits the
+/// flow's):
+///
+/// - `max_delay` caps each delay at that many seconds: from a base of 1 with a cap of 5,
+///   2, 4, 5, 5, ... A cap at or below the first delay (2 × `base_delay`) makes every retry
+///   wait `max_delay`: a constant delay, which is accepted as a choice rather than refused.
+///   Unset, the backoff is not capped.
+/// - `jitter` spreads each delay *d* uniformly over [⌈*d*/2⌉, *d*] seconds ("equal jitter"),
+///   so that tasks failing together (a downstream outage) do not all come back at once. A
+///   flow's is off unless set ([`FlowOptions::DEFAULT_JITTER`]); a step's unset one is the
+///   flow's.
+///
+/// The engine stores them with `pgflow.set_retry_policy` (migration 0007), which the SQL of a
+/// flow calls after its `create_flow` and `add_step`, only when one of them is set: a flow
+/// that sets neither compiles to exactly the SQL of pgflow's TypeScript DSL, and retries with
+/// exactly pgflow 0.8.1's delays.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct FlowOptions {
     /// How many times a task is attempted before the run fails (`max_attempts`,
@@ -165,6 +200,15 @@ pub struct FlowOptions {
     /// [`StepOptions::MAX_TIMEOUT`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timeout: Option<u32>,
+    /// Cap on each retry's delay, in seconds (`max_delay`, [`StepOptions::MIN_MAX_DELAY`] to
+    /// [`StepOptions::MAX_MAX_DELAY`]); `None`: no cap, as in pgflow 0.8.1. See
+    /// [the retry policy](FlowOptions#retry-policy).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_delay: Option<u32>,
+    /// Whether each retry's delay *d* is drawn from [⌈*d*/2⌉, *d*] (`jitter`); `None` is
+    /// [`FlowOptions::DEFAULT_JITTER`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jitter: Option<bool>,
 }
 
 impl FlowOptions {
@@ -176,6 +220,10 @@ impl FlowOptions {
     /// What an unset `timeout` becomes, in seconds: the default of `pgflow.create_flow`'s
     /// argument.
     pub const DEFAULT_TIMEOUT: u32 = 60;
+    /// What an unset flow `jitter` is: off, every delay exactly the backoff's, as in pgflow
+    /// 0.8.1 (the default of the column `pgflow.flows.opt_jitter`). An unset `max_delay` is no
+    /// cap.
+    pub const DEFAULT_JITTER: bool = false;
 
     /// No options set: the engine's defaults apply.
     pub const fn new() -> Self {
@@ -183,6 +231,8 @@ impl FlowOptions {
             max_attempts: None,
             base_delay: None,
             timeout: None,
+            max_delay: None,
+            jitter: None,
         }
     }
 
@@ -207,13 +257,90 @@ impl FlowOptions {
         self
     }
 
-    /// The options in SQL order, with their names: only those that are set.
+    /// Sets `max_delay`, the cap on each retry's delay: whole seconds, or a [`Duration`]
+    /// rounded up to them (see [`Seconds`]). Steps inherit it.
+    ///
+    /// The delay after failed attempt *n* is `base_delay` × 2^*n* seconds, at most
+    /// `max_delay`; a cap at or below 2 × `base_delay` makes every delay `max_delay`:
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use pgflow_core::{Flow, FlowOptions};
+    ///
+    /// // Retries after 2, 4, 8, 10, 10, ... seconds.
+    /// let options = FlowOptions::new().base_delay(1).max_delay(Duration::from_secs(10));
+    /// assert_eq!(options.max_delay, Some(10));
+    ///
+    /// let flow: Flow<()> = Flow::new("capped").base_delay(1).max_delay(10).build();
+    /// assert_eq!(
+    ///     flow.statements()?,
+    ///     [
+    ///         "SELECT pgflow.create_flow('capped', base_delay => 1);",
+    ///         "SELECT pgflow.set_retry_policy('capped', NULL, 10, false);",
+    ///     ]
+    /// );
+    /// # Ok::<(), pgflow_core::Error>(())
+    /// ```
+    #[must_use]
+    pub fn max_delay(mut self, time: impl Seconds) -> Self {
+        self.max_delay = Some(time.into_seconds());
+        self
+    }
+
+    /// Sets `jitter`: whether each retry's delay *d* is drawn uniformly from [⌈*d*/2⌉, *d*]
+    /// seconds, so that tasks that failed together do not all retry at once. Steps inherit it.
+    ///
+    /// ```
+    /// use pgflow_core::{Flow, FlowOptions};
+    ///
+    /// assert_eq!(FlowOptions::new().jitter(true).jitter, Some(true));
+    ///
+    /// let flow: Flow<()> = Flow::new("spread").jitter(true).build();
+    /// assert_eq!(
+    ///     flow.statements()?[1],
+    ///     "SELECT pgflow.set_retry_policy('spread', NULL, NULL, true);"
+    /// );
+    /// # Ok::<(), pgflow_core::Error>(())
+    /// ```
+    #[must_use]
+    pub const fn jitter(mut self, jitter: bool) -> Self {
+        self.jitter = Some(jitter);
+        self
+    }
+
+    /// The options `pgflow.create_flow` takes, in SQL order, with their names: only those that
+    /// are set.
     pub(crate) fn named(&self) -> impl Iterator<Item = (&'static str, u32)> {
         named([
             ("max_attempts", self.max_attempts),
             ("base_delay", self.base_delay),
             ("timeout", self.timeout),
         ])
+    }
+
+    /// Every bounded option that is set, with its name: those of [`Self::named`], then
+    /// `max_delay`.
+    pub(crate) fn bounded(&self) -> impl Iterator<Item = (&'static str, u32)> {
+        self.named().chain(named([("max_delay", self.max_delay)]))
+    }
+
+    /// The `max_delay` and `jitter` arguments of `pgflow.set_retry_policy` for the flow, when
+    /// either is set (`None`: the flow needs no such call); an unset `jitter` is
+    /// [`Self::DEFAULT_JITTER`], the flow's column having no NULL.
+    ///
+    /// ```
+    /// use pgflow_core::FlowOptions;
+    ///
+    /// assert_eq!(FlowOptions::new().timeout(30).retry_policy(), None);
+    /// assert_eq!(FlowOptions::new().max_delay(60).retry_policy(), Some((Some(60), Some(false))));
+    /// ```
+    pub fn retry_policy(&self) -> Option<(Option<u32>, Option<bool>)> {
+        (self.max_delay.is_some() || self.jitter.is_some()).then(|| {
+            (
+                self.max_delay,
+                Some(self.jitter.unwrap_or(Self::DEFAULT_JITTER)),
+            )
+        })
     }
 }
 
@@ -243,6 +370,15 @@ pub struct StepOptions {
     /// to [`StepOptions::MAX_START_DELAY`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub start_delay: Option<u32>,
+    /// Cap on each retry's delay, in seconds (`max_delay`, [`StepOptions::MIN_MAX_DELAY`] to
+    /// [`StepOptions::MAX_MAX_DELAY`]); `None`: the flow's (a step cannot lift the flow's
+    /// cap, only set its own).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_delay: Option<u32>,
+    /// Whether each retry's delay *d* is drawn from [⌈*d*/2⌉, *d*] (`jitter`); `None`: the
+    /// flow's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jitter: Option<bool>,
 }
 
 impl StepOptions {
@@ -253,6 +389,8 @@ impl StepOptions {
             base_delay: None,
             timeout: None,
             start_delay: None,
+            max_delay: None,
+            jitter: None,
         }
     }
 
@@ -284,6 +422,36 @@ impl StepOptions {
         self
     }
 
+    /// Sets `max_delay`, the cap on each retry's delay of this step: whole seconds, or a
+    /// [`Duration`] rounded up to them (see [`Seconds`], and [`FlowOptions::max_delay()`]
+    /// for the delays it gives).
+    ///
+    /// ```
+    /// use pgflow_core::StepOptions;
+    ///
+    /// let options = StepOptions::new().base_delay(2).max_delay(30);
+    /// assert_eq!(options.max_delay, Some(30));
+    /// ```
+    #[must_use]
+    pub fn max_delay(mut self, time: impl Seconds) -> Self {
+        self.max_delay = Some(time.into_seconds());
+        self
+    }
+
+    /// Sets `jitter` for this step: whether each retry's delay *d* is drawn uniformly from
+    /// [⌈*d*/2⌉, *d*] seconds; `false` turns off a flow's jitter for this step.
+    ///
+    /// ```
+    /// use pgflow_core::StepOptions;
+    ///
+    /// assert_eq!(StepOptions::new().jitter(false).jitter, Some(false));
+    /// ```
+    #[must_use]
+    pub const fn jitter(mut self, jitter: bool) -> Self {
+        self.jitter = Some(jitter);
+        self
+    }
+
     /// What is wrong with `value` as option `option` (its SQL name), at flow or step level
     /// alike: the rule it breaks, as [`Error::InvalidStepOption`](crate::Error::InvalidStepOption) states it.
     /// `None` when the value is accepted, or when `option` names no option.
@@ -305,7 +473,8 @@ impl StepOptions {
         }
     }
 
-    /// The options in SQL order, with their names: only those that are set.
+    /// The options `pgflow.add_step` takes, in SQL order, with their names: only those that
+    /// are set.
     pub(crate) fn named(&self) -> impl Iterator<Item = (&'static str, u32)> {
         named([
             ("max_attempts", self.max_attempts),
@@ -313,6 +482,26 @@ impl StepOptions {
             ("timeout", self.timeout),
             ("start_delay", self.start_delay),
         ])
+    }
+
+    /// Every bounded option that is set, with its name: those of [`Self::named`], then
+    /// `max_delay`.
+    pub(crate) fn bounded(&self) -> impl Iterator<Item = (&'static str, u32)> {
+        self.named().chain(named([("max_delay", self.max_delay)]))
+    }
+
+    /// The `max_delay` and `jitter` arguments of `pgflow.set_retry_policy` for the step, when
+    /// either is set (`None`: the step needs no such call); `None` in either inherits the
+    /// flow's.
+    ///
+    /// ```
+    /// use pgflow_core::StepOptions;
+    ///
+    /// assert_eq!(StepOptions::new().retry_policy(), None);
+    /// assert_eq!(StepOptions::new().jitter(true).retry_policy(), Some((None, Some(true))));
+    /// ```
+    pub fn retry_policy(&self) -> Option<(Option<u32>, Option<bool>)> {
+        (self.max_delay.is_some() || self.jitter.is_some()).then_some((self.max_delay, self.jitter))
     }
 }
 
@@ -334,11 +523,12 @@ mod tests {
     use super::*;
     use crate::{Error, Flow, StepContext, StepError, step_fn};
 
-    const BOUNDS: [(&str, u32); 4] = [
+    const BOUNDS: [(&str, u32); 5] = [
         ("max_attempts", StepOptions::MAX_ATTEMPTS),
         ("base_delay", StepOptions::MAX_BASE_DELAY),
         ("timeout", StepOptions::MAX_TIMEOUT),
         ("start_delay", StepOptions::MAX_START_DELAY),
+        ("max_delay", StepOptions::MAX_MAX_DELAY),
     ];
 
     #[test]
@@ -365,8 +555,9 @@ mod tests {
             ("max_attempts", StepOptions::MIN_ATTEMPTS, "attempt"),
             ("base_delay", StepOptions::MIN_BASE_DELAY, "second"),
             ("timeout", StepOptions::MIN_TIMEOUT, "seconds"),
+            ("max_delay", StepOptions::MIN_MAX_DELAY, "second"),
         ];
-        assert_eq!(lower.map(|(_, min, _)| min), [1, 1, 3]);
+        assert_eq!(lower.map(|(_, min, _)| min), [1, 1, 3, 1]);
         for (option, min, unit) in lower {
             assert_eq!(StepOptions::problem(option, min), None, "{option}");
             assert_eq!(
@@ -431,6 +622,47 @@ mod tests {
     }
 
     #[test]
+    fn retry_policy_setters_at_every_level() {
+        let flow = FlowOptions::new()
+            .max_delay(Duration::from_millis(2500))
+            .jitter(true);
+        assert_eq!((flow.max_delay, flow.jitter), (Some(3), Some(true)));
+        assert_eq!(flow.retry_policy(), Some((Some(3), Some(true))));
+        assert_eq!(FlowOptions::new().retry_policy(), None);
+        assert_eq!(
+            FlowOptions::new().max_delay(9).retry_policy(),
+            Some((Some(9), Some(FlowOptions::DEFAULT_JITTER)))
+        );
+        let step = StepOptions::new().max_delay(7).jitter(false);
+        assert_eq!((step.max_delay, step.jitter), (Some(7), Some(false)));
+        assert_eq!(StepOptions::new().retry_policy(), None);
+        assert_eq!(
+            StepOptions::new().jitter(true).retry_policy(),
+            Some((None, Some(true)))
+        );
+        // Bounded values are checked, jitter has none; create_flow and add_step never see
+        // either.
+        assert_eq!(step.bounded().collect::<Vec<_>>(), [("max_delay", 7)]);
+        assert_eq!(step.named().count(), 0);
+
+        let built = step_fn("s")
+            .max_delay(40)
+            .jitter(true)
+            .handler(|n: u8, _: StepContext| async move { Ok::<_, StepError>(n) });
+        let flow = Flow::<u8>::new("f")
+            .max_delay(Duration::from_secs(60))
+            .jitter(false)
+            .step(built)
+            .build();
+        assert_eq!(
+            (flow.options().max_delay, flow.options().jitter),
+            (Some(60), Some(false))
+        );
+        let options = flow.find_step("s").unwrap().options();
+        assert_eq!((options.max_delay, options.jitter), (Some(40), Some(true)));
+    }
+
+    #[test]
     fn an_integer_literal_is_whole_seconds() {
         let options = FlowOptions::new().base_delay(5).timeout(60);
         assert_eq!((options.base_delay, options.timeout), (Some(5), Some(60)));
@@ -480,6 +712,7 @@ mod tests {
             .base_delay(StepOptions::MAX_BASE_DELAY)
             .timeout(StepOptions::MAX_TIMEOUT)
             .start_delay(StepOptions::MAX_START_DELAY)
+            .max_delay(StepOptions::MAX_MAX_DELAY)
             .handler(|n: u8, _: StepContext| async move { Ok::<_, StepError>(n) });
         assert!(Flow::<u8>::new("f").step(step).try_build().is_ok());
     }

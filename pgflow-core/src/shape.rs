@@ -117,7 +117,7 @@ impl FlowShape {
             slug: flow.clone(),
             problem,
         })?;
-        for (option, value) in self.options.named() {
+        for (option, value) in self.options.bounded() {
             if let Some(requirement) = option_problem(option, value) {
                 return Err(Error::InvalidFlowOption {
                     flow: flow.clone(),
@@ -151,7 +151,7 @@ impl FlowShape {
                     });
                 }
             }
-            for (option, value) in step.options.named() {
+            for (option, value) in step.options.bounded() {
                 if let Some(requirement) = option_problem(option, value) {
                     return Err(Error::InvalidStepOption {
                         flow: flow.clone(),
@@ -175,6 +175,35 @@ impl FlowShape {
     /// The SQL statements that define this flow, one `SELECT pgflow.create_flow(...)` and one
     /// `SELECT pgflow.add_step(...)` per step, exactly as pgflow 0.8.1's TypeScript DSL writes
     /// them. Validates first.
+    ///
+    /// Then, for the flow and for each step that sets a retry policy (`max_delay` or
+    /// `jitter`, which pgflow 0.8.1 does not have), one
+    /// `SELECT pgflow.set_retry_policy(flow, step, max_delay, jitter);`, `step` NULL for the
+    /// flow's and an unset value NULL (a flow's unset `jitter` is `false`). A flow that sets
+    /// neither gets exactly the TypeScript DSL's statements.
+    ///
+    /// ```
+    /// use pgflow_core::{FlowOptions, FlowShape, StepOptions, StepShape};
+    ///
+    /// let shape = FlowShape {
+    ///     slug: "sync".into(),
+    ///     options: FlowOptions::new().max_delay(60),
+    ///     steps: vec![StepShape {
+    ///         options: StepOptions::new().jitter(true),
+    ///         ..StepShape::new("push")
+    ///     }],
+    /// };
+    /// assert_eq!(
+    ///     shape.statements()?,
+    ///     [
+    ///         "SELECT pgflow.create_flow('sync');",
+    ///         "SELECT pgflow.add_step('sync', 'push');",
+    ///         "SELECT pgflow.set_retry_policy('sync', NULL, 60, false);",
+    ///         "SELECT pgflow.set_retry_policy('sync', 'push', NULL, true);",
+    ///     ]
+    /// );
+    /// # Ok::<(), pgflow_core::Error>(())
+    /// ```
     pub fn statements(&self) -> Result<Vec<String>> {
         self.validate()?;
         let mut out = Vec::with_capacity(self.steps.len() + 1);
@@ -198,6 +227,22 @@ impl FlowShape {
             }
             sql.push_str(");");
             out.push(sql);
+        }
+        let policies = std::iter::once((None, self.options.retry_policy())).chain(
+            self.steps
+                .iter()
+                .map(|step| (Some(step.slug.as_str()), step.options.retry_policy())),
+        );
+        for (step, policy) in policies {
+            if let Some((max_delay, jitter)) = policy {
+                out.push(format!(
+                    "SELECT pgflow.set_retry_policy({}, {}, {}, {});",
+                    quote(&self.slug),
+                    step.map_or_else(|| "NULL".to_owned(), quote),
+                    max_delay.map_or_else(|| "NULL".to_owned(), |v| v.to_string()),
+                    jitter.map_or_else(|| "NULL".to_owned(), |v| v.to_string()),
+                ));
+            }
         }
         Ok(out)
     }
@@ -366,6 +411,96 @@ mod tests {
     }
 
     #[test]
+    fn no_retry_policy_no_set_retry_policy() {
+        let flow = FlowShape {
+            options: FlowOptions::new().max_attempts(3).base_delay(5).timeout(60),
+            ..shape(vec![StepShape {
+                options: StepOptions::new().base_delay(2),
+                ..StepShape::new("s")
+            }])
+        };
+        let sql = flow.to_sql().unwrap();
+        assert!(!sql.contains("set_retry_policy"), "{sql}");
+        assert_eq!(
+            sql,
+            "SELECT pgflow.create_flow('f', max_attempts => 3, base_delay => 5, timeout => 60);\n\
+             SELECT pgflow.add_step('f', 's', base_delay => 2);\n"
+        );
+    }
+
+    #[test]
+    fn retry_policies_follow_the_definition_flow_first() {
+        let flow = FlowShape {
+            slug: "it's".into(),
+            options: FlowOptions::new().base_delay(1).jitter(true),
+            steps: vec![
+                StepShape {
+                    options: StepOptions::new().max_delay(30),
+                    ..StepShape::new("capped")
+                },
+                StepShape::new("plain"),
+                StepShape {
+                    kind: StepKind::Map,
+                    dependencies: vec!["capped".into()],
+                    options: StepOptions::new().timeout(10).max_delay(5).jitter(false),
+                    ..StepShape::new("steady")
+                },
+            ],
+        };
+        // Invalid slug aside (quoting is what this checks), the statements:
+        let mut valid = flow.clone();
+        valid.slug = "f".into();
+        assert_eq!(
+            valid.statements().unwrap(),
+            [
+                "SELECT pgflow.create_flow('f', base_delay => 1);",
+                "SELECT pgflow.add_step('f', 'capped');",
+                "SELECT pgflow.add_step('f', 'plain');",
+                "SELECT pgflow.add_step('f', 'steady', ARRAY['capped'], timeout => 10, step_type => 'map');",
+                "SELECT pgflow.set_retry_policy('f', NULL, NULL, true);",
+                "SELECT pgflow.set_retry_policy('f', 'capped', 30, NULL);",
+                "SELECT pgflow.set_retry_policy('f', 'steady', 5, false);",
+            ]
+        );
+        assert!(flow.statements().is_err());
+
+        // A flow's max_delay alone: its jitter is the default, written out (the column is not
+        // nullable); a step's unset jitter is NULL, inherited.
+        let capped = FlowShape {
+            options: FlowOptions::new().max_delay(60),
+            ..shape(vec![])
+        };
+        assert_eq!(
+            capped.statements().unwrap()[1],
+            "SELECT pgflow.set_retry_policy('f', NULL, 60, false);"
+        );
+    }
+
+    #[test]
+    fn max_delay_is_bounded_at_either_level() {
+        let mut bad = shape(vec![]);
+        bad.options.max_delay = Some(0);
+        assert_eq!(
+            bad.validate().unwrap_err().to_string(),
+            "option `max_delay` of flow `f` is 0, but it must be at least 1 second"
+        );
+        let bad = shape(vec![StepShape {
+            options: StepOptions::new().max_delay(StepOptions::MAX_MAX_DELAY + 1),
+            ..StepShape::new("s")
+        }]);
+        assert_eq!(
+            bad.validate().unwrap_err().to_string(),
+            "option `max_delay` of step `s` in flow `f` is 86401, but it must be at most 86400 seconds (one day)"
+        );
+        // Below base_delay is accepted: every retry then waits max_delay.
+        let constant = shape(vec![StepShape {
+            options: StepOptions::new().base_delay(60).max_delay(10),
+            ..StepShape::new("s")
+        }]);
+        assert!(constant.validate().is_ok());
+    }
+
+    #[test]
     fn shape_round_trips_through_json() {
         let flow = shape(vec![StepShape {
             kind: StepKind::Map,
@@ -381,5 +516,32 @@ mod tests {
             })
         );
         assert_eq!(serde_json::from_value::<FlowShape>(json).unwrap(), flow);
+    }
+
+    #[test]
+    fn retry_policy_round_trips_through_json_and_is_left_out_when_unset() {
+        let flow = FlowShape {
+            options: FlowOptions::new().max_delay(30).jitter(false),
+            ..shape(vec![StepShape {
+                options: StepOptions::new().jitter(true),
+                ..StepShape::new("s")
+            }])
+        };
+        let json = serde_json::to_value(&flow).unwrap();
+        assert_eq!(
+            json["options"],
+            serde_json::json!({"max_delay": 30, "jitter": false})
+        );
+        assert_eq!(
+            json["steps"][0]["options"],
+            serde_json::json!({"jitter": true})
+        );
+        assert_eq!(serde_json::from_value::<FlowShape>(json).unwrap(), flow);
+        // A shape written before these options existed still reads.
+        let old: FlowShape = serde_json::from_value(serde_json::json!({
+            "slug": "f", "options": {"timeout": 9}, "steps": [{"slug": "s", "options": {"max_attempts": 2}}]
+        }))
+        .unwrap();
+        assert_eq!((old.options.max_delay, old.options.jitter), (None, None));
     }
 }

@@ -110,6 +110,47 @@ impl<K> StepFnBuilder<K> {
         self
     }
 
+    /// Sets the step's `max_delay`, the cap on each retry's delay: whole seconds, or a
+    /// [`Duration`](std::time::Duration) rounded up to them (see [`Seconds`](crate::Seconds)).
+    /// Unset, the flow's applies. See
+    /// [the retry policy](crate::FlowOptions#retry-policy).
+    ///
+    /// ```
+    /// use pgflow_core::{Flow, step_fn};
+    ///
+    /// // Retries after 2, 4, 5, 5 seconds, each somewhere in [⌈d/2⌉, d].
+    /// let call = step_fn("call_api")
+    ///     .max_attempts(5)
+    ///     .base_delay(1)
+    ///     .max_delay(5)
+    ///     .jitter(true)
+    ///     .handler(|url: String, _ctx| async move { Ok(url.len()) });
+    /// let flow: Flow<String> = Flow::new("api").step(call).build();
+    /// assert_eq!(
+    ///     flow.statements()?,
+    ///     [
+    ///         "SELECT pgflow.create_flow('api');",
+    ///         "SELECT pgflow.add_step('api', 'call_api', max_attempts => 5, base_delay => 1);",
+    ///         "SELECT pgflow.set_retry_policy('api', 'call_api', 5, true);",
+    ///     ]
+    /// );
+    /// # Ok::<(), pgflow_core::Error>(())
+    /// ```
+    #[must_use]
+    pub fn max_delay(mut self, time: impl crate::Seconds) -> Self {
+        self.options.max_delay = Some(time.into_seconds());
+        self
+    }
+
+    /// Sets the step's `jitter`: whether each retry's delay *d* is drawn uniformly from
+    /// [⌈*d*/2⌉, *d*] seconds; `false` turns a flow's jitter off for this step. Unset, the
+    /// flow's applies. See [`max_delay`](Self::max_delay) for an example.
+    #[must_use]
+    pub fn jitter(mut self, jitter: bool) -> Self {
+        self.options.jitter = Some(jitter);
+        self
+    }
+
     fn retype<Next>(self) -> StepFnBuilder<Next> {
         StepFnBuilder {
             slug: self.slug,

@@ -14,14 +14,26 @@ pub(crate) struct Args {
     pub(crate) depends_on: Option<(Span, Vec<Path>)>,
     /// `slug = "..."`.
     pub(crate) slug: Option<LitStr>,
-    /// `max_attempts`, `base_delay`, `timeout`, `start_delay`, in the order written.
+    /// `max_attempts`, `base_delay`, `timeout`, `start_delay`, `max_delay`, `jitter`, in the
+    /// order written.
     pub(crate) options: Vec<(Ident, Expr)>,
     /// `crate = "..."`.
     pub(crate) krate: Option<Path>,
 }
 
-/// The options a step accepts, in SQL order.
-pub(crate) const OPTIONS: [&str; 4] = ["max_attempts", "base_delay", "timeout", "start_delay"];
+/// The options a step accepts: those of `add_step` in SQL order, then those of
+/// `set_retry_policy`.
+pub(crate) const OPTIONS: [&str; 6] = [
+    "max_attempts",
+    "base_delay",
+    "timeout",
+    "start_delay",
+    "max_delay",
+    "jitter",
+];
+
+/// The one option whose value is a `bool`; the others are counts or times.
+pub(crate) const FLAG: &str = "jitter";
 
 impl Args {
     /// Parses the attribute's arguments.
@@ -71,7 +83,8 @@ impl Args {
         } else {
             return Err(meta.error(
                 "unknown `#[step]` argument; expected `map`, `depends_on = [..]`, `slug = \"..\"`, \
-                 `max_attempts`, `base_delay`, `timeout`, `start_delay` or `crate = \"..\"`",
+                 `max_attempts`, `base_delay`, `timeout`, `start_delay`, `max_delay`, `jitter` \
+                 or `crate = \"..\"`",
             ));
         }
         Ok(())
@@ -92,6 +105,8 @@ mod tests {
             slug = "x",
             timeout = 30,
             max_attempts = N,
+            max_delay = 60,
+            jitter = true,
             crate = "pg"
         ))
         .unwrap();
@@ -100,7 +115,7 @@ mod tests {
         assert_eq!(deps.len(), 2);
         assert_eq!(args.slug.unwrap().value(), "x");
         let names: Vec<String> = args.options.iter().map(|(n, _)| n.to_string()).collect();
-        assert_eq!(names, ["timeout", "max_attempts"]);
+        assert_eq!(names, ["timeout", "max_attempts", "max_delay", "jitter"]);
         assert!(args.krate.unwrap().is_ident("pg"));
     }
 
@@ -114,6 +129,7 @@ mod tests {
     fn rejects_unknown_and_repeated() {
         assert!(Args::parse(quote!(retries = 3)).is_err());
         assert!(Args::parse(quote!(timeout = 3, timeout = 4)).is_err());
+        assert!(Args::parse(quote!(jitter = true, jitter = false)).is_err());
         assert!(Args::parse(quote!(map, map)).is_err());
     }
 }

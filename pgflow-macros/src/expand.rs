@@ -7,7 +7,7 @@ use syn::spanned::Spanned;
 use syn::{Attribute, Expr, ExprLit, Ident, ItemFn, Lit, Path};
 
 use crate::ast::{Role, StepFn};
-use crate::attr::Args;
+use crate::attr::{Args, FLAG};
 use crate::errors::Errors;
 use crate::valid;
 
@@ -203,6 +203,7 @@ fn option_checks(args: &Args, cfgs: &[&Attribute], private: &TokenStream) -> Tok
     let checks: Vec<TokenStream> = args
         .options
         .iter()
+        .filter(|(name, _)| name != FLAG)
         .filter_map(|(name, value)| {
             let Expr::Lit(ExprLit {
                 lit: Lit::Int(int), ..

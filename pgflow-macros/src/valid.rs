@@ -7,7 +7,7 @@ use syn::ext::IdentExt;
 use syn::{Expr, ExprLit, ExprUnary, Lit, UnOp};
 
 use crate::ast::StepFn;
-use crate::attr::Args;
+use crate::attr::{Args, FLAG};
 use crate::errors::Errors;
 use crate::slug;
 
@@ -83,6 +83,15 @@ pub(crate) fn validate(step: &StepFn, args: &Args, errors: &mut Errors) -> Strin
 
 /// What is wrong with a literal option value, if it is a literal.
 fn literal_problem(name: &str, value: &Expr) -> Option<String> {
+    if name == FLAG {
+        return match value {
+            Expr::Lit(ExprLit {
+                lit: Lit::Bool(_), ..
+            }) => None,
+            Expr::Lit(_) => Some("expected `true` or `false`".into()),
+            _ => None,
+        };
+    }
     match value {
         Expr::Lit(ExprLit {
             lit: Lit::Int(int), ..
@@ -122,5 +131,19 @@ mod tests {
             None
         );
         assert!(literal_problem("max_attempts", &parse_quote!("3")).is_some());
+        assert!(literal_problem("max_delay", &parse_quote!(true)).is_some());
+        assert_eq!(literal_problem("max_delay", &parse_quote!(60)), None);
+    }
+
+    #[test]
+    fn jitter_takes_a_bool() {
+        assert_eq!(literal_problem("jitter", &parse_quote!(true)), None);
+        assert_eq!(literal_problem("jitter", &parse_quote!(false)), None);
+        assert_eq!(literal_problem("jitter", &parse_quote!(SPREAD)), None);
+        assert_eq!(
+            literal_problem("jitter", &parse_quote!(1)),
+            Some("expected `true` or `false`".into())
+        );
+        assert!(literal_problem("jitter", &parse_quote!("yes")).is_some());
     }
 }

@@ -9,11 +9,15 @@ mod check;
 #[cfg(feature = "cli")]
 mod cli;
 #[cfg(feature = "cli")]
+mod cli_control;
+#[cfg(feature = "cli")]
 mod cli_operator;
 mod client;
 mod engine;
 mod install;
 mod reliability;
+mod retry_policy;
+mod run_control;
 mod security;
 mod support;
 mod worker;
