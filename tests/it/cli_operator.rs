@@ -394,6 +394,7 @@ async fn runs_and_run_json_keep_the_documented_keys() {
             "ended_at",
             "flow_slug",
             "remaining_steps",
+            "retry_count",
             "run_id",
             "started_at",
             "status"
@@ -412,12 +413,14 @@ async fn runs_and_run_json_keep_the_documented_keys() {
     assert_eq!(
         keys(&state["run"]),
         [
+            "cancelled_at",
             "completed_at",
             "failed_at",
             "flow_slug",
             "input",
             "output",
             "remaining_steps",
+            "retry_count",
             "run_id",
             "started_at",
             "status"
@@ -484,11 +487,12 @@ async fn run_attempts_lists_every_failed_attempt_with_its_message() {
     assert_eq!(lines.len(), 3, "{view}");
     assert_eq!(
         words(lines[0]),
-        ["STEP", "TASK", "ATTEMPT", "FAILED", "AT", "ERROR"]
+        ["RETRY", "STEP", "TASK", "ATTEMPT", "FAILED", "AT", "ERROR"]
     );
-    assert_eq!(words(lines[1])[..3], ["fetch", "1", "1"], "{view}");
+    // Both before any retry of the run: its retry 0.
+    assert_eq!(words(lines[1])[..4], ["0", "fetch", "1", "1"], "{view}");
     assert!(lines[1].ends_with(" connection reset"), "{view}");
-    assert_eq!(words(lines[2])[..3], ["fetch", "1", "2"], "{view}");
+    assert_eq!(words(lines[2])[..4], ["0", "fetch", "1", "2"], "{view}");
     // The first line of the message; --json has it whole.
     assert!(lines[2].ends_with(" 404 not found"), "{view}");
 
@@ -497,7 +501,11 @@ async fn run_attempts_lists_every_failed_attempt_with_its_message() {
         &["run", &id, "--attempts", "--json"],
     )))
     .unwrap();
-    assert_eq!(keys(&state), ["attempts", "run", "steps", "tasks"]);
+    assert_eq!(
+        keys(&state),
+        ["attempts", "retries", "run", "steps", "tasks"]
+    );
+    assert_eq!(state["retries"], json!([]));
     assert_eq!(
         keys(&state["attempts"][0]),
         [
@@ -505,6 +513,7 @@ async fn run_attempts_lists_every_failed_attempt_with_its_message() {
             "error_message",
             "failed_at",
             "last_worker_id",
+            "run_retry",
             "step_slug",
             "task_index"
         ]
