@@ -150,8 +150,8 @@ fn denied(action: &'static str) -> impl Fn(Error) -> Failure {
     move |err| match &err {
         Error::Database(sqlx::Error::Database(db)) if db.code().as_deref() == Some("42501") => {
             Failure::error(format!(
-                "{db}: the role may not {action} runs; the schema's owner grants it (see \
-                 docs/security.md, \"Run control\")"
+                "{db}: the role may not {action} runs; the schema's owner grants it \
+                 (docs/security.md: the run-control grants of pgflow_app)"
             ))
         }
         _ => Failure::from(err),
