@@ -144,8 +144,9 @@ async fn start_in_a_rolled_back_transaction_leaves_no_run_no_task_and_no_message
         .execute(&mut *tx)
         .await
         .unwrap();
+    // `&mut tx` works as `&mut *tx` does.
     let run = client
-        .start_in(&mut *tx, &pages(), &json!("x"))
+        .start_in(&mut tx, &pages(), &json!("x"))
         .await
         .unwrap();
     // Inside the transaction, the run is there with its first task and message.
