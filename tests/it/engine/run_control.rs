@@ -285,10 +285,7 @@ async fn retry_keeps_the_history_of_the_run_and_of_its_attempts() {
     assert_eq!(retry(&engine, run).await, Ok(1));
     let task = engine.poll("f").await.remove(0);
     engine.fail(&task, "second failure").await;
-    assert!(
-        cancel(&engine, run).await == false,
-        "a failed run is not cancelled"
-    );
+    assert!(!cancel(&engine, run).await, "a failed run is not cancelled");
     assert_eq!(retry(&engine, run).await, Ok(2));
     let task = engine.poll("f").await.remove(0);
     assert!(cancel(&engine, run).await);
