@@ -158,8 +158,16 @@ impl StepContext {
         self.attempt
     }
 
-    /// Fires when the worker shuts down; long handlers should stop early when it does (the
-    /// task is then retried later).
+    /// Fires when the task should stop: its run was cancelled (the task is then not retried,
+    /// and nothing the handler returns is recorded), it ran past its step's timeout, or the
+    /// worker stopped waiting for it at shutdown (the attempt then fails and is retried). Long
+    /// handlers should stop early when it does, and hand the token to the work they spawn.
+    ///
+    /// When a run is cancelled or a shutdown stops waiting, the worker polls the handler once
+    /// more after the token fires, so that one waiting on it can return; at the step timeout it
+    /// fires the token as it drops the handler. Either way the handler is dropped at the await
+    /// it is suspended in: cleanup that must finish belongs in work spawned beforehand or in a
+    /// `Drop` guard.
     ///
     /// ```
     /// use pgflow_core::{CancellationToken, StepContext, StepError, Uuid};
@@ -167,7 +175,7 @@ impl StepContext {
     /// async fn wait_for_payment(ctx: &StepContext) -> Result<bool, StepError> {
     ///     tokio::select! {
     ///         biased;
-    ///         () = ctx.cancellation_token().cancelled() => Err(StepError::new("shutting down")),
+    ///         () = ctx.cancellation_token().cancelled() => Err(StepError::new("stopped")),
     ///         paid = poll_payment() => Ok(paid),
     ///     }
     /// }

@@ -5,6 +5,7 @@ use std::error::Error as StdError;
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
+use std::time::Duration;
 
 use serde_json::Value;
 
@@ -48,8 +49,8 @@ where
     }
 }
 
-/// Why a step's attempt failed: a message, the underlying error if any, and whether the engine
-/// may retry.
+/// Why a step's attempt failed: a message, the underlying error if any, whether the engine
+/// may retry, and when.
 ///
 /// `?` converts any `std::error::Error + Send + Sync + 'static` into a `StepError` (which is why
 /// `StepError` itself does not implement `std::error::Error`, as with `anyhow::Error`); use
@@ -76,6 +77,8 @@ pub struct StepError {
     context: Option<String>,
     source: Option<Box<dyn StdError + Send + Sync + 'static>>,
     retryable: bool,
+    /// The handler's choice of delay before the next attempt, instead of the step's backoff.
+    retry_after: Option<Duration>,
 }
 
 impl StepError {
@@ -94,6 +97,7 @@ impl StepError {
             context: Some(message.into()),
             source: None,
             retryable: true,
+            retry_after: None,
         }
     }
 
@@ -119,6 +123,7 @@ impl StepError {
             context: Some(message.into()),
             source: Some(source.into()),
             retryable: true,
+            retry_after: None,
         }
     }
 
@@ -141,6 +146,54 @@ impl StepError {
     pub fn no_retry(mut self) -> Self {
         self.retryable = false;
         self
+    }
+
+    /// Asks the engine to wait `delay` before the next attempt, instead of the step's
+    /// exponential backoff: for errors that say when to come back, such as an HTTP 429 or 503
+    /// with a `Retry-After` header.
+    ///
+    /// The delay counts in whole seconds, rounded up (the engine's unit), and is used as it is:
+    /// the step's `base_delay` and any cap on its backoff do not apply to it. The attempt still
+    /// counts against the step's `max_attempts`: on the last one the task fails all the same.
+    /// A [permanent](Self::no_retry) error is not retried, so its delay is ignored.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use pgflow_core::StepError;
+    ///
+    /// // A rate limit that says when the next call may go through.
+    /// fn rate_limited(retry_after_header: Option<&str>) -> StepError {
+    ///     let error = StepError::new("the payment provider is rate limiting us");
+    ///     match retry_after_header.and_then(|seconds| seconds.parse().ok()) {
+    ///         Some(seconds) => error.retry_after(Duration::from_secs(seconds)),
+    ///         None => error, // the step's backoff
+    ///     }
+    /// }
+    ///
+    /// assert_eq!(rate_limited(Some("30")).retry_delay(), Some(Duration::from_secs(30)));
+    /// assert_eq!(rate_limited(None).retry_delay(), None);
+    /// ```
+    #[must_use]
+    pub fn retry_after(mut self, delay: Duration) -> Self {
+        self.retry_after = Some(delay);
+        self
+    }
+
+    /// The delay before the next attempt chosen with [`retry_after`](Self::retry_after), or
+    /// `None` when the step's backoff applies. Always `None` for a [permanent](Self::no_retry)
+    /// error, which has no next attempt, whichever of the two was asked for first.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use pgflow_core::StepError;
+    ///
+    /// let later = StepError::new("busy").retry_after(Duration::from_secs(7));
+    /// assert_eq!(later.retry_delay(), Some(Duration::from_secs(7)));
+    /// assert_eq!(later.no_retry().retry_delay(), None);
+    /// assert_eq!(StepError::new("busy").retry_delay(), None);
+    /// ```
+    pub fn retry_delay(&self) -> Option<Duration> {
+        self.retry_after.filter(|_| self.retryable)
     }
 
     /// Whether another attempt may succeed (the default) or the task should fail now.
@@ -210,6 +263,7 @@ where
             context: None,
             source: Some(Box::new(error)),
             retryable: true,
+            retry_after: None,
         }
     }
 }
@@ -246,6 +300,7 @@ impl fmt::Debug for StepError {
             .field("message", &self.message())
             .field("source", &self.source)
             .field("retryable", &self.retryable)
+            .field("retry_after", &self.retry_after)
             .finish()
     }
 }
@@ -295,5 +350,22 @@ mod tests {
         let error = error.no_retry();
         assert!(!error.is_retryable());
         assert_eq!(StepError::from(io()).message(), "disk full");
+    }
+
+    #[test]
+    fn a_permanent_error_has_no_retry_delay_in_either_order() {
+        let delay = Duration::from_millis(1500);
+        let error = StepError::from(io()).retry_after(delay);
+        assert!(error.is_retryable());
+        assert_eq!(error.retry_delay(), Some(delay));
+        assert_eq!(error.no_retry().retry_delay(), None);
+        let error = StepError::new("bad input").no_retry().retry_after(delay);
+        assert!(!error.is_retryable());
+        assert_eq!(error.retry_delay(), None);
+        // The last choice wins.
+        let error = StepError::new("busy")
+            .retry_after(delay)
+            .retry_after(Duration::ZERO);
+        assert_eq!(error.retry_delay(), Some(Duration::ZERO));
     }
 }

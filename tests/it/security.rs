@@ -816,3 +816,58 @@ async fn failed_attempts_are_recorded_for_the_worker_role_and_readable_by_the_re
 
     roles.drop(&db, &[legacy]).await;
 }
+
+/// A worker under the worker role learns that a run it works on was cancelled, and fails no
+/// task meanwhile: without notifications, from the columns of `step_tasks` the role may read
+/// (issue 19), and with them, from `pgflow_cancel`, which needs no privilege.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_worker_role_learns_of_cancelled_runs_with_and_without_notifications() {
+    let db = database().await;
+    let roles = Roles::new(&db);
+    secured(&db, &roles, false).await;
+    let workers = pool_of(&db, &roles.name("orders_worker")).await;
+    let client = Client::new(db.pool().clone());
+
+    for notifications in [false, true] {
+        let (entered, fired) = (
+            std::sync::Arc::new(tokio::sync::Notify::new()),
+            std::sync::Arc::new(tokio::sync::Notify::new()),
+        );
+        let (on_entry, on_fire) = (entered.clone(), fired.clone());
+        let waiting = step_fn("only").handler(move |_v: Value, ctx: StepContext| {
+            let (on_entry, on_fire) = (on_entry.clone(), on_fire.clone());
+            async move {
+                on_entry.notify_one();
+                ctx.cancellation_token().cancelled().await;
+                on_fire.notify_one();
+                Ok::<_, StepError>(Value::Null)
+            }
+        });
+        let waiting: Flow<Value> = Flow::new("orders").step(waiting).build();
+        let worker = Worker::builder(workers.clone())
+            .flow(waiting)
+            .notifications(notifications)
+            .heartbeat_interval(Duration::from_millis(300))
+            .spawn()
+            .unwrap();
+        let run = client.start(&echo("orders"), &json!(1)).await.unwrap();
+        tokio::time::timeout(Duration::from_secs(20), entered.notified())
+            .await
+            .expect("the handler runs");
+        let cancelled: bool = sqlx::query_scalar("SELECT pgflow.cancel_run($1)")
+            .bind(run.id())
+            .fetch_one(db.pool())
+            .await
+            .unwrap();
+        assert!(cancelled);
+        tokio::time::timeout(Duration::from_secs(3), fired.notified())
+            .await
+            .unwrap_or_else(|_| panic!("notifications {notifications}: the token never fired"));
+        let stats = worker.stats();
+        worker.shutdown().await.unwrap();
+        assert_eq!((stats.failed, stats.completed), (0, 0), "{stats:?}");
+    }
+
+    workers.close().await;
+    roles.drop(&db, &[]).await;
+}

@@ -458,6 +458,7 @@ impl WorkerBuilder {
             semaphore: Arc::new(Semaphore::new(settings.concurrency)),
             settings,
             counters: Arc::new(Counters::default()),
+            running: Arc::default(),
             listening: AtomicBool::new(false),
             hard_stop: CancellationToken::new(),
             abandon: CancellationToken::new(),

@@ -1,5 +1,5 @@
 //! Running one task: its span, its context, its handler under the step timeout with panics
-//! caught, and its result handed to the reporter.
+//! caught, and its result handed to the reporter, unless its run was cancelled meanwhile.
 
 use std::any::Any;
 use std::panic::AssertUnwindSafe;
@@ -53,6 +53,9 @@ pub(crate) fn spawn(
     };
     let input = task.input;
     let token = shared.hard_stop.child_token();
+    let registration = shared
+        .running
+        .register(task.run_id, task.read_at, token.clone());
     let mut ctx = StepContext::builder(task.run_id, Arc::clone(&flow.slug), Arc::clone(&step_slug))
         .task_index(u32::try_from(task.task_index).unwrap_or_default())
         .attempt(u32::try_from(task.attempt).unwrap_or(1))
@@ -78,24 +81,31 @@ pub(crate) fn spawn(
         tracing::debug!("task started");
         let outcome = match (handler, input) {
             // Another worker may have the handler: worth a retry.
-            (Err(message), _) => Outcome::Failed {
-                message,
-                retry: true,
-            },
+            (Err(message), _) => Some(Outcome::failed(message, true)),
             // The same input comes back on every attempt.
-            (Ok(_), Err(message)) => Outcome::Failed {
-                message,
-                retry: false,
-            },
+            (Ok(_), Err(message)) => Some(Outcome::failed(message, false)),
             (Ok(handler), Ok(input)) => {
                 let limits = Limits {
                     timeout: task.timeout,
                     token: &token,
                     hard_stop: &hard_stop,
+                    run_cancelled: registration.run_cancelled(),
                     shutdown_timeout,
                 };
                 execute(handler, input, ctx, limits).await
             }
+        };
+        // Whatever the handler made of the cancellation: the engine marked the task cancelled
+        // with its run, and would ignore a report anyway.
+        let cancelled = registration.run_cancelled().is_cancelled();
+        drop(registration);
+        let Some(outcome) = outcome.filter(|_| !cancelled) else {
+            counters.in_flight.fetch_sub(1, Ordering::Relaxed);
+            counters.cancelled.fetch_add(1, Ordering::Relaxed);
+            let elapsed_ms = u64::try_from(began.elapsed().as_millis()).unwrap_or(u64::MAX);
+            tracing::info!(elapsed_ms, "task cancelled: its run was cancelled");
+            drop(permit);
+            return;
         };
         let outcome = storable(outcome);
         // The failure itself is logged once its report says what became of the task.
@@ -129,60 +139,70 @@ struct Limits<'a> {
     token: &'a CancellationToken,
     /// Fires when the worker stops waiting for running handlers.
     hard_stop: &'a CancellationToken,
+    /// Fires when the task's run has been cancelled, after `token`.
+    run_cancelled: &'a CancellationToken,
     shutdown_timeout: Duration,
 }
 
 /// Calls the handler, catching panics (in the call itself and while polling), bounded by the
-/// step timeout and the worker's shutdown deadline.
+/// step timeout, the worker's shutdown deadline and the cancellation of the task's run; `None`
+/// when the handler was dropped because its run was cancelled.
+///
+/// When the run is cancelled or the shutdown stops waiting, the handler's token has fired by
+/// the time the select sees it, and the handler is polled once more first (the select is biased
+/// towards it): one that watches its token returns then, one that ignores it is dropped at the
+/// await it is suspended in. At the step timeout the token fires as the handler is dropped.
 async fn execute(
     handler: Arc<dyn ErasedHandler>,
     input: Value,
     ctx: StepContext,
     limits: Limits<'_>,
-) -> Outcome {
+) -> Option<Outcome> {
     let call = AssertUnwindSafe(async move { handler.call(input, ctx).await }).catch_unwind();
-    tokio::select! {
+    let outcome = tokio::select! {
         biased;
         result = call => match result {
             Ok(Ok(output)) => Outcome::Completed(output),
             Ok(Err(error)) if error.is_retryable() => Outcome::Failed {
+                retry_delay: error.retry_delay(),
                 message: error.to_string(),
                 retry: true,
             },
-            Ok(Err(error)) => Outcome::Failed {
-                message: format!(
-                    "{error} (not retried: the handler marked the error as permanent)"
-                ),
-                retry: false,
-            },
-            Err(payload) => Outcome::Failed {
-                message: format!("handler panicked: {}", panic_message(payload.as_ref())),
-                retry: true,
-            },
+            Ok(Err(error)) => Outcome::failed(
+                format!("{error} (not retried: the handler marked the error as permanent)"),
+                false,
+            ),
+            Err(payload) => Outcome::failed(
+                format!("handler panicked: {}", panic_message(payload.as_ref())),
+                true,
+            ),
         },
         () = tokio::time::sleep(limits.timeout) => {
             limits.token.cancel();
-            Outcome::Failed {
-                message: format!(
+            Outcome::failed(
+                format!(
                     "timed out: the handler was still running after the step timeout of {} s \
                      and was cancelled",
                     limits.timeout.as_secs()
                 ),
-                retry: true,
-            }
+                true,
+            )
         }
         () = limits.hard_stop.cancelled() => {
             limits.token.cancel();
-            Outcome::Failed {
-                message: format!(
+            Outcome::failed(
+                format!(
                     "cancelled: the worker shut down and the handler did not finish within the \
                      shutdown timeout of {:?}",
                     limits.shutdown_timeout
                 ),
-                retry: true,
-            }
+                true,
+            )
         }
-    }
+        // The token fired first (the registry's order): the handler had its poll to see it.
+        () = limits.run_cancelled.cancelled() => return None,
+    };
+    Some(outcome)
 }
 
 /// How deep an output may nest. serde_json reads 127 levels and refuses more (its recursion
@@ -198,17 +218,22 @@ const MAX_OUTPUT_DEPTH: usize = 125;
 fn storable(outcome: Outcome) -> Outcome {
     match outcome {
         Outcome::Completed(output) if nests_deeper_than(&output, MAX_OUTPUT_DEPTH) => {
-            Outcome::Failed {
-                message: format!(
+            Outcome::failed(
+                format!(
                     "the step output is nested deeper than {MAX_OUTPUT_DEPTH} levels of arrays \
                      and objects, more than a worker can decode in the input of a later step"
                 ),
-                retry: false,
-            }
+                false,
+            )
         }
-        Outcome::Failed { message, retry } => Outcome::Failed {
+        Outcome::Failed {
+            message,
+            retry,
+            retry_delay,
+        } => Outcome::Failed {
             message: without_nul(message),
             retry,
+            retry_delay,
         },
         completed @ Outcome::Completed(_) => completed,
     }
@@ -253,6 +278,8 @@ fn panic_message(payload: &(dyn Any + Send)) -> &str {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::atomic::AtomicBool;
+
     use super::*;
 
     fn nested(levels: usize) -> Value {
@@ -295,7 +322,7 @@ mod tests {
 
     #[test]
     fn too_deep_outputs_fail_for_good() {
-        let Outcome::Failed { message, retry } =
+        let Outcome::Failed { message, retry, .. } =
             storable(Outcome::Completed(nested(MAX_OUTPUT_DEPTH + 1)))
         else {
             panic!("completed");
@@ -316,13 +343,123 @@ mod tests {
         let failed = Outcome::Failed {
             message: "before\0after\0".to_owned(),
             retry: true,
+            retry_delay: Some(Duration::from_secs(3)),
         };
-        let Outcome::Failed { message, retry } = storable(failed) else {
+        let Outcome::Failed {
+            message,
+            retry,
+            retry_delay,
+        } = storable(failed)
+        else {
             panic!("completed");
         };
         assert_eq!(message, "before\\0after\\0");
         assert!(retry);
+        assert_eq!(retry_delay, Some(Duration::from_secs(3)));
         assert_eq!(without_nul("plain".to_owned()), "plain");
+    }
+
+    /// A handler that sleeps for `sleep`, or returns an error as soon as its token fires when
+    /// `watch`; `dropped` is set when its future is dropped.
+    fn sleeper(watch: bool, dropped: &Arc<AtomicBool>) -> Arc<dyn ErasedHandler> {
+        struct Dropped(Arc<AtomicBool>);
+        impl Drop for Dropped {
+            fn drop(&mut self) {
+                self.0.store(true, Ordering::SeqCst);
+            }
+        }
+        let dropped = Arc::clone(dropped);
+        Arc::new(move |_input: Value, ctx: StepContext| {
+            let guard = Dropped(Arc::clone(&dropped));
+            async move {
+                let _guard = guard;
+                let sleep = tokio::time::sleep(Duration::from_secs(60));
+                if watch {
+                    tokio::select! {
+                        () = ctx.cancellation_token().cancelled() => {
+                            Err(pgflow_core::StepError::new("saw the token"))
+                        }
+                        () = sleep => Ok(Value::Null),
+                    }
+                } else {
+                    sleep.await;
+                    Ok(Value::Null)
+                }
+            }
+        })
+    }
+
+    /// Runs `handler` under [`execute`] and cancels its run as the registry does, once the
+    /// handler is waiting.
+    async fn cancel_while_running(handler: Arc<dyn ErasedHandler>) -> Option<Outcome> {
+        let token = CancellationToken::new();
+        let run_cancelled = CancellationToken::new();
+        let hard_stop = CancellationToken::new();
+        let ctx = StepContext::builder(uuid::Uuid::nil(), "f", "s")
+            .cancellation_token(token.clone())
+            .build();
+        let limits = Limits {
+            timeout: Duration::from_secs(60),
+            token: &token,
+            hard_stop: &hard_stop,
+            run_cancelled: &run_cancelled,
+            shutdown_timeout: Duration::from_secs(1),
+        };
+        let execution = execute(handler, Value::Null, ctx, limits);
+        tokio::pin!(execution);
+        tokio::select! {
+            biased;
+            _ = &mut execution => panic!("finished before the cancellation"),
+            () = tokio::task::yield_now() => {}
+        }
+        token.cancel();
+        run_cancelled.cancel();
+        tokio::time::timeout(Duration::from_secs(1), execution)
+            .await
+            .expect("a cancelled task ends at once")
+    }
+
+    #[tokio::test]
+    async fn a_handler_watching_its_token_sees_it_fire_when_its_run_is_cancelled() {
+        let dropped = Arc::new(AtomicBool::new(false));
+        let outcome = cancel_while_running(sleeper(true, &dropped)).await;
+        let Some(Outcome::Failed { message, .. }) = outcome else {
+            panic!("the handler did not get to return: {outcome:?}");
+        };
+        assert_eq!(message, "saw the token");
+        assert!(dropped.load(Ordering::SeqCst));
+    }
+
+    #[tokio::test]
+    async fn a_handler_ignoring_its_token_is_dropped_when_its_run_is_cancelled() {
+        let dropped = Arc::new(AtomicBool::new(false));
+        let outcome = cancel_while_running(sleeper(false, &dropped)).await;
+        assert!(outcome.is_none(), "{outcome:?}");
+        assert!(dropped.load(Ordering::SeqCst));
+    }
+
+    #[tokio::test]
+    async fn a_retry_delay_chosen_by_the_handler_reaches_the_outcome() {
+        let later = Arc::new(|_input: Value, _ctx: StepContext| async move {
+            Err::<Value, _>(pgflow_core::StepError::new("busy").retry_after(Duration::from_secs(7)))
+        });
+        let never = CancellationToken::new();
+        let limits = Limits {
+            timeout: Duration::from_secs(60),
+            token: &never,
+            hard_stop: &never,
+            run_cancelled: &never,
+            shutdown_timeout: Duration::from_secs(1),
+        };
+        let outcome = execute(later, Value::Null, StepContext::for_test(), limits).await;
+        let Some(Outcome::Failed {
+            retry, retry_delay, ..
+        }) = outcome
+        else {
+            panic!("{outcome:?}");
+        };
+        assert!(retry);
+        assert_eq!(retry_delay, Some(Duration::from_secs(7)));
     }
 
     #[test]

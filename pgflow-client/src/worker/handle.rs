@@ -16,6 +16,7 @@ pub(crate) struct Counters {
     pub(crate) completed: AtomicU64,
     pub(crate) failed: AtomicU64,
     pub(crate) in_flight: AtomicU64,
+    pub(crate) cancelled: AtomicU64,
 }
 
 impl Counters {
@@ -25,6 +26,7 @@ impl Counters {
             completed: self.completed.load(Ordering::Relaxed),
             failed: self.failed.load(Ordering::Relaxed),
             in_flight: self.in_flight.load(Ordering::Relaxed),
+            cancelled: self.cancelled.load(Ordering::Relaxed),
         }
     }
 }
@@ -37,11 +39,15 @@ pub struct WorkerStats {
     pub started: u64,
     /// Tasks whose completion this worker reported.
     pub completed: u64,
-    /// Failed attempts this worker reported (handler errors, panics, timeouts, cancellations);
-    /// the engine retries most of them.
+    /// Failed attempts this worker reported (handler errors, panics, timeouts, handlers
+    /// cancelled by a shutdown); the engine retries most of them.
     pub failed: u64,
-    /// Tasks started and not yet reported.
+    /// Tasks started and not yet reported (nor cancelled).
     pub in_flight: u64,
+    /// Tasks whose run was cancelled while this worker ran them: their handlers saw their
+    /// cancellation tokens fire (and were dropped if still running), and nothing was reported
+    /// for them, since the engine had already marked them cancelled.
+    pub cancelled: u64,
 }
 
 /// A running worker, returned by [`WorkerBuilder::spawn`].

@@ -2,6 +2,7 @@
 //! deprecated by someone else), and deprecating them on the way out.
 
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use sqlx::PgPool;
@@ -10,6 +11,7 @@ use uuid::Uuid;
 
 use super::backoff::{Backoff, sleep_or_stop};
 use super::registry::FlowEntry;
+use super::shared::Shared;
 
 /// Inserts the rows, or refreshes their heartbeat (re-creating any that were deleted); returns
 /// the ids of the rows that are marked deprecated.
@@ -35,18 +37,21 @@ pub(crate) async fn beat(pool: &PgPool, flows: &[Arc<FlowEntry>]) -> sqlx::Resul
 }
 
 /// Heartbeats every `interval` until `stop` fires. A flow whose row is found deprecated stops
-/// taking tasks; when all are, the whole worker shuts down through `shutdown`.
+/// taking tasks; when all are, the whole worker shuts down through `shutdown`. While nothing
+/// listens for cancelled runs (notifications are off, or the listener is reconnecting), each
+/// heartbeat also looks for them among the runs of the running tasks.
 pub(crate) async fn run(
-    pool: PgPool,
+    shared: Arc<Shared>,
     flows: Vec<Arc<FlowEntry>>,
     interval: Duration,
     shutdown: CancellationToken,
     stop: CancellationToken,
 ) {
+    let pool = &shared.pool;
     let mut backoff = Backoff::new(Duration::from_millis(200), interval);
     let mut delay = interval;
     while sleep_or_stop(delay, &stop).await {
-        match beat(&pool, &flows).await {
+        match beat(pool, &flows).await {
             Ok(deprecated) => {
                 if backoff.failures() > 0 {
                     tracing::info!("heartbeat succeeded again");
@@ -54,6 +59,9 @@ pub(crate) async fn run(
                 backoff.reset();
                 delay = interval;
                 apply_deprecations(&flows, &deprecated, &shutdown);
+                if !shared.listening.load(Ordering::Acquire) {
+                    shared.running.sweep(pool).await;
+                }
             }
             Err(error) => {
                 tracing::warn!(%error, "heartbeat failed; retrying");

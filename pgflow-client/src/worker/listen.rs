@@ -1,28 +1,35 @@
-//! Waking flows when the engine queues their tasks: `LISTEN pgflow_tasks` on a dedicated
-//! connection, reconnecting with backoff, and telling the poll loops whether notifications can
-//! be relied on.
+//! Waking flows when the engine queues their tasks, and cancelling the running tasks of
+//! cancelled runs: `LISTEN pgflow_tasks` and `LISTEN pgflow_cancel` on one dedicated connection,
+//! reconnecting with backoff, and telling the poll loops whether notifications can be relied on.
 //!
 //! The engine notifies `pgflow_tasks` with the flow slug once per transaction that queues tasks
 //! of that flow. Listening to the events on channel `pgflow` instead would make the server send
 //! every worker every event, a few per task. pgmq's insert notifications would need a trigger on
 //! every queue table, installed by the worker, that updates one throttle row per inserted
 //! message: a serialisation point for every producer.
+//!
+//! `pgflow.cancel_run` notifies `pgflow_cancel` with the run id. Notifications sent while the
+//! connection was down are lost: on each (re)connection the runs of the running tasks are looked
+//! up once, and those found cancelled are cancelled here too.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use sqlx::PgPool;
 use sqlx::postgres::{PgListener, PgPoolOptions};
 use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
 
 use super::backoff::{Backoff, sleep_or_stop};
 use super::registry::FlowEntry;
 use super::shared::Shared;
 
 /// The channel the engine notifies with a flow slug when it queues tasks of that flow.
-const CHANNEL: &str = "pgflow_tasks";
+const TASKS: &str = "pgflow_tasks";
+/// The channel `pgflow.cancel_run` notifies with the run id.
+const CANCEL: &str = "pgflow_cancel";
 
 /// Listens until `stop` fires.
 pub(crate) async fn run(shared: Arc<Shared>, flows: Vec<Arc<FlowEntry>>, stop: CancellationToken) {
@@ -46,7 +53,10 @@ pub(crate) async fn run(shared: Arc<Shared>, flows: Vec<Arc<FlowEntry>>, stop: C
         let mut listener = match connected {
             Ok(listener) => listener,
             Err(error) => {
-                tracing::warn!(%error, "cannot listen for queued tasks; polling meanwhile");
+                tracing::warn!(
+                    %error,
+                    "cannot listen for queued tasks and cancelled runs; polling meanwhile"
+                );
                 if sleep_or_stop(backoff.next_delay(), &stop).await {
                     continue;
                 }
@@ -54,14 +64,17 @@ pub(crate) async fn run(shared: Arc<Shared>, flows: Vec<Arc<FlowEntry>>, stop: C
             }
         };
         if backoff.failures() > 0 {
-            tracing::info!("listening for queued tasks again");
+            tracing::info!("listening for queued tasks and cancelled runs again");
         } else {
-            tracing::debug!("listening for queued tasks");
+            tracing::debug!("listening for queued tasks and cancelled runs");
         }
         backoff.reset();
         shared.listening.store(true, Ordering::Release);
-        // Anything may have been queued while nobody listened.
+        // Anything may have been queued, or cancelled, while nobody listened. Apart, so that
+        // a slow pool does not hold up the notifications.
         wake_all(&flows);
+        let swept = Arc::clone(&shared);
+        tokio::spawn(async move { swept.running.sweep(&swept.pool).await });
 
         loop {
             let received = tokio::select! {
@@ -69,6 +82,9 @@ pub(crate) async fn run(shared: Arc<Shared>, flows: Vec<Arc<FlowEntry>>, stop: C
                 received = listener.try_recv() => received,
             };
             match received {
+                Ok(Some(notification)) if notification.channel() == CANCEL => {
+                    cancel(&shared, notification.payload());
+                }
                 Ok(Some(notification)) => wake(&by_slug, notification.payload()),
                 Ok(None) => {
                     lost(&shared, &flows, "connection closed");
@@ -93,8 +109,18 @@ pub(crate) async fn run(shared: Arc<Shared>, flows: Vec<Arc<FlowEntry>>, stop: C
 async fn listen(pool: &PgPool) -> sqlx::Result<PgListener> {
     let mut listener = PgListener::connect_with(pool).await?;
     listener.ignore_pool_close_event(true);
-    listener.listen(CHANNEL).await?;
+    listener.listen_all([TASKS, CANCEL]).await?;
     Ok(listener)
+}
+
+/// Cancels the running tasks of the run whose id is the payload.
+fn cancel(shared: &Shared, payload: &str) {
+    let Ok(run_id) = payload.parse::<Uuid>() else {
+        tracing::debug!(payload, "ignored a notification on {CANCEL}: not a run id");
+        return;
+    };
+    let tasks = shared.running.cancel(run_id, Instant::now());
+    tracing::debug!(%run_id, tasks, "run cancelled");
 }
 
 /// Wakes the flow whose slug is the payload.
@@ -114,5 +140,8 @@ fn wake_all(flows: &[Arc<FlowEntry>]) {
 fn lost(shared: &Shared, flows: &[Arc<FlowEntry>], error: &str) {
     shared.listening.store(false, Ordering::Release);
     wake_all(flows);
-    tracing::warn!(%error, "lost the connection listening for queued tasks; reconnecting");
+    tracing::warn!(
+        %error,
+        "lost the connection listening for queued tasks and cancelled runs; reconnecting"
+    );
 }

@@ -31,15 +31,31 @@
 //!
 //! - A handler's [`StepError`], or a panic (its payload becomes the message), fails the attempt
 //!   with `pgflow.fail_task`; the engine retries it per the step's `max_attempts` and
-//!   `base_delay`. A [`StepError::no_retry`] error fails the task at once: the worker raises the
-//!   task's `attempts_count` to the step's `max_attempts` before calling `fail_task`, so the
-//!   engine sees the attempts exhausted, then puts back the attempts actually made, all in one
-//!   transaction. The error message says so.
+//!   `base_delay`, or after the delay the handler chose with [`StepError::retry_after`] (whole
+//!   seconds, rounded up). A [`StepError::no_retry`] error fails the task at once: the worker
+//!   passes `permanent` to `fail_task`, which fails the task whatever attempts are left and keeps
+//!   its `attempts_count` as it is (the attempts actually made). The error message says so.
 //! - A handler still running after the step's timeout (`coalesce(step timeout, flow timeout)`,
 //!   60 s when neither is set) has its cancellation token fired, is dropped, and its attempt fails.
 //! - Lost connections are retried with capped, jittered exponential backoff. A report whose
 //!   outcome is unknown (the connection broke mid-call) is retried only for tasks still
 //!   `started` by this worker with the same attempt, so no result is ever applied twice.
+//!
+//! # Cancelled runs
+//!
+//! `pgflow.cancel_run` marks a run's queued and started tasks cancelled and notifies
+//! `pgflow_cancel` with the run id, which the worker listens to on the same connection as
+//! `pgflow_tasks`. Within about a second the worker fires the cancellation token of each task of
+//! the run it is running ([`StepContext::cancellation_token`]), polls the handler once more so
+//! that one watching its token can return, and drops a handler that ignores it at the await it
+//! is suspended in (one that never awaits cannot be stopped). It reports nothing for these tasks
+//! (the engine would ignore any report), frees their places under the concurrency limit at once,
+//! logs each at INFO ("task cancelled: its run was cancelled") and counts it in
+//! [`WorkerStats::cancelled`]. Notifications sent while the listening connection was down are
+//! lost: on reconnecting, and at each heartbeat while not listening (as with
+//! [`notifications(false)`](WorkerBuilder::notifications)), the worker looks the runs of its
+//! running tasks up and cancels those found cancelled. A result that reaches the engine just
+//! after its run was cancelled changes nothing and is logged at INFO.
 //!
 //! # Shutdown
 //!
@@ -53,10 +69,13 @@
 //!
 //! [`StepError`]: pgflow_core::StepError
 //! [`StepError::no_retry`]: pgflow_core::StepError::no_retry
+//! [`StepError::retry_after`]: pgflow_core::StepError::retry_after
+//! [`StepContext::cancellation_token`]: pgflow_core::StepContext::cancellation_token
 
 // The public face is `builder`, `handle` and `context`; `spawn` hands the rest to `supervisor`,
 // which runs `heartbeat`, `listen`, one `poll` loop per flow (each `task` it starts goes to
-// `dispatch`, whose results go to `report`). Dependencies run in that direction only.
+// `dispatch`, whose results go to `report`). Dependencies run in that direction only. `running`
+// holds the dispatched tasks by run, for `listen` (and `heartbeat`) to cancel.
 mod backoff;
 mod builder;
 mod context;
@@ -67,6 +86,7 @@ mod listen;
 mod poll;
 mod registry;
 mod report;
+mod running;
 mod schema_check;
 mod settings;
 mod shared;

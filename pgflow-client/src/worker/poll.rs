@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use pgflow_core::FlowOptions;
 use serde_json::Value;
@@ -42,6 +42,7 @@ async fn fetch(
     vt: i32,
     qty: i32,
 ) -> sqlx::Result<Vec<StartedTask>> {
+    let read_at = Instant::now();
     let rows: Vec<FetchRow> = sqlx::query_as(FETCH_SQL)
         .bind(&*flow.slug)
         .bind(vt)
@@ -65,6 +66,7 @@ async fn fetch(
                         .unwrap_or(u64::from(FlowOptions::DEFAULT_TIMEOUT))
                         .max(1),
                 ),
+                read_at,
             },
         )
         .collect())

@@ -45,7 +45,21 @@ pub(crate) enum Outcome {
         message: String,
         /// `false` when the handler asked not to retry ([`pgflow_core::StepError::no_retry`]).
         retry: bool,
+        /// The handler's choice of delay before the next attempt
+        /// ([`pgflow_core::StepError::retry_after`]); `None`: the step's backoff.
+        retry_delay: Option<Duration>,
     },
+}
+
+impl Outcome {
+    /// A failure retried (or not) after the step's backoff.
+    pub(crate) fn failed(message: String, retry: bool) -> Self {
+        Self::Failed {
+            message,
+            retry,
+            retry_delay: None,
+        }
+    }
 }
 
 /// One finished task, for the reporter.
@@ -69,6 +83,7 @@ struct Failure {
     key: TaskKey,
     message: String,
     retry: bool,
+    retry_delay: Option<Duration>,
     span: tracing::Span,
 }
 
@@ -116,10 +131,15 @@ async fn flush(shared: &Shared, batch: Vec<Report>) {
                 output,
                 span: report.span,
             }),
-            Outcome::Failed { message, retry } => failures.push(Failure {
+            Outcome::Failed {
+                message,
+                retry,
+                retry_delay,
+            } => failures.push(Failure {
                 key: report.key,
                 message,
                 retry,
+                retry_delay,
                 span: report.span,
             }),
         }
@@ -219,6 +239,7 @@ async fn complete(shared: &Shared, mut tasks: Vec<Done>) {
                     key: task.key,
                     message,
                     retry: true,
+                    retry_delay: None,
                     span: task.span,
                 };
                 fail(shared, failure).await;
@@ -275,12 +296,18 @@ async fn complete_tasks(shared: &Shared, tasks: &[Done]) -> sqlx::Result<()> {
                     && **step_slug == *key.step_slug
                     && *task_index == key.task_index
             });
-            if !landed {
+            if !landed && shared.running.recently_cancelled(key.run_id) {
+                task.span.in_scope(|| {
+                    tracing::info!(
+                        "completion not applied: the task's run was cancelled meanwhile"
+                    );
+                });
+            } else if !landed {
                 task.span.in_scope(|| {
                     tracing::info!(
                         "completion not applied: this attempt is no longer the task's current \
-                         one (it ran past its timeout and was started again) or its run failed \
-                         on the output's type"
+                         one (it ran past its timeout and was started again), its run failed \
+                         on the output's type, or its run was cancelled"
                     );
                 });
             }
@@ -343,14 +370,19 @@ async fn fail(shared: &Shared, failure: Failure) {
 }
 
 /// Fails the attempt `key` names, and only that attempt; a permanent failure is not retried
-/// whatever attempts are left. Logs the failure at the level of its consequence: WARN when the
-/// engine retries the task (with the attempt and the delay), ERROR when the task has failed for
-/// good, which fails its run.
+/// whatever attempts are left, and a retried one waits the handler's delay if it chose one. Logs
+/// the failure at the level of its consequence: WARN when the engine retries the task (with the
+/// attempt and the delay), ERROR when the task has failed for good, which fails its run, INFO
+/// when the engine ignored it.
 async fn fail_task(shared: &Shared, failure: &Failure) -> sqlx::Result<()> {
     let key = &failure.key;
+    let retry_delay = failure
+        .retry_delay
+        .filter(|_| failure.retry)
+        .map(delay_seconds);
     let row: Option<(String, i32, Option<i64>)> = sqlx::query_as(
         "SELECT status::text, attempts_count, message_id \
-           FROM pgflow.fail_task($1, $2, $3, $4, $5, $6, $7)",
+           FROM pgflow.fail_task($1, $2, $3, $4, $5, $6, $7, $8)",
     )
     .bind(key.run_id)
     .bind(&*key.step_slug)
@@ -359,13 +391,18 @@ async fn fail_task(shared: &Shared, failure: &Failure) -> sqlx::Result<()> {
     .bind(key.attempt)
     .bind(key.flow.worker_id)
     .bind(!failure.retry)
+    .bind(retry_delay)
     .fetch_optional(&shared.pool)
     .await?;
     match row {
+        // A cancellation that came after the handler had finished: not the worker's failure.
+        None if shared.running.recently_cancelled(key.run_id) => ignored_by_cancel(failure),
+        Some((status, _, _)) if status == "cancelled" => ignored_by_cancel(failure),
         None => failure.span.in_scope(|| {
             tracing::info!(
+                error = %failure.message,
                 "failure not applied: this attempt is no longer the task's current one (it ran \
-                 past its timeout and was started again)"
+                 past its timeout and was started again) or its run was cancelled"
             );
         }),
         Some((status, attempt, message_id)) if status == "queued" => {
@@ -386,6 +423,24 @@ async fn fail_task(shared: &Shared, failure: &Failure) -> sqlx::Result<()> {
         }),
     }
     Ok(())
+}
+
+fn ignored_by_cancel(failure: &Failure) {
+    failure.span.in_scope(|| {
+        tracing::info!(
+            error = %failure.message,
+            "failure not applied: the task's run was cancelled meanwhile"
+        );
+    });
+}
+
+/// `delay` in the engine's unit: whole seconds, rounded up so that the handler never gets less
+/// than it asked for, and at most what an `integer` holds.
+fn delay_seconds(delay: Duration) -> i32 {
+    let seconds = delay
+        .as_secs()
+        .saturating_add(u64::from(delay.subsec_nanos() > 0));
+    i32::try_from(seconds).unwrap_or(i32::MAX)
 }
 
 /// How long until message `id` of the task's queue is visible again, in whole milliseconds (the
@@ -490,5 +545,22 @@ mod tests {
         assert_eq!(verdict(&sqlx::Error::PoolClosed), Verdict::Closed);
         let io = sqlx::Error::Io(std::io::Error::from(std::io::ErrorKind::ConnectionReset));
         assert_eq!(verdict(&io), Verdict::Unknown);
+    }
+
+    #[test]
+    fn retry_delays_go_in_whole_seconds_rounded_up_and_saturating() {
+        assert_eq!(delay_seconds(Duration::ZERO), 0);
+        assert_eq!(delay_seconds(Duration::from_nanos(1)), 1);
+        assert_eq!(delay_seconds(Duration::from_secs(7)), 7);
+        assert_eq!(delay_seconds(Duration::from_millis(7001)), 8);
+        assert_eq!(
+            delay_seconds(Duration::from_secs(i32::MAX as u64)),
+            i32::MAX
+        );
+        assert_eq!(
+            delay_seconds(Duration::from_secs(i32::MAX as u64 + 1)),
+            i32::MAX
+        );
+        assert_eq!(delay_seconds(Duration::MAX), i32::MAX);
     }
 }

@@ -9,6 +9,7 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
 use super::handle::Counters;
+use super::running::Running;
 use super::settings::Settings;
 
 /// What the worker's parts share.
@@ -18,6 +19,8 @@ pub(crate) struct Shared {
     /// One permit per running handler (and per result waiting to be handed to the reporter).
     pub(crate) semaphore: Arc<Semaphore>,
     pub(crate) counters: Arc<Counters>,
+    /// The running tasks by run, for cancellations to reach.
+    pub(crate) running: Arc<Running>,
     /// Whether the notification listener is connected and listening.
     pub(crate) listening: AtomicBool,
     /// Fires at the shutdown deadline: running handlers are cancelled.

@@ -86,7 +86,7 @@ pub(crate) async fn run(
         ))
     });
     let heartbeats = tokio::spawn(heartbeat::run(
-        shared.pool.clone(),
+        Arc::clone(&shared),
         flows.clone(),
         settings.heartbeat_interval,
         shutdown.clone(),

@@ -1,7 +1,7 @@
 //! What the poller hands the dispatcher: a task this worker just started. Its own module so that
 //! the poller depends on the dispatcher and not the other way round.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use uuid::Uuid;
@@ -17,4 +17,7 @@ pub(crate) struct StartedTask {
     pub(crate) task_index: i32,
     pub(crate) attempt: i32,
     pub(crate) timeout: Duration,
+    /// When the read that started it was sent, to tell whether a cancellation of its run
+    /// predates it.
+    pub(crate) read_at: Instant,
 }

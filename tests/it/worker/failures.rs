@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::time::Duration;
 
 use pgflow::{Flow, StepContext, StepError, step_fn};
-use pgflow_client::Worker;
+use pgflow_client::{Client, Worker};
 use serde_json::json;
 
 use crate::support::{
@@ -137,6 +137,41 @@ async fn a_no_retry_error_fails_the_run_at_once() {
     .await
     .expect("task");
     assert_eq!(attempts, 1);
+    worker.shutdown().await.expect("shutdown");
+}
+
+/// `no_retry` is a flag the worker passes to `fail_task`, not an attempts count pushed to the
+/// step's maximum: the run's failure tells the one attempt that ran (issue 19).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_no_retry_failure_says_one_attempt_ran_not_the_steps_maximum() {
+    let db = database().await;
+    let pool = db.pool();
+    let refuse =
+        step_fn("refuse")
+            .max_attempts(5)
+            .handler(|_n: u32, _ctx: StepContext| async move {
+                Err::<u32, _>(StepError::new("invalid order").no_retry())
+            });
+    let flow: Flow<u32> = Flow::new("refused_once").step(refuse).build();
+    let client = Client::new(pool.clone());
+    client.compile(&flow).await.expect("compiled");
+    let worker = Worker::builder(pool.clone())
+        .flow(flow.clone())
+        .spawn()
+        .expect("worker");
+
+    let run = client.start(&flow, &1).await.expect("started");
+    let outcome = tokio::time::timeout(Duration::from_secs(30), run.wait())
+        .await
+        .expect("the run ends");
+    let Err(pgflow_client::Error::RunFailed(failure)) = outcome else {
+        panic!("the run did not fail: {outcome:?}");
+    };
+    assert_eq!(failure.step_slug, "refuse");
+    assert_eq!(failure.task_index, Some(0));
+    assert_eq!(failure.attempts, 1, "{failure}");
+    let text = failure.to_string();
+    assert!(text.contains(" after 1 attempt: invalid order"), "{text}");
     worker.shutdown().await.expect("shutdown");
 }
 

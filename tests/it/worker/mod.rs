@@ -1,6 +1,7 @@
 //! The worker against a real database: flows end to end, the concurrency limit, failures,
-//! timeouts, shutdown, untyped handlers, and dispatch latency.
+//! timeouts, shutdown, untyped handlers, dispatch latency, and cancelled runs.
 
+mod cancel;
 mod concurrency;
 mod end_to_end;
 mod failures;
