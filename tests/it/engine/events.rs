@@ -120,6 +120,42 @@ const TYPE_VIOLATION_RUN_FAILED: Shape = Shape {
     added: &["error_message"],
 };
 
+const STEP_CANCELLED: Shape = Shape {
+    row: "`step:cancelled` *(ext 0007)*",
+    upstream: &[],
+    added: &[
+        "event_type",
+        "run_id",
+        "flow_slug",
+        "step_slug",
+        "status",
+        "cancelled_at",
+    ],
+};
+const RUN_CANCELLED: Shape = Shape {
+    row: "`run:cancelled` *(ext 0007)*",
+    upstream: &[],
+    added: &[
+        "event_type",
+        "run_id",
+        "flow_slug",
+        "status",
+        "cancelled_at",
+    ],
+};
+const RUN_RETRIED: Shape = Shape {
+    row: "`run:retried` *(ext 0007)*",
+    upstream: &[],
+    added: &[
+        "event_type",
+        "run_id",
+        "flow_slug",
+        "status",
+        "retry_count",
+        "retried_at",
+    ],
+};
+
 const SHAPES: &[&Shape] = &[
     &RUN_STARTED,
     &STEP_STARTED,
@@ -129,6 +165,9 @@ const SHAPES: &[&Shape] = &[
     &RUN_COMPLETED,
     &RUN_FAILED,
     &TYPE_VIOLATION_RUN_FAILED,
+    &STEP_CANCELLED,
+    &RUN_CANCELLED,
+    &RUN_RETRIED,
 ];
 
 /// Checks one payload: exactly the keys of `shape`, each with the value that `values` or, for
@@ -678,6 +717,78 @@ async fn step_failed_then_run_failed_carry_every_key_of_0_8_1() {
         json!({"event_type": "run:failed", "run_id": run, "flow_slug": "f",
                "status": "failed", "error_message": "boom"}),
         &[("failed_at", failed_at)],
+    );
+}
+
+#[tokio::test]
+async fn cancel_and_retry_send_their_events_with_every_documented_key() {
+    let engine = Engine::new().await;
+    fake_realtime(&engine).await;
+    engine
+        .exec("SELECT pgflow.create_flow('f', max_attempts => 1)")
+        .await;
+    engine.exec("SELECT pgflow.add_step('f', 'a')").await;
+    let run = engine.start("f", json!({})).await;
+    engine.poll("f").await;
+    engine.exec("TRUNCATE realtime.sent").await;
+    let mut listener = listen(&engine).await;
+    engine
+        .exec(&format!("SELECT pgflow.cancel_run('{run}')"))
+        .await;
+    let sent = realtime_sent(&engine).await;
+    let names: Vec<&str> = sent.iter().map(|s| s.1.as_str()).collect();
+    assert_eq!(names, vec!["step:a:cancelled", "run:cancelled"]);
+    let notified = drain(&mut listener).await;
+    assert_eq!(
+        summary(&notified),
+        vec!["step:cancelled a", "run:cancelled"]
+    );
+    let cancelled_at: Option<DateTime<Utc>> = engine
+        .scalar(&format!(
+            "SELECT cancelled_at FROM pgflow.runs WHERE run_id = '{run}'"
+        ))
+        .await;
+    assert_payload(
+        &sent[0].0,
+        &STEP_CANCELLED,
+        json!({"event_type": "step:cancelled", "run_id": run, "flow_slug": "f",
+               "step_slug": "a", "status": "cancelled"}),
+        &[("cancelled_at", cancelled_at)],
+    );
+    assert_payload(
+        &sent[1].0,
+        &RUN_CANCELLED,
+        json!({"event_type": "run:cancelled", "run_id": run, "flow_slug": "f",
+               "status": "cancelled"}),
+        &[("cancelled_at", cancelled_at)],
+    );
+
+    engine.exec("TRUNCATE realtime.sent").await;
+    engine
+        .exec(&format!("SELECT pgflow.retry_run('{run}')"))
+        .await;
+    let sent = realtime_sent(&engine).await;
+    let names: Vec<&str> = sent.iter().map(|s| s.1.as_str()).collect();
+    assert_eq!(names, vec!["run:retried", "step:a:started"]);
+    let retried_at: Option<DateTime<Utc>> = engine
+        .scalar(&format!(
+            "SELECT retried_at FROM pgflow_ext.run_retries WHERE run_id = '{run}'"
+        ))
+        .await;
+    assert_payload(
+        &sent[0].0,
+        &RUN_RETRIED,
+        json!({"event_type": "run:retried", "run_id": run, "flow_slug": "f",
+               "status": "started", "retry_count": 1}),
+        &[("retried_at", retried_at)],
+    );
+    let [started_at, _, _] = times(&engine, run, Some("a")).await;
+    assert_payload(
+        &sent[1].0,
+        &STEP_STARTED,
+        json!({"event_type": "step:started", "run_id": run, "flow_slug": "f", "step_slug": "a",
+               "status": "started", "remaining_tasks": 1, "remaining_deps": 0}),
+        &[("started_at", started_at)],
     );
 }
 
