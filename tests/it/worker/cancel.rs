@@ -468,37 +468,59 @@ async fn a_permanent_error_ignores_its_retry_delay() {
     worker.shutdown().await.expect("shutdown");
 }
 
+/// What the handlers of the 1,000-task map did.
+#[derive(Default)]
+struct MapSeen {
+    entered: AtomicU64,
+    finished: AtomicU64,
+    saw_token: AtomicU64,
+    /// Handlers that wait for their token alone, and how many saw it.
+    waiters: AtomicU64,
+    waiters_saw: AtomicU64,
+    last_fired: Mutex<Option<Instant>>,
+}
+
+impl MapSeen {
+    fn saw(&self, waiter: bool) {
+        self.saw_token.fetch_add(1, Ordering::SeqCst);
+        if waiter {
+            self.waiters_saw.fetch_add(1, Ordering::SeqCst);
+        }
+        let mut last = self.last_fired.lock().unwrap();
+        *last = Some(last.map_or_else(Instant::now, |at| at.max(Instant::now())));
+    }
+}
+
 /// The test: a 1,000-task map, two workers, a cancellation half-way.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cancelling_a_thousand_task_map_under_two_workers_stops_it_where_it_stands() {
     let db = database().await;
     let pool = db.pool();
-    let entered = Arc::new(AtomicU64::new(0));
-    let finished_normally = Arc::new(AtomicU64::new(0));
-    let saw_token = Arc::new(AtomicU64::new(0));
+    let seen = Arc::new(MapSeen::default());
     let handler = {
-        let (entered, finished_normally, saw_token) = (
-            Arc::clone(&entered),
-            Arc::clone(&finished_normally),
-            Arc::clone(&saw_token),
-        );
+        let seen = Arc::clone(&seen);
         move |n: u64, ctx: StepContext| {
-            let (entered, finished_normally, saw_token) = (
-                Arc::clone(&entered),
-                Arc::clone(&finished_normally),
-                Arc::clone(&saw_token),
-            );
+            let seen = Arc::clone(&seen);
             async move {
-                entered.fetch_add(1, Ordering::SeqCst);
+                seen.entered.fetch_add(1, Ordering::SeqCst);
+                let token = ctx.cancellation_token();
+                // One element in 25 waits for its token alone: whatever the timing, some
+                // handlers are running when the cancellation commits.
+                if n % 25 == 7 {
+                    seen.waiters.fetch_add(1, Ordering::SeqCst);
+                    token.cancelled().await;
+                    seen.saw(true);
+                    return Err(StepError::new("stopped"));
+                }
                 // 40 to 120 ms of "work" that watches its token.
                 let work = Duration::from_millis(40 + n % 9 * 10);
                 tokio::select! {
-                    () = ctx.cancellation_token().cancelled() => {
-                        saw_token.fetch_add(1, Ordering::SeqCst);
+                    () = token.cancelled() => {
+                        seen.saw(false);
                         Err(StepError::new("stopped"))
                     }
                     () = tokio::time::sleep(work) => {
-                        finished_normally.fetch_add(1, Ordering::SeqCst);
+                        seen.finished.fetch_add(1, Ordering::SeqCst);
                         Ok(n)
                     }
                 }
@@ -526,6 +548,7 @@ async fn cancelling_a_thousand_task_map_under_two_workers_stops_it_where_it_stan
         async || count_status(pool, run, "completed").await >= 100,
     )
     .await;
+    let cancel_began = Instant::now();
     assert!(cancel_run(pool, run).await);
     // Read once the cancellation has committed.
     let committed_by: DateTime<Utc> = sqlx::query_scalar("SELECT clock_timestamp()")
@@ -584,18 +607,25 @@ async fn cancelling_a_thousand_task_map_under_two_workers_stops_it_where_it_stan
     );
     assert_eq!(recorded_failures(pool, run).await, 0, "no failure reported");
 
-    // Every handler that was running saw its token; none was dropped unaware.
+    // Every handler that was running saw its token, the waiters within 2 s; none was dropped
+    // unaware.
+    let load = |counter: &AtomicU64| counter.load(Ordering::SeqCst);
     let (entered, finished_normally, saw_token) = (
-        entered.load(Ordering::SeqCst),
-        finished_normally.load(Ordering::SeqCst),
-        saw_token.load(Ordering::SeqCst),
+        load(&seen.entered),
+        load(&seen.finished),
+        load(&seen.saw_token),
     );
     assert_eq!(
         entered,
         finished_normally + saw_token,
         "{finished_normally} finished, {saw_token} saw the token"
     );
-    assert!(saw_token > 0, "the cancellation found handlers running");
+    let waiters = load(&seen.waiters);
+    assert!(waiters > 0, "no waiter ran before the cancellation");
+    assert_eq!(load(&seen.waiters_saw), waiters);
+    let last_fired = seen.last_fired.lock().unwrap().expect("a token fired");
+    let after = last_fired.duration_since(cancel_began);
+    assert!(after < Duration::from_secs(2), "{after:?}");
     let stats: Vec<WorkerStats> = workers.iter().map(WorkerHandle::stats).collect();
     let cancelled: u64 = stats.iter().map(|stats| stats.cancelled).sum();
     let failed: u64 = stats.iter().map(|stats| stats.failed).sum();
