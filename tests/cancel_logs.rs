@@ -1,6 +1,7 @@
 //! What the worker logs about the tasks of a cancelled run (issue 19): one INFO line per task it
 //! stops, naming the run, the step and the task, and nothing louder; a result that reaches the
-//! engine after the run was cancelled is not an error either.
+//! engine after the run was cancelled is not an error either. And the warning of a retried
+//! failure tells the delay the handler chose with `StepError::retry_after`.
 //!
 //! A test binary of its own: the subscriber is the process's global one, which no other test
 //! can race (a scoped subscriber shares tracing's per-callsite interest with every test thread).
@@ -168,6 +169,8 @@ async fn a_cancelled_task_is_one_info_line_and_a_late_result_no_error() {
     );
 
     let text = logs.text();
+    retry_after_is_in_the_warning(&client, pool, &logs).await;
+
     let cancelled: Vec<&str> = text
         .lines()
         .filter(|line| line.contains("task cancelled: its run was cancelled"))
@@ -198,4 +201,44 @@ async fn a_cancelled_task_is_one_info_line_and_a_late_result_no_error() {
     for level in [" WARN ", " ERROR "] {
         assert!(!text.contains(level), "nothing{level}in:\n{text}");
     }
+}
+
+/// A failure the handler wants retried in 7 s: the warning says about 7 s, where the step's
+/// backoff would say 2 s.
+async fn retry_after_is_in_the_warning(client: &Client, pool: &PgPool, logs: &Captured) {
+    let deferred = step_fn("deferred").max_attempts(2).base_delay(1).handler(
+        |_n: u32, ctx: StepContext| async move {
+            let error = StepError::new(format!("deferred attempt {}", ctx.attempt()));
+            Err::<u32, _>(error.retry_after(Duration::from_secs(7)))
+        },
+    );
+    let flow: Flow<u32> = Flow::new("deferred").step(deferred).build();
+    client.compile(&flow).await.expect("compile");
+    let worker = Worker::builder(pool.clone())
+        .flow(flow.clone())
+        .spawn()
+        .expect("worker");
+    client.start(&flow, &1).await.expect("start");
+    until("the first failure to be reported", || {
+        worker.stats().failed == 1
+    })
+    .await;
+    worker.shutdown().await.expect("shutdown");
+
+    let text = logs.text();
+    let warning = text
+        .lines()
+        .find(|line| line.contains("deferred attempt 1"))
+        .unwrap_or_else(|| panic!("no line about the failure in:\n{text}"));
+    assert!(warning.contains(" WARN "), "{warning}");
+    assert!(warning.contains("task failed; retrying"), "{warning}");
+    let retry_in = warning
+        .split("retry_in=")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .unwrap_or_else(|| panic!("no retry_in in {warning}"));
+    assert!(
+        retry_in.ends_with('s') && retry_in.starts_with(['6', '7']),
+        "about 7 s: {warning}"
+    );
 }
