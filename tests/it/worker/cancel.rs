@@ -393,6 +393,65 @@ async fn a_cancellation_while_the_listener_reconnects_still_reaches_the_handlers
     worker.shutdown().await.expect("shutdown");
 }
 
+/// The worker remembers cancelled runs for a while (for tasks read just before a cancellation
+/// and dispatched after it); a run retried at once must still run on the same worker.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_retried_right_after_its_cancellation_runs_again_on_the_same_worker() {
+    let db = database().await;
+    let pool = db.pool();
+    let calls = Arc::new(AtomicU64::new(0));
+    let counted = Arc::clone(&calls);
+    let once = step_fn("once").handler(move |n: u32, ctx: StepContext| {
+        let call = counted.fetch_add(1, Ordering::SeqCst);
+        async move {
+            if call == 0 {
+                // The first call lasts until its run is cancelled.
+                ctx.cancellation_token().cancelled().await;
+                return Err(StepError::new("stopped"));
+            }
+            Ok(n + 1)
+        }
+    });
+    let flow: Flow<u32> = Flow::new("cancel_retry").step(once).build();
+    compile(pool, &flow).await;
+    let worker = Worker::builder(pool.clone())
+        .flow(flow)
+        .spawn()
+        .expect("worker");
+
+    let run = start(pool, "cancel_retry", json!(41)).await;
+    eventually("the first call", Duration::from_secs(20), async || {
+        calls.load(Ordering::SeqCst) == 1
+    })
+    .await;
+    assert!(cancel_run(pool, run).await);
+    eventually(
+        "the first call to be cancelled",
+        Duration::from_secs(5),
+        async || worker.stats().cancelled == 1,
+    )
+    .await;
+    let retries: i32 = sqlx::query_scalar("SELECT pgflow.retry_run($1)")
+        .bind(run)
+        .fetch_one(pool)
+        .await
+        .expect("retry_run");
+    assert_eq!(retries, 1);
+    let (status, output) = finished(pool, run, Duration::from_secs(20)).await;
+    assert_eq!(
+        (status.as_str(), output),
+        ("completed", Some(json!({"once": 42})))
+    );
+    assert_eq!(calls.load(Ordering::SeqCst), 2);
+    let stats = settled(&worker).await;
+    assert_eq!(
+        (stats.cancelled, stats.completed, stats.failed),
+        (1, 1, 0),
+        "{stats:?}"
+    );
+    worker.shutdown().await.expect("shutdown");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn retry_after_hides_the_message_for_the_handlers_delay_not_the_steps_backoff() {
     let db = database().await;
