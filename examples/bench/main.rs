@@ -4,6 +4,7 @@
 //! ```text
 //! cargo run --release --example bench -- [--smoke] [--workload chain5|diamond|fanout1000|all]
 //!     [--workers 1,4] [--json PATH] [--profile]
+//! cargo run --release --example bench -- --prune-tasks 1000000 [--workers 4]
 //! ```
 //!
 //! With `DATABASE_URL` set it uses that server (the user needs `CREATEDB`); without it, it starts
@@ -15,6 +16,7 @@ mod driver;
 mod floors;
 mod flows;
 mod measure;
+mod prune;
 mod worker;
 
 use std::error::Error;
@@ -92,6 +94,17 @@ struct Args {
     /// for many short tasks does.
     #[arg(long)]
     tuned: Option<usize>,
+    /// Instead of the rows above: seed this many task rows of chain5 runs that ended 40 days
+    /// ago, then report the workers' chain5 throughput (at the first --workers count, default
+    /// 4) before, during and after a prune of them (issue 21).
+    #[arg(long, value_name = "TASKS")]
+    prune_tasks: Option<usize>,
+    /// With --prune-tasks: runs deleted per prune batch (transaction).
+    #[arg(long, default_value_t = pgflow_client::PRUNE_BATCH)]
+    prune_batch: u32,
+    /// With --prune-tasks: seconds of the windows before and after the prune.
+    #[arg(long, default_value_t = 20.0)]
+    prune_window_secs: f64,
 }
 
 /// Who executes the tasks.
@@ -281,6 +294,19 @@ async fn main() -> Result<(), Box<dyn Error + Send + Sync>> {
         "load average before: {} (other processes on this machine compete for its CPUs)",
         load_before.map_or("?".to_owned(), |l| format!("{l:.2}"))
     );
+
+    if let Some(tasks) = args.prune_tasks {
+        let bench = prune::PruneBench {
+            tasks,
+            workers: args.workers.as_ref().and_then(|w| w.first().copied()).unwrap_or(4),
+            concurrency: args.concurrency,
+            batch: args.batch,
+            prune_batch: args.prune_batch,
+            baseline_secs: args.prune_window_secs,
+        };
+        println!("command: {command}");
+        return prune::run(&admin_url, &bench).await;
+    }
 
     // The ceiling, on a database of its own on the same server.
     let mut ceilings = Vec::new();

@@ -639,6 +639,42 @@ impl Client {
         RunRetry::of(&self.pool, run_id).await
     }
 
+    /// Deletes the runs that ended (completed, failed or cancelled) more than `older_than` ago,
+    /// with their step states, tasks, attempt history, queue messages and archive rows, and the
+    /// workers whose last heartbeat is that old; returns what it deleted. Never a started run.
+    /// In batches of [`PRUNE_BATCH`](crate::PRUNE_BATCH) runs, each a transaction of its own;
+    /// see [`crate::prune`].
+    ///
+    /// ```no_run
+    /// # async fn demo(client: pgflow_client::Client) -> pgflow_client::Result<()> {
+    /// use std::time::Duration;
+    ///
+    /// let report = client.prune(Duration::from_secs(30 * 86_400)).await?;
+    /// println!("deleted {} runs, {} tasks, {} messages", report.runs, report.tasks, report.messages);
+    /// # Ok(()) }
+    /// ```
+    pub async fn prune(&self, older_than: std::time::Duration) -> Result<crate::PruneReport> {
+        crate::prune(&self.pool, older_than, crate::PRUNE_BATCH).await
+    }
+
+    /// Counts what [`Client::prune`] would delete, deleting nothing; see
+    /// [`crate::prune_preview`].
+    ///
+    /// ```no_run
+    /// # async fn demo(client: pgflow_client::Client) -> pgflow_client::Result<()> {
+    /// use std::time::Duration;
+    ///
+    /// let would = client.prune_preview(Duration::from_secs(30 * 86_400)).await?;
+    /// println!("a prune would delete {} runs", would.runs);
+    /// # Ok(()) }
+    /// ```
+    pub async fn prune_preview(
+        &self,
+        older_than: std::time::Duration,
+    ) -> Result<crate::PruneReport> {
+        crate::prune_preview(&self.pool, older_than).await
+    }
+
     /// Finds the inconsistent runs and the stuck ones; see [`crate::check`].
     ///
     /// ```no_run

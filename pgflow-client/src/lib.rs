@@ -13,6 +13,7 @@ mod definition;
 mod error;
 pub mod events;
 mod install;
+mod prune;
 mod run;
 mod status;
 #[cfg(all(unix, feature = "throwaway"))]
@@ -25,9 +26,12 @@ pub use definition::{Compiled, Difference, Replace, differences};
 pub use error::{Error, Result};
 pub use events::{EventKind, RunEvent, RunEvents, Subscription};
 pub use install::{InstallReport, install, install_pgmq};
+pub use prune::{PRUNE_BATCH, PruneReport, prune, prune_preview};
 pub use run::{
     Cancelled, RunFailure, RunHandle, RunOutput, RunRetry, RunRow, RunState, RunSummary,
     StepStateRow, TaskRow,
 };
 pub use status::{ParseStatusError, RunStatus, StepStatus, TaskStatus};
-pub use worker::{StepContextExt, Worker, WorkerBuilder, WorkerHandle, WorkerStats};
+pub use worker::{
+    PRUNE_LOCK_KEY, StepContextExt, Worker, WorkerBuilder, WorkerHandle, WorkerStats,
+};

@@ -15,6 +15,7 @@ mod cli_operator;
 mod client;
 mod engine;
 mod install;
+mod prune;
 mod reliability;
 mod retry_policy;
 mod run_control;

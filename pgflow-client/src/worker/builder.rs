@@ -16,6 +16,7 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
 use super::handle::{Counters, WorkerHandle};
+use super::prune::{self, PrunePolicy};
 use super::registry::FlowEntry;
 use super::settings::{Settings, check_settings};
 use super::shared::Shared;
@@ -48,6 +49,8 @@ pub struct WorkerBuilder {
     flows: BTreeMap<String, BTreeMap<String, Arc<dyn ErasedHandler>>>,
     settings: Settings,
     state: Option<Arc<dyn Any + Send + Sync>>,
+    /// The periodic prune, when asked for ([`prune_every`](Self::prune_every)).
+    prune: Option<PrunePolicy>,
 }
 
 impl fmt::Debug for WorkerBuilder {
@@ -74,6 +77,7 @@ impl WorkerBuilder {
             flows: BTreeMap::new(),
             settings: Settings::default(),
             state: None,
+            prune: None,
         }
     }
 
@@ -385,6 +389,39 @@ impl WorkerBuilder {
         self
     }
 
+    /// Prunes every `interval`: deletes the runs that ended more than `older_than` ago with
+    /// everything they left behind, and the workers silent as long, as
+    /// [`Client::prune`](crate::Client::prune) does (in batches, so the workers keep their
+    /// throughput). Off by default.
+    ///
+    /// However many workers ask for it, one at a time prunes: each turn takes the advisory lock
+    /// [`PRUNE_LOCK_KEY`](crate::PRUNE_LOCK_KEY) with `pg_try_advisory_xact_lock`, and a worker
+    /// that finds it taken skips its turn. A turn after another worker's prune finds little left
+    /// to delete. The first prune comes one `interval` after [`spawn`](Self::spawn); a failed one
+    /// is logged at WARN and tried again at the next turn. The worker's role needs EXECUTE on
+    /// `pgflow.prune_runs` and `pgflow.prune_workers` (docs/security.md).
+    ///
+    /// ```no_run
+    /// # fn demo(pool: sqlx::PgPool, flow: pgflow_core::Flow<u64>) -> pgflow_client::Result<()> {
+    /// use std::time::Duration;
+    /// use pgflow_client::Worker;
+    ///
+    /// // Every hour, delete what ended more than 30 days ago.
+    /// let worker = Worker::builder(pool)
+    ///     .flow(flow)
+    ///     .prune_every(Duration::from_secs(3600), Duration::from_secs(30 * 86_400))
+    ///     .spawn()?;
+    /// # Ok(()) }
+    /// ```
+    #[must_use]
+    pub fn prune_every(mut self, interval: Duration, older_than: Duration) -> Self {
+        self.prune = Some(PrunePolicy {
+            every: interval,
+            older_than,
+        });
+        self
+    }
+
     /// Checks the settings and slugs, then starts the worker on the current Tokio runtime.
     ///
     /// Returns at once: checking the database, registering in `pgflow.workers` and polling
@@ -424,6 +461,15 @@ impl WorkerBuilder {
         let runtime = tokio::runtime::Handle::try_current().map_err(|_| Error::NoRuntime)?;
         let settings = self.settings;
         check_settings(&settings)?;
+        if let Some(policy) = self.prune
+            && policy.every.is_zero()
+        {
+            return Err(Error::WorkerSetting {
+                setting: "prune_every",
+                value: format!("{:?}", policy.every),
+                requirement: "must be longer than zero",
+            });
+        }
         for (flow, steps) in &self.flows {
             check_slug(flow).map_err(|problem| Error::WorkerSlug {
                 flow: flow.clone(),
@@ -453,6 +499,9 @@ impl WorkerBuilder {
             .map(|flow| (flow.slug.to_string(), flow.worker_id))
             .collect();
         let extension = context::extension(self.pool.clone());
+        if let Some(policy) = self.prune {
+            runtime.spawn(prune::run(self.pool.clone(), policy, shutdown.clone()));
+        }
         let shared = Arc::new(Shared {
             pool: self.pool,
             semaphore: Arc::new(Semaphore::new(settings.concurrency)),

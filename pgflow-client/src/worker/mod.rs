@@ -84,6 +84,7 @@ mod handle;
 mod heartbeat;
 mod listen;
 mod poll;
+mod prune;
 mod registry;
 mod report;
 mod running;
@@ -96,6 +97,7 @@ mod task;
 pub use builder::WorkerBuilder;
 pub use context::StepContextExt;
 pub use handle::{WorkerHandle, WorkerStats};
+pub use prune::PRUNE_LOCK_KEY;
 pub(crate) use settings::DEFAULT_HEARTBEAT_INTERVAL;
 
 use sqlx::PgPool;

@@ -141,6 +141,18 @@ pub(crate) enum Command {
     },
     /// Check that every run is consistent (counters, statuses, queues); exit status 1 if not.
     Check,
+    /// Delete the runs that ended (completed, failed or cancelled) before the given age, with
+    /// their steps, tasks, attempt history, queue messages and archive rows, and the workers
+    /// silent as long. Never a started run. In batches, safe while workers run.
+    #[command(after_help = crate::commands::prune::AGE_FORMATS)]
+    Prune {
+        /// What ended more than this long ago goes: 30d, 12h, 90m, 45s, 2w.
+        #[arg(long, value_name = "AGE", value_parser = crate::commands::prune::parse_age)]
+        older_than: std::time::Duration,
+        /// Count what would be deleted; delete nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
     /// Follow a run's progress until it ends.
     #[command(after_help = WATCH_EXIT_STATUS)]
     Watch {

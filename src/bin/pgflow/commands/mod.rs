@@ -4,6 +4,7 @@ mod check;
 mod control;
 mod flows;
 mod install;
+pub(crate) mod prune;
 pub(crate) mod run;
 mod runs;
 mod start;
@@ -44,6 +45,10 @@ pub(crate) async fn dispatch(
             watch::watch(client, run_id, timeout.map(Duration::from_secs), json, out).await
         }
         Command::Check => check::check(client, json, out).await,
+        Command::Prune {
+            older_than,
+            dry_run,
+        } => prune::prune(client, older_than, dry_run, json, out).await,
         Command::Cancel {
             run_id,
             flow,
