@@ -89,6 +89,7 @@ pub mod typing {
         StepOutput, TakesInput, There,
     };
 }
+pub use pgflow_client::{DEFAULT_GRACE, MAX_CATCH_UP, Missed, Schedule, ScheduleRow};
 pub use pgflow_macros::step;
 
 // `step`'s reference lives in pgflow-macros, whose doctests cannot use the macro (it cannot

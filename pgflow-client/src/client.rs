@@ -285,6 +285,70 @@ impl Client {
         Ok(RunHandle::new(self.pool.clone(), run_id))
     }
 
+    /// Starts a run of `flow` whose root steps start at `at`: the run exists at once (listed,
+    /// readable, cancellable with [`Client::cancel`]; `pgflow.runs.scheduled_for` holds `at`
+    /// and its `run:started` event carries it) but no task of it runs before `at`. A time not
+    /// in the future starts it at once, as [`Client::start`] does. (`pgflow.start_flow_at`.)
+    ///
+    /// ```no_run
+    /// # #[derive(serde::Serialize)]
+    /// # struct Reminder { user_id: u64 }
+    /// # async fn demo(client: pgflow_client::Client, flow: pgflow_core::Flow<Reminder>) -> pgflow_client::Result<()> {
+    /// let tomorrow_nine = "2026-06-02T09:00:00Z".parse().expect("a time");
+    /// let run = client.start_at(tomorrow_nine, &flow, &Reminder { user_id: 7 }).await?;
+    /// // Changed our mind: nothing of it ever runs.
+    /// client.cancel(run.id()).await?;
+    /// # Ok(()) }
+    /// ```
+    #[tracing::instrument(skip_all, fields(flow_slug = flow.slug(), %at), err)]
+    pub async fn start_at<I: Serialize>(
+        &self,
+        at: DateTime<Utc>,
+        flow: &Flow<I>,
+        input: &I,
+    ) -> Result<RunHandle> {
+        let at = crate::schedule::StartAt::At(at);
+        self.start_delayed(flow.slug(), encode(input)?, at).await
+    }
+
+    /// Starts a run of `flow` whose root steps start after `delay`, counted on the database
+    /// server's clock; otherwise as [`Client::start_at`].
+    ///
+    /// ```no_run
+    /// # #[derive(serde::Serialize)]
+    /// # struct Followup { order_id: u64 }
+    /// # async fn demo(client: pgflow_client::Client, flow: pgflow_core::Flow<Followup>) -> pgflow_client::Result<()> {
+    /// use std::time::Duration;
+    ///
+    /// // Ask for a review three days after delivery.
+    /// let delay = Duration::from_secs(3 * 86_400);
+    /// let run = client.start_after(delay, &flow, &Followup { order_id: 42 }).await?;
+    /// println!("run {} scheduled", run.id());
+    /// # Ok(()) }
+    /// ```
+    #[tracing::instrument(skip_all, fields(flow_slug = flow.slug(), ?delay), err)]
+    pub async fn start_after<I: Serialize>(
+        &self,
+        delay: std::time::Duration,
+        flow: &Flow<I>,
+        input: &I,
+    ) -> Result<RunHandle> {
+        let at = crate::schedule::StartAt::After(delay);
+        self.start_delayed(flow.slug(), encode(input)?, at).await
+    }
+
+    async fn start_delayed(
+        &self,
+        flow_slug: &str,
+        input: Value,
+        at: crate::schedule::StartAt,
+    ) -> Result<RunHandle> {
+        let mut conn = self.pool.acquire().await?;
+        known_flow(&mut conn, flow_slug).await?;
+        let run_id = crate::schedule::start_delayed(&mut conn, flow_slug, &input, at, None).await?;
+        Ok(RunHandle::new(self.pool.clone(), run_id))
+    }
+
     /// Starts a run with a run id of the caller's choosing. Starting again with the same id
     /// returns the existing run instead of a second one, so a retried request is harmless.
     ///
@@ -673,6 +737,70 @@ impl Client {
         older_than: std::time::Duration,
     ) -> Result<crate::PruneReport> {
         crate::prune_preview(&self.pool, older_than).await
+    }
+
+    /// Every schedule in the database (written by the workers that carry them), by name: its
+    /// definition, whether it is paused, its last tick fired, and whether a worker fires it
+    /// right now ([`ScheduleRow::firing`](crate::ScheduleRow::firing)).
+    ///
+    /// ```no_run
+    /// # async fn demo(client: pgflow_client::Client) -> pgflow_client::Result<()> {
+    /// let now = chrono::Utc::now();
+    /// for schedule in client.schedules().await? {
+    ///     println!(
+    ///         "{} ({}, {} {}): next {:?}, paused {}",
+    ///         schedule.schedule_name, schedule.flow_slug, schedule.cron, schedule.timezone,
+    ///         schedule.next_tick(now), schedule.paused
+    ///     );
+    /// }
+    /// # Ok(()) }
+    /// ```
+    pub async fn schedules(&self) -> Result<Vec<crate::ScheduleRow>> {
+        crate::schedule::list(&self.pool).await
+    }
+
+    /// Pauses a schedule: no tick fires until [`Client::resume_schedule`], and ticks that fall
+    /// meanwhile never fire. Returns `true` when this call paused it, `false` when it was
+    /// paused already. No such schedule: [`Error::UnknownSchedule`].
+    ///
+    /// ```no_run
+    /// # async fn demo(client: pgflow_client::Client) -> pgflow_client::Result<()> {
+    /// client.pause_schedule("nightly-report").await?; // during the maintenance
+    /// client.resume_schedule("nightly-report").await?;
+    /// # Ok(()) }
+    /// ```
+    #[tracing::instrument(skip(self), err)]
+    pub async fn pause_schedule(&self, name: &str) -> Result<bool> {
+        crate::schedule::set_paused(&self.pool, name, true).await
+    }
+
+    /// Resumes a paused schedule from its next tick. Returns `true` when this call resumed it,
+    /// `false` when it was not paused. No such schedule: [`Error::UnknownSchedule`].
+    ///
+    /// ```no_run
+    /// # async fn demo(client: pgflow_client::Client) -> pgflow_client::Result<()> {
+    /// if !client.resume_schedule("nightly-report").await? {
+    ///     println!("it was not paused");
+    /// }
+    /// # Ok(()) }
+    /// ```
+    #[tracing::instrument(skip(self), err)]
+    pub async fn resume_schedule(&self, name: &str) -> Result<bool> {
+        crate::schedule::set_paused(&self.pool, name, false).await
+    }
+
+    /// Deletes a schedule from the database (its runs stay). A worker that still carries it
+    /// writes it again when it next starts: remove it from the code first. Returns whether
+    /// there was one.
+    ///
+    /// ```no_run
+    /// # async fn demo(client: pgflow_client::Client) -> pgflow_client::Result<()> {
+    /// client.delete_schedule("old-report").await?;
+    /// # Ok(()) }
+    /// ```
+    #[tracing::instrument(skip(self), err)]
+    pub async fn delete_schedule(&self, name: &str) -> Result<bool> {
+        crate::schedule::delete(&self.pool, name).await
     }
 
     /// Finds the inconsistent runs and the stuck ones; see [`crate::check`].

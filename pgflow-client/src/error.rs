@@ -270,6 +270,22 @@ pub enum Error {
     /// The worker's own task panicked (a bug: panics in handlers are caught and fail their task).
     #[error("the worker's task panicked: {0}")]
     WorkerPanicked(String),
+
+    /// A [`Schedule`](crate::Schedule) that cannot run: an invalid cron expression or time zone,
+    /// an invalid or duplicate name, an input that cannot be serialized. Found by
+    /// [`WorkerBuilder::spawn`](crate::WorkerBuilder::spawn) and [`Schedule::check`](crate::Schedule::check),
+    /// before anything runs.
+    #[error("schedule `{schedule}`: {problem}")]
+    Schedule {
+        /// The schedule's name.
+        schedule: String,
+        /// What is wrong with it.
+        problem: String,
+    },
+
+    /// No schedule of that name is in the database.
+    #[error("there is no schedule `{0}`")]
+    UnknownSchedule(String),
 }
 
 impl Error {

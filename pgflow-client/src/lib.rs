@@ -15,6 +15,7 @@ pub mod events;
 mod install;
 mod prune;
 mod run;
+mod schedule;
 mod status;
 #[cfg(all(unix, feature = "throwaway"))]
 pub mod throwaway;
@@ -31,6 +32,7 @@ pub use run::{
     Cancelled, RunFailure, RunHandle, RunOutput, RunRetry, RunRow, RunState, RunSummary,
     StepStateRow, TaskRow,
 };
+pub use schedule::{DEFAULT_GRACE, MAX_CATCH_UP, Missed, Schedule, ScheduleRow};
 pub use status::{ParseStatusError, RunStatus, StepStatus, TaskStatus};
 pub use worker::{
     PRUNE_LOCK_KEY, StepContextExt, Worker, WorkerBuilder, WorkerHandle, WorkerStats,

@@ -501,6 +501,11 @@ pub struct RunRow {
     /// never retried. [`Client::retry_history`](crate::Client::retry_history) has how each
     /// earlier attempt of the run ended.
     pub retry_count: i32,
+    /// When its root steps start, for a run started with a delay
+    /// ([`Client::start_at`](crate::Client::start_at)) while it was in the future; absent from
+    /// the JSON otherwise.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub scheduled_for: Option<DateTime<Utc>>,
 }
 
 /// A `pgflow.step_states` row, with the step's kind and index.
@@ -565,7 +570,7 @@ pub struct TaskRow {
 }
 
 const RUN_COLUMNS: &str = "SELECT run_id, flow_slug, status, input, output, remaining_steps,
-        started_at, completed_at, failed_at, cancelled_at, retry_count
+        started_at, completed_at, failed_at, cancelled_at, retry_count, scheduled_for
    FROM pgflow.runs WHERE run_id = $1";
 
 impl RunState {
@@ -635,6 +640,10 @@ pub struct RunSummary {
     pub ended_at: Option<DateTime<Utc>>,
     /// How many times it was retried.
     pub retry_count: i32,
+    /// When its root steps start, for a run started with a delay; absent from the JSON
+    /// otherwise.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub scheduled_for: Option<DateTime<Utc>>,
 }
 
 impl RunSummary {
@@ -646,7 +655,8 @@ impl RunSummary {
     ) -> Result<Vec<Self>> {
         Ok(sqlx::query_as(
             "SELECT run_id, flow_slug, status, remaining_steps, started_at,
-                    coalesce(completed_at, failed_at, cancelled_at) AS ended_at, retry_count
+                    coalesce(completed_at, failed_at, cancelled_at) AS ended_at, retry_count,
+                    scheduled_for
                FROM pgflow.runs
               WHERE ($1::text IS NULL OR flow_slug = $1) AND ($2::text IS NULL OR status = $2)
               ORDER BY started_at DESC, run_id

@@ -19,6 +19,7 @@ mod prune;
 mod reliability;
 mod retry_policy;
 mod run_control;
+mod schedules;
 mod security;
 mod support;
 mod worker;

@@ -20,8 +20,8 @@ use super::prune::{self, PrunePolicy};
 use super::registry::FlowEntry;
 use super::settings::{Settings, check_settings};
 use super::shared::Shared;
-use super::{context, supervisor};
-use crate::{Error, Result};
+use super::{context, scheduler, supervisor};
+use crate::{Error, Result, Schedule};
 
 /// Configures and spawns a worker; created by [`Worker::builder`](super::Worker::builder).
 ///
@@ -49,6 +49,8 @@ pub struct WorkerBuilder {
     flows: BTreeMap<String, BTreeMap<String, Arc<dyn ErasedHandler>>>,
     settings: Settings,
     state: Option<Arc<dyn Any + Send + Sync>>,
+    /// The schedules this worker fires ([`add_schedule`](Self::add_schedule)).
+    schedules: Vec<Schedule>,
     /// The periodic prune, when asked for ([`prune_every`](Self::prune_every)).
     prune: Option<PrunePolicy>,
 }
@@ -64,6 +66,7 @@ impl fmt::Debug for WorkerBuilder {
             .field("flows", &flows)
             .field("settings", &self.settings)
             .field("state", &self.state.is_some())
+            .field("schedules", &self.schedules)
             .finish_non_exhaustive()
     }
 }
@@ -77,6 +80,7 @@ impl WorkerBuilder {
             flows: BTreeMap::new(),
             settings: Settings::default(),
             state: None,
+            schedules: Vec::new(),
             prune: None,
         }
     }
@@ -389,6 +393,55 @@ impl WorkerBuilder {
         self
     }
 
+    /// Starts a run of `flow` with `input` at each tick of `cron`: a [`Schedule`] named after
+    /// the flow, in UTC, skipping missed ticks. [`add_schedule`](Self::add_schedule) takes one
+    /// with a name, a time zone, an input computed per tick or a missed-tick policy.
+    ///
+    /// Every worker carrying the schedule writes it to the database when it starts; one of them
+    /// at a time fires it, and each tick starts exactly one run (docs/operating.md,
+    /// "Schedules"). The cron expression is checked by [`spawn`](Self::spawn). The worker
+    /// starts runs: its role needs the grants of docs/security.md for schedules.
+    ///
+    /// ```no_run
+    /// # fn demo(pool: sqlx::PgPool, cleanup: pgflow_core::Flow<serde_json::Value>) -> pgflow_client::Result<()> {
+    /// use pgflow_client::Worker;
+    ///
+    /// // Every five minutes (seconds first: six fields).
+    /// let worker = Worker::builder(pool)
+    ///     .flow(cleanup.clone())
+    ///     .schedule("0 */5 * * * *", &cleanup, &serde_json::json!({"older_than": "1h"}))
+    ///     .spawn()?;
+    /// # Ok(()) }
+    /// ```
+    #[must_use]
+    pub fn schedule<I: serde::Serialize>(self, cron: &str, flow: &Flow<I>, input: &I) -> Self {
+        self.add_schedule(Schedule::new(cron, flow, input))
+    }
+
+    /// Fires `schedule` from this worker (and every other worker that carries it): see
+    /// [`schedule`](Self::schedule) and [`Schedule`].
+    ///
+    /// ```no_run
+    /// # #[derive(serde::Serialize)]
+    /// # struct Digest { since: chrono::DateTime<chrono::Utc> }
+    /// # fn demo(pool: sqlx::PgPool, digest: pgflow_core::Flow<Digest>) -> pgflow_client::Result<()> {
+    /// use pgflow_client::{Missed, Schedule, Worker};
+    ///
+    /// let weekly = Schedule::with_input_fn("0 8 * * MON", &digest, |tick| Digest {
+    ///     since: tick - chrono::Duration::weeks(1),
+    /// })
+    /// .name("weekly-digest")
+    /// .timezone("Europe/Paris")
+    /// .missed(Missed::CatchUp(1));
+    /// let worker = Worker::builder(pool).flow(digest).add_schedule(weekly).spawn()?;
+    /// # Ok(()) }
+    /// ```
+    #[must_use]
+    pub fn add_schedule(mut self, schedule: Schedule) -> Self {
+        self.schedules.push(schedule);
+        self
+    }
+
     /// Prunes every `interval`: deletes the runs that ended more than `older_than` ago with
     /// everything they left behind, and the workers silent as long, as
     /// [`Client::prune`](crate::Client::prune) does (in batches, so the workers keep their
@@ -456,7 +509,8 @@ impl WorkerBuilder {
     /// # Errors
     ///
     /// [`Error::WorkerSetting`] for a setting out of range, [`Error::WorkerSlug`] for an invalid
-    /// flow or step slug, [`Error::NoRuntime`] outside a Tokio runtime.
+    /// flow or step slug, [`Error::Schedule`] for an invalid schedule (cron expression, time
+    /// zone, name, input) or two of the same name, [`Error::NoRuntime`] outside a Tokio runtime.
     pub fn spawn(self) -> Result<WorkerHandle> {
         let runtime = tokio::runtime::Handle::try_current().map_err(|_| Error::NoRuntime)?;
         let settings = self.settings;
@@ -484,6 +538,8 @@ impl WorkerBuilder {
                 })?;
             }
         }
+
+        let schedules = scheduler::prepare(self.schedules)?;
 
         let shutdown = settings
             .shutdown_token
@@ -515,7 +571,23 @@ impl WorkerBuilder {
             extension,
         });
         let counters = Arc::clone(&shared.counters);
-        let join = runtime.spawn(supervisor::run(shared, flows, shutdown.clone()));
+        let scheduler = (!schedules.is_empty()).then(|| {
+            runtime.spawn(scheduler::run(
+                shared.pool.clone(),
+                schedules,
+                shutdown.clone(),
+            ))
+        });
+        let supervised = supervisor::run(shared, flows, shutdown.clone());
+        let join = runtime.spawn(async move {
+            let outcome = supervised.await;
+            // The supervisor returns once the worker is shut down (or refused to start, which
+            // cancels the token too): the scheduler stops with it.
+            if let Some(scheduler) = scheduler {
+                let _ = scheduler.await;
+            }
+            outcome
+        });
         Ok(WorkerHandle::new(shutdown, counters, worker_ids, join))
     }
 }

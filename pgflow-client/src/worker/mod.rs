@@ -88,6 +88,7 @@ mod prune;
 mod registry;
 mod report;
 mod running;
+mod scheduler;
 mod schema_check;
 mod settings;
 mod shared;

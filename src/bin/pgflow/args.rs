@@ -141,6 +141,12 @@ pub(crate) enum Command {
     },
     /// Check that every run is consistent (counters, statuses, queues); exit status 1 if not.
     Check,
+    /// List the schedules (written by the workers that fire them): flow, cron expression,
+    /// time zone, state, missed-tick policy, last and next tick. Or pause or resume one.
+    Schedules {
+        #[command(subcommand)]
+        action: Option<ScheduleAction>,
+    },
     /// Delete the runs that ended (completed, failed or cancelled) before the given age, with
     /// their steps, tasks, attempt history, queue messages and archive rows, and the workers
     /// silent as long. Never a started run. In batches, safe while workers run.
@@ -161,5 +167,20 @@ pub(crate) enum Command {
         /// Give up after this many seconds if the run has not ended (exit status 4).
         #[arg(long, value_name = "SECONDS")]
         timeout: Option<u64>,
+    },
+}
+
+/// `pgflow schedules pause|resume <name>`.
+#[derive(Debug, Subcommand)]
+pub(crate) enum ScheduleAction {
+    /// Pause a schedule: no tick fires until it is resumed; ticks that fall meanwhile never do.
+    Pause {
+        /// The schedule's name.
+        name: String,
+    },
+    /// Resume a paused schedule from its next tick.
+    Resume {
+        /// The schedule's name.
+        name: String,
     },
 }

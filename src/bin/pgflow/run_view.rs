@@ -48,6 +48,16 @@ pub(crate) fn render_run(state: &RunState, shape: Option<&FlowShape>) -> String 
             timestamp(run.started_at),
         ),
     };
+    // A delayed start (Client::start_at): nothing of it runs before then.
+    if let Some(at) = run.scheduled_for
+        && ended.is_none()
+        && at > chrono::Utc::now()
+    {
+        out.push_str(&format!(
+            "scheduled: its first steps start at {}\n",
+            timestamp(at)
+        ));
+    }
     let dependencies: HashMap<&str, &[String]> = shape
         .map(|shape| {
             shape

@@ -7,6 +7,7 @@ mod install;
 pub(crate) mod prune;
 pub(crate) mod run;
 mod runs;
+mod schedules;
 mod start;
 mod watch;
 
@@ -45,6 +46,7 @@ pub(crate) async fn dispatch(
             watch::watch(client, run_id, timeout.map(Duration::from_secs), json, out).await
         }
         Command::Check => check::check(client, json, out).await,
+        Command::Schedules { action } => schedules::schedules(client, action, json, out).await,
         Command::Prune {
             older_than,
             dry_run,

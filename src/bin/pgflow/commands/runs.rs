@@ -31,7 +31,14 @@ pub(crate) async fn runs(
             [
                 run.run_id.to_string().into(),
                 run.flow_slug.as_str().into(),
-                Cell::styled(run.status.as_str(), style::status(run.status.as_str())),
+                // A delayed start not yet due shows as scheduled (Client::start_at).
+                match run.scheduled_for {
+                    Some(at) if run.ended_at.is_none() && at > chrono::Utc::now() => Cell::styled(
+                        format!("scheduled {}", timestamp(at)),
+                        style::status("created"),
+                    ),
+                    _ => Cell::styled(run.status.as_str(), style::status(run.status.as_str())),
+                },
                 run.retry_count.to_string().into(),
                 run.remaining_steps.to_string().into(),
                 timestamp(run.started_at).into(),
