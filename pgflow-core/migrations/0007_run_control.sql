@@ -549,6 +549,7 @@ DECLARE
   v_msgs  bigint[];
   v_free  bigint[];
   v_steps jsonb[];
+  v_at    timestamptz;
 BEGIN
   -- Level 1, 2, 3: tasks, step states, runs, each in key order.
   PERFORM 1
@@ -575,6 +576,10 @@ BEGIN
   IF cardinality(v_runs) = 0 THEN
     RETURN v_runs;
   END IF;
+  -- The time the locks were had, not the transaction's start (now()): a completion that
+  -- committed while this waited for its task came before the cancel, and its completed_at
+  -- (its own transaction's start) is then never later than the run's cancelled_at.
+  v_at := clock_timestamp();
 
   WITH cancelled AS (
     UPDATE pgflow.step_tasks t
@@ -601,13 +606,13 @@ BEGIN
            'flow_slug', p_flow_slug,
            'step_slug', c.step_slug,
            'status', 'cancelled',
-           'cancelled_at', now()) ORDER BY c.run_id, c.step_slug), '{}')
+           'cancelled_at', v_at) ORDER BY c.run_id, c.step_slug), '{}')
     INTO v_steps
     FROM cancelled c;
 
   UPDATE pgflow.runs r
      SET status = 'cancelled',
-         cancelled_at = now()
+         cancelled_at = v_at
    WHERE r.run_id = ANY(v_runs);
 
   -- Level 5: the messages nobody is reading right now (see CANCEL above).
@@ -629,7 +634,7 @@ BEGIN
              'run_id', r.run_id,
              'flow_slug', p_flow_slug,
              'status', 'cancelled',
-             'cancelled_at', now())
+             'cancelled_at', v_at)
       FROM unnest(v_runs) AS r(run_id)));
 
   -- Workers running the runs' tasks stop their handlers (EXTENSION: channel

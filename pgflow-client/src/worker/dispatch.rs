@@ -53,9 +53,13 @@ pub(crate) fn spawn(
     };
     let input = task.input;
     let token = shared.hard_stop.child_token();
-    let registration = shared
-        .running
-        .register(task.run_id, task.read_at, token.clone());
+    let registration = shared.running.register(
+        task.run_id,
+        Arc::clone(&step_slug),
+        task.task_index,
+        task.read_at,
+        token.clone(),
+    );
     let mut ctx = StepContext::builder(task.run_id, Arc::clone(&flow.slug), Arc::clone(&step_slug))
         .task_index(u32::try_from(task.task_index).unwrap_or_default())
         .attempt(u32::try_from(task.attempt).unwrap_or(1))
@@ -96,14 +100,23 @@ pub(crate) fn spawn(
             }
         };
         // Whatever the handler made of the cancellation: the engine marked the task cancelled
-        // with its run, and would ignore a report anyway.
+        // with its run, and would ignore a report anyway. A superseded execution's report
+        // would land on the new one's attempt: it must not be sent.
         let cancelled = registration.run_cancelled().is_cancelled();
+        let superseded = registration.superseded();
         drop(registration);
         let Some(outcome) = outcome.filter(|_| !cancelled) else {
             counters.in_flight.fetch_sub(1, Ordering::Relaxed);
             counters.cancelled.fetch_add(1, Ordering::Relaxed);
             let elapsed_ms = u64::try_from(began.elapsed().as_millis()).unwrap_or(u64::MAX);
-            tracing::info!(elapsed_ms, "task cancelled: its run was cancelled");
+            if superseded {
+                tracing::info!(
+                    elapsed_ms,
+                    "older execution dropped unreported: this worker started the task again"
+                );
+            } else {
+                tracing::info!(elapsed_ms, "task cancelled: its run was cancelled");
+            }
             drop(permit);
             return;
         };

@@ -5,6 +5,11 @@
 //! the tokens of the run's tasks here. A task started before the cancellation committed may reach
 //! its dispatcher only after the notification did: the runs cancelled lately are remembered for
 //! [`RECENT_FOR`], and such a task is cancelled as it registers.
+//!
+//! A task this worker starts while an older execution of it still runs here supersedes that
+//! one, which is dropped unreported like a cancelled one. That happens when the run was retried:
+//! attempts count from 1 again, so the older execution's report would name the same attempt
+//! and worker as the new one, and the engine could not tell it apart.
 
 use std::collections::{HashMap, VecDeque};
 use std::fmt;
@@ -39,13 +44,17 @@ struct Inner {
 /// One running task.
 struct Entry {
     id: u64,
+    step_slug: Arc<str>,
+    task_index: i32,
     /// When the read that started the task was sent: a cancellation learnt before then
     /// committed before the task was started, so the task belongs to a later retry of the run.
     read_at: Instant,
     /// The handler's token.
     handler: CancellationToken,
-    /// Fires once the run is cancelled, after `handler`.
+    /// Fires once the run is cancelled (or the task superseded), after `handler`.
     run_cancelled: CancellationToken,
+    /// Fires, before the others, when the task was started here again.
+    superseded: CancellationToken,
 }
 
 impl Entry {
@@ -73,12 +82,19 @@ pub(crate) struct Registration {
     run_id: Uuid,
     id: u64,
     run_cancelled: CancellationToken,
+    superseded: CancellationToken,
 }
 
 impl Registration {
-    /// Fires when the task's run has been cancelled: nothing is to be reported for the task.
+    /// Fires when the task's run has been cancelled, or the task started here again: nothing is
+    /// to be reported for this execution.
     pub(crate) fn run_cancelled(&self) -> &CancellationToken {
         &self.run_cancelled
+    }
+
+    /// Whether this execution was dropped because the worker started the task again.
+    pub(crate) fn superseded(&self) -> bool {
+        self.superseded.is_cancelled()
     }
 }
 
@@ -111,24 +127,39 @@ impl Running {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// Registers a task of `run_id` whose handler gets `handler`, started by a read sent at
-    /// `read_at`. Cancelled at once if the run was cancelled since.
+    /// Registers task `task_index` of step `step_slug` of `run_id`, whose handler gets
+    /// `handler`, started by a read sent at `read_at`. Cancelled at once if the run was cancelled
+    /// since; an older execution of the same task running here is superseded.
     pub(crate) fn register(
         self: &Arc<Self>,
         run_id: Uuid,
+        step_slug: Arc<str>,
+        task_index: i32,
         read_at: Instant,
         handler: CancellationToken,
     ) -> Registration {
-        let entry = Entry {
-            id: 0,
-            read_at,
-            handler,
-            run_cancelled: CancellationToken::new(),
-        };
         let mut inner = self.lock();
         let id = inner.next_id;
         inner.next_id += 1;
-        let entry = Entry { id, ..entry };
+        let entry = Entry {
+            id,
+            step_slug,
+            task_index,
+            read_at,
+            handler,
+            run_cancelled: CancellationToken::new(),
+            superseded: CancellationToken::new(),
+        };
+        if let Some(tasks) = inner.runs.get(&run_id) {
+            for older in tasks.iter().filter(|older| {
+                older.step_slug == entry.step_slug
+                    && older.task_index == entry.task_index
+                    && !older.run_cancelled.is_cancelled()
+            }) {
+                older.superseded.cancel();
+                older.cancel();
+            }
+        }
         let cancelled_since = inner
             .recent
             .iter()
@@ -137,12 +168,14 @@ impl Running {
             entry.cancel();
         }
         let run_cancelled = entry.run_cancelled.clone();
+        let superseded = entry.superseded.clone();
         inner.runs.entry(run_id).or_default().push(entry);
         Registration {
             running: Arc::clone(self),
             run_id,
             id,
             run_cancelled,
+            superseded,
         }
     }
 
@@ -242,9 +275,12 @@ mod tests {
         let tokens: Vec<CancellationToken> = (0..3).map(|_| CancellationToken::new()).collect();
         let ours: Vec<Registration> = tokens[..2]
             .iter()
-            .map(|token| running.register(run, read_at, token.clone()))
+            .zip(0..)
+            .map(|(token, index)| {
+                running.register(run, Arc::from("s"), index, read_at, token.clone())
+            })
             .collect();
-        let theirs = running.register(other, read_at, tokens[2].clone());
+        let theirs = running.register(other, Arc::from("s"), 0, read_at, tokens[2].clone());
         assert!(!ours[0].run_cancelled().is_cancelled());
 
         assert_eq!(running.cancel(run, Instant::now()), 2);
@@ -262,8 +298,20 @@ mod tests {
     fn registrations_leave_when_dropped() {
         let running = Arc::new(Running::default());
         let run = Uuid::new_v4();
-        let first = running.register(run, Instant::now(), CancellationToken::new());
-        let second = running.register(run, Instant::now(), CancellationToken::new());
+        let first = running.register(
+            run,
+            Arc::from("s"),
+            0,
+            Instant::now(),
+            CancellationToken::new(),
+        );
+        let second = running.register(
+            run,
+            Arc::from("s"),
+            1,
+            Instant::now(),
+            CancellationToken::new(),
+        );
         drop(first);
         assert_eq!(running.live_runs(), [run]);
         drop(second);
@@ -280,7 +328,7 @@ mod tests {
         // The notification overtook the read's rows on their way to the dispatcher.
         running.cancel(run, read_at + Duration::from_millis(5));
         let token = CancellationToken::new();
-        let late = running.register(run, read_at, token.clone());
+        let late = running.register(run, Arc::from("s"), 0, read_at, token.clone());
         assert!(token.is_cancelled() && late.run_cancelled().is_cancelled());
     }
 
@@ -291,11 +339,52 @@ mod tests {
         let learnt_at = Instant::now();
         running.cancel(run, learnt_at);
         let token = CancellationToken::new();
-        let retried = running.register(run, learnt_at + Duration::from_millis(5), token.clone());
+        let retried = running.register(
+            run,
+            Arc::from("s"),
+            0,
+            learnt_at + Duration::from_millis(5),
+            token.clone(),
+        );
         assert!(!token.is_cancelled() && !retried.run_cancelled().is_cancelled());
         // Nor does a late copy of the old notification reach it.
         assert_eq!(running.cancel(run, learnt_at), 0);
         assert!(!token.is_cancelled());
+    }
+
+    #[test]
+    fn a_task_started_again_here_supersedes_its_older_execution() {
+        let running = Arc::new(Running::default());
+        let run = Uuid::new_v4();
+        let (old_token, new_token, sibling_token) = (
+            CancellationToken::new(),
+            CancellationToken::new(),
+            CancellationToken::new(),
+        );
+        let old = running.register(run, Arc::from("s"), 3, Instant::now(), old_token.clone());
+        let sibling = running.register(
+            run,
+            Arc::from("s"),
+            4,
+            Instant::now(),
+            sibling_token.clone(),
+        );
+        // The run was retried and this worker starts task 3 again.
+        let new = running.register(run, Arc::from("s"), 3, Instant::now(), new_token.clone());
+        assert!(old_token.is_cancelled() && old.run_cancelled().is_cancelled() && old.superseded());
+        assert!(
+            !new_token.is_cancelled() && !new.run_cancelled().is_cancelled() && !new.superseded()
+        );
+        assert!(!sibling_token.is_cancelled() && !sibling.superseded());
+        // Another step's task 3 is another task.
+        let other_step = running.register(
+            run,
+            Arc::from("t"),
+            3,
+            Instant::now(),
+            CancellationToken::new(),
+        );
+        assert!(!new.run_cancelled().is_cancelled() && !other_step.superseded());
     }
 
     #[test]

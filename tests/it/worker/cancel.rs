@@ -701,3 +701,90 @@ async fn cancelling_a_thousand_task_map_under_two_workers_stops_it_where_it_stan
         worker.shutdown().await.expect("shutdown");
     }
 }
+
+/// A run fails while one of its handlers still runs here; the run is retried and this worker
+/// starts that task again. Attempts count from 1 again after a retry, so the older execution's
+/// report would name the same attempt and worker as the new one: the worker drops the older
+/// execution unreported, and the run ends with the new execution's output.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_older_execution_of_a_task_started_again_after_a_retry_is_never_reported() {
+    let db = database().await;
+    let pool = db.pool();
+    let gates: Arc<[Notify; 2]> = Arc::new([Notify::new(), Notify::new()]);
+    let slow_calls = Arc::new(AtomicU64::new(0));
+    let (gates_in, calls_in) = (Arc::clone(&gates), Arc::clone(&slow_calls));
+    let slow = step_fn("slow").handler(move |_: u32, _ctx: StepContext| {
+        let call = calls_in.fetch_add(1, Ordering::SeqCst);
+        let gates = Arc::clone(&gates_in);
+        async move {
+            // Ignores its token on purpose: only the worker can keep its result out.
+            gates[usize::try_from(call.min(1)).unwrap_or(1)]
+                .notified()
+                .await;
+            Ok::<_, StepError>(String::from(if call == 0 { "old" } else { "new" }))
+        }
+    });
+    let bad_calls = Arc::new(AtomicU64::new(0));
+    let bad_in = Arc::clone(&bad_calls);
+    let bad = step_fn("bad").handler(move |_: u32, _ctx: StepContext| {
+        let call = bad_in.fetch_add(1, Ordering::SeqCst);
+        async move {
+            if call == 0 {
+                return Err(StepError::new("fails the run").no_retry());
+            }
+            Ok(1)
+        }
+    });
+    let flow: Flow<u32> = Flow::new("superseded").step(slow).step(bad).build();
+    compile(pool, &flow).await;
+    let worker = Worker::builder(pool.clone())
+        .flow(flow)
+        .spawn()
+        .expect("worker");
+
+    let run = start(pool, "superseded", json!(0)).await;
+    let (status, _) = finished(pool, run, Duration::from_secs(20)).await;
+    assert_eq!(status, "failed");
+    assert_eq!(
+        slow_calls.load(Ordering::SeqCst),
+        1,
+        "the first execution still waits"
+    );
+
+    let retries: i32 = sqlx::query_scalar("SELECT pgflow.retry_run($1)")
+        .bind(run)
+        .fetch_one(pool)
+        .await
+        .expect("retry_run");
+    assert_eq!(retries, 1);
+    eventually(
+        "the second execution",
+        Duration::from_secs(20),
+        async || slow_calls.load(Ordering::SeqCst) == 2,
+    )
+    .await;
+    // The older execution may now finish: its result must not land on the new attempt.
+    gates[0].notify_one();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let slow_status: String = sqlx::query_scalar(
+        "SELECT status FROM pgflow.step_tasks WHERE run_id = $1 AND step_slug = 'slow'",
+    )
+    .bind(run)
+    .fetch_one(pool)
+    .await
+    .expect("slow task");
+    assert_eq!(
+        slow_status, "started",
+        "the older execution reported nothing"
+    );
+    gates[1].notify_one();
+    let (status, output) = finished(pool, run, Duration::from_secs(20)).await;
+    assert_eq!(
+        (status.as_str(), output),
+        ("completed", Some(json!({"slow": "new", "bad": 1})))
+    );
+    let stats = settled(&worker).await;
+    assert_eq!(stats.cancelled, 1, "{stats:?}");
+    assert_consistent(pool).await;
+    worker.shutdown().await.expect("shutdown");
+}
