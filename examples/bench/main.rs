@@ -102,6 +102,9 @@ struct Args {
     /// With --prune-tasks: runs deleted per prune batch (transaction).
     #[arg(long, default_value_t = pgflow_client::PRUNE_BATCH)]
     prune_batch: u32,
+    /// With --prune-tasks: milliseconds the prune sleeps between two batches.
+    #[arg(long, default_value_t = 0)]
+    prune_pause_ms: u64,
     /// With --prune-tasks: seconds of the windows before and after the prune.
     #[arg(long, default_value_t = 20.0)]
     prune_window_secs: f64,
@@ -298,10 +301,15 @@ async fn main() -> Result<(), Box<dyn Error + Send + Sync>> {
     if let Some(tasks) = args.prune_tasks {
         let bench = prune::PruneBench {
             tasks,
-            workers: args.workers.as_ref().and_then(|w| w.first().copied()).unwrap_or(4),
+            workers: args
+                .workers
+                .as_ref()
+                .and_then(|w| w.first().copied())
+                .unwrap_or(4),
             concurrency: args.concurrency,
             batch: args.batch,
             prune_batch: args.prune_batch,
+            prune_pause: Duration::from_millis(args.prune_pause_ms),
             baseline_secs: args.prune_window_secs,
         };
         println!("command: {command}");

@@ -28,6 +28,7 @@ pub(crate) struct PruneBench {
     pub(crate) concurrency: usize,
     pub(crate) batch: usize,
     pub(crate) prune_batch: u32,
+    pub(crate) prune_pause: Duration,
     pub(crate) baseline_secs: f64,
 }
 
@@ -41,9 +42,11 @@ pub(crate) async fn run(admin_url: &str, bench: &PruneBench) -> BoxResult<()> {
     let runs = bench.tasks.div_ceil(5);
     seed(db.url(), runs).await?;
     let mut conn = PgConnection::connect(db.url()).await?;
-    sqlx::raw_sql("VACUUM ANALYZE pgflow.runs, pgflow.step_states, pgflow.step_tasks, pgmq.a_bench_chain5")
-        .execute(&mut conn)
-        .await?;
+    sqlx::raw_sql(
+        "VACUUM ANALYZE pgflow.runs, pgflow.step_states, pgflow.step_tasks, pgmq.a_bench_chain5",
+    )
+    .execute(&mut conn)
+    .await?;
     println!(
         "seeded {} old completed chain5 runs ({} task rows, as many archived messages) in {:.1} s",
         runs,
@@ -51,8 +54,14 @@ pub(crate) async fn run(admin_url: &str, bench: &PruneBench) -> BoxResult<()> {
         began.elapsed().as_secs_f64()
     );
 
-    let workers =
-        Workers::start(db.url(), &flow, bench.workers, bench.concurrency, bench.batch).await?;
+    let workers = Workers::start(
+        db.url(),
+        &flow,
+        bench.workers,
+        bench.concurrency,
+        bench.batch,
+    )
+    .await?;
     let stop_feeding = CancellationToken::new();
     let feeder = tokio::spawn(feed(db.url().to_owned(), stop_feeding.clone()));
     // A warm-up the figures leave out.
@@ -66,9 +75,13 @@ pub(crate) async fn run(admin_url: &str, bench: &PruneBench) -> BoxResult<()> {
         .connect(db.url())
         .await?;
     let pruning = Instant::now();
-    let report =
-        pgflow_client::prune(&prune_pool, Duration::from_secs(30 * 86_400), bench.prune_batch)
-            .await?;
+    let report = pgflow_client::prune(
+        &prune_pool,
+        Duration::from_secs(30 * 86_400),
+        bench.prune_batch,
+        bench.prune_pause,
+    )
+    .await?;
     let prune_secs = pruning.elapsed().as_secs_f64();
     let t2 = server_clock(&mut conn).await?;
     tokio::time::sleep(Duration::from_secs_f64(bench.baseline_secs)).await;
@@ -132,9 +145,14 @@ pub(crate) async fn run(admin_url: &str, bench: &PruneBench) -> BoxResult<()> {
     #[allow(clippy::cast_precision_loss, reason = "row counts are far below 2^52")]
     let deleted_per_sec = report.tasks as f64 / prune_secs;
     println!(
-        "prune: {} runs, {} task rows, {} messages in {} batches of {} runs: {prune_secs:.1} s \
-         ({deleted_per_sec:.0} task rows/s)",
-        report.runs, report.tasks, report.messages, report.batches, bench.prune_batch
+        "prune: {} runs, {} task rows, {} messages in {} batches of {} runs, {} ms apart: \
+         {prune_secs:.1} s ({deleted_per_sec:.0} task rows/s)",
+        report.runs,
+        report.tasks,
+        report.messages,
+        report.batches,
+        bench.prune_batch,
+        bench.prune_pause.as_millis()
     );
     println!(
         "chain5 with {} workers (concurrency {}, batch {}), completed tasks/s:",

@@ -718,7 +718,13 @@ impl Client {
     /// # Ok(()) }
     /// ```
     pub async fn prune(&self, older_than: std::time::Duration) -> Result<crate::PruneReport> {
-        crate::prune(&self.pool, older_than, crate::PRUNE_BATCH).await
+        crate::prune(
+            &self.pool,
+            older_than,
+            crate::PRUNE_BATCH,
+            std::time::Duration::ZERO,
+        )
+        .await
     }
 
     /// Counts what [`Client::prune`] would delete, deleting nothing; see

@@ -62,7 +62,10 @@ fn count(n: i64) -> u64 {
 ///
 /// Runs go in batches of at most `batch` runs, oldest first, each batch a transaction of its
 /// own (`pgflow.prune_runs`), until a batch finds nothing: workers running meanwhile keep their
-/// throughput, and an interrupted prune keeps what it did. A run one of whose rows a
+/// throughput, and an interrupted prune keeps what it did. `pause` is slept between two
+/// batches: on a server short of CPU, a pause about as long as a batch takes (about a second
+/// for 1,000 runs of five tasks) leaves more of it to the workers (docs/operating.md, "What a
+/// prune costs the workers"). A run one of whose rows a
 /// concurrent transaction holds (a late report, a retry) is passed over, left for the next
 /// prune. The cutoff is the server's time when the call begins.
 ///
@@ -70,8 +73,9 @@ fn count(n: i64) -> u64 {
 /// # async fn demo(pool: sqlx::PgPool) -> pgflow_client::Result<()> {
 /// use std::time::Duration;
 ///
-/// // Keep 30 days, in batches of 500 runs.
-/// let report = pgflow_client::prune(&pool, Duration::from_secs(30 * 86_400), 500).await?;
+/// // Keep 30 days, in batches of 500 runs, resting 200 ms between two.
+/// let day = Duration::from_secs(86_400);
+/// let report = pgflow_client::prune(&pool, 30 * day, 500, Duration::from_millis(200)).await?;
 /// println!("deleted {} runs and {} tasks", report.runs, report.tasks);
 /// # Ok(()) }
 /// ```
@@ -86,7 +90,12 @@ fn count(n: i64) -> u64 {
 ///
 /// Never; a `batch` of 0 is taken as 1.
 #[tracing::instrument(skip(pool), err)]
-pub async fn prune(pool: &PgPool, older_than: Duration, batch: u32) -> Result<PruneReport> {
+pub async fn prune(
+    pool: &PgPool,
+    older_than: Duration,
+    batch: u32,
+    pause: Duration,
+) -> Result<PruneReport> {
     let cutoff = cutoff(pool, older_than).await?;
     let batch = i32::try_from(batch.max(1)).unwrap_or(i32::MAX);
     let mut report = PruneReport {
@@ -121,6 +130,9 @@ pub async fn prune(pool: &PgPool, older_than: Duration, batch: u32) -> Result<Pr
             total = report.runs,
             "pruned a batch of runs"
         );
+        if !pause.is_zero() {
+            tokio::time::sleep(pause).await;
+        }
     }
     loop {
         let workers: i32 = sqlx::query_scalar("SELECT pgflow.prune_workers($1, $2)")

@@ -250,6 +250,35 @@ async fn the_documented_sql_function_prunes_in_one_call_and_refuses_bad_argument
         assert!(db_err.message().contains(message), "{sql}: {db_err}");
     }
     assert_no_inconsistency(pool).await;
+
+    // The functions are the owner's until granted.
+    let role = format!("prune_{}", db.name());
+    sqlx::raw_sql(&format!(
+        "CREATE ROLE {role}; GRANT USAGE ON SCHEMA pgflow TO {role}"
+    ))
+    .execute(pool)
+    .await
+    .unwrap();
+    for sql in [
+        "SELECT pgflow.prune_data_older_than('30 days')",
+        "SELECT * FROM pgflow.prune_runs(now())",
+        "SELECT pgflow.prune_workers(now())",
+        "SELECT * FROM pgflow.prune_preview(now())",
+    ] {
+        let mut tx = pool.begin().await.unwrap();
+        sqlx::query(&format!("SET LOCAL ROLE {role}"))
+            .execute(&mut *tx)
+            .await
+            .unwrap();
+        let err = sqlx::query(sql).execute(&mut *tx).await.unwrap_err();
+        let code = err.as_database_error().and_then(|e| e.code());
+        assert_eq!(code.as_deref(), Some("42501"), "{sql}: {err}");
+        tx.rollback().await.unwrap();
+    }
+    sqlx::raw_sql(&format!("DROP OWNED BY {role}; DROP ROLE {role}"))
+        .execute(pool)
+        .await
+        .unwrap();
 }
 
 #[tokio::test]
@@ -276,7 +305,7 @@ async fn batches_pass_over_a_run_someone_holds_and_take_it_later() {
     // Batches of 3: 3 + 3 (one passed over) + 0, nobody waits for the held run.
     let report = tokio::time::timeout(
         Duration::from_secs(30),
-        pgflow_client::prune(pool, 30 * DAY, 3),
+        pgflow_client::prune(pool, 30 * DAY, 3, Duration::ZERO),
     )
     .await
     .expect("the prune does not wait for the held row")
@@ -286,7 +315,9 @@ async fn batches_pass_over_a_run_someone_holds_and_take_it_later() {
     assert_eq!(traces(pool, "pages", &[held]).await[0], 1);
     holder.rollback().await.unwrap();
 
-    let report = pgflow_client::prune(pool, 30 * DAY, 3).await.unwrap();
+    let report = pgflow_client::prune(pool, 30 * DAY, 3, Duration::ZERO)
+        .await
+        .unwrap();
     assert_eq!((report.runs, report.batches), (1, 1));
     assert_eq!(traces(pool, "pages", &runs).await, [0; 7]);
     assert_no_inconsistency(pool).await;
@@ -339,7 +370,7 @@ async fn prune_while_a_worker_runs_flows_loses_nothing() {
     };
     let mut total = 0;
     loop {
-        let report = pgflow_client::prune(pool, Duration::from_secs(3600), 20)
+        let report = pgflow_client::prune(pool, Duration::from_secs(3600), 20, Duration::ZERO)
             .await
             .unwrap();
         total += report.runs;

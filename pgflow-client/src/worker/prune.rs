@@ -13,6 +13,10 @@ use crate::{PRUNE_BATCH, PruneReport, Result};
 /// `pgflowPR`; no other lock of the engine uses it.
 pub const PRUNE_LOCK_KEY: i64 = 0x7067_666c_6f77_5052;
 
+/// What the periodic prune sleeps between two batches: it runs beside the worker's own
+/// handlers, and yields the server to them that long after each batch.
+const PAUSE: Duration = Duration::from_millis(200);
+
 /// How often, and what.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct PrunePolicy {
@@ -61,7 +65,7 @@ pub(crate) async fn once(pool: &PgPool, older_than: Duration) -> Result<Option<P
     }
     // The locking transaction holds no snapshot between its statements (read committed), so it
     // keeps no row versions from vacuum while the batches run.
-    let report = crate::prune(pool, older_than, PRUNE_BATCH).await;
+    let report = crate::prune(pool, older_than, PRUNE_BATCH, PAUSE).await;
     lock.rollback().await?;
     report.map(Some)
 }
