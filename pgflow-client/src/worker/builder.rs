@@ -451,8 +451,9 @@ impl WorkerBuilder {
     /// [`PRUNE_LOCK_KEY`](crate::PRUNE_LOCK_KEY) with `pg_try_advisory_xact_lock`, and a worker
     /// that finds it taken skips its turn. A turn after another worker's prune finds little left
     /// to delete. The first prune comes one `interval` after [`spawn`](Self::spawn); a failed one
-    /// is logged at WARN and tried again at the next turn. The worker's role needs EXECUTE on
-    /// `pgflow.prune_runs` and `pgflow.prune_workers` (docs/security.md).
+    /// is logged at WARN and tried again at the next turn. A prune holds two connections of the
+    /// pool while it runs (the lock's and the batches'): size the pool for them. The worker's
+    /// role needs EXECUTE on `pgflow.prune_runs` and `pgflow.prune_workers` (docs/security.md).
     ///
     /// ```no_run
     /// # fn demo(pool: sqlx::PgPool, flow: pgflow_core::Flow<u64>) -> pgflow_client::Result<()> {
