@@ -109,6 +109,8 @@ struct Session<'a> {
     defined: HashSet<usize>,
     /// Ticks whose start failed with an engine error: not tried again on this connection.
     refused: HashSet<(usize, DateTime<Utc>)>,
+    /// Entries whose writing failed and was logged at WARN: later failures log at DEBUG.
+    warned: HashSet<usize>,
 }
 
 /// What a round reads of a held schedule's row.
@@ -128,6 +130,7 @@ impl<'a> Session<'a> {
             held: HashSet::new(),
             defined: HashSet::new(),
             refused: HashSet::new(),
+            warned: HashSet::new(),
         }
     }
 
@@ -167,9 +170,14 @@ impl<'a> Session<'a> {
                 }
                 Err(Error::Database(sqlx::Error::Database(db))) => {
                     // The engine refused it (its flow is not compiled yet, an old schema):
-                    // the connection is fine, try again next round.
-                    tracing::warn!(schedule = %entry.schedule.name, error = %db.message(),
-                        "cannot write the schedule; retrying");
+                    // the connection is fine, try again next round; say so once.
+                    if self.warned.insert(index) {
+                        tracing::warn!(schedule = %entry.schedule.name, error = %db.message(),
+                            "cannot write the schedule; retrying every second");
+                    } else {
+                        tracing::debug!(schedule = %entry.schedule.name, error = %db.message(),
+                            "cannot write the schedule yet");
+                    }
                 }
                 Err(error) => return Err(error),
             }
