@@ -8,9 +8,11 @@
 //! every queue table, installed by the worker, that updates one throttle row per inserted
 //! message: a serialisation point for every producer.
 //!
-//! `pgflow.cancel_run` notifies `pgflow_cancel` with the run id. Notifications sent while the
-//! connection was down are lost: on each (re)connection the runs of the running tasks are looked
-//! up once, and those found cancelled are cancelled here too.
+//! `pgflow.cancel_run` notifies `pgflow_cancel` with the run id. Any role that can connect may
+//! NOTIFY any channel, so a notification only says where to look: the run's tasks are cancelled
+//! here once the database confirms that the run's tasks were cancelled. Notifications sent while
+//! the connection was down are lost: on each (re)connection the runs of the running tasks are
+//! looked up once, and those found cancelled are cancelled here too.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -113,14 +115,35 @@ async fn listen(pool: &PgPool) -> sqlx::Result<PgListener> {
     Ok(listener)
 }
 
-/// Cancels the running tasks of the run whose id is the payload.
-fn cancel(shared: &Shared, payload: &str) {
+/// Cancels the running tasks of the run whose id is the payload, once the database confirms
+/// the cancellation. Apart from the listener, so that a slow pool does not hold it up.
+fn cancel(shared: &Arc<Shared>, payload: &str) {
     let Ok(run_id) = payload.parse::<Uuid>() else {
         tracing::debug!(payload, "ignored a notification on {CANCEL}: not a run id");
         return;
     };
-    let tasks = shared.running.cancel(run_id, Instant::now());
-    tracing::debug!(%run_id, tasks, "run cancelled");
+    // Tasks read before now belong to the run as it was when cancelled.
+    let learnt_at = Instant::now();
+    let shared = Arc::clone(shared);
+    tokio::spawn(async move {
+        match super::running::confirmed(&shared.pool, run_id).await {
+            Ok(true) => {
+                let tasks = shared.running.cancel(run_id, learnt_at);
+                tracing::debug!(%run_id, tasks, "run cancelled");
+            }
+            Ok(false) => tracing::warn!(
+                %run_id,
+                "ignored a notification on {CANCEL}: the run has no cancelled task (it was \
+                 retried since, or the notification did not come from pgflow.cancel_run)"
+            ),
+            Err(error) => tracing::warn!(
+                %run_id,
+                %error,
+                "cannot confirm a cancellation; the run's handlers here go on (the engine \
+                 ignores the reports of a cancelled run's tasks)"
+            ),
+        }
+    });
 }
 
 /// Wakes the flow whose slug is the payload.

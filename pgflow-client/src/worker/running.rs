@@ -263,6 +263,20 @@ impl Running {
     }
 }
 
+/// Whether the database shows run `run_id` cancelled: some task of it is. Asked before acting
+/// on a notification, which any role may send.
+pub(crate) async fn confirmed(pool: &PgPool, run_id: Uuid) -> sqlx::Result<bool> {
+    // The tasks rather than the run: the worker role of docs/security.md may read these columns
+    // of step_tasks, not pgflow.runs (see `Running::try_sweep`).
+    sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM pgflow.step_tasks \
+                         WHERE run_id = $1 AND status = 'cancelled')",
+    )
+    .bind(run_id)
+    .fetch_one(pool)
+    .await
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -788,3 +788,57 @@ async fn an_older_execution_of_a_task_started_again_after_a_retry_is_never_repor
     assert_consistent(pool).await;
     worker.shutdown().await.expect("shutdown");
 }
+
+/// Any role that can connect may NOTIFY `pgflow_cancel`: a notification naming a run that was
+/// not cancelled stops nothing, and the run completes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forged_cancel_notification_stops_nothing() {
+    let db = database().await;
+    let pool = db.pool();
+    let gate = Arc::new(Notify::new());
+    let saw_token = Arc::new(AtomicBool::new(false));
+    let (gate_in, saw_in) = (Arc::clone(&gate), Arc::clone(&saw_token));
+    let waits = step_fn("waits").handler(move |n: u32, ctx: StepContext| {
+        let (gate, saw) = (Arc::clone(&gate_in), Arc::clone(&saw_in));
+        async move {
+            tokio::select! {
+                () = gate.notified() => Ok::<_, StepError>(n + 1),
+                () = ctx.cancellation_token().cancelled() => {
+                    saw.store(true, Ordering::SeqCst);
+                    Err(StepError::new("cancelled"))
+                }
+            }
+        }
+    });
+    let flow: Flow<u32> = Flow::new("forged").step(waits).build();
+    compile(pool, &flow).await;
+    let worker = Worker::builder(pool.clone())
+        .flow(flow)
+        .spawn()
+        .expect("worker");
+    let run = start(pool, "forged", json!(1)).await;
+    eventually("the task to start", Duration::from_secs(20), async || {
+        worker.stats().in_flight == 1
+    })
+    .await;
+
+    sqlx::query("SELECT pg_notify('pgflow_cancel', $1)")
+        .bind(run.to_string())
+        .execute(pool)
+        .await
+        .expect("notify");
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(
+        !saw_token.load(Ordering::SeqCst),
+        "a forged notification fired the token"
+    );
+    assert_eq!(worker.stats().cancelled, 0);
+
+    gate.notify_one();
+    let (status, output) = finished(pool, run, Duration::from_secs(20)).await;
+    assert_eq!(
+        (status.as_str(), output),
+        ("completed", Some(json!({"waits": 2})))
+    );
+    worker.shutdown().await.expect("shutdown");
+}
