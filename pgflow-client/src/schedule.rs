@@ -270,6 +270,18 @@ impl Schedule {
         &self.flow_slug
     }
 
+    /// Its missed-tick policy.
+    ///
+    /// ```
+    /// use pgflow_client::{Missed, Schedule};
+    ///
+    /// let schedule = Schedule::json("@daily", "billing", serde_json::json!({}));
+    /// assert_eq!(schedule.missed_policy(), Missed::Skip);
+    /// ```
+    pub fn missed_policy(&self) -> Missed {
+        self.missed
+    }
+
     /// Checks the name, the cron expression, the time zone, the policy and the input, as
     /// [`WorkerBuilder::spawn`](crate::WorkerBuilder::spawn) does.
     ///
