@@ -419,6 +419,10 @@ type Leftover = (
 );
 
 /// `ended_run_messages`: a message of a run that has ended is still in the queue.
+///
+/// Not a cancelled task's: `pgflow.cancel_run` passes over a message a worker is reading at that
+/// moment (rather than wait for it while holding the task that worker wants), and the next read
+/// of that message archives it. It is harmless meanwhile, and gone once a worker polls the flow.
 async fn leftover_messages(tx: &mut PgConnection, flow: &str, table: &str) -> Result<Vec<Finding>> {
     let rows: Vec<Leftover> = sqlx::query_as(&format!(
         "SELECT r.run_id, q.message->>'step_slug', (q.message->>'task_index')::int, q.msg_id,
@@ -429,22 +433,16 @@ async fn leftover_messages(tx: &mut PgConnection, flow: &str, table: &str) -> Re
                   ON t.run_id = r.run_id AND t.step_slug = q.message->>'step_slug'
                  AND t.task_index = (q.message->>'task_index')::int
           WHERE r.status <> 'started'
+            AND t.status IS DISTINCT FROM 'cancelled'
           ORDER BY r.run_id, q.msg_id"
     ))
     .fetch_all(tx)
     .await?;
     Ok(rows
         .into_iter()
-        .map(|(run_id, step, index, msg_id, status, task_status)| {
-            let detail = match task_status.as_deref() {
-                Some("cancelled") => format!(
-                    "task is cancelled but its message {msg_id} is still in the queue {table} \
-                     (cancelling a run archives its tasks' messages)"
-                ),
-                _ => format!(
-                    "run is {status} but its message {msg_id} is still in the queue {table}"
-                ),
-            };
+        .map(|(run_id, step, index, msg_id, status, _task_status)| {
+            let detail =
+                format!("run is {status} but its message {msg_id} is still in the queue {table}");
             let action = format!(
                 "{REPORT}; the message itself is harmless (a worker that reads it changes \
                  nothing) and `SELECT pgmq.archive('{flow}', {msg_id})` removes it"

@@ -538,7 +538,7 @@ $$;
 
 -- Cancels those of the runs p_run_ids (all of flow p_flow_slug) that are started, in one
 -- lock order for the batch (see CANCEL above). Returns the ids of the runs it cancelled.
-CREATE FUNCTION pgflow._cancel_runs(p_flow_slug text, p_run_ids uuid[])
+CREATE FUNCTION pgflow._cancel_runs_once(p_flow_slug text, p_run_ids uuid[])
 RETURNS uuid[]
 LANGUAGE plpgsql
 VOLATILE
@@ -645,6 +645,34 @@ BEGIN
 END;
 $$;
 
+-- _cancel_runs_once, tried again when the deadlock detector chose it. A task created by a
+-- completion that commits after the first lock statement is locked by the UPDATE, after the
+-- runs; and workers' reads hold a message before its task. Rarely, a cycle closes; the
+-- attempt runs in a subtransaction, so when this side is chosen all its locks go, the other
+-- side goes on, and the cancel starts again.
+CREATE FUNCTION pgflow._cancel_runs(p_flow_slug text, p_run_ids uuid[])
+RETURNS uuid[]
+LANGUAGE plpgsql
+VOLATILE
+SET search_path = ''
+AS $$
+DECLARE
+  v_try integer;
+BEGIN
+  FOR v_try IN 1 .. 5 LOOP
+    BEGIN
+      RETURN pgflow._cancel_runs_once(p_flow_slug, p_run_ids);
+    EXCEPTION
+      WHEN deadlock_detected THEN
+        IF v_try = 5 THEN
+          RAISE;
+        END IF;
+        PERFORM pg_sleep(0.01 * v_try);
+    END;
+  END LOOP;
+END;
+$$;
+
 -- Cancels a started run: its queued and started tasks become cancelled and their messages
 -- are archived, its started steps become cancelled, and the run ends as 'cancelled'.
 -- Returns true when this call cancelled it, false (with a NOTICE) when it had already
@@ -711,7 +739,7 @@ $$;
 -- Retries those of the runs p_run_ids (all of flow p_flow_slug) that are failed or
 -- cancelled, in one lock order for the batch (see RETRY above). Returns the ids of the
 -- runs it retried.
-CREATE FUNCTION pgflow._retry_runs(p_flow_slug text, p_run_ids uuid[])
+CREATE FUNCTION pgflow._retry_runs_once(p_flow_slug text, p_run_ids uuid[])
 RETURNS uuid[]
 LANGUAGE plpgsql
 VOLATILE
@@ -874,6 +902,30 @@ BEGIN
 END;
 $$;
 
+-- _retry_runs_once, tried again when the deadlock detector chose it (as _cancel_runs).
+CREATE FUNCTION pgflow._retry_runs(p_flow_slug text, p_run_ids uuid[])
+RETURNS uuid[]
+LANGUAGE plpgsql
+VOLATILE
+SET search_path = ''
+AS $$
+DECLARE
+  v_try integer;
+BEGIN
+  FOR v_try IN 1 .. 5 LOOP
+    BEGIN
+      RETURN pgflow._retry_runs_once(p_flow_slug, p_run_ids);
+    EXCEPTION
+      WHEN deadlock_detected THEN
+        IF v_try = 5 THEN
+          RAISE;
+        END IF;
+        PERFORM pg_sleep(0.01 * v_try);
+    END;
+  END LOOP;
+END;
+$$;
+
 -- Takes a failed or cancelled run back to 'started' (see RETRY above). Returns its new
 -- retry_count. Refused for a run that is started or completed.
 CREATE FUNCTION pgflow.retry_run(run_id uuid)
@@ -949,9 +1001,11 @@ REVOKE EXECUTE ON FUNCTION
   pgflow.fail_task(uuid, text, integer, text, integer, uuid, boolean, integer),
   pgflow._send_messages(text, timestamptz[], jsonb[]),
   pgflow._drop_dead_messages(text, bigint[]),
+  pgflow._cancel_runs_once(text, uuid[]),
   pgflow._cancel_runs(text, uuid[]),
   pgflow.cancel_run(uuid),
   pgflow.cancel_runs(text, timestamptz, integer),
+  pgflow._retry_runs_once(text, uuid[]),
   pgflow._retry_runs(text, uuid[]),
   pgflow.retry_run(uuid),
   pgflow.retry_runs(text, timestamptz, timestamptz, integer)

@@ -386,6 +386,70 @@ async fn a_late_report_of_an_attempt_from_before_the_retry_is_ignored() {
     );
 }
 
+/// After the retry, another worker starts the task again, on attempt 1 as before the retry:
+/// the older execution's reports, naming its own worker, change nothing. (A report naming the
+/// worker that started the task again, or none, would be taken: attempts count from 1 again.
+/// The Rust worker never sends one: it drops an execution it has started again.)
+#[tokio::test]
+async fn a_late_report_naming_its_worker_is_ignored_once_another_worker_restarted_the_task() {
+    let engine = Engine::new().await;
+    engine
+        .exec("SELECT pgflow.create_flow('f', max_attempts => 1, base_delay => 0)")
+        .await;
+    engine.exec("SELECT pgflow.add_step('f', 'a')").await;
+    engine.exec("SELECT pgflow.add_step('f', 'b')").await;
+    let run = engine.start("f", json!({})).await;
+    let tasks = engine.poll("f").await;
+    engine.fail(&tasks[0], "a failed").await;
+    assert_eq!(retry(&engine, run).await, Ok(1));
+
+    let second = Uuid::from_u128(2);
+    engine
+        .exec(&format!(
+            "INSERT INTO pgflow.workers (worker_id, queue_name, function_name) \
+             VALUES ('{second}', 'f', 'tests')"
+        ))
+        .await;
+    let restarted: Vec<(String, i32)> = sqlx::query_as(
+        "SELECT step_slug, attempt FROM pgflow._read_and_start('f', 10, 30, $1) ORDER BY 1",
+    )
+    .bind(second)
+    .fetch_all(engine.pool())
+    .await
+    .unwrap();
+    assert_eq!(restarted, vec![("a".into(), 1), ("b".into(), 1)]);
+
+    let first = super::WORKER;
+    let ignored: Vec<String> = sqlx::query_scalar(
+        "SELECT status FROM pgflow.complete_task($1, 'b', 0, '\"late\"'::jsonb, 1, $2)",
+    )
+    .bind(run)
+    .bind(first)
+    .fetch_all(engine.pool())
+    .await
+    .unwrap();
+    assert!(ignored.is_empty());
+    let ignored: Vec<String> = sqlx::query_scalar(
+        "SELECT status FROM pgflow.fail_task($1, 'b', 0, 'late', 1, $2, false, NULL::integer)",
+    )
+    .bind(run)
+    .bind(first)
+    .fetch_all(engine.pool())
+    .await
+    .unwrap();
+    assert!(ignored.is_empty());
+    let b: (String, i32, Option<serde_json::Value>) = sqlx::query_as(
+        "SELECT status, attempts_count, output FROM pgflow.step_tasks \
+          WHERE run_id = $1 AND step_slug = 'b'",
+    )
+    .bind(run)
+    .fetch_one(engine.pool())
+    .await
+    .unwrap();
+    assert_eq!(b, ("started".into(), 1, None));
+    assert_eq!(engine.run(run).await.0, "started");
+}
+
 #[tokio::test]
 async fn of_two_retries_at_once_one_wins_and_the_other_is_told() {
     let engine = Engine::new().await;
