@@ -837,7 +837,9 @@ BEGIN
          attempts_count = 0,
          error_message = NULL,
          output = NULL,
-         queued_at = now(),
+         -- queued_at stays: a worker whose transaction began before this retry committed
+         -- may start the task, and its started_at (its now()) must not precede queued_at
+         -- (started_at_is_after_queued_at would refuse its whole batch).
          started_at = NULL,
          completed_at = NULL,
          failed_at = NULL,
