@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use pgflow_client::{Client, PRUNE_LOCK_KEY, Worker};
 use pgflow_core::{Flow, StepContext, StepError, step_fn};
-use serde_json::{Value, json};
+use serde_json::json;
 use sqlx::PgPool;
 use uuid::Uuid;
 
@@ -489,7 +489,7 @@ async fn the_cli_prunes_counts_with_dry_run_and_refuses_a_bad_age() {
     assert!(dry.starts_with("would delete 1 run ended before "), "{dry}");
     assert!(dry.contains(&format!("{} tasks", before[2])), "{dry}");
     assert_eq!(traces(pool, "pages", &[old]).await, before);
-    let json_dry: Value = serde_json::from_str(&stdout(&pgflow(
+    let json_dry: serde_json::Value = serde_json::from_str(&stdout(&pgflow(
         db.url(),
         &["prune", "--older-than", "720h", "--dry-run", "--json"],
     )))
@@ -499,7 +499,7 @@ async fn the_cli_prunes_counts_with_dry_run_and_refuses_a_bad_age() {
     assert_eq!(json_dry["tasks"], json!(before[2]));
     assert_eq!(json_dry["messages"], json!(before[5] + before[6]));
 
-    let done: Value = serde_json::from_str(&stdout(&pgflow(
+    let done: serde_json::Value = serde_json::from_str(&stdout(&pgflow(
         db.url(),
         &["prune", "--older-than", "30d", "--json"],
     )))
