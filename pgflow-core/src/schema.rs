@@ -114,6 +114,21 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "schedules",
         sql: include_str!("../migrations/0009_schedules.sql"),
     },
+    Migration {
+        version: 10,
+        name: "conditions",
+        sql: include_str!("../migrations/0010_conditions.sql"),
+    },
+    Migration {
+        version: 11,
+        name: "flow_shapes",
+        sql: include_str!("../migrations/0011_flow_shapes.sql"),
+    },
+    Migration {
+        version: 12,
+        name: "trace_context",
+        sql: include_str!("../migrations/0012_trace_context.sql"),
+    },
 ];
 
 /// The schema version this build of pgflow installs: the last migration's version.
