@@ -69,8 +69,8 @@
 pub use pgflow_core::Flow;
 pub use pgflow_core::{
     CancellationToken, Error as FlowError, FlowBuilder, FlowOptions, FlowShape, MAX_OPTION_VALUE,
-    MAX_SLUG_LEN, Seconds, SlugProblem, Step, StepContext, StepContextBuilder, StepError, StepKind,
-    StepOptions, StepShape, Uuid, check_slug, is_valid_slug, schema, step_fn,
+    MAX_SLUG_LEN, Seconds, SkipMode, SlugProblem, Step, StepContext, StepContextBuilder, StepError,
+    StepKind, StepOptions, StepShape, Uuid, check_slug, is_valid_slug, schema, step_fn,
 };
 
 /// The type-level machinery that checks a flow's shape at compile time.

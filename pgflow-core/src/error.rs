@@ -97,6 +97,32 @@ pub enum Error {
         /// The rule it breaks, e.g. "must be at least 3 seconds".
         requirement: &'static str,
     },
+
+    /// A step's `required_input_pattern` or `forbidden_input_pattern` is not a JSON object.
+    /// The engine matches patterns with `@>` against the step's input object, which only an
+    /// object can describe, and refuses any other (`steps`' CHECKs).
+    #[error(
+        "the `{pattern}` of step `{step}` in flow `{flow}` is {found}, but a condition pattern must be a JSON object, as `{{\"field\": value}}`"
+    )]
+    InvalidInputPattern {
+        /// The flow.
+        flow: String,
+        /// The step.
+        step: String,
+        /// Which pattern: `required_input_pattern` (the step's `if`) or
+        /// `forbidden_input_pattern` (its `if_not`).
+        pattern: &'static str,
+        /// What it is instead: `null`, `a boolean`, `a number`, `a string`, `an array`.
+        found: &'static str,
+    },
+
+    /// A skip mode's name is none of `fail`, `skip` and `skip-cascade` (see
+    /// [`SkipMode`](crate::SkipMode)).
+    #[error("unknown skip mode {mode:?}: expected \"fail\", \"skip\" or \"skip-cascade\"")]
+    UnknownSkipMode {
+        /// The name as given.
+        mode: String,
+    },
 }
 
 /// Why a slug is invalid (see [`check_slug`](crate::check_slug)).

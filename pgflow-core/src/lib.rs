@@ -41,6 +41,7 @@
 
 #![deny(missing_docs)]
 
+mod condition;
 mod context;
 mod error;
 mod flow;
@@ -60,6 +61,7 @@ pub mod __private {
 }
 mod private;
 
+pub use condition::SkipMode;
 pub use context::{StepContext, StepContextBuilder};
 pub use error::{Error, Result, SlugProblem};
 pub use flow::{Flow, FlowBuilder, FlowStep};

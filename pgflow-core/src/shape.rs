@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::options::option_problem;
 use crate::slug::check_flow_slug;
-use crate::{Error, FlowOptions, Result, StepOptions, check_slug};
+use crate::{Error, FlowOptions, Result, SkipMode, StepOptions, check_slug};
 
 /// How a step runs: once per run, or once per element of an array.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -81,6 +81,29 @@ pub struct FlowShape {
 }
 
 /// The shape of one step of a [`FlowShape`].
+///
+/// Its condition (pgflow 0.14): the step runs only if its input contains
+/// `required_input_pattern` and does not contain `forbidden_input_pattern` (PostgreSQL's jsonb
+/// `@>`), its input being the flow input for a root step and, for a dependent step, the object
+/// of its dependencies' outputs keyed by slug. Otherwise `when_unmet` applies; `when_exhausted`
+/// applies when a task has used up its attempts. Unset, a step has no condition and fails as in
+/// pgflow 0.8.1. The serialized form leaves out what is unset or the default, so that a shape
+/// without conditions serializes as it did before they existed.
+///
+/// ```
+/// use pgflow_core::{SkipMode, StepShape};
+/// use serde_json::json;
+///
+/// let notify = StepShape {
+///     dependencies: vec!["charge".into()],
+///     required_input_pattern: Some(json!({"charge": {"status": "paid"}})),
+///     when_exhausted: SkipMode::Skip,
+///     ..StepShape::new("notify")
+/// };
+/// assert_eq!(notify.when_unmet, SkipMode::Skip);
+/// assert!(notify.skippable());
+/// assert!(!StepShape::new("plain").skippable());
+/// ```
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StepShape {
     /// The step slug.
@@ -94,17 +117,113 @@ pub struct StepShape {
     /// Step-level options.
     #[serde(default)]
     pub options: StepOptions,
+    /// The pattern the step's input must contain for it to run (`if` in the DSL,
+    /// `required_input_pattern` in SQL). A JSON object when set ([`FlowShape::validate`]
+    /// refuses anything else).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub required_input_pattern: Option<serde_json::Value>,
+    /// The pattern the step's input must not contain for it to run (`if_not` in the DSL,
+    /// `forbidden_input_pattern` in SQL). A JSON object when set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub forbidden_input_pattern: Option<serde_json::Value>,
+    /// What happens when the condition is unmet; [`StepShape::DEFAULT_WHEN_UNMET`] (skip)
+    /// unless set. Without a condition it never applies.
+    #[serde(
+        default = "default_when_unmet",
+        skip_serializing_if = "is_default_when_unmet"
+    )]
+    pub when_unmet: SkipMode,
+    /// What happens when a task has used up its attempts; [`StepShape::DEFAULT_WHEN_EXHAUSTED`]
+    /// (fail, as in pgflow 0.8.1) unless set.
+    #[serde(
+        default = "default_when_exhausted",
+        skip_serializing_if = "is_default_when_exhausted"
+    )]
+    pub when_exhausted: SkipMode,
+}
+
+const fn default_when_unmet() -> SkipMode {
+    StepShape::DEFAULT_WHEN_UNMET
+}
+
+const fn default_when_exhausted() -> SkipMode {
+    StepShape::DEFAULT_WHEN_EXHAUSTED
+}
+
+#[allow(
+    clippy::trivially_copy_pass_by_ref,
+    reason = "serde's skip_serializing_if passes a reference"
+)]
+fn is_default_when_unmet(mode: &SkipMode) -> bool {
+    *mode == StepShape::DEFAULT_WHEN_UNMET
+}
+
+#[allow(
+    clippy::trivially_copy_pass_by_ref,
+    reason = "serde's skip_serializing_if passes a reference"
+)]
+fn is_default_when_exhausted(mode: &SkipMode) -> bool {
+    *mode == StepShape::DEFAULT_WHEN_EXHAUSTED
 }
 
 impl StepShape {
-    /// A single step without dependencies or options.
+    /// The engine's `when_unmet` when a step does not set it (`add_step`'s default, upstream's
+    /// too): an unmet condition skips the step.
+    pub const DEFAULT_WHEN_UNMET: SkipMode = SkipMode::Skip;
+
+    /// The engine's `when_exhausted` when a step does not set it: a task out of attempts fails
+    /// the step and the run, as in pgflow 0.8.1.
+    pub const DEFAULT_WHEN_EXHAUSTED: SkipMode = SkipMode::Fail;
+
+    /// A single step without dependencies, options or condition.
     pub fn new(slug: impl Into<String>) -> Self {
         Self {
             slug: slug.into(),
             kind: StepKind::Single,
             dependencies: Vec::new(),
             options: StepOptions::new(),
+            required_input_pattern: None,
+            forbidden_input_pattern: None,
+            when_unmet: Self::DEFAULT_WHEN_UNMET,
+            when_exhausted: Self::DEFAULT_WHEN_EXHAUSTED,
         }
+    }
+
+    /// Whether the step has a condition (a required or a forbidden pattern).
+    pub fn has_condition(&self) -> bool {
+        self.required_input_pattern.is_some() || self.forbidden_input_pattern.is_some()
+    }
+
+    /// Whether the engine may skip this step itself: a condition with a skipping
+    /// `when_unmet`, or a skipping `when_exhausted`. (A step downstream of a `skip-cascade`
+    /// step may be skipped as well, but then it never runs.)
+    pub fn skippable(&self) -> bool {
+        (self.has_condition() && self.when_unmet.skips()) || self.when_exhausted.skips()
+    }
+
+    /// The problem with the step's patterns, if one is not a JSON object: (which, what it is).
+    fn pattern_problem(&self) -> Option<(&'static str, &'static str)> {
+        [
+            ("required_input_pattern", &self.required_input_pattern),
+            ("forbidden_input_pattern", &self.forbidden_input_pattern),
+        ]
+        .into_iter()
+        .find_map(|(name, pattern)| match pattern {
+            None | Some(serde_json::Value::Object(_)) => None,
+            Some(other) => Some((name, json_kind(other))),
+        })
+    }
+}
+
+/// How a JSON value is named in an error.
+pub(crate) const fn json_kind(value: &serde_json::Value) -> &'static str {
+    match value {
+        serde_json::Value::Null => "null",
+        serde_json::Value::Bool(_) => "a boolean",
+        serde_json::Value::Number(_) => "a number",
+        serde_json::Value::String(_) => "a string",
+        serde_json::Value::Array(_) => "an array",
+        serde_json::Value::Object(_) => "an object",
     }
 }
 
@@ -161,6 +280,14 @@ impl FlowShape {
                         requirement,
                     });
                 }
+            }
+            if let Some((pattern, found)) = step.pattern_problem() {
+                return Err(Error::InvalidInputPattern {
+                    flow: flow.clone(),
+                    step: step.slug.clone(),
+                    pattern,
+                    found,
+                });
             }
             if !seen.insert(step.slug.as_str()) {
                 return Err(Error::DuplicateStep {
@@ -222,6 +349,7 @@ impl FlowShape {
                 let _ = write!(sql, ", ARRAY[{}]", deps.join(", "));
             }
             push_options(&mut sql, step.options.named());
+            push_condition(&mut sql, step);
             if step.kind == StepKind::Map {
                 sql.push_str(", step_type => 'map'");
             }
@@ -259,6 +387,35 @@ impl FlowShape {
 /// A SQL string literal: single quotes doubled.
 fn quote(text: &str) -> String {
     format!("'{}'", text.replace('\'', "''"))
+}
+
+/// A step's condition and modes, as named arguments after the options and before
+/// `step_type`, in the order and form of `@pgflow/dsl`'s `compileFlow` since conditions
+/// (upstream's `pkgs/dsl/src/compile-flow.ts` with `whenExhausted`, pgflow 0.14): each
+/// pattern as compact JSON in a string literal (quotes doubled, no `::jsonb` cast), each mode
+/// as its name.
+///
+/// Upstream prints a mode when the flow sets one; a [`StepShape`] holds the mode itself, so a
+/// mode is printed when it is not the engine's default. The SQL is the same step either way:
+/// it differs from upstream's text only for a flow that spells out a default.
+/// `serde_json` writes object keys sorted, where `JSON.stringify` keeps the order written;
+/// `jsonb` keeps neither, so the stored pattern is the same.
+fn push_condition(sql: &mut String, step: &StepShape) {
+    let patterns = [
+        ("required_input_pattern", &step.required_input_pattern),
+        ("forbidden_input_pattern", &step.forbidden_input_pattern),
+    ];
+    for (name, pattern) in patterns {
+        if let Some(pattern) = pattern {
+            let _ = write!(sql, ", {name} => {}", quote(&pattern.to_string()));
+        }
+    }
+    if step.when_unmet != StepShape::DEFAULT_WHEN_UNMET {
+        let _ = write!(sql, ", when_unmet => '{}'", step.when_unmet);
+    }
+    if step.when_exhausted != StepShape::DEFAULT_WHEN_EXHAUSTED {
+        let _ = write!(sql, ", when_exhausted => '{}'", step.when_exhausted);
+    }
 }
 
 fn push_options(sql: &mut String, options: impl Iterator<Item = (&'static str, u32)>) {
@@ -498,6 +655,220 @@ mod tests {
             ..StepShape::new("s")
         }]);
         assert!(constant.validate().is_ok());
+    }
+
+    /// Upstream's expected SQL fragments for conditions, restated from `@pgflow/dsl`'s own
+    /// tests (`pkgs/dsl/__tests__/runtime/condition-options.test.ts` and
+    /// `when-exhausted-options.test.ts`, pgflow 0.14, the version with `whenExhausted`):
+    /// patterns as compact JSON in quotes, modes by name, after the options.
+    #[test]
+    fn conditions_compile_like_upstream() {
+        use serde_json::json;
+        let root = |step: StepShape| {
+            FlowShape {
+                slug: "test_flow".into(),
+                options: FlowOptions::new(),
+                steps: vec![step],
+            }
+            .statements()
+            .unwrap()[1]
+                .clone()
+        };
+        assert_eq!(
+            root(StepShape {
+                required_input_pattern: Some(json!({"enabled": true})),
+                ..StepShape::new("step1")
+            }),
+            r#"SELECT pgflow.add_step('test_flow', 'step1', required_input_pattern => '{"enabled":true}');"#
+        );
+        assert_eq!(
+            root(StepShape {
+                required_input_pattern: Some(json!({"active": true, "type": "premium"})),
+                when_unmet: SkipMode::SkipCascade,
+                ..StepShape::new("step1")
+            }),
+            r#"SELECT pgflow.add_step('test_flow', 'step1', required_input_pattern => '{"active":true,"type":"premium"}', when_unmet => 'skip-cascade');"#
+        );
+        assert_eq!(
+            root(StepShape {
+                forbidden_input_pattern: Some(json!({"role": "admin"})),
+                ..StepShape::new("step1")
+            }),
+            r#"SELECT pgflow.add_step('test_flow', 'step1', forbidden_input_pattern => '{"role":"admin"}');"#
+        );
+        assert_eq!(
+            root(StepShape {
+                when_unmet: SkipMode::Fail,
+                ..StepShape::new("step1")
+            }),
+            "SELECT pgflow.add_step('test_flow', 'step1', when_unmet => 'fail');"
+        );
+        // Every option: the plain ones, the patterns, the modes, then the map step's type.
+        assert_eq!(
+            root(StepShape {
+                kind: StepKind::Map,
+                options: StepOptions::new().max_attempts(3).timeout(60),
+                required_input_pattern: Some(json!({"enabled": true})),
+                forbidden_input_pattern: Some(json!({"suspended": true})),
+                when_unmet: SkipMode::Fail,
+                when_exhausted: SkipMode::SkipCascade,
+                ..StepShape::new("step1")
+            }),
+            r#"SELECT pgflow.add_step('test_flow', 'step1', max_attempts => 3, timeout => 60, required_input_pattern => '{"enabled":true}', forbidden_input_pattern => '{"suspended":true}', when_unmet => 'fail', when_exhausted => 'skip-cascade', step_type => 'map');"#
+        );
+        for (mode, text) in [
+            (SkipMode::Skip, "when_exhausted => 'skip'"),
+            (SkipMode::SkipCascade, "when_exhausted => 'skip-cascade'"),
+        ] {
+            let sql = root(StepShape {
+                when_exhausted: mode,
+                ..StepShape::new("step1")
+            });
+            assert!(sql.ends_with(&format!(", {text});")), "{sql}");
+        }
+        // A dependent step's pattern names its dependencies.
+        let flow = FlowShape {
+            slug: "test_flow".into(),
+            options: FlowOptions::new(),
+            steps: vec![
+                StepShape::new("first"),
+                StepShape {
+                    dependencies: vec!["first".into()],
+                    required_input_pattern: Some(json!({"first": {"success": true}})),
+                    ..StepShape::new("second")
+                },
+            ],
+        };
+        assert_eq!(
+            flow.statements().unwrap()[2],
+            r#"SELECT pgflow.add_step('test_flow', 'second', ARRAY['first'], required_input_pattern => '{"first":{"success":true}}');"#
+        );
+        // A default mode prints nothing, and neither does a step without a condition.
+        assert_eq!(
+            root(StepShape::new("step1")),
+            "SELECT pgflow.add_step('test_flow', 'step1');"
+        );
+    }
+
+    #[test]
+    fn pattern_quotes_are_doubled() {
+        let flow = shape(vec![StepShape {
+            required_input_pattern: Some(serde_json::json!({"name": "O'Brien", "q": "\"x\""})),
+            ..StepShape::new("s")
+        }]);
+        assert_eq!(
+            flow.statements().unwrap()[1],
+            r#"SELECT pgflow.add_step('f', 's', required_input_pattern => '{"name":"O''Brien","q":"\"x\""}');"#
+        );
+    }
+
+    #[test]
+    fn patterns_must_be_objects() {
+        for (value, found) in [
+            (serde_json::json!([1]), "an array"),
+            (serde_json::json!("premium"), "a string"),
+            (serde_json::Value::Null, "null"),
+            (serde_json::json!(1), "a number"),
+        ] {
+            let bad = shape(vec![StepShape {
+                forbidden_input_pattern: Some(value.clone()),
+                ..StepShape::new("s")
+            }]);
+            assert_eq!(
+                bad.validate(),
+                Err(Error::InvalidInputPattern {
+                    flow: "f".into(),
+                    step: "s".into(),
+                    pattern: "forbidden_input_pattern",
+                    found,
+                })
+            );
+            assert!(bad.statements().is_err());
+        }
+        let bad = shape(vec![StepShape {
+            required_input_pattern: Some(serde_json::json!(true)),
+            ..StepShape::new("s")
+        }]);
+        assert_eq!(
+            bad.validate().unwrap_err().to_string(),
+            "the `required_input_pattern` of step `s` in flow `f` is a boolean, but a condition pattern must be a JSON object, as `{\"field\": value}`"
+        );
+        // The empty object is a pattern every input contains: accepted, as the engine does.
+        let empty = shape(vec![StepShape {
+            required_input_pattern: Some(serde_json::json!({})),
+            ..StepShape::new("s")
+        }]);
+        assert!(empty.validate().is_ok());
+    }
+
+    #[test]
+    fn skip_modes_by_name() {
+        for mode in SkipMode::ALL {
+            assert_eq!(mode.as_str().parse::<SkipMode>(), Ok(mode));
+            assert_eq!(
+                serde_json::to_value(mode).unwrap(),
+                serde_json::Value::String(mode.as_str().into())
+            );
+        }
+        assert_eq!(
+            "skip_cascade".parse::<SkipMode>().unwrap_err().to_string(),
+            "unknown skip mode \"skip_cascade\": expected \"fail\", \"skip\" or \"skip-cascade\""
+        );
+        assert!(serde_json::from_value::<SkipMode>(serde_json::json!("Skip")).is_err());
+    }
+
+    #[test]
+    fn skippable_steps() {
+        let conditional = StepShape {
+            required_input_pattern: Some(serde_json::json!({"a": 1})),
+            ..StepShape::new("s")
+        };
+        assert!(conditional.skippable(), "default when_unmet skips");
+        let failing = StepShape {
+            when_unmet: SkipMode::Fail,
+            ..conditional.clone()
+        };
+        assert!(!failing.skippable());
+        // when_unmet alone does nothing without a condition.
+        let no_condition = StepShape {
+            when_unmet: SkipMode::SkipCascade,
+            ..StepShape::new("s")
+        };
+        assert!(!no_condition.skippable());
+        let exhausted = StepShape {
+            when_exhausted: SkipMode::Skip,
+            ..StepShape::new("s")
+        };
+        assert!(exhausted.skippable());
+    }
+
+    #[test]
+    fn conditions_round_trip_through_json_and_old_shapes_read() {
+        let step = StepShape {
+            required_input_pattern: Some(serde_json::json!({"plan": "premium"})),
+            forbidden_input_pattern: Some(serde_json::json!({"banned": true})),
+            when_unmet: SkipMode::SkipCascade,
+            when_exhausted: SkipMode::Skip,
+            ..StepShape::new("s")
+        };
+        let json = serde_json::to_value(&step).unwrap();
+        assert_eq!(
+            json,
+            serde_json::json!({
+                "slug": "s", "kind": "single", "dependencies": [], "options": {},
+                "required_input_pattern": {"plan": "premium"},
+                "forbidden_input_pattern": {"banned": true},
+                "when_unmet": "skip-cascade",
+                "when_exhausted": "skip"
+            })
+        );
+        assert_eq!(serde_json::from_value::<StepShape>(json).unwrap(), step);
+        let old: StepShape = serde_json::from_value(serde_json::json!({"slug": "s"})).unwrap();
+        assert_eq!(old, StepShape::new("s"));
+        assert_eq!(
+            (old.when_unmet, old.when_exhausted),
+            (SkipMode::Skip, SkipMode::Fail)
+        );
     }
 
     #[test]

@@ -49,10 +49,10 @@ pub trait Step: Send + Sync + 'static {
     /// The step's shape: slug, kind, dependencies and options.
     fn shape(&self) -> StepShape {
         StepShape {
-            slug: self.slug().to_owned(),
             kind: self.kind(),
             dependencies: self.dependencies(),
             options: self.options(),
+            ..StepShape::new(self.slug())
         }
     }
 }
