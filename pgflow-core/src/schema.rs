@@ -129,6 +129,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "trace_context",
         sql: include_str!("../migrations/0012_trace_context.sql"),
     },
+    Migration {
+        version: 13,
+        name: "dashboard",
+        sql: include_str!("../migrations/0013_dashboard.sql"),
+    },
 ];
 
 /// The schema version this build of pgflow installs: the last migration's version.
