@@ -89,6 +89,12 @@ impl Client {
     /// different one is [`Error::FlowDrift`], listing each difference. Validation (slugs,
     /// duplicate steps, option ranges) happens before any SQL is sent.
     ///
+    /// Whether the structure differs (steps, their order, kinds, dependencies, conditions and
+    /// skip modes) is the database's verdict, `pgflow._compare_flow_shapes` on the flow's
+    /// [`shape_json`](crate::shape_json), the one a TypeScript worker's
+    /// `pgflow.ensure_flow_compiled` reaches on the same database. Options, which upstream
+    /// leaves out of a shape, are compared here too: a changed option is drift as well.
+    ///
     /// ```no_run
     /// # async fn demo(client: pgflow_client::Client, flow: pgflow_core::Flow<serde_json::Value>) -> pgflow_client::Result<()> {
     /// use pgflow_client::{Compiled, Error};
@@ -157,8 +163,9 @@ impl Client {
         shape.validate()?;
         let mut conn = self.pool.acquire().await?;
         let mut tx = conn.begin().await?;
-        // Workers of several processes compile the same flow at start-up; one at a time.
-        sqlx::query("SELECT pg_advisory_xact_lock(hashtext('pgflow.compile'), hashtext($1))")
+        // Workers of several processes compile the same flow at start-up, in Rust or in
+        // TypeScript (pgflow.ensure_flow_compiled): one at a time, under create_flow's lock.
+        sqlx::query("SELECT pgflow._lock_flow_definition($1)")
             .bind(&shape.slug)
             .execute(&mut *tx)
             .await?;
@@ -168,7 +175,7 @@ impl Client {
                 Compiled::Created
             }
             Some(stored) => {
-                let differences = definition::differences(&stored, shape);
+                let differences = definition::drift(&mut tx, &stored, shape).await?;
                 if differences.is_empty() {
                     Compiled::Unchanged
                 } else {

@@ -3,10 +3,11 @@
 
 use std::fmt;
 
-use pgflow_core::{FlowOptions, FlowShape, StepKind, StepOptions, StepShape};
+use pgflow_core::{FlowOptions, FlowShape, SkipMode, StepKind, StepOptions, StepShape};
+use serde_json::Value;
 use sqlx::{PgConnection, Postgres, Transaction};
 
-use crate::{Error, Result};
+use crate::{Error, Result, shape_json};
 
 /// The defaults of `pgflow.create_flow`, which is what an unset flow option becomes.
 const DEFAULT_MAX_ATTEMPTS: u32 = FlowOptions::DEFAULT_MAX_ATTEMPTS;
@@ -133,6 +134,53 @@ pub enum Difference {
         /// The compiled value.
         compiled: Option<u32>,
     },
+    /// A step's condition differs: the pattern its input must contain
+    /// (`required_input_pattern`) or must not contain (`forbidden_input_pattern`). `None`: no
+    /// such pattern.
+    ///
+    /// ```
+    /// use pgflow_client::Difference;
+    /// use serde_json::json;
+    ///
+    /// let difference = Difference::ConditionChanged {
+    ///     step: "notify".into(),
+    ///     condition: "required_input_pattern",
+    ///     stored: None,
+    ///     compiled: Some(json!({"charge": {"paid": true}})),
+    /// };
+    /// assert_eq!(
+    ///     difference.to_string(),
+    ///     r#"step `notify` required_input_pattern is {"charge":{"paid":true}} instead of unset"#
+    /// );
+    /// ```
+    ConditionChanged {
+        /// Slug of the step.
+        step: String,
+        /// `required_input_pattern` or `forbidden_input_pattern`, as in `add_step`.
+        condition: &'static str,
+        /// The stored pattern.
+        stored: Option<Value>,
+        /// The compiled pattern.
+        compiled: Option<Value>,
+    },
+    /// A step's `when_unmet` or `when_exhausted` differs.
+    ModeChanged {
+        /// Slug of the step.
+        step: String,
+        /// `when_unmet` or `when_exhausted`, as in `add_step`.
+        mode: &'static str,
+        /// The stored mode.
+        stored: SkipMode,
+        /// The compiled mode.
+        compiled: SkipMode,
+    },
+    /// A difference in the structure that the database's comparison
+    /// (`pgflow._compare_flow_shapes`) found and no other variant describes, in its words:
+    /// one this client does not model (a newer engine's, say).
+    Structure {
+        /// The database's sentence, e.g. `Step at index 1: type differs 'map' vs 'single'`.
+        text: String,
+    },
     /// An on-or-off option differs (`jitter`, of `set_retry_policy`); `step` is `None` for the
     /// flow's. `None` values mean unset: a step's is inherited from the flow (a flow's compares
     /// as [`FlowOptions::DEFAULT_JITTER`], so it is never `None` here).
@@ -218,7 +266,37 @@ impl fmt::Display for Difference {
                 stored,
                 compiled,
             } => changed(f, step.as_ref(), option, stored.as_ref(), compiled.as_ref()),
+            Self::ConditionChanged {
+                step,
+                condition,
+                stored,
+                compiled,
+            } => {
+                let value =
+                    |v: &Option<Value>| v.as_ref().map_or_else(|| "unset".into(), Value::to_string);
+                write!(
+                    f,
+                    "step `{step}` {condition} is {} instead of {}",
+                    value(compiled),
+                    value(stored)
+                )
+            }
+            Self::ModeChanged {
+                step,
+                mode,
+                stored,
+                compiled,
+            } => write!(f, "step `{step}` {mode} is {compiled} instead of {stored}"),
+            Self::Structure { text } => f.write_str(text),
         }
+    }
+}
+
+impl Difference {
+    /// Whether it is a difference of structure (steps, their order, kinds, dependencies,
+    /// conditions and modes), which the database's comparison decides, rather than of options.
+    fn is_structural(&self) -> bool {
+        !matches!(self, Self::OptionChanged { .. } | Self::FlagChanged { .. })
     }
 }
 
@@ -340,6 +418,44 @@ fn step_differences(stored: &StepShape, compiled: &StepShape, out: &mut Vec<Diff
             compiled: new_deps,
         });
     }
+    for (condition, old, new) in [
+        (
+            "required_input_pattern",
+            &stored.required_input_pattern,
+            &compiled.required_input_pattern,
+        ),
+        (
+            "forbidden_input_pattern",
+            &stored.forbidden_input_pattern,
+            &compiled.forbidden_input_pattern,
+        ),
+    ] {
+        if old != new {
+            out.push(Difference::ConditionChanged {
+                step: compiled.slug.clone(),
+                condition,
+                stored: old.clone(),
+                compiled: new.clone(),
+            });
+        }
+    }
+    for (mode, old, new) in [
+        ("when_unmet", stored.when_unmet, compiled.when_unmet),
+        (
+            "when_exhausted",
+            stored.when_exhausted,
+            compiled.when_exhausted,
+        ),
+    ] {
+        if old != new {
+            out.push(Difference::ModeChanged {
+                step: compiled.slug.clone(),
+                mode,
+                stored: old,
+                compiled: new,
+            });
+        }
+    }
     let options = |o: &StepOptions| {
         [
             ("max_attempts", o.max_attempts),
@@ -396,6 +512,24 @@ fn retry_policy_differences(
     }
 }
 
+/// A row of `pgflow.steps`, with its dependencies, as [`stored_shape`] reads it.
+#[derive(sqlx::FromRow)]
+struct StepRow {
+    step_slug: String,
+    step_type: String,
+    opt_max_attempts: Option<i32>,
+    opt_base_delay: Option<i32>,
+    opt_timeout: Option<i32>,
+    opt_start_delay: Option<i32>,
+    opt_max_delay: Option<i32>,
+    opt_jitter: Option<bool>,
+    deps: Vec<String>,
+    required_input_pattern: Option<Value>,
+    forbidden_input_pattern: Option<Value>,
+    when_unmet: String,
+    when_exhausted: String,
+}
+
 /// Reads a flow's stored shape, or `None` when the database has no such flow.
 ///
 /// The flow's options are all set, as stored, but for its retry policy: `max_delay` is unset
@@ -412,21 +546,12 @@ pub(crate) async fn stored_shape(conn: &mut PgConnection, slug: &str) -> Result<
     let Some((max_attempts, base_delay, timeout, max_delay, jitter)) = flow else {
         return Ok(None);
     };
-    type StepRow = (
-        String,
-        String,
-        Option<i32>,
-        Option<i32>,
-        Option<i32>,
-        Option<i32>,
-        Option<i32>,
-        Option<bool>,
-        Vec<String>,
-    );
     let rows: Vec<StepRow> = sqlx::query_as(
         "SELECT s.step_slug, s.step_type, s.opt_max_attempts, s.opt_base_delay, s.opt_timeout,
                 s.opt_start_delay, s.opt_max_delay, s.opt_jitter,
                 coalesce(array_agg(d.dep_slug ORDER BY d.dep_slug) FILTER (WHERE d.dep_slug IS NOT NULL), '{}')
+                  AS deps,
+                s.required_input_pattern, s.forbidden_input_pattern, s.when_unmet, s.when_exhausted
            FROM pgflow.steps s
            LEFT JOIN pgflow.deps d ON d.flow_slug = s.flow_slug AND d.step_slug = s.step_slug
           WHERE s.flow_slug = $1
@@ -437,38 +562,32 @@ pub(crate) async fn stored_shape(conn: &mut PgConnection, slug: &str) -> Result<
     .fetch_all(&mut *conn)
     .await?;
     let to_u32 = |v: i32| u32::try_from(v).unwrap_or(0);
-    let steps = rows
-        .into_iter()
-        .map(
-            |(
-                slug,
-                kind,
-                max_attempts,
-                base_delay,
-                timeout,
-                start_delay,
-                max_delay,
-                jitter,
-                deps,
-            )| StepShape {
-                kind: if kind == "map" {
-                    StepKind::Map
-                } else {
-                    StepKind::Single
-                },
-                dependencies: deps,
-                options: StepOptions {
-                    max_attempts: max_attempts.map(to_u32),
-                    base_delay: base_delay.map(to_u32),
-                    timeout: timeout.map(to_u32),
-                    start_delay: start_delay.map(to_u32),
-                    max_delay: max_delay.map(to_u32),
-                    jitter,
-                },
-                ..StepShape::new(slug)
+    let mut steps = Vec::with_capacity(rows.len());
+    for row in rows {
+        // The table's CHECKs admit the three modes alone; another is pgflow_core's error.
+        let mode = |text: &str| text.parse::<SkipMode>();
+        steps.push(StepShape {
+            kind: if row.step_type == "map" {
+                StepKind::Map
+            } else {
+                StepKind::Single
             },
-        )
-        .collect();
+            dependencies: row.deps,
+            options: StepOptions {
+                max_attempts: row.opt_max_attempts.map(to_u32),
+                base_delay: row.opt_base_delay.map(to_u32),
+                timeout: row.opt_timeout.map(to_u32),
+                start_delay: row.opt_start_delay.map(to_u32),
+                max_delay: row.opt_max_delay.map(to_u32),
+                jitter: row.opt_jitter,
+            },
+            required_input_pattern: row.required_input_pattern,
+            forbidden_input_pattern: row.forbidden_input_pattern,
+            when_unmet: mode(&row.when_unmet)?,
+            when_exhausted: mode(&row.when_exhausted)?,
+            ..StepShape::new(row.step_slug.clone())
+        });
+    }
     Ok(Some(FlowShape {
         slug: slug.to_string(),
         options: FlowOptions {
@@ -504,73 +623,74 @@ async fn refuse_case_twin(conn: &mut PgConnection, slug: &str) -> Result<()> {
     }
 }
 
-/// Applies a shape with `create_flow`/`add_step`, every value bound rather than spliced.
+/// Creates a flow from its shape with `pgflow._create_flow_from_shape` (migration 0011), the
+/// function `pgflow.ensure_flow_compiled` creates flows with: [`shape_json`] bound, nothing
+/// spliced. The caller holds `pgflow._lock_flow_definition`.
 pub(crate) async fn create(tx: &mut Transaction<'_, Postgres>, shape: &FlowShape) -> Result<()> {
     refuse_case_twin(tx, &shape.slug).await?;
-    let to_i32 = |v: u32| i32::try_from(v).unwrap_or(i32::MAX);
-    sqlx::query("SELECT pgflow.create_flow($1, $2, $3, $4)")
+    sqlx::query("SELECT pgflow._create_flow_from_shape($1, $2)")
         .bind(&shape.slug)
-        .bind(to_i32(
-            shape.options.max_attempts.unwrap_or(DEFAULT_MAX_ATTEMPTS),
-        ))
-        .bind(to_i32(
-            shape.options.base_delay.unwrap_or(DEFAULT_BASE_DELAY),
-        ))
-        .bind(to_i32(shape.options.timeout.unwrap_or(DEFAULT_TIMEOUT)))
+        .bind(shape_json(shape))
         .execute(&mut **tx)
         .await?;
-    for step in &shape.steps {
-        sqlx::query("SELECT pgflow.add_step($1, $2, $3, $4, $5, $6, $7, $8)")
+    Ok(())
+}
+
+/// The differences between the stored definition of `shape`'s flow and `shape`, the verdict
+/// on its structure being the database's: `pgflow._compare_flow_shapes` of [`shape_json`] and
+/// `pgflow._get_flow_shape`, which a TypeScript worker's `ensure_flow_compiled` reaches too.
+///
+/// Listed as [`differences`] words them when the database finds a structural difference (and
+/// in the database's own words, [`Difference::Structure`], should this client describe none
+/// of it); the option differences, which the database does not compare, always.
+pub(crate) async fn drift(
+    conn: &mut PgConnection,
+    stored: &FlowShape,
+    shape: &FlowShape,
+) -> Result<Vec<Difference>> {
+    let verdict: Vec<String> =
+        sqlx::query_scalar("SELECT pgflow._compare_flow_shapes($1, pgflow._get_flow_shape($2))")
+            .bind(shape_json(shape))
             .bind(&shape.slug)
-            .bind(&step.slug)
-            .bind(&step.dependencies)
-            .bind(step.options.max_attempts.map(to_i32))
-            .bind(step.options.base_delay.map(to_i32))
-            .bind(step.options.timeout.map(to_i32))
-            .bind(step.options.start_delay.map(to_i32))
-            .bind(step.kind.as_str())
-            .execute(&mut **tx)
+            .fetch_one(&mut *conn)
             .await?;
-    }
-    // As `FlowShape::statements` writes it: the flow's policy, then each step's, only those set.
-    if let Some((max_delay, jitter)) = shape.options.retry_policy() {
-        set_retry_policy(tx, &shape.slug, None, max_delay, jitter).await?;
-    }
-    for step in &shape.steps {
-        if let Some((max_delay, jitter)) = step.options.retry_policy() {
-            set_retry_policy(tx, &shape.slug, Some(&step.slug), max_delay, jitter).await?;
-        }
-    }
-    Ok(())
+    Ok(reconcile(differences(stored, shape), verdict))
 }
 
-/// `pgflow.set_retry_policy` (migration 0007), its values bound.
-async fn set_retry_policy(
-    tx: &mut Transaction<'_, Postgres>,
-    flow: &str,
-    step: Option<&str>,
-    max_delay: Option<u32>,
-    jitter: Option<bool>,
-) -> Result<()> {
-    sqlx::query("SELECT pgflow.set_retry_policy($1, $2, $3, $4)")
-        .bind(flow)
-        .bind(step)
-        .bind(max_delay.map(|v| i32::try_from(v).unwrap_or(i32::MAX)))
-        .bind(jitter)
-        .execute(&mut **tx)
-        .await?;
-    Ok(())
+/// [`drift`]'s list from this client's `typed` differences and the database's `verdict`.
+fn reconcile(typed: Vec<Difference>, verdict: Vec<String>) -> Vec<Difference> {
+    let structural = !verdict.is_empty();
+    if !structural && typed.iter().any(Difference::is_structural) {
+        tracing::warn!(
+            ?typed,
+            "the database finds the flow's structure unchanged where this client does not; \
+             the database's verdict holds"
+        );
+    }
+    let mut out: Vec<Difference> = typed
+        .into_iter()
+        .filter(|d| structural || !d.is_structural())
+        .collect();
+    if structural && !out.iter().any(Difference::is_structural) {
+        out.extend(
+            verdict
+                .into_iter()
+                .map(|text| Difference::Structure { text }),
+        );
+    }
+    out
 }
 
-/// Deletes a flow's definition, and its runs when `delete_runs`; returns the runs deleted.
-/// Fails with [`Error::FlowHasRuns`] when it has runs and `delete_runs` is false.
+/// Deletes a flow's definition, and its runs when `delete_runs`, with
+/// `pgflow._delete_flow_data` (migration 0011) for a flow created again in the same
+/// transaction: its queue stays, emptied, with the grants of the worker roles serving it,
+/// and so do its schedules. Returns the runs deleted. Fails with [`Error::FlowHasRuns`] when
+/// it has runs and `delete_runs` is false.
 pub(crate) async fn delete(
     tx: &mut Transaction<'_, Postgres>,
     slug: &str,
     delete_runs: bool,
 ) -> Result<u64> {
-    // Purging this flow's queue would purge its twin's: the same table.
-    refuse_case_twin(tx, slug).await?;
     let runs: i64 = sqlx::query_scalar("SELECT count(*) FROM pgflow.runs WHERE flow_slug = $1")
         .bind(slug)
         .fetch_one(&mut **tx)
@@ -581,25 +701,11 @@ pub(crate) async fn delete(
             runs: u64::try_from(runs).unwrap_or(0),
         });
     }
-    for table in [
-        "step_tasks",
-        "step_states",
-        "runs",
-        "deps",
-        "steps",
-        "flows",
-    ] {
-        sqlx::query(&format!("DELETE FROM pgflow.{table} WHERE flow_slug = $1"))
-            .bind(slug)
-            .execute(&mut **tx)
-            .await?;
-    }
-    // The queue keeps its name (= the flow slug); its messages belonged to the deleted runs.
-    sqlx::query("SELECT pgmq.purge_queue($1) FROM pgmq.list_queues() q WHERE q.queue_name = $1")
+    let deleted: Option<i32> = sqlx::query_scalar("SELECT pgflow._delete_flow_data($1, true)")
         .bind(slug)
-        .execute(&mut **tx)
+        .fetch_one(&mut **tx)
         .await?;
-    Ok(u64::try_from(runs).unwrap_or(0))
+    Ok(deleted.map_or(0, |n| u64::try_from(n).unwrap_or(0)))
 }
 
 #[cfg(test)]

@@ -16,6 +16,7 @@ mod install;
 mod prune;
 mod run;
 mod schedule;
+mod shape_json;
 mod status;
 #[cfg(all(unix, feature = "throwaway"))]
 pub mod throwaway;
@@ -33,6 +34,7 @@ pub use run::{
     StepStateRow, TaskRow,
 };
 pub use schedule::{DEFAULT_GRACE, MAX_CATCH_UP, Missed, Schedule, ScheduleRow};
+pub use shape_json::shape_json;
 pub use status::{ParseStatusError, RunStatus, StepStatus, TaskStatus};
 pub use worker::{
     PRUNE_LOCK_KEY, StepContextExt, Worker, WorkerBuilder, WorkerHandle, WorkerStats,
