@@ -116,6 +116,26 @@ pub enum Error {
         found: &'static str,
     },
 
+    /// A pattern of a dependent step names a key that is not one of its dependencies. A
+    /// dependent step's condition is matched against the object of its dependencies' outputs,
+    /// keyed by slug, which has no other key: such a required pattern never holds, and such a
+    /// forbidden one never applies.
+    #[error(
+        "the `{pattern}` of step `{step}` in flow `{flow}` names `{key}`, which is not one of its dependencies ({dependencies}): a dependent step's condition is matched against its dependencies' outputs, keyed by slug"
+    )]
+    PatternKeyNotDependency {
+        /// The flow.
+        flow: String,
+        /// The step.
+        step: String,
+        /// Which pattern: `required_input_pattern` or `forbidden_input_pattern`.
+        pattern: &'static str,
+        /// The key that is not a dependency's slug.
+        key: String,
+        /// The step's dependencies, as `` `a`, `b` ``.
+        dependencies: String,
+    },
+
     /// A skip mode's name is none of `fail`, `skip` and `skip-cascade` (see
     /// [`SkipMode`](crate::SkipMode)).
     #[error("unknown skip mode {mode:?}: expected \"fail\", \"skip\" or \"skip-cascade\"")]

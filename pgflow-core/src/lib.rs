@@ -47,6 +47,7 @@ mod error;
 mod flow;
 mod handler;
 mod options;
+mod pattern;
 mod shape;
 mod slug;
 mod step;
@@ -61,21 +62,26 @@ pub mod __private {
 }
 mod private;
 
-pub use condition::SkipMode;
+pub use condition::{NotSkippable, SkipMode, Skippability, Skippable, mode};
 pub use context::{StepContext, StepContextBuilder};
 pub use error::{Error, Result, SlugProblem};
 pub use flow::{Flow, FlowBuilder, FlowStep};
 pub use handler::{BoxFuture, ErasedHandler, StepError};
 pub use options::{FlowOptions, MAX_OPTION_VALUE, Seconds, StepOptions};
+pub use pattern::{
+    AllDependencies, HasDependency, InputIs, IntoPattern, NoDependencies, NoPattern,
+    OnDependencies, OnInput, Pattern, PatternFits, PatternTarget, Untyped,
+};
 pub use shape::{FlowShape, StepKind, StepShape};
 pub use slug::{MAX_SLUG_LEN, check_slug, is_valid_slug};
 pub use step::{
     AddedOnce, AlreadyAdded, CheckedOutput, Contains, Dependencies, DependenciesIn, Here, IntoStep,
-    MapOver, NotAdded, OutputMatches, Step, StepOf, StepOutput, There,
+    MapOver, MayBeAbsent, NotAdded, OutputMatches, ParamReceives, Received, RunOutputOf, Step,
+    StepOf, StepOutput, There,
 };
 pub use step_fn::{
-    AnyInput, Append, FitsInput, FnStep, MapDependency, MapInput, Single, StepFnBuilder,
-    TakesInput, step_fn,
+    AnyInput, Append, Condition, ConditionState, FitsInput, FnStep, MapDependency, MapInput,
+    Single, StepFnBuilder, TakesInput, Unconditional, step_fn,
 };
 
 pub use tokio_util::sync::CancellationToken;

@@ -11,9 +11,11 @@ pub use serde_json::Value;
 pub use std::sync::Arc;
 pub use std::vec::Vec;
 
+pub use crate::pattern::build::*;
 pub use crate::{
-    CheckedOutput, ErasedHandler, IntoStep, MapOver, OutputMatches, Step, StepContext, StepError,
-    StepKind, StepOf, StepOptions, StepOutput,
+    CheckedOutput, ErasedHandler, IntoStep, MapOver, NotSkippable, OnDependencies, OnInput,
+    OutputMatches, ParamReceives, Pattern, PatternFits, SkipMode, Skippability, Skippable, Step,
+    StepContext, StepError, StepKind, StepOf, StepOptions, StepOutput, StepShape,
 };
 
 /// The fields of a single step's task input: `run` and the outputs of dependencies.
@@ -60,10 +62,22 @@ impl Fields {
     pub fn dependency<S, T>(&mut self, step: &S) -> Result<T, StepError>
     where
         S: Step,
-        S::Output: OutputMatches<T>,
-        T: StepOutput,
+        S::Skip: ParamReceives<S::Output, T>,
     {
-        self.dependency_by_slug(step.slug())
+        <S::Skip as ParamReceives<S::Output, T>>::decode(self, step.slug())
+    }
+
+    /// Decodes the output of the dependency with this slug, which may have been skipped:
+    /// `None` when the input has no entry for it (the engine leaves a skipped dependency out).
+    pub(crate) fn optional_dependency<T: StepOutput>(
+        &mut self,
+        slug: &str,
+    ) -> Result<Option<T>, StepError> {
+        if self.map.contains_key(slug) {
+            self.dependency_by_slug(slug).map(Some)
+        } else {
+            Ok(None)
+        }
     }
 
     /// Decodes the output of the dependency with this slug.

@@ -201,17 +201,52 @@ impl StepShape {
         (self.has_condition() && self.when_unmet.skips()) || self.when_exhausted.skips()
     }
 
-    /// The problem with the step's patterns, if one is not a JSON object: (which, what it is).
-    fn pattern_problem(&self) -> Option<(&'static str, &'static str)> {
+    /// The step's patterns, by their SQL names.
+    fn patterns(&self) -> [(&'static str, Option<&serde_json::Value>); 2] {
         [
-            ("required_input_pattern", &self.required_input_pattern),
-            ("forbidden_input_pattern", &self.forbidden_input_pattern),
+            (
+                "required_input_pattern",
+                self.required_input_pattern.as_ref(),
+            ),
+            (
+                "forbidden_input_pattern",
+                self.forbidden_input_pattern.as_ref(),
+            ),
         ]
-        .into_iter()
-        .find_map(|(name, pattern)| match pattern {
-            None | Some(serde_json::Value::Object(_)) => None,
-            Some(other) => Some((name, json_kind(other))),
-        })
+    }
+
+    /// The first problem with the step's patterns: one that is not a JSON object, or, for a
+    /// dependent step, that names a key that is not a dependency.
+    fn pattern_problem(&self, flow: &str) -> Option<Error> {
+        for (pattern, value) in self.patterns() {
+            let object = match value {
+                None => continue,
+                Some(serde_json::Value::Object(object)) => object,
+                Some(other) => {
+                    return Some(Error::InvalidInputPattern {
+                        flow: flow.to_owned(),
+                        step: self.slug.clone(),
+                        pattern,
+                        found: json_kind(other),
+                    });
+                }
+            };
+            if self.dependencies.is_empty() {
+                continue;
+            }
+            if let Some(key) = object.keys().find(|key| !self.dependencies.contains(key)) {
+                let dependencies: Vec<String> =
+                    self.dependencies.iter().map(|d| format!("`{d}`")).collect();
+                return Some(Error::PatternKeyNotDependency {
+                    flow: flow.to_owned(),
+                    step: self.slug.clone(),
+                    pattern,
+                    key: key.clone(),
+                    dependencies: dependencies.join(", "),
+                });
+            }
+        }
+        None
     }
 }
 
@@ -281,13 +316,8 @@ impl FlowShape {
                     });
                 }
             }
-            if let Some((pattern, found)) = step.pattern_problem() {
-                return Err(Error::InvalidInputPattern {
-                    flow: flow.clone(),
-                    step: step.slug.clone(),
-                    pattern,
-                    found,
-                });
+            if let Some(problem) = step.pattern_problem(flow) {
+                return Err(problem);
             }
             if !seen.insert(step.slug.as_str()) {
                 return Err(Error::DuplicateStep {
@@ -793,6 +823,25 @@ mod tests {
             bad.validate().unwrap_err().to_string(),
             "the `required_input_pattern` of step `s` in flow `f` is a boolean, but a condition pattern must be a JSON object, as `{\"field\": value}`"
         );
+        // A dependent step's pattern names its dependencies, nothing else.
+        let stray = shape(vec![
+            StepShape::new("a"),
+            StepShape {
+                dependencies: vec!["a".into()],
+                required_input_pattern: Some(serde_json::json!({"a": {"ok": true}, "run": {}})),
+                ..StepShape::new("s")
+            },
+        ]);
+        assert_eq!(
+            stray.validate().unwrap_err().to_string(),
+            "the `required_input_pattern` of step `s` in flow `f` names `run`, which is not one of its dependencies (`a`): a dependent step's condition is matched against its dependencies' outputs, keyed by slug"
+        );
+        // A root step's input is the flow input: any key.
+        let root = shape(vec![StepShape {
+            forbidden_input_pattern: Some(serde_json::json!({"anything": 1})),
+            ..StepShape::new("s")
+        }]);
+        assert!(root.validate().is_ok());
         // The empty object is a pattern every input contains: accepted, as the engine does.
         let empty = shape(vec![StepShape {
             required_input_pattern: Some(serde_json::json!({})),

@@ -14,7 +14,11 @@ use std::sync::Arc;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-use crate::{ErasedHandler, StepKind, StepOptions, StepShape};
+use crate::private::Fields;
+use crate::{
+    ErasedHandler, NotSkippable, Skippability, Skippable, StepError, StepKind, StepOptions,
+    StepShape,
+};
 
 /// A step of a flow, known by its type: its slug, kind, options, dependencies and output.
 ///
@@ -33,6 +37,15 @@ pub trait Step: Send + Sync + 'static {
 
     /// The steps this one depends on, as a type-level list: `(A, (B, ()))` for `[A, B]`.
     type Deps: Dependencies;
+
+    /// Whether the engine may skip this step ([`Skippable`](crate::Skippable)): it has a
+    /// condition whose `when_unmet` skips, or a `when_exhausted` that skips. Its dependents
+    /// then receive its output as an `Option`.
+    type Skip: Skippability;
+
+    /// Whether this step may be skipped with `skip-cascade`, which skips every step downstream
+    /// of it: their outputs may then be missing from the run's, whatever their own modes.
+    type Cascade: Skippability;
 
     /// The step slug.
     fn slug(&self) -> &str;
@@ -150,11 +163,69 @@ pub trait OutputMatches<Param> {}
 impl<T> OutputMatches<T> for T {}
 
 /// A type-level list of steps: `()` or `(S, Rest)`.
-pub trait Dependencies: 'static {}
+pub trait Dependencies: 'static {
+    /// [`Skippable`](crate::Skippable) if a `skip-cascade` upstream of these steps, or of one
+    /// of them, may skip them.
+    type Cascade: Skippability;
+}
 
-impl Dependencies for () {}
+impl Dependencies for () {
+    type Cascade = NotSkippable;
+}
 
-impl<S: Step, Rest: Dependencies> Dependencies for (S, Rest) {}
+impl<S: Step, Rest: Dependencies> Dependencies for (S, Rest) {
+    type Cascade =
+        <<S::Cascade as Skippability>::Or<<S::Deps as Dependencies>::Cascade> as Skippability>::Or<
+            Rest::Cascade,
+        >;
+}
+
+/// Whether step `S`'s output may be missing from its run's outputs: it may be skipped itself,
+/// or by a `skip-cascade` upstream. A client's `output_of` returns an `Option` for such a step.
+pub type MayBeAbsent<S> =
+    <<S as Step>::Skip as Skippability>::Or<<<S as Step>::Deps as Dependencies>::Cascade>;
+
+/// How a completed run's outputs hold step `S`'s output: `S::Output`, or `Option` of it when
+/// the step [may be absent](MayBeAbsent).
+pub type RunOutputOf<S> = <MayBeAbsent<S> as Skippability>::Received<<S as Step>::Output>;
+
+/// How a dependent step receives step `S`'s output: `S::Output`, or `Option` of it when `S`
+/// [may be skipped](Step::Skip).
+pub type Received<S> = <<S as Step>::Skip as Skippability>::Received<<S as Step>::Output>;
+
+/// A parameter of type `Param` may receive the output `Output` of a dependency whose
+/// skippability is `Self`: `Output` itself from a step that is never skipped, `Option<Output>`
+/// from one that may be.
+#[diagnostic::on_unimplemented(
+    message = "this parameter takes `{Param}`, but the dependency it is named after may be skipped: take `Option<{Output}>`",
+    label = "expected `Option<{Output}>` here",
+    note = "a step with a condition (`if_input`, `if_not`) whose `when_unmet` is `skip` or `skip_cascade`, or whose `when_exhausted` is `skip` or `skip_cascade`, may not run; its output is then absent from its dependents' input, so they receive it as an `Option`, `None` when it was skipped"
+)]
+pub trait ParamReceives<Output, Param> {
+    /// Decodes the parameter from the dependency `slug`'s entry in the task input.
+    #[doc(hidden)]
+    fn decode(fields: &mut Fields, slug: &str) -> Result<Param, StepError>;
+}
+
+impl<Output, Param> ParamReceives<Output, Param> for NotSkippable
+where
+    Output: OutputMatches<Param>,
+    Param: StepOutput,
+{
+    fn decode(fields: &mut Fields, slug: &str) -> Result<Param, StepError> {
+        <Self as Skippability>::decode::<Param>(fields, slug)
+    }
+}
+
+impl<Output, Param> ParamReceives<Output, Option<Param>> for Skippable
+where
+    Output: OutputMatches<Param>,
+    Param: StepOutput,
+{
+    fn decode(fields: &mut Fields, slug: &str) -> Result<Option<Param>, StepError> {
+        <Self as Skippability>::decode::<Param>(fields, slug)
+    }
+}
 
 /// Index of a list's head, in a [`Contains`] proof.
 #[derive(Debug)]

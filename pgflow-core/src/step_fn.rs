@@ -9,10 +9,12 @@ use std::sync::Arc;
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 
+use crate::mode::{self, Mode};
 use crate::private::{Fields, element, encode, encode_element};
 use crate::{
-    ErasedHandler, IntoStep, MapOver, Step, StepContext, StepError, StepKind, StepOf, StepOptions,
-    StepOutput,
+    ErasedHandler, IntoPattern, IntoStep, MapOver, NoPattern, PatternFits, PatternTarget, Received,
+    Skippability, Step, StepContext, StepError, StepKind, StepOf, StepOptions, StepOutput,
+    StepShape,
 };
 
 /// Starts a step whose handler is a closure.
@@ -51,19 +53,56 @@ use crate::{
 /// ```
 pub fn step_fn(slug: impl Into<String>) -> StepFnBuilder<Single<()>> {
     StepFnBuilder {
-        slug: slug.into(),
-        options: StepOptions::new(),
-        dependencies: Vec::new(),
+        shape: StepShape::new(slug),
         _kind: PhantomData,
     }
 }
 
-/// Builds a [`FnStep`]; see [`step_fn`]. `K` tracks the kind of step and its dependencies.
-pub struct StepFnBuilder<K> {
-    slug: String,
-    options: StepOptions,
-    dependencies: Vec<String>,
-    _kind: PhantomData<fn() -> K>,
+/// Builds a [`FnStep`]; see [`step_fn`]. `K` tracks the kind of step and its dependencies, `C`
+/// its condition and skip modes (a [`Condition`]).
+pub struct StepFnBuilder<K, C = Unconditional> {
+    /// Everything but the kind, set by `finish`.
+    shape: StepShape,
+    _kind: PhantomData<fn() -> (K, C)>,
+}
+
+/// [`StepFnBuilder`] state: the step's condition at the type level. `Required` and `Forbidden`
+/// are what its patterns are matched against ([`NoPattern`] when unset), `Unmet` and
+/// `Exhausted` its [modes](crate::mode). The compiler derives from them whether the step may
+/// be skipped ([`ConditionState`]).
+#[derive(Debug)]
+pub struct Condition<Required, Forbidden, Unmet, Exhausted>(
+    PhantomData<ConditionMarkers<Required, Forbidden, Unmet, Exhausted>>,
+);
+
+/// The type parameters of a [`Condition`], held as a function pointer (see [`Markers`]).
+type ConditionMarkers<R, F, U, E> = fn() -> (R, F, U, E);
+
+/// The [`Condition`] of a step that sets none: no patterns, the engine's default modes.
+pub type Unconditional = Condition<NoPattern, NoPattern, mode::Skip, mode::Fail>;
+
+/// What a [`Condition`] state implies.
+pub trait ConditionState: 'static {
+    /// Whether the step may be skipped: a pattern with a skipping `when_unmet`, or a skipping
+    /// `when_exhausted`.
+    type Skip: Skippability;
+    /// Whether the step may be skipped with `skip-cascade`.
+    type Cascade: Skippability;
+}
+
+impl<R, F, U, E> ConditionState for Condition<R, F, U, E>
+where
+    R: PatternTarget + 'static,
+    F: PatternTarget + 'static,
+    U: Mode,
+    E: Mode,
+{
+    type Skip = <<<R::Present as Skippability>::Or<F::Present> as Skippability>::And<
+        U::Skips,
+    > as Skippability>::Or<E::Skips>;
+    type Cascade = <<<R::Present as Skippability>::Or<F::Present> as Skippability>::And<
+        U::Cascades,
+    > as Skippability>::Or<E::Cascades>;
 }
 
 /// [`StepFnBuilder`] state: a single step with dependencies `Deps` (a type-level list).
@@ -78,11 +117,134 @@ pub struct MapInput;
 #[derive(Debug)]
 pub struct MapDependency<S>(PhantomData<S>);
 
-impl<K> StepFnBuilder<K> {
+impl<K, R, F, U, E> StepFnBuilder<K, Condition<R, F, U, E>> {
+    /// Runs the step only if its input contains `pattern` (the engine's `@>`): its
+    /// `required_input_pattern`, upstream's `if`. Otherwise the step's
+    /// [`when_unmet`](Self::when_unmet) applies, which skips it unless set otherwise; its
+    /// dependents then receive its output as an `Option`.
+    ///
+    /// A root step's input is the flow input; a dependent step's is the object of its
+    /// dependencies' outputs, keyed by slug. `pgflow::pattern!` writes a pattern whose field
+    /// names the compiler checks, and the handler then checks that it fits the step; a
+    /// `serde_json::Value` object is taken unchecked.
+    ///
+    /// ```
+    /// use pgflow_core::{Flow, step_fn};
+    /// use serde_json::json;
+    ///
+    /// let upgrade = step_fn("upgrade")
+    ///     .if_input(json!({"plan": "trial"}))
+    ///     .handler(|account: serde_json::Value, _ctx| async move { Ok(account["id"].clone()) });
+    /// let flow: Flow<serde_json::Value> = Flow::new("accounts").step(upgrade).build();
+    /// assert_eq!(
+    ///     flow.statements()?[1],
+    ///     r#"SELECT pgflow.add_step('accounts', 'upgrade', required_input_pattern => '{"plan":"trial"}');"#
+    /// );
+    /// # Ok::<(), pgflow_core::Error>(())
+    /// ```
+    pub fn if_input<P: IntoPattern>(
+        mut self,
+        pattern: P,
+    ) -> StepFnBuilder<K, Condition<P::On, F, U, E>> {
+        self.shape.required_input_pattern = Some(pattern.into_value());
+        self.retype()
+    }
+
+    /// Runs the step only if its input does not contain `pattern`: its
+    /// `forbidden_input_pattern`, upstream's `ifNot`. See [`if_input`](Self::if_input).
+    ///
+    /// ```
+    /// use pgflow_core::{Flow, step_fn};
+    /// use serde_json::json;
+    ///
+    /// let welcome = step_fn("welcome")
+    ///     .if_not(json!({"returning": true}))
+    ///     .handler(|user: serde_json::Value, _ctx| async move { Ok(format!("hi {}", user["name"])) });
+    /// let flow: Flow<serde_json::Value> = Flow::new("signup").step(welcome).build();
+    /// assert_eq!(
+    ///     flow.statements()?[1],
+    ///     r#"SELECT pgflow.add_step('signup', 'welcome', forbidden_input_pattern => '{"returning":true}');"#
+    /// );
+    /// # Ok::<(), pgflow_core::Error>(())
+    /// ```
+    pub fn if_not<P: IntoPattern>(
+        mut self,
+        pattern: P,
+    ) -> StepFnBuilder<K, Condition<R, P::On, U, E>> {
+        self.shape.forbidden_input_pattern = Some(pattern.into_value());
+        self.retype()
+    }
+
+    /// What the engine does when the step's condition is unmet: [`mode::Skip`] (the default),
+    /// [`mode::SkipCascade`] (the step and every step downstream) or [`mode::Fail`] (the run
+    /// fails). The mode is a type, so that the compiler knows whether dependents receive the
+    /// step's output as an `Option`.
+    ///
+    /// ```
+    /// use pgflow_core::{Flow, SkipMode, mode, step_fn};
+    /// use serde_json::json;
+    ///
+    /// let charge = step_fn("charge")
+    ///     .if_input(json!({"approved": true}))
+    ///     .when_unmet(mode::Fail)
+    ///     .handler(|order: serde_json::Value, _ctx| async move {
+    ///         Ok(order["amount"].as_f64().unwrap_or_default())
+    ///     });
+    /// // Never skipped (an unmet condition fails the run): the next step takes the output
+    /// // itself, not an `Option`.
+    /// let receipt = step_fn("receipt")
+    ///     .depends_on(&charge)
+    ///     .handler(|_: serde_json::Value, amount: f64, _ctx| async move {
+    ///         Ok(format!("charged {amount}"))
+    ///     });
+    /// let flow: Flow<serde_json::Value> = Flow::new("pay").step(charge).step(receipt).build();
+    /// assert_eq!(flow.shape().steps[0].when_unmet, SkipMode::Fail);
+    /// ```
+    pub fn when_unmet<M: Mode>(self, _mode: M) -> StepFnBuilder<K, Condition<R, F, M, E>> {
+        let mut next = self.retype();
+        next.shape.when_unmet = M::MODE;
+        next
+    }
+
+    /// What the engine does when a task of the step has used up its attempts: [`mode::Fail`]
+    /// (the default, as in pgflow 0.8.1: the run fails), [`mode::Skip`] or
+    /// [`mode::SkipCascade`]. A step that may be skipped gives its dependents its output as an
+    /// `Option`.
+    ///
+    /// ```
+    /// use pgflow_core::{Flow, mode, step_fn};
+    ///
+    /// let geocode = step_fn("geocode")
+    ///     .max_attempts(3)
+    ///     .when_exhausted(mode::Skip)
+    ///     .handler(|address: String, _ctx| async move { Ok((address.len() as f64, 0.0)) });
+    /// let label = step_fn("label")
+    ///     .depends_on(&geocode)
+    ///     .handler(|address: String, at: Option<(f64, f64)>, _ctx| async move {
+    ///         Ok(match at {
+    ///             Some((lat, lon)) => format!("{address} at {lat},{lon}"),
+    ///             None => address, // geocoding gave up; the run goes on
+    ///         })
+    ///     });
+    /// let flow: Flow<String> = Flow::new("places").step(geocode).step(label).build();
+    /// assert_eq!(
+    ///     flow.statements()?[1],
+    ///     "SELECT pgflow.add_step('places', 'geocode', max_attempts => 3, when_exhausted => 'skip');"
+    /// );
+    /// # Ok::<(), pgflow_core::Error>(())
+    /// ```
+    pub fn when_exhausted<M: Mode>(self, _mode: M) -> StepFnBuilder<K, Condition<R, F, U, M>> {
+        let mut next = self.retype();
+        next.shape.when_exhausted = M::MODE;
+        next
+    }
+}
+
+impl<K, C> StepFnBuilder<K, C> {
     /// Sets the step's `max_attempts`.
     #[must_use]
     pub fn max_attempts(mut self, attempts: u32) -> Self {
-        self.options.max_attempts = Some(attempts);
+        self.shape.options.max_attempts = Some(attempts);
         self
     }
 
@@ -90,7 +252,7 @@ impl<K> StepFnBuilder<K> {
     /// rounded up to them (see [`Seconds`](crate::Seconds)).
     #[must_use]
     pub fn base_delay(mut self, time: impl crate::Seconds) -> Self {
-        self.options.base_delay = Some(time.into_seconds());
+        self.shape.options.base_delay = Some(time.into_seconds());
         self
     }
 
@@ -98,7 +260,7 @@ impl<K> StepFnBuilder<K> {
     /// rounded up to them (see [`Seconds`](crate::Seconds)).
     #[must_use]
     pub fn timeout(mut self, time: impl crate::Seconds) -> Self {
-        self.options.timeout = Some(time.into_seconds());
+        self.shape.options.timeout = Some(time.into_seconds());
         self
     }
 
@@ -106,7 +268,7 @@ impl<K> StepFnBuilder<K> {
     /// rounded up to them (see [`Seconds`](crate::Seconds)).
     #[must_use]
     pub fn start_delay(mut self, time: impl crate::Seconds) -> Self {
-        self.options.start_delay = Some(time.into_seconds());
+        self.shape.options.start_delay = Some(time.into_seconds());
         self
     }
 
@@ -138,7 +300,7 @@ impl<K> StepFnBuilder<K> {
     /// ```
     #[must_use]
     pub fn max_delay(mut self, time: impl crate::Seconds) -> Self {
-        self.options.max_delay = Some(time.into_seconds());
+        self.shape.options.max_delay = Some(time.into_seconds());
         self
     }
 
@@ -147,30 +309,26 @@ impl<K> StepFnBuilder<K> {
     /// flow's applies. See [`max_delay`](Self::max_delay) for an example.
     #[must_use]
     pub fn jitter(mut self, jitter: bool) -> Self {
-        self.options.jitter = Some(jitter);
+        self.shape.options.jitter = Some(jitter);
         self
     }
 
-    fn retype<Next>(self) -> StepFnBuilder<Next> {
+    fn retype<NextK, NextC>(self) -> StepFnBuilder<NextK, NextC> {
         StepFnBuilder {
-            slug: self.slug,
-            options: self.options,
-            dependencies: self.dependencies,
+            shape: self.shape,
             _kind: PhantomData,
         }
     }
 
     fn finish<In, O, Deps, F>(
-        self,
+        mut self,
         kind: StepKind,
         handler: Arc<dyn ErasedHandler>,
-    ) -> FnStep<In, O, Deps, F> {
+    ) -> FnStep<In, O, Deps, F, C> {
+        self.shape.kind = kind;
         FnStep {
             inner: Arc::new(FnStepInner {
-                slug: self.slug,
-                kind,
-                options: self.options,
-                dependencies: self.dependencies,
+                shape: self.shape,
                 handler,
             }),
             _types: PhantomData,
@@ -178,17 +336,15 @@ impl<K> StepFnBuilder<K> {
     }
 }
 
-impl<K> fmt::Debug for StepFnBuilder<K> {
+impl<K, C> fmt::Debug for StepFnBuilder<K, C> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("StepFnBuilder")
-            .field("slug", &self.slug)
-            .field("options", &self.options)
-            .field("dependencies", &self.dependencies)
+            .field("shape", &self.shape)
             .finish()
     }
 }
 
-impl<Deps: Append> StepFnBuilder<Single<Deps>> {
+impl<Deps: Append, C> StepFnBuilder<Single<Deps>, C> {
     /// Adds a dependency: the handler then receives `dependency`'s output, after the outputs of
     /// the dependencies added before.
     ///
@@ -214,14 +370,15 @@ impl<Deps: Append> StepFnBuilder<Single<Deps>> {
     pub fn depends_on<T: IntoStep>(
         mut self,
         dependency: T,
-    ) -> StepFnBuilder<Single<Deps::With<T::Step>>> {
-        self.dependencies
+    ) -> StepFnBuilder<Single<Deps::With<T::Step>>, C> {
+        self.shape
+            .dependencies
             .push(dependency.into_step().slug().to_owned());
         self.retype()
     }
 }
 
-impl StepFnBuilder<Single<()>> {
+impl<C> StepFnBuilder<Single<()>, C> {
     /// Makes this a map step over the flow input, which must be a `Vec<T>`: the handler runs
     /// once per element and receives one `T`.
     ///
@@ -234,7 +391,7 @@ impl StepFnBuilder<Single<()>> {
     /// let flow: Flow<Vec<i64>> = Flow::new("squares").step(square).build();
     /// assert_eq!(flow.find_step("square").unwrap().kind(), StepKind::Map);
     /// ```
-    pub fn map_over_input(self) -> StepFnBuilder<MapInput> {
+    pub fn map_over_input(self) -> StepFnBuilder<MapInput, C> {
         self.retype()
     }
 
@@ -259,8 +416,12 @@ impl StepFnBuilder<Single<()>> {
     /// );
     /// # Ok::<(), pgflow_core::Error>(())
     /// ```
-    pub fn map_over<T: IntoStep>(mut self, dependency: T) -> StepFnBuilder<MapDependency<T::Step>> {
-        self.dependencies
+    pub fn map_over<T: IntoStep>(
+        mut self,
+        dependency: T,
+    ) -> StepFnBuilder<MapDependency<T::Step>, C> {
+        self.shape
+            .dependencies
             .push(dependency.into_step().slug().to_owned());
         self.retype()
     }
@@ -282,23 +443,31 @@ impl<Head, Rest: Append> Append for (Head, Rest) {
 
 macro_rules! single_handler {
     ($($dep:ident $arg:ident),*) => {
-        impl<$($dep: Step),*> StepFnBuilder<Single<single_handler!(@list $($dep)*)>> {
-            /// Sets the handler: it receives the flow input, each dependency's output in order,
-            /// and the context.
-            pub fn handler<I, O, F, Fut>(self, handler: F) -> FnStep<TakesInput<I>, O, single_handler!(@list $($dep)*), F>
+        impl<$($dep: Step,)* Req, Forb, Unmet, Exh> StepFnBuilder<Single<single_handler!(@list $($dep)*)>, Condition<Req, Forb, Unmet, Exh>> {
+            /// Sets the handler: it receives the flow input, each dependency's output in order
+            /// (as an `Option` from a dependency that [may be skipped](Step::Skip)), and the
+            /// context.
+            ///
+            /// It compiles only if the step's condition patterns, if any, fit it: a pattern on
+            /// the flow input fits a root step taking that input, a pattern on dependencies a
+            /// step that depends on each of them.
+            #[allow(clippy::type_complexity, reason = "the step's type records all it is")]
+            pub fn handler<I, O, F, Fut, ReqIndex, ForbIndex>(self, handler: F) -> FnStep<TakesInput<I>, O, single_handler!(@list $($dep)*), F, Condition<Req, Forb, Unmet, Exh>>
             where
                 I: DeserializeOwned + 'static,
                 O: StepOutput,
-                F: Fn(I, $($dep::Output,)* StepContext) -> Fut + Send + Sync + 'static,
+                F: Fn(I, $(Received<$dep>,)* StepContext) -> Fut + Send + Sync + 'static,
                 Fut: Future<Output = Result<O, StepError>> + Send + 'static,
+                Req: PatternFits<I, single_handler!(@list $($dep)*), ReqIndex>,
+                Forb: PatternFits<I, single_handler!(@list $($dep)*), ForbIndex>,
             {
-                let slugs = self.dependencies.clone();
+                let slugs = self.shape.dependencies.clone();
                 let erased = move |input: Value, ctx: StepContext| -> crate::BoxFuture<'static, Result<Value, StepError>> {
                     let decoded = (|| {
                         let mut fields = Fields::new(input)?;
                         let run: I = fields.flow_input()?;
                         let mut _slugs = slugs.iter();
-                        $(let $arg: $dep::Output = fields.dependency_by_slug(_slugs.next().map_or("", String::as_str))?;)*
+                        $(let $arg: Received<$dep> = <$dep::Skip as Skippability>::decode::<$dep::Output>(&mut fields, _slugs.next().map_or("", String::as_str))?;)*
                         Ok::<_, StepError>((run, $($arg,)*))
                     })();
                     match decoded {
@@ -325,30 +494,45 @@ single_handler!(D1 d1, D2 d2, D3 d3, D4 d4);
 single_handler!(D1 d1, D2 d2, D3 d3, D4 d4, D5 d5);
 single_handler!(D1 d1, D2 d2, D3 d3, D4 d4, D5 d5, D6 d6);
 
-impl StepFnBuilder<MapInput> {
+impl<Req, Forb, Unmet, Exh> StepFnBuilder<MapInput, Condition<Req, Forb, Unmet, Exh>> {
     /// Sets the handler: it receives one element of the flow input (a `Vec<T>`) and the
     /// context. Dependents receive a `Vec` of its outputs, in element order.
-    pub fn handler<T, O, F, Fut>(self, handler: F) -> FnStep<TakesInput<Vec<T>>, Vec<O>, (), F>
+    #[allow(clippy::type_complexity, reason = "the step's type records all it is")]
+    pub fn handler<T, O, F, Fut, ReqIndex, ForbIndex>(
+        self,
+        handler: F,
+    ) -> FnStep<TakesInput<Vec<T>>, Vec<O>, (), F, Condition<Req, Forb, Unmet, Exh>>
     where
         T: DeserializeOwned + 'static,
         Vec<O>: StepOutput,
         F: Fn(T, StepContext) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = Result<O, StepError>> + Send + 'static,
+        Req: PatternFits<Vec<T>, (), ReqIndex>,
+        Forb: PatternFits<Vec<T>, (), ForbIndex>,
     {
         self.finish(StepKind::Map, map_handler(handler))
     }
 }
 
-impl<S: Step> StepFnBuilder<MapDependency<S>> {
+impl<S: Step, Req, Forb, Unmet, Exh>
+    StepFnBuilder<MapDependency<S>, Condition<Req, Forb, Unmet, Exh>>
+{
     /// Sets the handler: it receives one element of the dependency's `Vec<T>` output and the
-    /// context. Dependents receive a `Vec` of its outputs, in element order.
-    pub fn handler<T, O, F, Fut>(self, handler: F) -> FnStep<AnyInput, Vec<O>, (S, ()), F>
+    /// context. Dependents receive a `Vec` of its outputs, in element order. A skipped
+    /// dependency gives the step no tasks, and an empty `Vec` as output.
+    #[allow(clippy::type_complexity, reason = "the step's type records all it is")]
+    pub fn handler<T, O, F, Fut, ReqIndex, ForbIndex>(
+        self,
+        handler: F,
+    ) -> FnStep<AnyInput, Vec<O>, (S, ()), F, Condition<Req, Forb, Unmet, Exh>>
     where
         S::Output: MapOver<T>,
         T: DeserializeOwned + 'static,
         Vec<O>: StepOutput,
         F: Fn(T, StepContext) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = Result<O, StepError>> + Send + 'static,
+        Req: PatternFits<AnyInput, (S, ()), ReqIndex>,
+        Forb: PatternFits<AnyInput, (S, ()), ForbIndex>,
     {
         self.finish(StepKind::Map, map_handler(handler))
     }
@@ -379,22 +563,20 @@ where
 /// A step built from a closure with [`step_fn`].
 ///
 /// Its type parameters record, for the compiler: which flow input it takes (`In`), what
-/// dependents receive (`O`), its dependencies (`Deps`), and the closure's own type (`F`, which
-/// makes each closure step a distinct type). Cheap to clone.
-pub struct FnStep<In, O, Deps, F> {
+/// dependents receive (`O`), its dependencies (`Deps`), the closure's own type (`F`, which
+/// makes each closure step a distinct type) and its condition (`C`, a [`Condition`], which
+/// tells whether it may be skipped). Cheap to clone.
+pub struct FnStep<In, O, Deps, F, C = Unconditional> {
     inner: Arc<FnStepInner>,
-    _types: PhantomData<Markers<In, O, Deps, F>>,
+    _types: PhantomData<Markers<In, O, Deps, F, C>>,
 }
 
 /// The type parameters of a [`FnStep`], held as a function pointer so that they do not affect
 /// `Send`, `Sync` or drop checking.
-type Markers<In, O, Deps, F> = fn() -> (In, O, Deps, F);
+type Markers<In, O, Deps, F, C> = fn() -> (In, O, Deps, F, C);
 
 struct FnStepInner {
-    slug: String,
-    kind: StepKind,
-    options: StepOptions,
-    dependencies: Vec<String>,
+    shape: StepShape,
     handler: Arc<dyn ErasedHandler>,
 }
 
@@ -413,7 +595,7 @@ impl<I> FitsInput<I> for TakesInput<I> {}
 
 impl<I> FitsInput<I> for AnyInput {}
 
-impl<In, O, Deps, F> Clone for FnStep<In, O, Deps, F> {
+impl<In, O, Deps, F, C> Clone for FnStep<In, O, Deps, F, C> {
     fn clone(&self) -> Self {
         Self {
             inner: Arc::clone(&self.inner),
@@ -422,18 +604,15 @@ impl<In, O, Deps, F> Clone for FnStep<In, O, Deps, F> {
     }
 }
 
-impl<In, O, Deps, F> fmt::Debug for FnStep<In, O, Deps, F> {
+impl<In, O, Deps, F, C> fmt::Debug for FnStep<In, O, Deps, F, C> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("FnStep")
-            .field("slug", &self.inner.slug)
-            .field("kind", &self.inner.kind)
-            .field("options", &self.inner.options)
-            .field("dependencies", &self.inner.dependencies)
+            .field("shape", &self.inner.shape)
             .finish_non_exhaustive()
     }
 }
 
-impl<In, O, Deps, F> IntoStep for FnStep<In, O, Deps, F>
+impl<In, O, Deps, F, C> IntoStep for FnStep<In, O, Deps, F, C>
 where
     Self: Step,
 {
@@ -444,50 +623,58 @@ where
     }
 }
 
-impl<In, O, Deps, F> IntoStep for &FnStep<In, O, Deps, F>
+impl<In, O, Deps, F, C> IntoStep for &FnStep<In, O, Deps, F, C>
 where
-    FnStep<In, O, Deps, F>: Step,
+    FnStep<In, O, Deps, F, C>: Step,
 {
-    type Step = FnStep<In, O, Deps, F>;
+    type Step = FnStep<In, O, Deps, F, C>;
 
     fn into_step(self) -> Self::Step {
         self.clone()
     }
 }
 
-impl<In, O, Deps, F> Step for FnStep<In, O, Deps, F>
+impl<In, O, Deps, F, C> Step for FnStep<In, O, Deps, F, C>
 where
     In: 'static,
     O: StepOutput,
     Deps: crate::Dependencies,
     F: 'static,
+    C: ConditionState,
 {
     type Output = O;
     type Deps = Deps;
+    type Skip = C::Skip;
+    type Cascade = C::Cascade;
 
     fn slug(&self) -> &str {
-        &self.inner.slug
+        &self.inner.shape.slug
     }
 
     fn kind(&self) -> StepKind {
-        self.inner.kind
+        self.inner.shape.kind
     }
 
     fn options(&self) -> StepOptions {
-        self.inner.options
+        self.inner.shape.options
     }
 
     fn dependencies(&self) -> Vec<String> {
-        self.inner.dependencies.clone()
+        self.inner.shape.dependencies.clone()
+    }
+
+    fn shape(&self) -> StepShape {
+        self.inner.shape.clone()
     }
 }
 
-impl<I, In, O, Deps, F> StepOf<I> for FnStep<In, O, Deps, F>
+impl<I, In, O, Deps, F, C> StepOf<I> for FnStep<In, O, Deps, F, C>
 where
     In: FitsInput<I> + 'static,
     O: StepOutput,
     Deps: crate::Dependencies,
     F: 'static,
+    C: ConditionState,
 {
     fn handler(&self) -> Arc<dyn ErasedHandler> {
         Arc::clone(&self.inner.handler)

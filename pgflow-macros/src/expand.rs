@@ -157,6 +157,8 @@ fn expand(step: &StepFn, args: &Args, slug: &str, private: &TokenStream) -> Toke
         impl #private::Step for #name {
             #step_output
             type Deps = #deps_list;
+            type Skip = #private::NotSkippable;
+            type Cascade = #private::NotSkippable;
 
             fn slug(&self) -> &str {
                 #slug
@@ -251,6 +253,8 @@ fn fallback(step: &StepFn, args: &Args, slug: &str, private: &TokenStream) -> To
         impl #private::Step for #name {
             #output
             type Deps = ();
+            type Skip = #private::NotSkippable;
+            type Cascade = #private::NotSkippable;
 
             fn slug(&self) -> &str {
                 #slug
