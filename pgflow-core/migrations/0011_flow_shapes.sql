@@ -57,11 +57,14 @@
 -- -------------------------------------------------------------------------------------
 
 -- Refuses a caller that does not have the privileges of schema pgflow's owner, naming
--- what it tried (p_action).
+-- what it tried (p_action). It runs as the owner, and every role may call it, so that the
+-- functions below can tell a role they were granted by mistake why it is refused (it tells
+-- nothing but whether the calling role is the owner; 0004's _caller() names that role).
 CREATE FUNCTION pgflow._require_owner(p_action text)
 RETURNS void
 LANGUAGE plpgsql
 STABLE
+SECURITY DEFINER
 SET search_path = ''
 AS $$
 BEGIN
@@ -653,11 +656,10 @@ END;
 $$;
 
 -- -------------------------------------------------------------------------------------
--- Privileges: the owner's until granted (docs/security.md)
+-- Privileges: the owner's until granted (docs/security.md); _require_owner, every role's.
 -- -------------------------------------------------------------------------------------
 
 REVOKE EXECUTE ON FUNCTION
-  pgflow._require_owner(text),
   pgflow._lock_flow_definition(text),
   pgflow._shape_pattern(jsonb, text),
   pgflow._shape_steps(jsonb, text),

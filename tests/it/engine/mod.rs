@@ -6,6 +6,7 @@ mod attempts;
 mod concurrency;
 mod definitions;
 mod events;
+mod flow_shapes;
 mod limits;
 mod maps;
 mod retries;
