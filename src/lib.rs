@@ -114,6 +114,11 @@ pub use pgflow_client::{
 };
 pub use sqlx::PgPool;
 
+/// The web dashboard (feature `dashboard`): `pgflow::dashboard::router(pool)` is an axum
+/// `Router` to mount behind the app's own authentication; see the crate's documentation.
+#[cfg(feature = "dashboard")]
+pub use pgflow_dashboard as dashboard;
+
 /// What a module defining flows needs: `use pgflow::prelude::*;`.
 pub mod prelude {
     pub use crate::{

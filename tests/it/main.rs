@@ -13,7 +13,10 @@ mod cli_control;
 #[cfg(feature = "cli")]
 mod cli_operator;
 mod client;
+#[cfg(feature = "dashboard")]
+mod dashboard;
 mod engine;
+mod flow_shapes;
 mod install;
 mod prune;
 mod reliability;

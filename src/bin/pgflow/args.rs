@@ -159,6 +159,17 @@ pub(crate) enum Command {
         #[arg(long)]
         dry_run: bool,
     },
+    /// Serve the web dashboard (flows, runs, workers, schedules, stuck runs) until Ctrl-C.
+    /// Read-only unless --allow-actions; it has no login of its own: keep it on localhost or
+    /// behind a proxy that authenticates.
+    Dashboard {
+        /// The address to listen on.
+        #[arg(long, default_value = "127.0.0.1:8080", value_name = "ADDRESS")]
+        listen: std::net::SocketAddr,
+        /// Offer to cancel and retry runs.
+        #[arg(long)]
+        allow_actions: bool,
+    },
     /// Follow a run's progress until it ends.
     #[command(after_help = WATCH_EXIT_STATUS)]
     Watch {

@@ -2,6 +2,7 @@
 
 mod check;
 mod control;
+mod dashboard;
 mod flows;
 mod install;
 pub(crate) mod prune;
@@ -46,6 +47,10 @@ pub(crate) async fn dispatch(
             watch::watch(client, run_id, timeout.map(Duration::from_secs), json, out).await
         }
         Command::Check => check::check(client, json, out).await,
+        Command::Dashboard {
+            listen,
+            allow_actions,
+        } => dashboard::serve(client, listen, allow_actions, out).await,
         Command::Schedules { action } => schedules::schedules(client, action, json, out).await,
         Command::Prune {
             older_than,
