@@ -192,3 +192,51 @@ struct State {
 }
 
 type Shared = axum::extract::State<Arc<State>>;
+
+#[cfg(all(test, feature = "prometheus"))]
+mod tests {
+    use axum::body::Body;
+    use axum::http::{Request, StatusCode};
+    use http_body_util::BodyExt;
+    use metrics_exporter_prometheus::PrometheusBuilder;
+    use tower::ServiceExt;
+
+    /// A pool that is never used: `/metrics` reads the recorder, not the database.
+    fn idle_pool() -> sqlx::PgPool {
+        sqlx::postgres::PgPoolOptions::new()
+            .connect_lazy("postgres://nobody@127.0.0.1:1/none")
+            .expect("a lazy pool")
+    }
+
+    async fn get(router: axum::Router, path: &str) -> (StatusCode, String) {
+        let response = router
+            .oneshot(Request::get(path).body(Body::empty()).expect("request"))
+            .await
+            .expect("infallible");
+        let status = response.status();
+        let body = response.into_body().collect().await.expect("body").to_bytes();
+        (status, String::from_utf8_lossy(&body).into_owned())
+    }
+
+    #[tokio::test]
+    async fn metrics_serves_what_the_app_recorded() {
+        let recorder = PrometheusBuilder::new().build_recorder();
+        let handle = recorder.handle();
+        metrics::with_local_recorder(&recorder, || {
+            metrics::counter!("dashboard_test_total", "flow" => "orders").increment(3);
+        });
+        let router = super::Dashboard::new(idle_pool()).prometheus(handle).router();
+        let (status, text) = get(router, "/metrics").await;
+        assert_eq!(status, StatusCode::OK);
+        assert!(
+            text.contains("dashboard_test_total{flow=\"orders\"} 3"),
+            "{text}"
+        );
+    }
+
+    #[tokio::test]
+    async fn without_a_handle_there_is_no_metrics_route() {
+        let (status, _) = get(super::router(idle_pool()), "/metrics").await;
+        assert_eq!(status, StatusCode::NOT_FOUND);
+    }
+}
