@@ -11,6 +11,7 @@ use crate::definition::{self, Compiled, Replace};
 use crate::events::Subscription;
 use crate::run::{Cancelled, RunHandle, RunRetry, RunState, RunSummary};
 use crate::status::RunStatus;
+use crate::trace_context::TraceHeaders;
 use crate::{Error, InstallReport, Result};
 
 /// How many runs [`Client::cancel_all`] cancels per call of `pgflow.cancel_runs` (its default).
@@ -280,15 +281,31 @@ impl Client {
     /// tx.commit().await?; // the order and its run, or neither
     /// # Ok(()) }
     /// ```
-    #[tracing::instrument(skip_all, fields(flow_slug = flow.slug()), err)]
     pub async fn start_in<'c, A, I>(&self, conn: A, flow: &Flow<I>, input: &I) -> Result<RunHandle>
+    where
+        A: Acquire<'c, Database = Postgres>,
+        I: Serialize,
+    {
+        // The caller's trace context, taken before this call's own span is entered.
+        let trace = crate::trace_context::caller();
+        self.start_in_traced(conn, flow, input, trace).await
+    }
+
+    #[tracing::instrument(name = "start_in", skip_all, fields(flow_slug = flow.slug()), err)]
+    async fn start_in_traced<'c, A, I>(
+        &self,
+        conn: A,
+        flow: &Flow<I>,
+        input: &I,
+        trace: Option<TraceHeaders>,
+    ) -> Result<RunHandle>
     where
         A: Acquire<'c, Database = Postgres>,
         I: Serialize,
     {
         let input = encode(input)?;
         let mut conn = conn.acquire().await?;
-        let run_id = start_on(&mut conn, flow.slug(), &input, None).await?;
+        let run_id = start_on(&mut conn, flow.slug(), &input, None, trace).await?;
         Ok(RunHandle::new(self.pool.clone(), run_id))
     }
 
@@ -307,15 +324,16 @@ impl Client {
     /// client.cancel(run.id()).await?;
     /// # Ok(()) }
     /// ```
-    #[tracing::instrument(skip_all, fields(flow_slug = flow.slug(), %at), err)]
     pub async fn start_at<I: Serialize>(
         &self,
         at: DateTime<Utc>,
         flow: &Flow<I>,
         input: &I,
     ) -> Result<RunHandle> {
+        let trace = crate::trace_context::caller();
         let at = crate::schedule::StartAt::At(at);
-        self.start_delayed(flow.slug(), encode(input)?, at).await
+        self.start_delayed(flow.slug(), encode(input)?, at, trace)
+            .await
     }
 
     /// Starts a run of `flow` whose root steps start after `delay`, counted on the database
@@ -333,26 +351,32 @@ impl Client {
     /// println!("run {} scheduled", run.id());
     /// # Ok(()) }
     /// ```
-    #[tracing::instrument(skip_all, fields(flow_slug = flow.slug(), ?delay), err)]
     pub async fn start_after<I: Serialize>(
         &self,
         delay: std::time::Duration,
         flow: &Flow<I>,
         input: &I,
     ) -> Result<RunHandle> {
+        let trace = crate::trace_context::caller();
         let at = crate::schedule::StartAt::After(delay);
-        self.start_delayed(flow.slug(), encode(input)?, at).await
+        self.start_delayed(flow.slug(), encode(input)?, at, trace)
+            .await
     }
 
+    /// For [`Client::start_at`] and [`Client::start_after`], with the caller's trace context
+    /// taken before this span is entered.
+    #[tracing::instrument(skip(self, input, trace), err)]
     async fn start_delayed(
         &self,
         flow_slug: &str,
         input: Value,
         at: crate::schedule::StartAt,
+        trace: Option<TraceHeaders>,
     ) -> Result<RunHandle> {
         let mut conn = self.pool.acquire().await?;
         known_flow(&mut conn, flow_slug).await?;
-        let run_id = crate::schedule::start_delayed(&mut conn, flow_slug, &input, at, None).await?;
+        let run_id =
+            crate::schedule::start_delayed(&mut conn, flow_slug, &input, at, None, trace).await?;
         Ok(RunHandle::new(self.pool.clone(), run_id))
     }
 
@@ -395,12 +419,25 @@ impl Client {
     /// }
     /// # Ok(()) }
     /// ```
-    #[tracing::instrument(skip(self, input), err)]
     pub async fn start_json(
         &self,
         flow_slug: &str,
         input: Value,
         run_id: Option<Uuid>,
+    ) -> Result<RunHandle> {
+        // The caller's trace context, taken before this call's own span is entered.
+        let trace = crate::trace_context::caller();
+        self.start_json_traced(flow_slug, input, run_id, trace)
+            .await
+    }
+
+    #[tracing::instrument(name = "start_json", skip(self, input, trace), err)]
+    async fn start_json_traced(
+        &self,
+        flow_slug: &str,
+        input: Value,
+        run_id: Option<Uuid>,
+        trace: Option<TraceHeaders>,
     ) -> Result<RunHandle> {
         if let Some(run_id) = run_id
             && let Some(handle) = self.existing_run(flow_slug, run_id).await?
@@ -409,7 +446,7 @@ impl Client {
         }
         let started = {
             let mut conn = self.pool.acquire().await?;
-            start_on(&mut conn, flow_slug, &input, run_id).await
+            start_on(&mut conn, flow_slug, &input, run_id, trace).await
         };
         match started {
             Ok(id) => Ok(RunHandle::new(self.pool.clone(), id)),
@@ -854,21 +891,36 @@ fn encode<I: Serialize>(input: &I) -> Result<Value> {
 }
 
 /// Starts a run on `conn`: the one place of the SQL that starts runs, for [`Client::start_json`]
-/// on the client's pool and [`Client::start_in`] on the caller's connection.
+/// on the client's pool and [`Client::start_in`] on the caller's connection. A trace context
+/// (feature `otel`) goes with the run, in the same statement.
 async fn start_on(
     conn: &mut PgConnection,
     flow_slug: &str,
     input: &Value,
     run_id: Option<Uuid>,
+    trace: Option<TraceHeaders>,
 ) -> Result<Uuid> {
+    const START: &str = "SELECT run_id FROM pgflow.start_flow($1, $2, $3)";
     known_flow(conn, flow_slug).await?;
-    sqlx::query_scalar("SELECT run_id FROM pgflow.start_flow($1, $2, $3)")
+    let Some(trace) = trace else {
+        return sqlx::query_scalar(START)
+            .bind(flow_slug)
+            .bind(input)
+            .bind(run_id)
+            .fetch_one(&mut *conn)
+            .await
+            .map_err(|err| Error::from_start(flow_slug, err));
+    };
+    let (run_id, _stored): (Uuid, bool) = sqlx::query_as(&crate::trace_context::storing(START, 3))
         .bind(flow_slug)
         .bind(input)
         .bind(run_id)
+        .bind(trace.traceparent)
+        .bind(trace.tracestate)
         .fetch_one(&mut *conn)
         .await
-        .map_err(|err| Error::from_start(flow_slug, err))
+        .map_err(|err| Error::from_start(flow_slug, err))?;
+    Ok(run_id)
 }
 
 /// `Ok` when the flow is in the database, else [`Error::UnknownFlow`] listing those that are.

@@ -4,6 +4,8 @@
 //! | feature | what it adds |
 //! |---|---|
 //! | `throwaway` | [`throwaway`]: a throwaway PostgreSQL server and fresh test databases (Unix) |
+//! | `otel` | a run carries the OpenTelemetry trace context of the code that started it; its tasks' spans are children of it |
+//! | `metrics` | worker metrics through the `metrics` facade, named in [`metric_names`] |
 
 #![deny(missing_docs)]
 
@@ -13,6 +15,7 @@ mod definition;
 mod error;
 pub mod events;
 mod install;
+pub mod metric_names;
 mod prune;
 mod run;
 mod schedule;
@@ -20,6 +23,7 @@ mod shape_json;
 mod status;
 #[cfg(all(unix, feature = "throwaway"))]
 pub mod throwaway;
+mod trace_context;
 mod worker;
 
 pub use check::{Finding, FindingKind, LIVE_WORKER_WINDOW, check};

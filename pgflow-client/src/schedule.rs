@@ -27,6 +27,7 @@ use serde_json::Value;
 use sqlx::{PgConnection, PgPool};
 use uuid::Uuid;
 
+use crate::trace_context::TraceHeaders;
 use crate::{Error, Result};
 
 /// What a schedule does with ticks it missed because no worker was running it.
@@ -615,30 +616,46 @@ pub(crate) enum StartAt {
 }
 
 /// Starts a run of `flow_slug` whose root steps start at `at` (`pgflow.start_flow_at`), on
-/// `conn`; returns its id.
+/// `conn`, storing `trace` with it; returns its id.
 pub(crate) async fn start_delayed(
     conn: &mut PgConnection,
     flow_slug: &str,
     input: &Value,
     at: StartAt,
     run_id: Option<Uuid>,
+    trace: Option<TraceHeaders>,
 ) -> Result<Uuid> {
     let (at, after) = match at {
         StartAt::At(at) => (Some(at), None),
         StartAt::After(delay) => (None, Some(delay.as_secs_f64())),
     };
-    sqlx::query_scalar(
-        "SELECT run_id FROM pgflow.start_flow_at(
-                  $1, $2, coalesce($3, clock_timestamp() + make_interval(secs => $4)), $5)",
-    )
-    .bind(flow_slug)
-    .bind(input)
-    .bind(at)
-    .bind(after)
-    .bind(run_id)
-    .fetch_one(&mut *conn)
-    .await
-    .map_err(|err| Error::from_start(flow_slug, err))
+    const START: &str = "SELECT run_id FROM pgflow.start_flow_at(
+                  $1, $2, coalesce($3, clock_timestamp() + make_interval(secs => $4)), $5)";
+    // A trace context (feature `otel`) goes with the run, in the same statement.
+    if let Some(trace) = trace {
+        let (run_id, _stored): (Uuid, bool) =
+            sqlx::query_as(&crate::trace_context::storing(START, 5))
+                .bind(flow_slug)
+                .bind(input)
+                .bind(at)
+                .bind(after)
+                .bind(run_id)
+                .bind(trace.traceparent)
+                .bind(trace.tracestate)
+                .fetch_one(&mut *conn)
+                .await
+                .map_err(|err| Error::from_start(flow_slug, err))?;
+        return Ok(run_id);
+    }
+    sqlx::query_scalar(START)
+        .bind(flow_slug)
+        .bind(input)
+        .bind(at)
+        .bind(after)
+        .bind(run_id)
+        .fetch_one(&mut *conn)
+        .await
+        .map_err(|err| Error::from_start(flow_slug, err))
 }
 
 /// Writes `schedule` to the database (`pgflow.define_schedule`); `true` when it was new.

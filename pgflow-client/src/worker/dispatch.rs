@@ -18,24 +18,19 @@ use super::registry::FlowEntry;
 use super::report::{Outcome, Report, TaskKey};
 use super::shared::Shared;
 use super::task::StartedTask;
+use super::telemetry::{self, Settled};
 
 /// Runs `task` in a Tokio task of its own, holding `permit` until its result is with the
 /// reporter.
 pub(crate) fn spawn(
     shared: &Arc<Shared>,
     flow: &Arc<FlowEntry>,
-    task: StartedTask,
+    mut task: StartedTask,
     permit: OwnedSemaphorePermit,
     reports: mpsc::Sender<Report>,
 ) {
-    let span = tracing::info_span!(
-        "task",
-        flow_slug = %flow.slug,
-        step_slug = %task.step_slug,
-        run_id = %task.run_id,
-        task_index = task.task_index,
-        attempt = task.attempt,
-    );
+    let span = telemetry::task_span(flow, &mut task);
+    let slot = telemetry::SlotInUse::take();
     shared.counters.started.fetch_add(1, Ordering::Relaxed);
     shared.counters.in_flight.fetch_add(1, Ordering::Relaxed);
 
@@ -44,6 +39,7 @@ pub(crate) fn spawn(
         || Arc::from(task.step_slug.as_str()),
         |step| Arc::clone(&step.slug),
     );
+    telemetry::task_started(&flow.slug, &step_slug, &task.telemetry);
     let handler = match step {
         Some(step) => Ok(Arc::clone(&step.handler)),
         None => Err(format!(
@@ -81,6 +77,7 @@ pub(crate) fn spawn(
     let counters = Arc::clone(&shared.counters);
 
     let run = async move {
+        let _slot = slot;
         let began = Instant::now();
         tracing::debug!("task started");
         let outcome = match (handler, input) {
@@ -96,7 +93,9 @@ pub(crate) fn spawn(
                     run_cancelled: registration.run_cancelled(),
                     shutdown_timeout,
                 };
-                execute(handler, input, ctx, limits).await
+                let outcome = execute(handler, input, ctx, limits).await;
+                telemetry::handler_finished(&key.flow.slug, &key.step_slug, began.elapsed());
+                outcome
             }
         };
         // Whatever the handler made of the cancellation: the engine marked the task cancelled
@@ -115,6 +114,7 @@ pub(crate) fn spawn(
                     "older execution dropped unreported: this worker started the task again"
                 );
             } else {
+                telemetry::task_settled(&key.flow.slug, &key.step_slug, Settled::Cancelled);
                 tracing::info!(elapsed_ms, "task cancelled: its run was cancelled");
             }
             drop(permit);

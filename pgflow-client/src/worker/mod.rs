@@ -75,7 +75,9 @@
 // The public face is `builder`, `handle` and `context`; `spawn` hands the rest to `supervisor`,
 // which runs `heartbeat`, `listen`, one `poll` loop per flow (each `task` it starts goes to
 // `dispatch`, whose results go to `report`). Dependencies run in that direction only. `running`
-// holds the dispatched tasks by run, for `listen` (and `heartbeat`) to cancel.
+// holds the dispatched tasks by run, for `listen` (and `heartbeat`) to cancel. `telemetry` is
+// what `dispatch` and `report` tell the application's tracing and metrics; `queue_gauges`
+// samples the queues for the metrics.
 mod backoff;
 mod builder;
 mod context;
@@ -85,6 +87,8 @@ mod heartbeat;
 mod listen;
 mod poll;
 mod prune;
+#[cfg(feature = "metrics")]
+mod queue_gauges;
 mod registry;
 mod report;
 mod running;
@@ -94,6 +98,7 @@ mod settings;
 mod shared;
 mod supervisor;
 mod task;
+mod telemetry;
 
 pub use builder::WorkerBuilder;
 pub use context::StepContextExt;

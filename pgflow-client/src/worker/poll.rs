@@ -17,6 +17,9 @@ use super::registry::FlowEntry;
 use super::report::Report;
 use super::shared::Shared;
 use super::task::StartedTask;
+#[cfg(any(feature = "otel", feature = "metrics"))]
+use super::telemetry;
+use super::telemetry::TaskTelemetry;
 
 /// Reads messages and starts their tasks in one call (`pgflow._read_and_start`): what
 /// `pgmq.read` then `start_tasks` over the ids read do, in one transaction, plus what the worker
@@ -67,6 +70,7 @@ async fn fetch(
                         .max(1),
                 ),
                 read_at,
+                telemetry: TaskTelemetry::default(),
             },
         )
         .collect())
@@ -99,6 +103,9 @@ pub(crate) async fn run(shared: Arc<Shared>, flow: Arc<FlowEntry>, reports: mpsc
     tracing::debug!(flow_slug = %flow.slug, worker_id = %flow.worker_id, "polling");
 
     let mut queue_busy = false;
+    // Whether the read of the batch's trace contexts and queue waits has failed (and said so).
+    #[cfg(any(feature = "otel", feature = "metrics"))]
+    let mut telemetry_warned = false;
     loop {
         let Some(mut permits) = take_permits(&shared, &flow, queue_busy).await else {
             break;
@@ -113,7 +120,8 @@ pub(crate) async fn run(shared: Arc<Shared>, flow: Arc<FlowEntry>, reports: mpsc
             i32::try_from(qty).unwrap_or(i32::MAX),
         )
         .await;
-        let tasks = match result {
+        #[cfg_attr(not(any(feature = "otel", feature = "metrics")), allow(unused_mut))]
+        let mut tasks = match result {
             Ok(tasks) => tasks,
             Err(error) => {
                 drop(permits);
@@ -128,6 +136,9 @@ pub(crate) async fn run(shared: Arc<Shared>, flow: Arc<FlowEntry>, reports: mpsc
             tracing::info!(flow_slug = %flow.slug, "reading tasks again");
         }
         backoff.reset();
+        // One call per batch, before any task's span opens: its parent comes from it.
+        #[cfg(any(feature = "otel", feature = "metrics"))]
+        telemetry::annotate(&shared.pool, &flow, &mut tasks, &mut telemetry_warned).await;
         let started = tasks.len();
         for task in tasks {
             // `qty` permits for at most `qty` tasks.

@@ -54,15 +54,13 @@ impl FlowEntry {
         steps: BTreeMap<String, Arc<dyn ErasedHandler>>,
         shutdown: &CancellationToken,
     ) -> Self {
-        // A valid slug needs no escaping in SQL text; the quotes only keep the lowercase name
-        // from being folded again.
-        let queue_table = format!("q_{}", slug.to_lowercase());
+        let queue_table = queue_table(&slug);
         let next_visible_sql = format!(
-            "SELECT extract(epoch FROM min(vt) - clock_timestamp())::float8 FROM pgmq.\"{queue_table}\""
+            "SELECT extract(epoch FROM min(vt) - clock_timestamp())::float8 FROM {queue_table}"
         );
         let retry_in_sql = format!(
             "SELECT extract(epoch FROM vt - clock_timestamp())::float8 \
-               FROM pgmq.\"{queue_table}\" WHERE msg_id = $1"
+               FROM {queue_table} WHERE msg_id = $1"
         );
         let steps = steps
             .into_iter()
@@ -85,4 +83,11 @@ impl FlowEntry {
             retry_in_sql,
         }
     }
+}
+
+/// The flow's queue table, as SQL text: `pgmq."q_<lowercased slug>"`. `slug` must be a valid slug
+/// (checked by `spawn`): a valid slug needs no escaping, and the quotes only keep the lowercase
+/// name from being folded again.
+pub(crate) fn queue_table(slug: &str) -> String {
+    format!("pgmq.\"q_{}\"", slug.to_lowercase())
 }

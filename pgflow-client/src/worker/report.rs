@@ -17,6 +17,7 @@ use uuid::Uuid;
 use super::backoff::Backoff;
 use super::registry::FlowEntry;
 use super::shared::Shared;
+use super::telemetry::{self, Settled};
 
 /// Reports in flight at once. With one, whatever finishes while a report commits goes out in
 /// the next call, so under load a call carries about everything one read started. A second
@@ -191,9 +192,18 @@ async fn complete(shared: &Shared, mut tasks: Vec<Done>) {
                 Ok(ours) => {
                     let before = tasks.len();
                     let mut position = 0;
-                    tasks.retain(|_| {
+                    tasks.retain(|task| {
                         position += 1;
-                        ours.contains(&(position - 1))
+                        let ours = ours.contains(&(position - 1));
+                        // No longer ours: the call that broke did land (counted as in `settle`).
+                        if !ours {
+                            telemetry::task_settled(
+                                &task.key.flow.slug,
+                                &task.key.step_slug,
+                                Settled::Completed,
+                            );
+                        }
+                        ours
                     });
                     settle(shared, before - tasks.len(), 0);
                     if tasks.is_empty() {
@@ -288,7 +298,11 @@ async fn complete_tasks(shared: &Shared, tasks: &[Done]) -> sqlx::Result<()> {
     .bind(worker_ids)
     .fetch_all(&shared.pool)
     .await?;
-    if applied.len() < tasks.len() {
+    if applied.len() == tasks.len() {
+        for task in tasks {
+            telemetry::task_settled(&task.key.flow.slug, &task.key.step_slug, Settled::Completed);
+        }
+    } else {
         for task in tasks {
             let key = &task.key;
             let landed = applied.iter().any(|(run_id, step_slug, task_index)| {
@@ -296,13 +310,15 @@ async fn complete_tasks(shared: &Shared, tasks: &[Done]) -> sqlx::Result<()> {
                     && **step_slug == *key.step_slug
                     && *task_index == key.task_index
             });
-            if !landed && shared.running.recently_cancelled(key.run_id) {
+            if landed {
+                telemetry::task_settled(&key.flow.slug, &key.step_slug, Settled::Completed);
+            } else if shared.running.recently_cancelled(key.run_id) {
                 task.span.in_scope(|| {
                     tracing::info!(
                         "completion not applied: the task's run was cancelled meanwhile"
                     );
                 });
-            } else if !landed {
+            } else {
                 task.span.in_scope(|| {
                     tracing::info!(
                         "completion not applied: this attempt is no longer the task's current \
@@ -411,6 +427,7 @@ async fn fail_task(shared: &Shared, failure: &Failure) -> sqlx::Result<()> {
                 Some(id) => retry_in(shared, key, id).await,
                 None => None,
             };
+            telemetry::task_settled(&key.flow.slug, &key.step_slug, Settled::Retried);
             failure.span.in_scope(|| match retry_in {
                 Some(delay) => tracing::warn!(
                     error = %failure.message, attempt, retry_in = ?delay, "task failed; retrying"
@@ -418,9 +435,12 @@ async fn fail_task(shared: &Shared, failure: &Failure) -> sqlx::Result<()> {
                 None => tracing::warn!(error = %failure.message, attempt, "task failed; retrying"),
             });
         }
-        Some((_, attempt, _)) => failure.span.in_scope(|| {
-            tracing::error!(error = %failure.message, attempt, "task failed for good; its run fails");
-        }),
+        Some((_, attempt, _)) => {
+            telemetry::task_settled(&key.flow.slug, &key.step_slug, Settled::Failed);
+            failure.span.in_scope(|| {
+                tracing::error!(error = %failure.message, attempt, "task failed for good; its run fails");
+            });
+        }
     }
     Ok(())
 }

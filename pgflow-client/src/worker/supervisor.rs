@@ -9,7 +9,7 @@ use tokio_util::sync::CancellationToken;
 use super::backoff::Backoff;
 use super::registry::FlowEntry;
 use super::shared::Shared;
-use super::{heartbeat, listen, poll, report, schema_check};
+use super::{heartbeat, listen, poll, report, schema_check, telemetry};
 use crate::Result;
 
 /// How long a shutdown waits, after the handlers, for their results to reach the database.
@@ -76,8 +76,16 @@ pub(crate) async fn run(
         "worker started"
     );
 
+    // Counted in the slot gauge until the worker has stopped.
+    let _slots = telemetry::WorkerSlots::open(settings.concurrency);
     // Parts that outlive the polling: stopped at the end.
     let background = CancellationToken::new();
+    #[cfg(feature = "metrics")]
+    let queue_gauges = tokio::spawn(super::queue_gauges::run(
+        shared.pool.clone(),
+        flows.clone(),
+        background.clone(),
+    ));
     let listener = settings.notifications.then(|| {
         tokio::spawn(listen::run(
             Arc::clone(&shared),
@@ -144,6 +152,8 @@ pub(crate) async fn run(
 
     background.cancel();
     let _ = heartbeats.await;
+    #[cfg(feature = "metrics")]
+    let _ = queue_gauges.await;
     if let Some(listener) = listener {
         let _ = listener.await;
     }

@@ -6,6 +6,8 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 use uuid::Uuid;
 
+use super::telemetry::TaskTelemetry;
+
 /// A task this worker just started.
 #[derive(Debug)]
 pub(crate) struct StartedTask {
@@ -20,4 +22,6 @@ pub(crate) struct StartedTask {
     /// When the read that started it was sent, to tell whether a cancellation of its run
     /// predates it.
     pub(crate) read_at: Instant,
+    /// Its run's trace context and its queue wait, when the features that use them are on.
+    pub(crate) telemetry: TaskTelemetry,
 }
