@@ -761,6 +761,38 @@ mod tests {
     }
 
     #[test]
+    fn the_databases_verdict_decides_the_structure() {
+        let option = Difference::OptionChanged {
+            step: None,
+            option: "timeout",
+            stored: Some(60),
+            compiled: Some(10),
+        };
+        let added = Difference::StepAdded { step: "b".into() };
+        // The database finds no structural change: the option alone is drift.
+        assert_eq!(
+            reconcile(vec![option.clone(), added.clone()], vec![]),
+            [option.clone()]
+        );
+        // It finds one this client describes: in the client's words.
+        assert_eq!(
+            reconcile(
+                vec![option.clone(), added.clone()],
+                vec!["Step count differs: 2 vs 1".into()]
+            ),
+            [option.clone(), added]
+        );
+        // One this client does not model: in the database's words.
+        let text = "Step at index 0: queue differs 'a' vs 'b'";
+        let reconciled = reconcile(vec![option.clone()], vec![text.into()]);
+        assert_eq!(
+            reconciled,
+            [option, Difference::Structure { text: text.into() }]
+        );
+        assert_eq!(reconciled[1].to_string(), text);
+    }
+
+    #[test]
     fn a_changed_retry_policy_is_a_difference() {
         // Unset compares as the defaults: no cap, no jitter.
         let mut stored = shape(vec![dep("a", &[])]);
