@@ -115,19 +115,21 @@ const RULES: &[(&str, &str)] = &[
     (
         "remaining_steps",
         "SELECT r.run_id, r.flow_slug, NULL::text, NULL::int,
-                format('remaining_steps is %s but %s steps are not completed',
-                       r.remaining_steps, count(ss.*) FILTER (WHERE ss.status <> 'completed'))
+                format('remaining_steps is %s but %s steps are neither completed nor skipped',
+                       r.remaining_steps,
+                       count(ss.*) FILTER (WHERE ss.status NOT IN ('completed', 'skipped')))
            FROM pgflow.runs r JOIN pgflow.step_states ss ON ss.run_id = r.run_id
           WHERE r.status <> 'failed'
           GROUP BY r.run_id, r.flow_slug, r.remaining_steps
-         HAVING r.remaining_steps <> count(ss.*) FILTER (WHERE ss.status <> 'completed')",
+         HAVING r.remaining_steps
+                <> count(ss.*) FILTER (WHERE ss.status NOT IN ('completed', 'skipped'))",
     ),
     (
         "completed_run",
         "SELECT r.run_id, r.flow_slug, ss.step_slug, NULL::int,
                 format('run is completed but step %s is %s', ss.step_slug, ss.status)
            FROM pgflow.runs r JOIN pgflow.step_states ss ON ss.run_id = r.run_id
-          WHERE r.status = 'completed' AND ss.status <> 'completed'",
+          WHERE r.status = 'completed' AND ss.status NOT IN ('completed', 'skipped')",
     ),
     (
         "remaining_tasks",
@@ -159,16 +161,17 @@ const RULES: &[(&str, &str)] = &[
     (
         "remaining_deps",
         "SELECT ss.run_id, ss.flow_slug, ss.step_slug, NULL::int,
-                format('step %s has remaining_deps %s but %s dependencies are not completed',
+                format('step %s has remaining_deps %s but %s dependencies are neither completed nor skipped',
                        ss.step_slug, ss.remaining_deps,
-                       count(dep.*) FILTER (WHERE dep.status <> 'completed'))
+                       count(dep.*) FILTER (WHERE dep.status NOT IN ('completed', 'skipped')))
            FROM pgflow.step_states ss
            JOIN pgflow.runs r ON r.run_id = ss.run_id
            LEFT JOIN pgflow.deps d ON d.flow_slug = ss.flow_slug AND d.step_slug = ss.step_slug
            LEFT JOIN pgflow.step_states dep ON dep.run_id = ss.run_id AND dep.step_slug = d.dep_slug
           WHERE r.status <> 'failed'
           GROUP BY ss.run_id, ss.flow_slug, ss.step_slug, ss.remaining_deps
-         HAVING ss.remaining_deps <> count(dep.*) FILTER (WHERE dep.status <> 'completed')",
+         HAVING ss.remaining_deps
+                <> count(dep.*) FILTER (WHERE dep.status NOT IN ('completed', 'skipped'))",
     ),
     (
         "started_before_deps",
@@ -178,7 +181,8 @@ const RULES: &[(&str, &str)] = &[
            FROM pgflow.step_states ss
            JOIN pgflow.deps d ON d.flow_slug = ss.flow_slug AND d.step_slug = ss.step_slug
            JOIN pgflow.step_states dep ON dep.run_id = ss.run_id AND dep.step_slug = d.dep_slug
-          WHERE ss.status IN ('started', 'completed', 'cancelled') AND dep.status <> 'completed'",
+          WHERE ss.status IN ('started', 'completed', 'cancelled')
+            AND dep.status NOT IN ('completed', 'skipped')",
     ),
     (
         "completed_step",
@@ -220,8 +224,12 @@ const RULES: &[(&str, &str)] = &[
          SELECT r.run_id, r.flow_slug, t.step_slug, t.task_index,
                 format('task %s of step %s is cancelled but the run is %s',
                        t.task_index, t.step_slug, r.status)
-           FROM pgflow.runs r JOIN pgflow.step_tasks t ON t.run_id = r.run_id
-          WHERE r.status <> 'cancelled' AND t.status = 'cancelled'",
+           FROM pgflow.runs r
+           JOIN pgflow.step_tasks t ON t.run_id = r.run_id
+           JOIN pgflow.step_states ss ON ss.run_id = t.run_id AND ss.step_slug = t.step_slug
+          WHERE r.status NOT IN ('cancelled', 'failed')
+            AND ss.status <> 'skipped'
+            AND t.status = 'cancelled'",
     ),
 ];
 
@@ -232,8 +240,11 @@ const RULES: &[(&str, &str)] = &[
 /// dependencies), and a message left in the queue of a run that has ended (for a cancelled
 /// run: a message of a cancelled task, which cancelling archives). Of run control (migration
 /// 0007): `cancelled_run`, a cancelled run with a step still started or a task still queued or
-/// started; `cancelled_outside_cancelled_run`, a cancelled step or task in a run that is not
-/// cancelled (a retry takes them back to queued).
+/// started; `cancelled_outside_cancelled_run`, a cancelled step in a run that is not
+/// cancelled (a retry takes them back to queued), or a cancelled task outside a cancelled
+/// run, a failed run or a skipped step (migration 0010 cancels the tasks left by those).
+/// A skipped step (migration 0010) counts as done for `remaining_steps`, `remaining_deps` and
+/// `completed_run`.
 ///
 /// Stuck ([`FindingKind::Stuck`]), for runs still started (a cancelled run is not stuck: it
 /// waits for nobody):

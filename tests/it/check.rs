@@ -468,7 +468,7 @@ async fn an_inconsistent_run_is_told_from_a_stuck_one() {
         findings[0].to_string(),
         format!(
             "inconsistent [remaining_steps] run {}, flow broken: remaining_steps is 5 but 1 \
-             steps are not completed; to do: an engine bug or a hand edit of pgflow's tables: \
+             steps are neither completed nor skipped; to do: an engine bug or a hand edit of pgflow's tables: \
              keep the rows as they are and report them (`pgflow run <run_id> --json` shows the \
              run)",
             run

@@ -288,7 +288,7 @@ async fn check_finds_nothing_on_a_sound_database_and_names_what_is_broken() {
     assert!(
         text.contains(&format!(
             "inconsistent [remaining_steps] run {}, flow crawl: remaining_steps is 5 but 2 \
-             steps are not completed",
+             steps are neither completed nor skipped",
             run.id()
         )),
         "{text}"

@@ -376,10 +376,10 @@ async fn a_non_array_for_a_waiting_map_is_a_type_violation_that_fails_the_run() 
     );
     // Every message of the run is archived, the still-running side task's included.
     assert_eq!(engine.queue_counts("f").await, (0, 2));
-    // The other worker's late result changes nothing.
+    // The other worker's late result changes nothing but its task, cancelled.
     let side = tasks.iter().find(|t| t.step_slug == "side").unwrap();
     let rows = engine.complete(side, json!(1)).await;
-    assert_eq!(rows[0].status, "started");
+    assert_eq!(rows[0].status, "cancelled");
     assert_eq!(engine.step(run, "side").await.0, "started");
 }
 

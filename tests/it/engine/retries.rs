@@ -145,15 +145,16 @@ async fn exhaustion_fails_step_and_run_and_archives_every_message_of_the_run() {
     assert_eq!(left, vec![other_run.to_string(), other_run.to_string()]);
     assert_eq!(engine.queue_counts("f").await.1, 5);
     // Nothing of the failed run can be started any more.
-    let queued: Vec<i64> = sqlx::query_scalar(
-        "SELECT message_id FROM pgflow.step_tasks WHERE run_id = $1 AND status = 'queued'",
+    // Its queued tasks are cancelled (pgflow 0.15.1), and cannot be started any more.
+    let cancelled: Vec<i64> = sqlx::query_scalar(
+        "SELECT message_id FROM pgflow.step_tasks WHERE run_id = $1 AND status = 'cancelled'",
     )
     .bind(run)
     .fetch_all(engine.pool())
     .await
     .unwrap();
-    assert_eq!(queued.len(), 3);
-    assert!(engine.start_tasks("f", &queued).await.is_empty());
+    assert_eq!(cancelled.len(), 3);
+    assert!(engine.start_tasks("f", &cancelled).await.is_empty());
 }
 
 #[tokio::test]
@@ -173,20 +174,21 @@ async fn complete_and_fail_on_a_failed_run_change_nothing_but_the_late_task() {
     engine.fail(&tasks[0], "a failed").await;
     assert_eq!(engine.run(run).await.0, "failed");
 
-    // A late completion: the row comes back unchanged, the step does not move.
+    // A late completion: the task is cancelled (pgflow 0.15.1), its output not kept, and
+    // the step does not move.
     let rows = engine.complete(&tasks[1], json!("late")).await;
     assert_eq!(
         (rows[0].status.as_str(), rows[0].output.clone()),
-        ("started", None)
+        ("cancelled", None)
     );
     assert_eq!(engine.step(run, "b").await.0, "started");
     assert_eq!(engine.step(run, "after").await.0, "created");
 
-    // A late failure: the task fails with its message, nothing else moves.
+    // A late failure: its task was cancelled with the run's failure, and stays so.
     let rows = engine.fail(&tasks[2], "late error").await;
     assert_eq!(
         (rows[0].status.as_str(), rows[0].error_message.as_deref()),
-        ("failed", Some("late error"))
+        ("cancelled", None)
     );
     assert_eq!(engine.step(run, "c").await.0, "started");
     let failed_states: i64 = sqlx::query_scalar(

@@ -191,7 +191,27 @@ async fn run_case(dag: &Dag, ops: &[u8]) -> Result<(), TestCaseError> {
             let after = report(pool, run, worker, dag, &task, result)
                 .await
                 .map_err(db_error)?;
-            prop_assert!(after.is_some(), "a current report is taken");
+            if after.is_none() {
+                // Since migration 0010 a run's failure cancels its other tasks (pgflow
+                // 0.15.1), so a report that comes after it names an attempt the task no
+                // longer has: that is the one report that may be refused.
+                let (run_status, task_status): (String, String) = sqlx::query_as(
+                    "SELECT r.status, t.status FROM pgflow.runs r JOIN pgflow.step_tasks t
+                        ON t.run_id = r.run_id
+                     WHERE r.run_id = $1 AND t.step_slug = $2 AND t.task_index = $3",
+                )
+                .bind(run)
+                .bind(&dag.steps[task.step].slug)
+                .bind(task.task_index)
+                .fetch_one(pool)
+                .await
+                .map_err(db_error)?;
+                prop_assert_eq!(
+                    (run_status.as_str(), task_status.as_str()),
+                    ("failed", "cancelled"),
+                    "a current report is taken unless its run failed"
+                );
+            }
             if after.as_deref() == Some("completed") {
                 completed.insert((task.step, task.task_index));
             }
