@@ -25,4 +25,5 @@ mod run_control;
 mod schedules;
 mod security;
 mod support;
+mod trace_context;
 mod worker;
