@@ -45,11 +45,12 @@
 --
 -- WHO MAY CALL
 -- ------------
--- ensure_flow_compiled and delete_flow_and_data change definitions and delete runs: the
--- owner of schema `pgflow` only, as create_flow in practice (docs/security.md). They run
--- as their caller and say so first, rather than fail half-way on a table privilege.
--- _get_flow_shape and _compare_flow_shapes change nothing; like every function of the
--- schema they are the owner's until granted.
+-- Creating, recompiling and deleting flows is for the owner of schema `pgflow` only, as
+-- create_flow is in practice (docs/security.md); the functions say so first, rather than
+-- fail half-way on a table privilege. ensure_flow_compiled runs as the owner so that a role
+-- granted it (a TypeScript worker, which calls it at start-up) can have a flow compiled at
+-- deployment verified, or its mismatch reported: reading, never writing. Every function
+-- here is the owner's until granted.
 -- =====================================================================================
 
 -- -------------------------------------------------------------------------------------
@@ -611,7 +612,8 @@ $$;
 --               runs and created from the shape (its queue, grants, schedules and worker
 --               rows stay); differences says what differed;
 --   mismatch    it differed and nothing was changed; differences says what differs.
--- See WHEN A DIFFERING FLOW IS RECOMPILED and LOCKS above. The owner's only.
+-- See WHEN A DIFFERING FLOW IS RECOMPILED, LOCKS and WHO MAY CALL above: compiling and
+-- recompiling are the owner's; verifying and reporting a mismatch, every granted role's.
 CREATE FUNCTION pgflow.ensure_flow_compiled(
   flow_slug       text,
   shape           jsonb,
@@ -620,12 +622,12 @@ CREATE FUNCTION pgflow.ensure_flow_compiled(
 RETURNS jsonb
 LANGUAGE plpgsql
 VOLATILE
+SECURITY DEFINER
 SET search_path = ''
 AS $$
 DECLARE
   v_differences text[];
 BEGIN
-  PERFORM pgflow._require_owner('ensure_flow_compiled');
   IF ensure_flow_compiled.flow_slug IS NULL THEN
     RAISE EXCEPTION 'flow_slug must not be NULL' USING ERRCODE = 'null_value_not_allowed';
   END IF;
@@ -635,6 +637,8 @@ BEGIN
 
   IF NOT EXISTS (SELECT 1 FROM pgflow.flows f
                   WHERE f.flow_slug = ensure_flow_compiled.flow_slug) THEN
+    PERFORM pgflow._require_owner(format('compiling flow "%s" (ensure_flow_compiled)',
+                                         ensure_flow_compiled.flow_slug));
     PERFORM pgflow._create_flow_from_shape(ensure_flow_compiled.flow_slug,
                                            ensure_flow_compiled.shape);
     RETURN jsonb_build_object('status', 'compiled', 'differences', '[]'::jsonb);
@@ -646,6 +650,8 @@ BEGIN
     RETURN jsonb_build_object('status', 'verified', 'differences', '[]'::jsonb);
   END IF;
   IF coalesce(ensure_flow_compiled.allow_data_loss, false) THEN
+    PERFORM pgflow._require_owner(format('recompiling flow "%s" (ensure_flow_compiled)',
+                                         ensure_flow_compiled.flow_slug));
     PERFORM pgflow._delete_flow_data(ensure_flow_compiled.flow_slug, true);
     PERFORM pgflow._create_flow_from_shape(ensure_flow_compiled.flow_slug,
                                            ensure_flow_compiled.shape);

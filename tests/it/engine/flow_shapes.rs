@@ -647,21 +647,40 @@ async fn only_the_owner_compiles_and_deletes_flows() {
         let (code, message) = refusal(&mut conn, sql).await;
         assert_eq!(code, "42501", "{sql}: {message}");
     }
-    // Granted by mistake: the functions refuse anyone but the owner, saying so.
+    // Granted: ensure_flow_compiled verifies a compiled flow and reports a mismatch for
+    // anyone (a TypeScript worker at start-up); compiling, recompiling and deleting are
+    // refused to all but the owner, saying so.
     engine
         .exec(&format!(
             "GRANT EXECUTE ON FUNCTION pgflow.delete_flow_and_data(text),
                                        pgflow.ensure_flow_compiled(text, jsonb, boolean) TO {role}"
         ))
         .await;
+    let stored = shape_of(&engine, "guarded").await;
+    let verified: Value = sqlx::query_scalar("SELECT pgflow.ensure_flow_compiled('guarded', $1)")
+        .bind(&stored)
+        .fetch_one(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(verified["status"], "verified");
+    let mismatch: Value =
+        sqlx::query_scalar("SELECT pgflow.ensure_flow_compiled('guarded', '{\"steps\": []}')")
+            .fetch_one(&mut conn)
+            .await
+            .unwrap();
+    assert_eq!(mismatch["status"], "mismatch");
     for (sql, what) in [
         (
             "SELECT pgflow.delete_flow_and_data('guarded')",
-            "delete_flow_and_data",
+            "delete_flow_and_data".to_string(),
         ),
         (
             "SELECT pgflow.ensure_flow_compiled('guarded', '{\"steps\": []}', true)",
-            "ensure_flow_compiled",
+            "recompiling flow \"guarded\" (ensure_flow_compiled)".to_string(),
+        ),
+        (
+            "SELECT pgflow.ensure_flow_compiled('mine', '{\"steps\": []}')",
+            "compiling flow \"mine\" (ensure_flow_compiled)".to_string(),
         ),
     ] {
         let (code, message) = refusal(&mut conn, sql).await;
@@ -676,6 +695,8 @@ async fn only_the_owner_compiles_and_deletes_flows() {
         .scalar("SELECT count(*) FROM pgflow.steps WHERE flow_slug = 'guarded'")
         .await;
     assert_eq!(steps, 1, "nothing was deleted");
+    let flows: i64 = engine.scalar("SELECT count(*) FROM pgflow.flows").await;
+    assert_eq!(flows, 1, "nothing was created");
     engine
         .exec(&format!("DROP OWNED BY {role}; DROP ROLE {role};"))
         .await;
