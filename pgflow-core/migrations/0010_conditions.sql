@@ -1532,6 +1532,18 @@ BEGIN
 END;
 $$;
 
+-- What a task's attempt that its worker lost records as its error (the read path of
+-- _start_tasks and requeue_stalled_tasks).
+CREATE FUNCTION pgflow._lost_attempt_message(p_timeout integer, p_attempt integer)
+RETURNS text
+LANGUAGE sql
+IMMUTABLE
+SET search_path = ''
+AS $$
+  SELECT format('Task did not finish within its timeout of %s seconds on attempt %s (its worker was lost)',
+                p_timeout, p_attempt)
+$$;
+
 -- 0001's _start_tasks, reading dependencies' stored outputs (STORED OUTPUTS above).
 CREATE OR REPLACE FUNCTION pgflow._start_tasks(
   flow_slug text, msg_ids bigint[], worker_id uuid, p_set_vt boolean
@@ -1580,8 +1592,7 @@ BEGIN
      ORDER BY t.run_id, t.step_slug, t.task_index
   LOOP
     PERFORM pgflow.fail_task(v_stale.run_id, v_stale.step_slug, v_stale.task_index,
-      format('Task did not finish within its timeout of %s seconds on attempt %s (its worker was lost)',
-             v_stale.timeout, v_stale.attempts_count));
+      pgflow._lost_attempt_message(v_stale.timeout, v_stale.attempts_count));
   END LOOP;
 
   WITH locked AS (
@@ -1706,6 +1717,133 @@ BEGIN
     FROM unnest(v_run_ids, v_step_slugs, v_inputs, v_msg_ids, v_task_indexes, v_attempts,
                 v_timeouts)
          AS u(run_id, step_slug, input, msg_id, task_index, attempt, timeout);
+END;
+$$;
+
+-- -------------------------------------------------------------------------------------
+-- Stalled tasks (upstream 0.13.2's requeue_stalled_tasks, reconciled with 0001's rule)
+-- -------------------------------------------------------------------------------------
+
+-- One row per periodic sweep: when it last ran, so that many workers calling it on their
+-- timers run it once per period for the whole cluster.
+CREATE TABLE pgflow_ext.sweeps (
+  sweep_name text        NOT NULL,
+  last_at    timestamptz NOT NULL,
+  CONSTRAINT sweeps_pkey PRIMARY KEY (sweep_name)
+);
+REVOKE ALL ON TABLE pgflow_ext.sweeps FROM public;
+INSERT INTO pgflow_ext.sweeps (sweep_name, last_at) VALUES ('requeue_stalled_tasks', '-infinity');
+
+-- Requeues tasks started longer ago than their step's timeout plus 30 seconds: their worker
+-- was lost and their message did not come back to a reader (0001's path, which takes such a
+-- task at timeout + 2 s) -- it was archived, or nobody reads the queue. Upstream's rule,
+-- with this engine's attempt counting: the lost attempt counts, so
+--   * a task with attempts left goes back to 'queued' (requeued_count + 1, its message
+--     visible now, sent again if it is gone); the next start is its next attempt;
+--   * a task with none left fails as a lost attempt does on the read path;
+--   * a task requeued 3 times already is marked permanently_stalled_at, its message
+--     archived, and left 'started' for an operator (pgflow check, cancel_run, retry_run).
+-- Only tasks of started runs, found through them (idx_runs_status and the tasks' primary
+-- key), so a sweep costs what the running runs hold, not the history. Tasks held by a
+-- report in flight are skipped. Returns the number of tasks requeued.
+CREATE FUNCTION pgflow.requeue_stalled_tasks()
+RETURNS integer
+LANGUAGE plpgsql
+VOLATILE
+SECURITY DEFINER
+SET search_path = ''
+AS $$
+DECLARE
+  v_task      record;
+  v_requeued  integer := 0;
+  v_found     bigint[];
+BEGIN
+  FOR v_task IN
+    SELECT t.run_id, t.step_slug, t.task_index, t.flow_slug, t.message_id, t.requeued_count,
+           t.attempts_count,
+           coalesce(s.opt_max_attempts, f.opt_max_attempts) AS max_attempts,
+           coalesce(s.opt_timeout, f.opt_timeout) AS timeout
+      FROM pgflow.runs r
+      JOIN pgflow.step_tasks t ON t.run_id = r.run_id
+      JOIN pgflow.steps s ON s.flow_slug = t.flow_slug AND s.step_slug = t.step_slug
+      JOIN pgflow.flows f ON f.flow_slug = t.flow_slug
+     WHERE r.status = 'started'
+       AND t.status = 'started'
+       AND (t.permanently_stalled_at IS NULL OR t.permanently_stalled_at < t.started_at)
+       AND t.started_at < now() - make_interval(secs => coalesce(s.opt_timeout, f.opt_timeout))
+                              - interval '30 seconds'
+     ORDER BY t.run_id, t.step_slug, t.task_index
+       FOR NO KEY UPDATE OF t SKIP LOCKED
+  LOOP
+    IF v_task.attempts_count >= v_task.max_attempts THEN
+      PERFORM pgflow.fail_task(v_task.run_id, v_task.step_slug, v_task.task_index,
+        pgflow._lost_attempt_message(v_task.timeout, v_task.attempts_count));
+    ELSIF v_task.requeued_count >= 3 THEN
+      UPDATE pgflow.step_tasks t
+         SET permanently_stalled_at = now()
+       WHERE t.run_id = v_task.run_id
+         AND t.step_slug = v_task.step_slug
+         AND t.task_index = v_task.task_index;
+      PERFORM pgflow._archive_messages(v_task.flow_slug, ARRAY[v_task.message_id]);
+      RAISE LOG 'pgflow: task %/%/% is permanently stalled after % requeues',
+        v_task.run_id, v_task.step_slug, v_task.task_index, v_task.requeued_count;
+    ELSE
+      UPDATE pgflow.step_tasks t
+         SET status = 'queued',
+             started_at = NULL,
+             requeued_count = t.requeued_count + 1,
+             last_requeued_at = now(),
+             error_message = pgflow._lost_attempt_message(v_task.timeout, v_task.attempts_count)
+       WHERE t.run_id = v_task.run_id
+         AND t.step_slug = v_task.step_slug
+         AND t.task_index = v_task.task_index;
+      -- Its message, visible now; a message that is gone is sent again.
+      EXECUTE format('UPDATE pgmq.%I q SET vt = clock_timestamp() WHERE q.msg_id = $1'
+                     ' RETURNING ARRAY[q.msg_id]', 'q_' || lower(v_task.flow_slug))
+        INTO v_found
+        USING v_task.message_id;
+      IF v_found IS NULL THEN
+        UPDATE pgflow.step_tasks t
+           SET message_id = (pgflow._send_messages(
+                 v_task.flow_slug, ARRAY[clock_timestamp()],
+                 ARRAY[jsonb_build_object('flow_slug', v_task.flow_slug,
+                                          'run_id', v_task.run_id,
+                                          'step_slug', v_task.step_slug,
+                                          'task_index', v_task.task_index)]))[1]
+         WHERE t.run_id = v_task.run_id
+           AND t.step_slug = v_task.step_slug
+           AND t.task_index = v_task.task_index;
+      END IF;
+      v_requeued := v_requeued + 1;
+    END IF;
+  END LOOP;
+  RETURN v_requeued;
+END;
+$$;
+
+-- requeue_stalled_tasks at most once per p_every across every caller: workers call this
+-- on their timers, and only the first caller of a period sweeps (the others wait for its
+-- row lock, then find the period taken). Returns NULL when the period was taken.
+CREATE FUNCTION pgflow.requeue_stalled_tasks_due(p_every interval)
+RETURNS integer
+LANGUAGE plpgsql
+VOLATILE
+SECURITY DEFINER
+SET search_path = ''
+AS $$
+BEGIN
+  IF p_every IS NULL OR p_every < interval '1 second' THEN
+    RAISE EXCEPTION 'p_every must be at least 1 second (got %)', p_every
+      USING ERRCODE = 'invalid_parameter_value';
+  END IF;
+  UPDATE pgflow_ext.sweeps w
+     SET last_at = now()
+   WHERE w.sweep_name = 'requeue_stalled_tasks'
+     AND w.last_at <= now() - p_every;
+  IF NOT FOUND THEN
+    RETURN NULL;
+  END IF;
+  RETURN pgflow.requeue_stalled_tasks();
 END;
 $$;
 
