@@ -268,6 +268,32 @@ async fn a_worker_serves_its_granted_flows_and_touches_nothing_else() {
     let (payroll_run, payroll_worker) = secured(&db, &roles, false).await;
     let mut worker = set_role(&db, &roles.name("orders_worker")).await;
 
+    // A TypeScript worker's start-up: the flow the owner compiled is verified; the worker
+    // compiles, recompiles and deletes nothing.
+    let verified: Value = sqlx::query_scalar(
+        "SELECT pgflow.ensure_flow_compiled('orders', '{\"steps\": [{\"slug\": \"only\"}]}')",
+    )
+    .fetch_one(&mut worker)
+    .await
+    .unwrap();
+    assert_eq!(verified["status"], "verified", "{verified}");
+    for (sql, expected) in [
+        (
+            "SELECT pgflow.ensure_flow_compiled('orders', '{\"steps\": []}', true)",
+            "permission denied: recompiling flow \"orders\" (ensure_flow_compiled) is for the owner",
+        ),
+        (
+            "SELECT pgflow.ensure_flow_compiled('fresh', '{\"steps\": []}')",
+            "permission denied: compiling flow \"fresh\" (ensure_flow_compiled) is for the owner",
+        ),
+        (
+            "SELECT pgflow.delete_flow_and_data('orders')",
+            "permission denied for function delete_flow_and_data",
+        ),
+    ] {
+        refused(&mut worker, sql, expected).await;
+    }
+
     // The protocol, by hand, on its own flow.
     let orders_run: Uuid =
         sqlx::query_scalar("SELECT run_id FROM pgflow.start_flow('orders', '1')")
