@@ -88,9 +88,17 @@ pub mod typing {
         MapDependency, MapInput, MapOver, NotAdded, OutputMatches, Single, StepFnBuilder, StepOf,
         StepOutput, TakesInput, There,
     };
+    // Conditions: whether a step may be skipped, and what its patterns are matched against.
+    pub use pgflow_core::{
+        AllDependencies, Condition, ConditionState, HasDependency, InputIs, IntoPattern,
+        MayBeAbsent, NoDependencies, NoPattern, NotSkippable, OnDependencies, OnInput,
+        ParamReceives, PatternFits, PatternTarget, Received, RunOutputOf, Skippability, Skippable,
+        Unconditional, Untyped,
+    };
 }
 pub use pgflow_client::{DEFAULT_GRACE, MAX_CATCH_UP, Missed, Schedule, ScheduleRow};
-pub use pgflow_macros::step;
+pub use pgflow_core::{Pattern, mode};
+pub use pgflow_macros::{pattern, step};
 
 // `step`'s reference lives in pgflow-macros, whose doctests cannot use the macro (it cannot
 // depend on this crate): its examples run here instead, from the same file, so that the page
@@ -100,6 +108,13 @@ pub use pgflow_macros::step;
 #[doc = include_str!("../pgflow-macros/src/step.md")]
 pub struct StepReferenceExamples;
 
+// The same for `pattern!`'s reference.
+#[cfg(doctest)]
+#[doc = include_str!("../pgflow-macros/src/pattern.md")]
+pub struct PatternReferenceExamples;
+
+/// The names of the worker's metrics (recorded with feature `metrics`).
+pub use pgflow_client::metric_names;
 /// The throwaway PostgreSQL server and test databases (feature `throwaway`, off by default;
 /// Unix only).
 #[cfg(all(unix, feature = "throwaway"))]
@@ -122,7 +137,8 @@ pub use pgflow_dashboard as dashboard;
 /// What a module defining flows needs: `use pgflow::prelude::*;`.
 pub mod prelude {
     pub use crate::{
-        Client, Flow, Step, StepContext, StepContextExt, StepError, Worker, step, step_fn,
+        Client, Flow, Step, StepContext, StepContextExt, StepError, Worker, mode, pattern, step,
+        step_fn,
     };
     pub use serde::{Deserialize, Serialize};
 }

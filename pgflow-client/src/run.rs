@@ -5,7 +5,7 @@ use std::fmt;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use pgflow_core::{IntoStep, Step, StepKind};
+use pgflow_core::{IntoStep, MayBeAbsent, RunOutputOf, Skippability, Step, StepKind};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use serde_json::Value;
@@ -406,6 +406,10 @@ impl RunOutput {
 
     /// A step's output, typed by the step (a map step's is the `Vec` of its tasks' outputs).
     ///
+    /// A step that the engine may skip (a condition, or a `when_exhausted` that skips), or that
+    /// is downstream of one that may be skipped with `skip-cascade`, has an
+    /// [`Option`](pgflow_core::RunOutputOf): `None` when it was skipped.
+    ///
     /// ```no_run
     /// # async fn demo(client: pgflow_client::Client, run_id: uuid::Uuid) -> pgflow_client::Result<()> {
     /// use pgflow_core::{StepContext, StepError, step_fn};
@@ -420,8 +424,21 @@ impl RunOutput {
     /// ```
     // Steps are values (`output_of(fulfill)`); taking them by value reads best.
     #[allow(clippy::needless_pass_by_value)]
-    pub fn output_of<T: IntoStep>(&self, step: T) -> Result<<T::Step as Step>::Output> {
-        self.output_as(step.into_step().slug())
+    pub fn output_of<T: IntoStep>(&self, step: T) -> Result<RunOutputOf<T::Step>> {
+        let step = step.into_step();
+        let slug = step.slug();
+        let output = if self.steps.contains_key(slug) {
+            Some(self.output_as::<<T::Step as Step>::Output>(slug)?)
+        } else {
+            None
+        };
+        // Absent is `None` for a step that may have been skipped, an error for one that may not.
+        <MayBeAbsent<T::Step> as Skippability>::received(output).ok_or_else(|| {
+            Error::NoSuchOutput {
+                step: slug.to_string(),
+                steps: self.steps.keys().cloned().collect(),
+            }
+        })
     }
 
     /// A step's output by slug, deserialized into `T`, for untyped flows.

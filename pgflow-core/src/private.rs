@@ -17,6 +17,7 @@ pub use crate::{
     OutputMatches, ParamReceives, Pattern, PatternFits, SkipMode, Skippability, Skippable, Step,
     StepContext, StepError, StepKind, StepOf, StepOptions, StepOutput, StepShape,
 };
+pub use crate::{InputIs, mode};
 
 /// The fields of a single step's task input: `run` and the outputs of dependencies.
 #[derive(Debug)]
@@ -176,6 +177,48 @@ where
     Fut: Future<Output = Result<Value, StepError>> + Send + 'static,
 {
     Arc::new(handler)
+}
+
+/// The shape of `step` from its parts, for a `#[step]` that adds its condition to it.
+pub fn base_shape<S: Step + ?Sized>(step: &S) -> StepShape {
+    StepShape {
+        kind: step.kind(),
+        dependencies: step.dependencies(),
+        options: step.options(),
+        ..StepShape::new(step.slug())
+    }
+}
+
+/// Compiles only if the flow input `Input` of a step is the type `Pattern` its condition is
+/// on.
+pub fn assert_input_is<Input: crate::InputIs<Pattern>, Pattern>() {}
+
+/// A pattern written as an expression in `#[step(if_input = ..)]`: JSON, unchecked.
+#[diagnostic::on_unimplemented(
+    message = "`{Self}` is not a JSON pattern",
+    label = "expected a `serde_json::Value` object",
+    note = "in `#[step(..)]`, write a checked pattern inline, without `pattern!`: `if_input = Input {{ field: value }}` or `if_input = {{ dependency: {{ field: value }} }}`; any other expression must be a `serde_json::Value` object"
+)]
+pub trait UntypedPattern {
+    /// The pattern as JSON.
+    fn into_json(self) -> Value;
+}
+
+impl UntypedPattern for Value {
+    fn into_json(self) -> Value {
+        self
+    }
+}
+
+impl UntypedPattern for Map<String, Value> {
+    fn into_json(self) -> Value {
+        Value::Object(self)
+    }
+}
+
+/// The JSON of a pattern given as an expression to `#[step]`.
+pub fn untyped_pattern<P: UntypedPattern>(pattern: P) -> Value {
+    pattern.into_json()
 }
 
 /// Compiles only if a map step over `Source` may take `T` elements.

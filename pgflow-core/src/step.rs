@@ -59,14 +59,9 @@ pub trait Step: Send + Sync + 'static {
     /// The slugs of the dependencies, in the order of [`Step::Deps`].
     fn dependencies(&self) -> Vec<String>;
 
-    /// The step's shape: slug, kind, dependencies and options.
+    /// The step's shape: slug, kind, dependencies, options and condition.
     fn shape(&self) -> StepShape {
-        StepShape {
-            kind: self.kind(),
-            dependencies: self.dependencies(),
-            options: self.options(),
-            ..StepShape::new(self.slug())
-        }
+        crate::private::base_shape(self)
     }
 }
 

@@ -2,8 +2,11 @@
 
 use proc_macro2::{Span, TokenStream};
 use syn::meta::ParseNestedMeta;
+use syn::parse::ParseStream;
 use syn::punctuated::Punctuated;
 use syn::{Expr, Ident, LitStr, Path, Token, bracketed};
+
+use crate::pattern::Pattern;
 
 /// The arguments of one `#[step(...)]`, as written.
 #[derive(Default)]
@@ -19,6 +22,35 @@ pub(crate) struct Args {
     pub(crate) options: Vec<(Ident, Expr)>,
     /// `crate = "..."`.
     pub(crate) krate: Option<Path>,
+    /// `if_input = ..`: the pattern the input must contain.
+    pub(crate) if_input: Option<PatternArg>,
+    /// `if_not = ..`: the pattern the input must not contain.
+    pub(crate) if_not: Option<PatternArg>,
+    /// `when_unmet = ..`, as written (checked by `valid`).
+    pub(crate) when_unmet: Option<Expr>,
+    /// `when_exhausted = ..`, as written (checked by `valid`).
+    pub(crate) when_exhausted: Option<Expr>,
+}
+
+/// A condition pattern given to `if_input` or `if_not`.
+pub(crate) enum PatternArg {
+    /// Written inline, typed: `Input { .. }` or `{ dependency: .. }`.
+    Typed(Pattern),
+    /// Any other expression: a `serde_json::Value` object, unchecked.
+    Raw(Expr),
+}
+
+impl PatternArg {
+    fn parse(input: ParseStream<'_>) -> syn::Result<Self> {
+        if input.peek(syn::token::Brace) {
+            return input.parse().map(Self::Typed);
+        }
+        let fork = input.fork();
+        if Path::parse_mod_style(&fork).is_ok() && fork.peek(syn::token::Brace) {
+            return input.parse().map(Self::Typed);
+        }
+        input.parse().map(Self::Raw)
+    }
 }
 
 /// The options a step accepts: those of `add_step` in SQL order, then those of
@@ -74,6 +106,26 @@ impl Args {
         } else if path.is_ident("crate") {
             let lit: LitStr = meta.value()?.parse()?;
             self.krate = Some(lit.parse()?);
+        } else if path.is_ident("if_input") || path.is_ident("if_not") {
+            let slot = if path.is_ident("if_input") {
+                &mut self.if_input
+            } else {
+                &mut self.if_not
+            };
+            if slot.is_some() {
+                return Err(meta.error("this condition is given twice; a step has one pattern it must contain (`if_input`) and one it must not (`if_not`)"));
+            }
+            *slot = Some(PatternArg::parse(meta.value()?)?);
+        } else if path.is_ident("when_unmet") || path.is_ident("when_exhausted") {
+            let slot = if path.is_ident("when_unmet") {
+                &mut self.when_unmet
+            } else {
+                &mut self.when_exhausted
+            };
+            if slot.is_some() {
+                return Err(meta.error("this mode is given twice"));
+            }
+            *slot = Some(meta.value()?.parse()?);
         } else if let Some(name) = OPTIONS.iter().find(|name| path.is_ident(name)) {
             if self.options.iter().any(|(given, _)| given == name) {
                 return Err(meta.error(format_args!("`{name}` is given twice")));
@@ -83,8 +135,8 @@ impl Args {
         } else {
             return Err(meta.error(
                 "unknown `#[step]` argument; expected `map`, `depends_on = [..]`, `slug = \"..\"`, \
-                 `max_attempts`, `base_delay`, `timeout`, `start_delay`, `max_delay`, `jitter` \
-                 or `crate = \"..\"`",
+                 `max_attempts`, `base_delay`, `timeout`, `start_delay`, `max_delay`, `jitter`, \
+                 `if_input`, `if_not`, `when_unmet`, `when_exhausted` or `crate = \"..\"`",
             ));
         }
         Ok(())
@@ -117,6 +169,25 @@ mod tests {
         let names: Vec<String> = args.options.iter().map(|(n, _)| n.to_string()).collect();
         assert_eq!(names, ["timeout", "max_attempts", "max_delay", "jitter"]);
         assert!(args.krate.unwrap().is_ident("pg"));
+    }
+
+    #[test]
+    fn parses_conditions() {
+        let args = Args::parse(quote!(
+            depends_on = [charge],
+            if_input = { charge: { status: "paid" } },
+            if_not = serde_json::json!({"charge": {"flagged": true}}),
+            when_unmet = skip_cascade,
+            when_exhausted = "skip"
+        ))
+        .unwrap();
+        assert!(matches!(args.if_input, Some(PatternArg::Typed(_))));
+        assert!(matches!(args.if_not, Some(PatternArg::Raw(_))));
+        assert!(args.when_unmet.is_some() && args.when_exhausted.is_some());
+        let args = Args::parse(quote!(if_input = Order { plan: "premium" })).unwrap();
+        assert!(matches!(args.if_input, Some(PatternArg::Typed(_))));
+        assert!(Args::parse(quote!(if_input = { a: 1 }, if_input = { a: 2 })).is_err());
+        assert!(Args::parse(quote!(when_unmet = skip, when_unmet = fail)).is_err());
     }
 
     #[test]

@@ -7,9 +7,10 @@ use syn::spanned::Spanned;
 use syn::{Attribute, Expr, ExprLit, Ident, ItemFn, Lit, Path};
 
 use crate::ast::{Role, StepFn};
-use crate::attr::{Args, FLAG};
+use crate::attr::{Args, FLAG, PatternArg};
 use crate::errors::Errors;
-use crate::valid;
+use crate::pattern::Pattern;
+use crate::valid::{self, Mode};
 
 /// The whole expansion of `#[step(args)] item`.
 pub(crate) fn step(args: TokenStream, item: &TokenStream) -> TokenStream {
@@ -145,8 +146,16 @@ fn expand(step: &StepFn, args: &Args, slug: &str, private: &TokenStream) -> Toke
         }
         _ => quote!(),
     };
-    let step_of = step_of_header(step, is_map && deps.is_empty(), private);
+    let condition = Condition::of(step, args, private);
+    let step_of = step_of_header(
+        step,
+        is_map && deps.is_empty(),
+        condition.input.as_ref(),
+        private,
+    );
     let step_output = step_output(step, is_map, private);
+    let skip_types = &condition.types;
+    let shape_fn = &condition.shape;
 
     quote! {
         #common
@@ -157,8 +166,7 @@ fn expand(step: &StepFn, args: &Args, slug: &str, private: &TokenStream) -> Toke
         impl #private::Step for #name {
             #step_output
             type Deps = #deps_list;
-            type Skip = #private::NotSkippable;
-            type Cascade = #private::NotSkippable;
+            #skip_types
 
             fn slug(&self) -> &str {
                 #slug
@@ -175,6 +183,8 @@ fn expand(step: &StepFn, args: &Args, slug: &str, private: &TokenStream) -> Toke
             fn dependencies(&self) -> ::std::vec::Vec<::std::string::String> {
                 ::std::vec![#(::std::string::ToString::to_string(#private::Step::slug(&#deps()))),*]
             }
+
+            #shape_fn
         }
 
         #(#cfgs)*
@@ -377,19 +387,135 @@ fn respan(tokens: TokenStream, span: Span) -> TokenStream {
 }
 
 /// The `impl StepOf<...> for ...` header: for the flow input the step takes, the `Vec` a
-/// root map step maps over, or any input.
-fn step_of_header(step: &StepFn, root_map: bool, private: &TokenStream) -> TokenStream {
+/// root map step maps over, the type its condition is on, or any input.
+fn step_of_header(
+    step: &StepFn,
+    root_map: bool,
+    condition_input: Option<&Path>,
+    private: &TokenStream,
+) -> TokenStream {
     let name = &step.item.sig.ident;
     if let (true, Some(element)) = (root_map, step.element()) {
         let ty = &element.ty;
         return quote!(impl #private::StepOf<::std::vec::Vec<#ty>> for #name);
     }
-    match step.input() {
-        Some(input) => {
+    match (step.input(), condition_input) {
+        (Some(input), _) => {
             let ty = &input.ty;
             quote!(impl #private::StepOf<#ty> for #name)
         }
-        None => quote!(impl<__PgflowInput> #private::StepOf<__PgflowInput> for #name),
+        (None, Some(ty)) => quote!(impl #private::StepOf<#ty> for #name),
+        (None, None) => quote!(impl<__PgflowInput> #private::StepOf<__PgflowInput> for #name),
+    }
+}
+
+/// What a step's condition and modes add to its `Step` impl.
+struct Condition {
+    /// `type Skip = ..; type Cascade = ..;`.
+    types: TokenStream,
+    /// `fn shape(..)` when the step sets a condition or a mode, else nothing (the trait's).
+    shape: TokenStream,
+    /// The type a typed pattern on the flow input names, for a root step that takes no input.
+    input: Option<Path>,
+}
+
+impl Condition {
+    fn of(step: &StepFn, args: &Args, private: &TokenStream) -> Self {
+        // Validated already: an invalid mode never reaches here.
+        let mut ignored = Errors::default();
+        let unmet = args
+            .when_unmet
+            .as_ref()
+            .and_then(|expr| valid::mode("when_unmet", expr, &mut ignored));
+        let exhausted = args
+            .when_exhausted
+            .as_ref()
+            .and_then(|expr| valid::mode("when_exhausted", expr, &mut ignored));
+        let has_condition = args.if_input.is_some() || args.if_not.is_some();
+        let effective_unmet = unmet.unwrap_or(Mode::Skip);
+        let effective_exhausted = exhausted.unwrap_or(Mode::Fail);
+        let skips = (has_condition && effective_unmet.skips()) || effective_exhausted.skips();
+        let cascades = (has_condition && effective_unmet == Mode::SkipCascade)
+            || effective_exhausted == Mode::SkipCascade;
+        let marker = |yes: bool| {
+            if yes {
+                quote!(#private::Skippable)
+            } else {
+                quote!(#private::NotSkippable)
+            }
+        };
+        let (skip, cascade) = (marker(skips), marker(cascades));
+        let types = quote! {
+            type Skip = #skip;
+            type Cascade = #cascade;
+        };
+
+        // The flow input a typed pattern on it must name: the step's input parameter, the
+        // `Vec` a root map step maps over, or the first such pattern's type.
+        let mut input_ty: Option<TokenStream> = match (args.map.is_some(), step.element()) {
+            (true, Some(element)) if args.depends_on.is_none() => {
+                let ty = &element.ty;
+                Some(quote!(::std::vec::Vec<#ty>))
+            }
+            _ => step.input().map(|input| {
+                let ty = &input.ty;
+                quote!(#ty)
+            }),
+        };
+        let mut input = None;
+        let mut statements = Vec::new();
+        for (field, arg) in [
+            (quote!(required_input_pattern), &args.if_input),
+            (quote!(forbidden_input_pattern), &args.if_not),
+        ] {
+            let Some(arg) = arg else { continue };
+            let value = match arg {
+                PatternArg::Typed(pattern) => {
+                    if let Pattern::Input { ty, .. } = pattern {
+                        match &input_ty {
+                            Some(input_ty) => statements.push(quote_spanned! {ty.span()=>
+                                #private::assert_input_is::<#input_ty, #ty>();
+                            }),
+                            None => {
+                                input_ty = Some(quote!(#ty));
+                                input = Some(ty.clone());
+                            }
+                        }
+                    }
+                    let built = pattern.expand(private);
+                    quote!(#private::Pattern::to_value(&#built))
+                }
+                PatternArg::Raw(expr) => {
+                    quote_spanned!(expr.span()=> #private::untyped_pattern(#expr))
+                }
+            };
+            statements.push(quote!(shape.#field = ::core::option::Option::Some(#value);));
+        }
+        for (field, mode) in [
+            (quote!(when_unmet), unmet),
+            (quote!(when_exhausted), exhausted),
+        ] {
+            if let Some(mode) = mode {
+                let variant = Ident::new(mode.variant(), Span::call_site());
+                statements.push(quote!(shape.#field = #private::SkipMode::#variant;));
+            }
+        }
+        let shape = if statements.is_empty() {
+            TokenStream::new()
+        } else {
+            quote! {
+                fn shape(&self) -> #private::StepShape {
+                    let mut shape = #private::base_shape(self);
+                    #(#statements)*
+                    shape
+                }
+            }
+        };
+        Self {
+            types,
+            shape,
+            input,
+        }
     }
 }
 

@@ -15,6 +15,7 @@ mod ast;
 mod attr;
 mod errors;
 mod expand;
+mod pattern;
 mod slug;
 mod valid;
 
@@ -26,4 +27,14 @@ mod valid;
 #[proc_macro_attribute]
 pub fn step(args: TokenStream, item: TokenStream) -> TokenStream {
     expand::step(args.into(), &item.into()).into()
+}
+
+// Its reference is a file of its own for the reason `step`'s is.
+#[doc = include_str!("pattern.md")]
+#[proc_macro]
+pub fn pattern(input: TokenStream) -> TokenStream {
+    match syn::parse::<pattern::Pattern>(input) {
+        Ok(pattern) => pattern.expand(&quote::quote!(::pgflow::__private)).into(),
+        Err(error) => error.to_compile_error().into(),
+    }
 }

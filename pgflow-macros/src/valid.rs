@@ -7,8 +7,9 @@ use syn::ext::IdentExt;
 use syn::{Expr, ExprLit, ExprUnary, Lit, UnOp};
 
 use crate::ast::StepFn;
-use crate::attr::{Args, FLAG};
+use crate::attr::{Args, FLAG, PatternArg};
 use crate::errors::Errors;
+use crate::pattern::Pattern;
 use crate::slug;
 
 /// Checks `step` and its arguments; returns the step's slug.
@@ -57,6 +58,8 @@ pub(crate) fn validate(step: &StepFn, args: &Args, errors: &mut Errors) -> Strin
         }
     }
 
+    check_patterns(args, errors);
+
     if args.map.is_some() {
         let several = args.depends_on.as_ref().filter(|(_, deps)| deps.len() > 1);
         if let Some((span, deps)) = several {
@@ -79,6 +82,126 @@ pub(crate) fn validate(step: &StepFn, args: &Args, errors: &mut Errors) -> Strin
         }
     }
     slug
+}
+
+/// A skip mode, as `when_unmet` and `when_exhausted` take it.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub(crate) enum Mode {
+    /// `fail`.
+    Fail,
+    /// `skip`.
+    Skip,
+    /// `skip_cascade` (`'skip-cascade'` in SQL).
+    SkipCascade,
+}
+
+impl Mode {
+    /// The variant of `SkipMode` and the type of `mode` named like it.
+    pub(crate) fn variant(self) -> &'static str {
+        match self {
+            Self::Fail => "Fail",
+            Self::Skip => "Skip",
+            Self::SkipCascade => "SkipCascade",
+        }
+    }
+
+    /// Whether the step is skipped rather than failed.
+    pub(crate) fn skips(self) -> bool {
+        self != Self::Fail
+    }
+}
+
+/// The mode `expr` names: `fail`, `skip` or `skip_cascade`, as identifiers or as the engine's
+/// names in a string (`"skip-cascade"`). Anything else is reported.
+pub(crate) fn mode(name: &str, expr: &Expr, errors: &mut Errors) -> Option<Mode> {
+    let expected = "expected `fail`, `skip` or `skip_cascade`";
+    let found = match expr {
+        Expr::Path(path) if path.qself.is_none() => {
+            path.path.get_ident().map(|i| match i.to_string().as_str() {
+                "fail" => Ok(Mode::Fail),
+                "skip" => Ok(Mode::Skip),
+                "skip_cascade" => Ok(Mode::SkipCascade),
+                other => Err(format!("unknown mode `{other}` for `{name}`: {expected}")),
+            })
+        }
+        Expr::Lit(ExprLit {
+            lit: Lit::Str(text),
+            ..
+        }) => Some(match text.value().as_str() {
+            "fail" => Ok(Mode::Fail),
+            "skip" => Ok(Mode::Skip),
+            "skip-cascade" => Ok(Mode::SkipCascade),
+            other => Err(format!(
+                "unknown mode {other:?} for `{name}`: expected \"fail\", \"skip\" or \"skip-cascade\" (or `fail`, `skip`, `skip_cascade`)"
+            )),
+        }),
+        Expr::Binary(binary) if matches!(binary.op, syn::BinOp::Sub(_)) => Some(Err(format!(
+            "`{name}` takes `skip_cascade`, with an underscore (the engine's `'skip-cascade'`)"
+        ))),
+        _ => None,
+    };
+    match found.unwrap_or_else(|| Err(format!("`{name}` takes a mode: {expected}"))) {
+        Ok(mode) => Some(mode),
+        Err(message) => {
+            errors.at(expr, message);
+            None
+        }
+    }
+}
+
+/// Checks that typed patterns fit the step: a pattern on the flow input goes on a root step,
+/// a pattern on dependencies on a step that depends on each step it names.
+fn check_patterns(args: &Args, errors: &mut Errors) {
+    let deps: Vec<String> = args
+        .depends_on
+        .iter()
+        .flat_map(|(_, deps)| deps)
+        .filter_map(|path| path.segments.last().map(|s| s.ident.to_string()))
+        .collect();
+    for (name, arg) in [("if_input", &args.if_input), ("if_not", &args.if_not)] {
+        let Some(PatternArg::Typed(pattern)) = arg else {
+            continue;
+        };
+        match pattern {
+            Pattern::Input { ty, .. } if !deps.is_empty() => errors.at(
+                ty,
+                format_args!(
+                    "this step has dependencies, so its condition is matched against their outputs, keyed by slug, not against the flow input: \
+                     write `{name} = {{ {}: {{ field: value }} }}`",
+                    deps[0]
+                ),
+            ),
+            Pattern::Dependencies { span, .. } if deps.is_empty() => {
+                errors.push(syn::Error::new(
+                    *span,
+                    format_args!(
+                        "a root step's condition is matched against the flow input, not against dependencies: write `{name} = Input {{ field: value }}` with the flow input's type"
+                    ),
+                ));
+            }
+            Pattern::Dependencies { .. } => {
+                for (step, _) in pattern.dependencies() {
+                    let named = step.segments.last().map(|s| s.ident.to_string());
+                    if !named.is_some_and(|named| deps.contains(&named)) {
+                        errors.at(
+                            step,
+                            format_args!(
+                                "`{}` is not in `depends_on`: a dependent step's condition is matched against its dependencies' outputs only",
+                                step.to_token_stream().to_string().replace(' ', "")
+                            ),
+                        );
+                    }
+                }
+            }
+            Pattern::Input { .. } => {}
+        }
+    }
+    if let Some(expr) = &args.when_unmet {
+        mode("when_unmet", expr, errors);
+    }
+    if let Some(expr) = &args.when_exhausted {
+        mode("when_exhausted", expr, errors);
+    }
 }
 
 /// What is wrong with a literal option value, if it is a literal.
@@ -115,6 +238,7 @@ mod tests {
     use syn::parse_quote;
 
     use super::literal_problem;
+    use crate::errors::Errors;
 
     #[test]
     fn checks_literal_options() {
@@ -133,6 +257,34 @@ mod tests {
         assert!(literal_problem("max_attempts", &parse_quote!("3")).is_some());
         assert!(literal_problem("max_delay", &parse_quote!(true)).is_some());
         assert_eq!(literal_problem("max_delay", &parse_quote!(60)), None);
+    }
+
+    #[test]
+    fn modes_by_name() {
+        let mut errors = Errors::default();
+        assert_eq!(
+            super::mode("when_unmet", &parse_quote!(skip_cascade), &mut errors),
+            Some(super::Mode::SkipCascade)
+        );
+        assert_eq!(
+            super::mode("when_unmet", &parse_quote!("skip-cascade"), &mut errors),
+            Some(super::Mode::SkipCascade)
+        );
+        assert_eq!(
+            super::mode("when_unmet", &parse_quote!(fail), &mut errors),
+            Some(super::Mode::Fail)
+        );
+        assert!(errors.is_empty());
+        for bad in [
+            parse_quote!(skip - cascade),
+            parse_quote!(Skip),
+            parse_quote!("skip_cascade"),
+            parse_quote!(1),
+        ] {
+            let mut errors = Errors::default();
+            assert_eq!(super::mode("when_exhausted", &bad, &mut errors), None);
+            assert!(!errors.is_empty());
+        }
     }
 
     #[test]
