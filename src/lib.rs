@@ -115,8 +115,6 @@ pub struct PatternReferenceExamples;
 
 /// The names of the worker's metrics (recorded with feature `metrics`).
 pub use pgflow_client::metric_names;
-/// The names of the worker's metrics (recorded with feature `metrics`).
-pub use pgflow_client::metric_names;
 /// The throwaway PostgreSQL server and test databases (feature `throwaway`, off by default;
 /// Unix only).
 #[cfg(all(unix, feature = "throwaway"))]
