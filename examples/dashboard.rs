@@ -57,9 +57,15 @@ async fn list(album: &Album) -> Result<Vec<String>, StepError> {
 #[step(map, depends_on = [list], max_attempts = 2, base_delay = 1, timeout = 120)]
 async fn resize(image: String) -> Result<String, StepError> {
     if image.starts_with("corrupt") {
-        return Err(StepError::new(format!("{image}: not a PNG (bad magic bytes)")));
+        return Err(StepError::new(format!(
+            "{image}: not a PNG (bad magic bytes)"
+        )));
     }
-    let pause = if image.starts_with("slow") { 60_000 } else { 150 };
+    let pause = if image.starts_with("slow") {
+        60_000
+    } else {
+        150
+    };
     tokio::time::sleep(Duration::from_millis(pause)).await;
     Ok(format!("thumb/{image}"))
 }
@@ -121,15 +127,24 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         images: images.iter().map(ToString::to_string).collect(),
     };
     let done = client
-        .start(&thumbnails(), &album("holiday", &["beach.png", "dunes.png", "sunset.png"]))
+        .start(
+            &thumbnails(),
+            &album("holiday", &["beach.png", "dunes.png", "sunset.png"]),
+        )
         .await?;
     let failed = client
-        .start(&thumbnails(), &album("scans", &["page1.png", "corrupt-page2.png"]))
+        .start(
+            &thumbnails(),
+            &album("scans", &["page1.png", "corrupt-page2.png"]),
+        )
         .await?;
     let moving = client
         .start(
             &thumbnails(),
-            &album("party", &["cake.png", "slow-dance.png", "slow-toast.png", "guests.png"]),
+            &album(
+                "party",
+                &["cake.png", "slow-dance.png", "slow-toast.png", "guests.png"],
+            ),
         )
         .await?;
     client
@@ -137,7 +152,12 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .await?;
     done.wait_timeout(Duration::from_secs(60)).await?;
     let _ = failed.wait_timeout(Duration::from_secs(60)).await; // it fails: that is the point
-    println!("runs: {} completed, {} failed, {} resizing", done.id(), failed.id(), moving.id());
+    println!(
+        "runs: {} completed, {} failed, {} resizing",
+        done.id(),
+        failed.id(),
+        moving.id()
+    );
 
     let app = Dashboard::new(pool.clone()).allow_actions(true).router();
     for path in [
@@ -182,7 +202,12 @@ async fn get(app: &axum::Router, path: &str) -> (StatusCode, usize, Duration) {
         .await
         .expect("infallible");
     let status = response.status();
-    let body = response.into_body().collect().await.expect("body").to_bytes();
+    let body = response
+        .into_body()
+        .collect()
+        .await
+        .expect("body")
+        .to_bytes();
     (status, body.len(), started.elapsed())
 }
 
@@ -253,14 +278,21 @@ async fn scale(runs: u32) -> Result<(), Box<dyn std::error::Error>> {
         "filter", "with 0013's indexes", "without (the reference)"
     );
     for ((filter, a), (_, b)) in with.iter().zip(&without) {
-        let shown = if filter.is_empty() { "(none)" } else { filter.as_str() };
+        let shown = if filter.is_empty() {
+            "(none)"
+        } else {
+            filter.as_str()
+        };
         let shown: String = shown.chars().take(44).collect();
         println!(
             "{shown:<44} {:>10.1} ({:>6.1}) {:>17.1} ({:>6.1})",
             a.0, a.1, b.0, b.1
         );
     }
-    println!("{}", json!({"runs": runs, "with_ms": with, "without_ms": without}));
+    println!(
+        "{}",
+        json!({"runs": runs, "with_ms": with, "without_ms": without})
+    );
     pool.close().await;
     drop(db);
     Ok(())
@@ -280,7 +312,10 @@ async fn measure(app: &axum::Router, filters: &[String], reps: usize) -> Vec<(St
             times.push(get(app, &path).await.2.as_secs_f64() * 1000.0);
         }
         times.sort_by(f64::total_cmp);
-        out.push((filter.clone(), (times[times.len() / 2], times[times.len() - 1])));
+        out.push((
+            filter.clone(),
+            (times[times.len() / 2], times[times.len() - 1]),
+        ));
     }
     out
 }

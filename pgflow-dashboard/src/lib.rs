@@ -214,7 +214,12 @@ mod tests {
             .await
             .expect("infallible");
         let status = response.status();
-        let body = response.into_body().collect().await.expect("body").to_bytes();
+        let body = response
+            .into_body()
+            .collect()
+            .await
+            .expect("body")
+            .to_bytes();
         (status, String::from_utf8_lossy(&body).into_owned())
     }
 
@@ -225,7 +230,9 @@ mod tests {
         metrics::with_local_recorder(&recorder, || {
             metrics::counter!("dashboard_test_total", "flow" => "orders").increment(3);
         });
-        let router = super::Dashboard::new(idle_pool()).prometheus(handle).router();
+        let router = super::Dashboard::new(idle_pool())
+            .prometheus(handle)
+            .router();
         let (status, text) = get(router, "/metrics").await;
         assert_eq!(status, StatusCode::OK);
         assert!(

@@ -19,7 +19,7 @@ pub(crate) async fn list(state: Shared, base: Base) -> Result<Markup, Error> {
             (flow_section(&base, flow, true))
         }
     };
-    Ok(frame(&base, "/flows", "Flows", body))
+    Ok(frame(&base, "/flows", "Flows", &body))
 }
 
 pub(crate) async fn one(
@@ -42,7 +42,7 @@ pub(crate) async fn one(
         &base,
         "/flows",
         &title,
-        flow_section(&base, &flow, false),
+        &flow_section(&base, &flow, false),
     ))
 }
 
@@ -56,7 +56,7 @@ fn flow_section(base: &Base, flow: &FlowShape, linked: bool) -> Markup {
                 h1 { "Flow " (flow.slug) }
             }
             p {
-                "Options: " (options(&serde_json::to_value(&flow.options).unwrap_or(Value::Null)))
+                "Options: " (options(&serde_json::to_value(flow.options).unwrap_or(Value::Null)))
                 " · " a href=(runs_link) { "its runs" }
             }
             (dag::svg(flow, None))
@@ -69,7 +69,7 @@ fn flow_section(base: &Base, flow: &FlowShape, linked: bool) -> Markup {
                             td.mono { (step.slug) }
                             td { (step.kind.as_str()) }
                             td.mono { (step.dependencies.join(", ")) }
-                            td { (options(&serde_json::to_value(&step.options).unwrap_or(Value::Null))) }
+                            td { (options(&serde_json::to_value(step.options).unwrap_or(Value::Null))) }
                         }
                     }
                 }

@@ -104,7 +104,7 @@ fn status_css() -> String {
 }
 
 /// A page: the frame around `body`, with `title` and the navigation (`here` marked).
-pub(crate) fn page(base: &Base, here: &str, title: &str, body: Markup) -> Markup {
+pub(crate) fn page(base: &Base, here: &str, title: &str, body: &Markup) -> Markup {
     html! {
         (DOCTYPE)
         html lang="en" {

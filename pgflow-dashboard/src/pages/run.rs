@@ -51,7 +51,7 @@ pub(crate) async fn page(
         &base,
         "/runs",
         &title,
-        body(
+        &body(
             &base,
             &detail,
             shape.as_ref(),

@@ -19,7 +19,7 @@ pub(crate) async fn page(
     let Query(raw) = query.map_err(|err| Error::BadRequest(err.body_text()))?;
     let filter = RunsFilter::parse(raw)?;
     let data = runs_page(state.client.pool(), &filter).await?;
-    Ok(frame(&base, "/runs", "Runs", body(&base, &filter, &data)))
+    Ok(frame(&base, "/runs", "Runs", &body(&base, &filter, &data)))
 }
 
 fn body(base: &Base, filter: &RunsFilter, data: &RunsPage) -> Markup {

@@ -46,5 +46,5 @@ pub(crate) async fn page(state: Shared, base: Base) -> Result<Markup, Error> {
             }
         }
     };
-    Ok(frame(&base, "/schedules", "Schedules", body))
+    Ok(frame(&base, "/schedules", "Schedules", &body))
 }

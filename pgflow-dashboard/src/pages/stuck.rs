@@ -21,7 +21,7 @@ pub(crate) async fn page(state: Shared, base: Base) -> Result<Markup, Error> {
         h2 { "Inconsistent runs" }
         (table(&base, "inconsistent", &inconsistent))
     };
-    Ok(frame(&base, "/stuck", "Stuck runs", body))
+    Ok(frame(&base, "/stuck", "Stuck runs", &body))
 }
 
 fn table(base: &Base, id: &str, findings: &[&Finding]) -> Markup {

@@ -65,5 +65,5 @@ pub(crate) async fn page(state: Shared, base: Base) -> Result<Markup, Error> {
             p.muted { "The " (WORKERS_SHOWN) " most recent." }
         }
     };
-    Ok(frame(&base, "/workers", "Workers", body))
+    Ok(frame(&base, "/workers", "Workers", &body))
 }
