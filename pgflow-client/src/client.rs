@@ -199,9 +199,33 @@ impl Client {
         Ok(outcome)
     }
 
+    /// What [`Client::compile`] would say of `shape`, changing nothing: `None` when the
+    /// database has no such flow (compile would create it), else the differences it would
+    /// refuse as [`Error::FlowDrift`] (none: unchanged). The structure's verdict is the
+    /// database's, as in `compile`.
+    ///
+    /// ```no_run
+    /// # async fn demo(client: pgflow_client::Client, flow: pgflow_core::Flow<serde_json::Value>) -> pgflow_client::Result<()> {
+    /// match client.drift(flow.shape()).await? {
+    ///     None => println!("flow {} is not compiled yet", flow.slug()),
+    ///     Some(differences) => differences.iter().for_each(|d| println!("would change: {d}")),
+    /// }
+    /// # Ok(()) }
+    /// ```
+    pub async fn drift(&self, shape: &FlowShape) -> Result<Option<Vec<crate::Difference>>> {
+        shape.validate()?;
+        let mut conn = self.pool.acquire().await?;
+        let Some(stored) = definition::stored_shape(&mut conn, &shape.slug).await? else {
+            return Ok(None);
+        };
+        definition::drift(&mut conn, &stored, shape).await.map(Some)
+    }
+
     /// The stored shape of a flow, or `None` when the database has no such flow.
     ///
-    /// With [`differences`](crate::differences), what a deployment would change, without failing:
+    /// With [`differences`](crate::differences), this client's own comparison, what a deployment
+    /// would change, without failing ([`Client::drift`] asks the database about the structure,
+    /// as `compile` does):
     ///
     /// ```no_run
     /// # async fn demo(client: pgflow_client::Client, flow: pgflow_core::Flow<serde_json::Value>) -> pgflow_client::Result<()> {

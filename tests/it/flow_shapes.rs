@@ -72,6 +72,7 @@ async fn a_flow_compiled_by_either_side_is_unchanged_for_the_other() {
         ensure(&client, &rust).await,
         json!({"status": "verified", "differences": []})
     );
+    assert_eq!(client.drift(&rust).await.unwrap(), Some(vec![]));
 
     // Created by the database from the JSON, options and retry policy included: the client
     // finds nothing to change.
@@ -104,6 +105,11 @@ async fn a_structural_change_in_the_database_is_drift_for_both() {
     let Error::FlowDrift { differences, .. } = &err else {
         panic!("expected drift, got {err}");
     };
+    assert_eq!(
+        client.drift(&flow).await.unwrap().as_ref(),
+        Some(differences)
+    );
+    assert_eq!(client.drift(&shape("absent")).await.unwrap(), None);
     assert_eq!(
         differences,
         &[
