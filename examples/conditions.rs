@@ -72,7 +72,10 @@ async fn receipt(
 /// dependency's output, keyed by its slug.
 #[step(depends_on = [perks], if_input = { perks: "gold lounge pass" })]
 async fn concierge(perks: Option<String>) -> Result<String, StepError> {
-    Ok(format!("concierge booked with {}", perks.unwrap_or_default()))
+    Ok(format!(
+        "concierge booked with {}",
+        perks.unwrap_or_default()
+    ))
 }
 
 fn orders() -> Flow<Order> {
@@ -100,9 +103,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let client = Client::new(db.pool().clone());
     client.install().await?;
     client.compile(&orders()).await?;
-    let worker = Worker::builder(db.pool().clone())
-        .flow(orders())
-        .spawn()?;
+    let worker = Worker::builder(db.pool().clone()).flow(orders()).spawn()?;
 
     for (order_id, plan) in [(1, Plan::Premium), (2, Plan::Free)] {
         let order = Order {

@@ -46,14 +46,14 @@ fn main() {
     let _second = step_fn("second")
         .depends_on(&first)
         .if_input(pattern!({ other: "x" }))
-        .handler(|_: Order, first: String, _: StepContext| async move {
-            Ok::<_, StepError>(first)
-        });
+        .handler(
+            |_: Order, first: String, _: StepContext| async move { Ok::<_, StepError>(first) },
+        );
     let _third = step_fn("third")
         .depends_on(&first)
         .if_not(pattern!(Order { plan: "free" }))
-        .handler(|_: Order, first: String, _: StepContext| async move {
-            Ok::<_, StepError>(first)
-        });
+        .handler(
+            |_: Order, first: String, _: StepContext| async move { Ok::<_, StepError>(first) },
+        );
     let _ = other;
 }
