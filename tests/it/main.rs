@@ -26,4 +26,5 @@ mod schedules;
 mod security;
 mod support;
 mod trace_context;
+mod typed_conditions;
 mod worker;
