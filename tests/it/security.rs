@@ -897,3 +897,100 @@ async fn the_worker_role_learns_of_cancelled_runs_with_and_without_notifications
     workers.close().await;
     roles.drop(&db, &[]).await;
 }
+
+/// Migration 0012 under the documented grants: the app stores the trace context of the runs it
+/// starts (through the function, never by writing the table), the worker reads the telemetry
+/// of its own flow's tasks only, and the reader sees the table.
+#[tokio::test]
+async fn trace_contexts_are_written_by_the_app_and_read_by_the_workers_of_the_flow() {
+    const TRACEPARENT: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    let db = database().await;
+    let roles = Roles::new(&db);
+    let (payroll_run, payroll_worker) = secured(&db, &roles, false).await;
+
+    let mut app = set_role(&db, &roles.name("orders_service")).await;
+    let (run, stored): (Uuid, bool) = sqlx::query_as(&format!(
+        "SELECT s.run_id, pgflow.set_run_trace_context(s.run_id, '{TRACEPARENT}', 'a=b') \
+           FROM (SELECT run_id FROM pgflow.start_flow('orders', '1')) s"
+    ))
+    .fetch_one(&mut app)
+    .await
+    .expect("the app stores its context with the run it starts");
+    assert!(stored);
+    refused(
+        &mut app,
+        &format!(
+            "INSERT INTO pgflow_ext.run_trace_context (run_id, traceparent) \
+             VALUES ('{payroll_run}', '{TRACEPARENT}')"
+        ),
+        "permission denied",
+    )
+    .await;
+    refused(
+        &mut app,
+        &format!("SELECT pgflow.started_task_telemetry('orders', NULL, ARRAY['{run}'::uuid], ARRAY['only'], ARRAY[0])"),
+        "permission denied for function started_task_telemetry",
+    )
+    .await;
+
+    let mut worker = set_role(&db, &roles.name("orders_worker")).await;
+    let orders_worker = Uuid::new_v4();
+    sqlx::query(
+        "INSERT INTO pgflow.workers (worker_id, queue_name, function_name) VALUES ($1, 'orders', 'w')",
+    )
+    .bind(orders_worker)
+    .execute(&mut worker)
+    .await
+    .unwrap();
+    let read: Vec<(Uuid, String, i32)> = sqlx::query_as(
+        "SELECT run_id, step_slug, task_index FROM pgflow._read_and_start('orders', 10, 30, $1)",
+    )
+    .bind(orders_worker)
+    .fetch_all(&mut worker)
+    .await
+    .unwrap();
+    assert_eq!(read.len(), 1, "{read:?}");
+    let (ord, traceparent, tracestate): (i64, Option<String>, Option<String>) = sqlx::query_as(
+        "SELECT ord, traceparent, tracestate \
+           FROM pgflow.started_task_telemetry('orders', $1, ARRAY[$2::uuid], ARRAY['only'], ARRAY[0])",
+    )
+    .bind(orders_worker)
+    .bind(run)
+    .fetch_one(&mut worker)
+    .await
+    .expect("the worker reads its own task's context");
+    assert_eq!(ord, 1);
+    assert_eq!(traceparent.as_deref(), Some(TRACEPARENT));
+    assert_eq!(tracestate.as_deref(), Some("a=b"));
+    refused(
+        &mut worker,
+        &format!(
+            "SELECT pgflow.started_task_telemetry('payroll', '{payroll_worker}', \
+             ARRAY['{payroll_run}'::uuid], ARRAY['only'], ARRAY[0])"
+        ),
+        "permission denied for flow payroll",
+    )
+    .await;
+    refused(
+        &mut worker,
+        &format!("SELECT pgflow.set_run_trace_context('{payroll_run}', '{TRACEPARENT}')"),
+        "permission denied for function set_run_trace_context",
+    )
+    .await;
+    refused(
+        &mut worker,
+        "SELECT count(*) FROM pgflow_ext.run_trace_context",
+        "permission denied",
+    )
+    .await;
+
+    let mut reader = set_role(&db, &roles.name("grafana")).await;
+    let rows: i64 = scalar(
+        &mut reader,
+        "SELECT count(*) FROM pgflow_ext.run_trace_context",
+    )
+    .await;
+    assert_eq!(rows, 1);
+    drop((app, worker, reader));
+    roles.drop(&db, &[]).await;
+}
