@@ -46,11 +46,13 @@
 -- WHO MAY CALL
 -- ------------
 -- Creating, recompiling and deleting flows is for the owner of schema `pgflow` only, as
--- create_flow is in practice (docs/security.md); the functions say so first, rather than
--- fail half-way on a table privilege. ensure_flow_compiled runs as the owner so that a role
+-- create_flow is in practice (docs/security.md). ensure_flow_compiled and
+-- delete_flow_and_data run as the owner and check their caller first, so that a role granted
+-- them by mistake is told why it is refused, not stopped half-way by a table privilege.
+-- ensure_flow_compiled runs as the owner also so that a role
 -- granted it (a TypeScript worker, which calls it at start-up) can have a flow compiled at
--- deployment verified, or its mismatch reported: reading, never writing. Every function
--- here is the owner's until granted.
+-- deployment verified, or its mismatch reported: reading, never writing, and only a flow
+-- the role serves. Every function here is the owner's until granted.
 -- =====================================================================================
 
 -- -------------------------------------------------------------------------------------
@@ -58,14 +60,12 @@
 -- -------------------------------------------------------------------------------------
 
 -- Refuses a caller that does not have the privileges of schema pgflow's owner, naming
--- what it tried (p_action). It runs as the owner, and every role may call it, so that the
--- functions below can tell a role they were granted by mistake why it is refused (it tells
--- nothing but whether the calling role is the owner; 0004's _caller() names that role).
+-- what it tried (p_action). Called from functions that run as the owner, it judges the
+-- role the session acts as (0004's _caller()), not the function's owner.
 CREATE FUNCTION pgflow._require_owner(p_action text)
 RETURNS void
 LANGUAGE plpgsql
 STABLE
-SECURITY DEFINER
 SET search_path = ''
 AS $$
 BEGIN
@@ -581,11 +581,13 @@ $$;
 -- Deletes flow p_flow_slug and everything of it: its definition, runs, step states, tasks,
 -- attempt history, retries, trace contexts, worker rows and schedules, its pgmq queue
 -- (messages and archive) and the queue's functions. A flow that does not exist is a
--- notice, not an error: deleting twice is deleting once. The owner's only.
+-- notice, not an error: deleting twice is deleting once. The owner's only; it runs as the
+-- owner so that a role granted it by mistake is told so, not refused half-way.
 CREATE FUNCTION pgflow.delete_flow_and_data(p_flow_slug text)
 RETURNS void
 LANGUAGE plpgsql
 VOLATILE
+SECURITY DEFINER
 SET search_path = ''
 AS $$
 BEGIN
@@ -631,8 +633,17 @@ BEGIN
   IF ensure_flow_compiled.flow_slug IS NULL THEN
     RAISE EXCEPTION 'flow_slug must not be NULL' USING ERRCODE = 'null_value_not_allowed';
   END IF;
-  -- A malformed shape is refused before the lock is waited for.
+  -- A malformed shape, and a caller who may not have this flow compiled or verified, are
+  -- refused before the lock is taken: a refused call holds nothing. A role other than the
+  -- owner verifies only a flow it serves (0004's rule), so that the differences never show
+  -- it the definition of another flow.
   PERFORM pgflow._shape_steps(ensure_flow_compiled.shape, 'given');
+  IF EXISTS (SELECT 1 FROM pgflow.flows f WHERE f.flow_slug = ensure_flow_compiled.flow_slug) THEN
+    PERFORM pgflow._authorize_flows(ARRAY[ensure_flow_compiled.flow_slug]);
+  ELSE
+    PERFORM pgflow._require_owner(format('compiling flow "%s" (ensure_flow_compiled)',
+                                         ensure_flow_compiled.flow_slug));
+  END IF;
   PERFORM pgflow._lock_flow_definition(ensure_flow_compiled.flow_slug);
 
   IF NOT EXISTS (SELECT 1 FROM pgflow.flows f
@@ -662,10 +673,11 @@ END;
 $$;
 
 -- -------------------------------------------------------------------------------------
--- Privileges: the owner's until granted (docs/security.md); _require_owner, every role's.
+-- Privileges: the owner's until granted (docs/security.md)
 -- -------------------------------------------------------------------------------------
 
 REVOKE EXECUTE ON FUNCTION
+  pgflow._require_owner(text),
   pgflow._lock_flow_definition(text),
   pgflow._shape_pattern(jsonb, text),
   pgflow._shape_steps(jsonb, text),

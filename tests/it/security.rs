@@ -290,6 +290,10 @@ async fn a_worker_serves_its_granted_flows_and_touches_nothing_else() {
             "SELECT pgflow.delete_flow_and_data('orders')",
             "permission denied for function delete_flow_and_data",
         ),
+        (
+            "SELECT pgflow.ensure_flow_compiled('payroll', '{\"steps\": []}')",
+            "permission denied for flow payroll",
+        ),
     ] {
         refused(&mut worker, sql, expected).await;
     }

@@ -656,6 +656,21 @@ async fn only_the_owner_compiles_and_deletes_flows() {
                                        pgflow.ensure_flow_compiled(text, jsonb, boolean) TO {role}"
         ))
         .await;
+    // Only a flow the role serves: the differences would show it another flow's definition.
+    let (code, message) = refusal(
+        &mut conn,
+        "SELECT pgflow.ensure_flow_compiled('guarded', '{\"steps\": []}')",
+    )
+    .await;
+    assert_eq!(
+        (code.as_str(), message.as_str()),
+        ("42501", "permission denied for flow guarded")
+    );
+    engine
+        .exec(&format!(
+            "SELECT pgflow.grant_flow_to_worker('guarded', '{role}')"
+        ))
+        .await;
     let stored = shape_of(&engine, "guarded").await;
     let verified: Value = sqlx::query_scalar("SELECT pgflow.ensure_flow_compiled('guarded', $1)")
         .bind(&stored)
