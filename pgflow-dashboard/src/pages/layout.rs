@@ -84,7 +84,7 @@ button { cursor: pointer; }
 button.danger { background: #dc2626; color: #fff; border: 0; padding: 0.3rem 0.8rem; border-radius: 0.3rem; }
 button.primary { background: #2563eb; color: #fff; border: 0; padding: 0.3rem 0.8rem; border-radius: 0.3rem; }
 .notice { background: #ecfdf5; border: 1px solid #10b981; padding: 0.4rem 0.8rem; margin-bottom: 1rem; }
-svg.dag { background: #fff; border: 1px solid #e5e7eb; }
+svg.dag, svg.throughput { background: #fff; border: 1px solid #e5e7eb; }
 svg.dag text { font-size: 12px; }
 svg.dag text.on-colour { fill: #fff; }
 svg.dag text.on-plain { fill: #111827; }

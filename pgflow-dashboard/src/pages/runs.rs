@@ -39,7 +39,12 @@ fn body(base: &Base, filter: &RunsFilter, data: &RunsPage) -> Markup {
             }
             div.card {
                 div.muted { "all runs (estimate)" }
-                div.n { "≈ " (data.estimated_total) }
+                div.n {
+                    @match data.estimated_total {
+                        Some(total) => { "≈ " (total) },
+                        None => span.muted { "not yet analyzed" },
+                    }
+                }
             }
         }
         (throughput(data))
@@ -155,6 +160,8 @@ fn throughput(data: &RunsPage) -> Markup {
         p.muted { "per " (slice_text(slice)) ", completed / failed / cancelled" }
         svg.throughput xmlns="http://www.w3.org/2000/svg" width=(bar_w * i64::from(BUCKETS))
             height=(chart_h) role="img" aria-label="runs ended per time slice" {
+            line x1="0" y1=(chart_h - 1) x2=(bar_w * i64::from(BUCKETS)) y2=(chart_h - 1)
+                stroke="#9ca3af" {}
             @for (x, top, h, colour, n) in segments {
                 rect x=(x + 2) y=(top) width=(bar_w - 4) height=(h) fill=(colour) {
                     title { (n) }

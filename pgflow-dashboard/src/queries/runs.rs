@@ -49,8 +49,8 @@ pub(crate) struct RunsPage {
     /// The flows, for the filter's choice.
     pub(crate) flows: Vec<String>,
     /// PostgreSQL's estimate of the number of runs (exact counts of millions of rows cost
-    /// seconds).
-    pub(crate) estimated_total: i64,
+    /// seconds); `None` before the table was first analyzed.
+    pub(crate) estimated_total: Option<i64>,
 }
 
 /// Slices of the throughput chart.
@@ -249,8 +249,8 @@ pub(crate) async fn runs_page(pool: &PgPool, filter: &RunsFilter) -> Result<Runs
         counts,
         ended,
         flows,
-        // -1 before the table's first ANALYZE.
-        estimated_total: estimated_total.max(0.0) as i64,
+        // -1 until the table's first ANALYZE: no estimate yet.
+        estimated_total: (estimated_total >= 0.0).then_some(estimated_total as i64),
     })
 }
 
