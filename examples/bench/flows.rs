@@ -9,7 +9,7 @@ use pgflow_core::{Flow, StepContext, StepError, step_fn};
 pub(crate) struct Workload {
     pub(crate) name: &'static str,
     pub(crate) runs: usize,
-    /// For `fanout`, the number of map elements per run; unused otherwise.
+    /// For `fanout` and `mapchain`, the number of map elements per run; unused otherwise.
     pub(crate) width: u64,
 }
 
@@ -20,6 +20,10 @@ impl Workload {
             Kind::Chain5 => 5,
             Kind::Diamond => 4,
             Kind::Fanout => usize::try_from(self.width).unwrap_or(usize::MAX) + 2,
+            Kind::MapChain => usize::try_from(self.width)
+                .unwrap_or(usize::MAX / 2)
+                .saturating_mul(2)
+                .saturating_add(2),
         }
     }
 
@@ -28,6 +32,8 @@ impl Workload {
             Kind::Chain5
         } else if self.name.starts_with("diamond") {
             Kind::Diamond
+        } else if self.name.starts_with("mapchain") {
+            Kind::MapChain
         } else {
             Kind::Fanout
         }
@@ -38,6 +44,7 @@ impl Workload {
             Kind::Chain5 => chain5(),
             Kind::Diamond => diamond(),
             Kind::Fanout => fanout(),
+            Kind::MapChain => mapchain(),
         }
     }
 
@@ -46,15 +53,16 @@ impl Workload {
     /// plans their statements on first use), few enough to take a fraction of a second.
     pub(crate) fn warm_up_runs(&self, parallel: usize) -> usize {
         match self.kind() {
-            Kind::Fanout => 1,
+            Kind::Fanout | Kind::MapChain => 1,
             _ => (20 * parallel).min(self.runs),
         }
     }
 
-    /// The input of every run: the map width for `fanout`, `None` (the run's number) otherwise.
+    /// The input of every run: the map width for `fanout` and `mapchain`, `None` (the run's
+    /// number) otherwise.
     pub(crate) fn fixed_input(&self) -> Option<u64> {
         match self.kind() {
-            Kind::Fanout => Some(self.width),
+            Kind::Fanout | Kind::MapChain => Some(self.width),
             _ => None,
         }
     }
@@ -65,6 +73,7 @@ pub(crate) enum Kind {
     Chain5,
     Diamond,
     Fanout,
+    MapChain,
 }
 
 /// `s1 → s2 → s3 → s4 → s5`.
@@ -127,6 +136,30 @@ pub(crate) fn fanout() -> Flow<u64> {
     Flow::new("bench_fanout")
         .step(root)
         .step(item)
+        .step(total)
+        .build()
+}
+
+/// `root` (an array of `width` numbers) → `first` (a map over it) → `second` (a map over
+/// `first`) → `total` (their sum): a map→map chain and a map's fan-in, where stored step
+/// outputs (migration 0010) change what a dependent's start reads.
+pub(crate) fn mapchain() -> Flow<u64> {
+    let root = step_fn("root").handler(|width: u64, _ctx: StepContext| async move {
+        Ok::<_, StepError>((0..width).collect::<Vec<u64>>())
+    });
+    let first = step_fn("first")
+        .map_over(&root)
+        .handler(|x: u64, _ctx| async move { Ok(x + 1) });
+    let second = step_fn("second")
+        .map_over(&first)
+        .handler(|x: u64, _ctx| async move { Ok(x * 2) });
+    let total = step_fn("total")
+        .depends_on(&second)
+        .handler(|_width: u64, items: Vec<u64>, _ctx| async move { Ok(items.iter().sum::<u64>()) });
+    Flow::new("bench_mapchain")
+        .step(root)
+        .step(first)
+        .step(second)
         .step(total)
         .build()
 }

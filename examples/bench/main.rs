@@ -5,6 +5,8 @@
 //! cargo run --release --example bench -- [--smoke] [--workload chain5|diamond|fanout1000|all]
 //!     [--workers 1,4] [--json PATH] [--profile]
 //! cargo run --release --example bench -- --prune-tasks 1000000 [--workers 4]
+//! cargo run --release --example bench -- --executors driver --workload chain5,fanout1000 \
+//!     --driver-all --engines current,upstream-0.8.1 --rounds 3
 //! ```
 //!
 //! With `DATABASE_URL` set it uses that server (the user needs `CREATEDB`); without it, it starts
@@ -13,6 +15,7 @@
 //! docs/performance.md for what each column means.
 
 mod driver;
+mod engines;
 mod floors;
 mod flows;
 mod measure;
@@ -25,12 +28,12 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use clap::Parser;
-use pgflow_client::Client;
 use pgflow_client::throwaway::{TestDatabase, ThrowawayServer};
 use serde_json::{Value, json};
 use sqlx::postgres::{PgListener, PgPoolOptions};
 use sqlx::{Connection, PgConnection};
 
+use crate::engines::Engine;
 use crate::flows::Workload;
 use crate::measure::{
     BoxResult, CeilingVariant, CpuMark, CpuSpent, FunctionProfile, Percentiles, RunStats, round3,
@@ -60,6 +63,14 @@ struct Args {
     /// Seconds a row may take before the benchmark gives up (default 900, smoke: 120).
     #[arg(long)]
     row_timeout: Option<u64>,
+    /// Engines the driver rows run on, comma-separated: current, upstream-0.8.1 (fetched
+    /// from npm at benchmark time), or a migration number (this engine as it left it).
+    #[arg(long, default_value = "current", value_delimiter = ',')]
+    engines: Vec<String>,
+    /// Rounds of the driver rows, each over every engine in turn: the engine comparison
+    /// takes the median of its rounds.
+    #[arg(long, default_value_t = 1)]
+    rounds: usize,
     /// What to run: driver, worker, or both.
     #[arg(long, default_value = "driver,worker", value_delimiter = ',')]
     executors: Vec<String>,
@@ -131,6 +142,7 @@ impl Executor {
 struct Row {
     workload: String,
     executor: Executor,
+    engine: Engine,
     parallel: usize,
     /// Batch size and concurrency, when not the run's defaults (`--batch`, `--concurrency`).
     tuned: Option<Tuning>,
@@ -172,8 +184,13 @@ impl Row {
         let tuned = self.tuned.map_or(String::new(), |t| {
             format!(", batch {} / concurrency {}", t.batch, t.concurrency)
         });
+        let engine = if self.engine == Engine::Current {
+            String::new()
+        } else {
+            format!(" on {}", self.engine)
+        };
         format!(
-            "{} {} {unit}{}{tuned}",
+            "{} {} {unit}{}{tuned}{engine}",
             self.executor.name(),
             self.parallel,
             if self.parallel == 1 { "" } else { "s" }
@@ -203,6 +220,8 @@ struct Env {
     profile: bool,
     row_timeout: Duration,
     postmaster: Option<u32>,
+    /// Where upstream's npm package is kept between runs.
+    engine_cache: PathBuf,
 }
 
 #[tokio::main]
@@ -226,6 +245,14 @@ async fn main() -> Result<(), Box<dyn Error + Send + Sync>> {
             "worker" => Executor::Worker,
             other => return Err(format!("unknown executor `{other}` (driver, worker)").into()),
         });
+    }
+    let engines = args
+        .engines
+        .iter()
+        .map(|name| Engine::parse(name))
+        .collect::<BoxResult<Vec<_>>>()?;
+    if args.rounds == 0 {
+        return Err("--rounds must be at least 1".into());
     }
     let idle_runs = args.idle_runs.unwrap_or(if args.smoke { 5 } else { 50 });
     let ceiling_secs = args
@@ -276,6 +303,7 @@ async fn main() -> Result<(), Box<dyn Error + Send + Sync>> {
             900
         })),
         postmaster: throwaway.as_ref().and_then(measure::postmaster_pid),
+        engine_cache: Path::new(env!("CARGO_MANIFEST_DIR")).join("target/bench-engines"),
     };
     let server = measure::server_settings(&env.admin).await?;
     let machine = measure::machine();
@@ -364,10 +392,21 @@ async fn main() -> Result<(), Box<dyn Error + Send + Sync>> {
                 Executor::Driver => &driver_clients,
                 Executor::Worker => &workers,
             };
+            // Engines alternate within each round, so a drift of the machine over the
+            // rounds falls on all of them alike.
+            let (rounds, row_engines) = match executor {
+                Executor::Driver => (args.rounds, engines.as_slice()),
+                Executor::Worker => (1, std::slice::from_ref(&Engine::Current)),
+            };
             for &parallel in counts {
-                let row = load_row(&env, *workload, executor, parallel, None).await?;
-                print_progress(&row);
-                rows.push(row);
+                for _ in 0..rounds {
+                    for engine in row_engines {
+                        let row =
+                            load_row(&env, *workload, executor, parallel, None, engine).await?;
+                        print_progress(&row);
+                        rows.push(row);
+                    }
+                }
             }
         }
     }
@@ -381,7 +420,15 @@ async fn main() -> Result<(), Box<dyn Error + Send + Sync>> {
             concurrency: tuned,
         };
         for workload in &workloads {
-            let row = load_row(&env, *workload, Executor::Worker, parallel, Some(tuning)).await?;
+            let row = load_row(
+                &env,
+                *workload,
+                Executor::Worker,
+                parallel,
+                Some(tuning),
+                &Engine::Current,
+            )
+            .await?;
             print_progress(&row);
             rows.push(row);
         }
@@ -391,6 +438,10 @@ async fn main() -> Result<(), Box<dyn Error + Send + Sync>> {
     let table = render_table(&rows, ceiling, &ceilings);
     println!("\n{table}");
     println!("{}", render_floors(&floors));
+    let comparisons = engine_comparisons(&rows);
+    if !comparisons.is_empty() {
+        println!("{}", render_comparisons(&comparisons));
+    }
     let calls = render_calls(&rows);
     if !calls.is_empty() {
         println!("{calls}");
@@ -427,6 +478,7 @@ async fn main() -> Result<(), Box<dyn Error + Send + Sync>> {
             "tx_per_sec": tps.round(),
         })).collect::<Vec<_>>(),
         "rows": rows.iter().map(|row| row_json(row, ceiling)).collect::<Vec<_>>(),
+        "engine_comparisons": comparisons.iter().map(Comparison::to_json).collect::<Vec<_>>(),
         "floors": floors.iter().map(floors::Floor::to_json).collect::<Vec<_>>(),
     });
     if let Some(dir) = json_path.parent().filter(|dir| !dir.as_os_str().is_empty()) {
@@ -462,6 +514,11 @@ fn select_workloads(
             },
         )
     };
+    let mapchain = Workload {
+        name: if smoke { "mapchain100" } else { "mapchain1000" },
+        runs: fanout.runs,
+        width: fanout.width,
+    };
     let runs = runs.unwrap_or(runs_default);
     let chain5 = Workload {
         name: "chain5",
@@ -476,13 +533,14 @@ fn select_workloads(
     let mut selected = Vec::new();
     for name in names {
         match name.trim() {
-            "all" => selected.extend([chain5, diamond, fanout]),
+            "all" => selected.extend([chain5, diamond, fanout, mapchain]),
             "chain5" => selected.push(chain5),
             "diamond" => selected.push(diamond),
             "fanout1000" | "fanout" => selected.push(fanout),
+            "mapchain1000" | "mapchain" => selected.push(mapchain),
             other => {
                 return Err(format!(
-                    "unknown workload `{other}` (chain5, diamond, fanout1000, all)"
+                    "unknown workload `{other}` (chain5, diamond, fanout1000, mapchain1000, all)"
                 )
                 .into());
             }
@@ -535,15 +593,15 @@ impl Running {
     }
 }
 
-/// A fresh database holding `workload`'s flow, with per-function timing on if asked.
-async fn prepare(env: &Env, workload: &Workload) -> BoxResult<TestDatabase> {
-    let db = TestDatabase::new_in(&env.admin_url).await?;
+/// A fresh database holding `engine` and `workload`'s flow, with per-function timing on if
+/// asked.
+async fn prepare(env: &Env, workload: &Workload, engine: &Engine) -> BoxResult<TestDatabase> {
+    let db = engine
+        .prepare(&env.admin_url, &env.engine_cache, &workload.flow())
+        .await?;
     if env.profile {
         measure::enable_profile(&env.admin, db.name()).await?;
     }
-    Client::new(db.pool().clone())
-        .compile(&workload.flow())
-        .await?;
     Ok(db)
 }
 
@@ -556,8 +614,9 @@ async fn load_row(
     executor: Executor,
     parallel: usize,
     tuned: Option<Tuning>,
+    engine: &Engine,
 ) -> BoxResult<Row> {
-    let db = prepare(env, &workload).await?;
+    let db = prepare(env, &workload, engine).await?;
     let flow = workload.flow();
     let rss_reset = measure::reset_peak_rss();
     let tuning = tuned.unwrap_or(env.tuning);
@@ -615,6 +674,7 @@ async fn load_row(
     Ok(Row {
         workload: workload.name.to_owned(),
         executor,
+        engine: engine.clone(),
         parallel,
         tuned,
         idle: false,
@@ -669,7 +729,7 @@ async fn idle_row(env: &Env, executor: Executor, runs: usize) -> BoxResult<Row> 
         runs,
         width: 0,
     };
-    let db = prepare(env, &workload).await?;
+    let db = prepare(env, &workload, &Engine::Current).await?;
     let flow = workload.flow();
     let rss_reset = measure::reset_peak_rss();
     let running = Running::start(env.tuning, db.url(), &flow, executor, 1).await?;
@@ -710,6 +770,7 @@ async fn idle_row(env: &Env, executor: Executor, runs: usize) -> BoxResult<Row> 
     Ok(Row {
         workload: "chain5 idle".to_owned(),
         executor,
+        engine: Engine::Current,
         parallel: 1,
         tuned: None,
         idle: true,
@@ -917,6 +978,7 @@ fn row_json(row: &Row, ceiling: f64) -> Value {
     json!({
         "workload": row.workload,
         "executor": row.executor.name(),
+        "engine": row.engine.to_string(),
         "parallel": row.parallel,
         // Null when the row ran with the run's `settings`.
         "tuned": row.tuned.map(|t| json!({ "batch": t.batch, "concurrency": t.concurrency })),
@@ -959,4 +1021,104 @@ fn git_commit() -> Option<String> {
     out.status
         .success()
         .then(|| String::from_utf8_lossy(&out.stdout).trim().to_owned())
+}
+
+/// The driver's throughput on each engine other than the current one, against the current
+/// one's, for one workload and number of clients: medians over the rounds.
+#[derive(Debug)]
+struct Comparison {
+    workload: String,
+    clients: usize,
+    engine: Engine,
+    rounds: usize,
+    median: f64,
+    current_median: f64,
+}
+
+impl Comparison {
+    fn ratio(&self) -> f64 {
+        if self.median > 0.0 {
+            self.current_median / self.median
+        } else {
+            0.0
+        }
+    }
+
+    fn to_json(&self) -> Value {
+        json!({
+            "workload": self.workload,
+            "clients": self.clients,
+            "engine": self.engine.to_string(),
+            "rounds": self.rounds,
+            "median_step_tasks_per_sec": self.median.round(),
+            "current_median_step_tasks_per_sec": self.current_median.round(),
+            "current_over_engine": round3(self.ratio()),
+        })
+    }
+}
+
+fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(f64::total_cmp);
+    match values.len() {
+        0 => 0.0,
+        n if n % 2 == 1 => values[n / 2],
+        n => (values[n / 2 - 1] + values[n / 2]) / 2.0,
+    }
+}
+
+fn engine_comparisons(rows: &[Row]) -> Vec<Comparison> {
+    let driver = |row: &&Row| row.executor == Executor::Driver && !row.idle;
+    let mut out = Vec::new();
+    for row in rows.iter().filter(driver) {
+        if row.engine == Engine::Current
+            || out.iter().any(|c: &Comparison| {
+                c.workload == row.workload && c.clients == row.parallel && c.engine == row.engine
+            })
+        {
+            continue;
+        }
+        let of = |engine: &Engine| -> Vec<f64> {
+            rows.iter()
+                .filter(driver)
+                .filter(|r| {
+                    r.workload == row.workload && r.parallel == row.parallel && &r.engine == engine
+                })
+                .map(Row::tasks_per_sec)
+                .collect()
+        };
+        let theirs = of(&row.engine);
+        let ours = of(&Engine::Current);
+        if ours.is_empty() {
+            continue;
+        }
+        out.push(Comparison {
+            workload: row.workload.clone(),
+            clients: row.parallel,
+            engine: row.engine.clone(),
+            rounds: theirs.len().min(ours.len()),
+            median: median(theirs),
+            current_median: median(ours),
+        });
+    }
+    out
+}
+
+fn render_comparisons(comparisons: &[Comparison]) -> String {
+    let mut out = String::from(
+        "| workload | driver clients | engine | rounds | its step-tasks/s (median) | current (median) | current ÷ it |\n|---|--:|---|--:|--:|--:|--:|\n",
+    );
+    for c in comparisons {
+        let _ = writeln!(
+            out,
+            "| {} | {} | {} | {} | {:.0} | {:.0} | {:.2} |",
+            c.workload,
+            c.clients,
+            c.engine,
+            c.rounds,
+            c.median,
+            c.current_median,
+            c.ratio()
+        );
+    }
+    out
 }

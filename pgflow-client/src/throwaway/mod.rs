@@ -34,6 +34,7 @@ mod binaries;
 mod local;
 mod server;
 mod test_db;
+mod upstream;
 
 use std::fmt;
 use std::io;
@@ -43,6 +44,7 @@ pub use binaries::find_bin_dir;
 pub use local::{LocalDatabase, database_url, database_url_from_env};
 pub use server::{Shutdown, ThrowawayServer, shared_server};
 pub use test_db::TestDatabase;
+pub use upstream::{UPSTREAM_PACKAGE, UpstreamSchema, apply_migrations_up_to};
 
 use crate::Error;
 
@@ -130,6 +132,11 @@ pub enum ThrowawayErrorKind {
     NotStopped {
         /// The server's port.
         port: u16,
+    },
+    /// Upstream's engine ([`UpstreamSchema`]) could not be fetched or read.
+    Upstream {
+        /// What failed, and what to do about it.
+        detail: String,
     },
 }
 
@@ -242,6 +249,10 @@ impl fmt::Display for ThrowawayError {
                 "the throwaway server on port {port} did not stop within {} s of being asked to \
                  restart: drop it and start a new one with ThrowawayServer::start",
                 server::START_TIMEOUT.as_secs()
+            ),
+            ThrowawayErrorKind::Upstream { detail } => write!(
+                f,
+                "upstream pgflow's engine ({UPSTREAM_PACKAGE}) is not available: {detail}"
             ),
         }
     }

@@ -74,6 +74,17 @@ impl TestDatabase {
         Self::create(admin_url.to_owned(), true).await
     }
 
+    /// Like [`empty`](Self::empty), on the server that `admin_url` connects to: for a database
+    /// that gets another engine ([`UpstreamSchema::apply`](super::UpstreamSchema::apply),
+    /// [`apply_migrations_up_to`](super::apply_migrations_up_to)).
+    ///
+    /// # Errors
+    ///
+    /// As [`new_in`](Self::new_in), save for installation.
+    pub async fn empty_in(admin_url: &str) -> Result<Self> {
+        Self::create(admin_url.to_owned(), false).await
+    }
+
     async fn create_default(with_schema: bool) -> Result<Self> {
         Self::create(database_url()?, with_schema).await
     }

@@ -7,12 +7,11 @@
 //! package `@pgflow/core@0.8.1`, fetched with `npm pack` at test time (they are not ours to
 //! commit) and kept under the target directory so that later runs do not fetch them again.
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::Path;
 use std::sync::{Mutex, PoisonError};
 use std::time::Duration;
 
-use pgflow_client::throwaway::TestDatabase;
+use pgflow_client::throwaway::{TestDatabase, UPSTREAM_PACKAGE, UpstreamSchema};
 use pgflow_client::{Error, Worker, WorkerHandle, install, install_pgmq};
 use serde_json::{Value, json};
 use sqlx::PgPool;
@@ -20,119 +19,30 @@ use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 
 use crate::support::{database, finished, start};
 
-const UPSTREAM: &str = "@pgflow/core@0.8.1";
-const TARBALL: &str = "pgflow-core-0.8.1.tgz";
-
-/// Upstream's migrations, oldest first: (file name, SQL).
-fn upstream_migrations() -> Vec<(String, String)> {
-    // Tests of this binary run in parallel; one fetch is enough for all of them.
-    static FETCH: Mutex<()> = Mutex::new(());
-    let _one_at_a_time = FETCH.lock().unwrap_or_else(PoisonError::into_inner);
-    let cache = Path::new(env!("CARGO_TARGET_TMPDIR")).join("pgflow-core-0.8.1");
-    let dir = cache.join("package/dist/supabase/migrations");
-    if !dir.is_dir() {
-        fetch_upstream(&cache);
-    }
-    let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
-        .unwrap_or_else(|err| panic!("cannot list {}: {err}", dir.display()))
-        .map(|entry| entry.expect("directory entry").path())
-        .filter(|path| path.extension().is_some_and(|ext| ext == "sql"))
-        .collect();
-    // Upstream names them by timestamp: the name order is the order to apply them in.
-    files.sort();
-    assert!(
-        files.len() >= 10,
-        "{UPSTREAM} should ship its migrations in {}, found {files:?}",
-        dir.display()
-    );
-    files
-        .into_iter()
-        .map(|path| {
-            let name = path.file_name().expect("file name").to_string_lossy();
-            let sql = std::fs::read_to_string(&path)
-                .unwrap_or_else(|err| panic!("cannot read {}: {err}", path.display()));
-            (name.into_owned(), sql)
-        })
-        .collect()
-}
-
-/// Fetches and unpacks upstream's package into `cache`, which appears whole or not at all, so
-/// that a run interrupted half-way, or another test process fetching at the same time, never
-/// leaves a partial copy behind.
-fn fetch_upstream(cache: &Path) {
-    let parent = cache.parent().expect("cache parent");
-    let staging = parent.join(format!("pgflow-core-0.8.1.partial-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&staging);
-    std::fs::create_dir_all(&staging)
-        .unwrap_or_else(|err| panic!("cannot create {}: {err}", staging.display()));
-    let pack = Command::new("npm")
-        .args(["pack", UPSTREAM])
-        .current_dir(&staging)
-        .output()
-        .unwrap_or_else(|err| {
-            panic!(
-                "this test applies upstream's SQL migrations, fetched with `npm pack {UPSTREAM}`, \
-                 and npm cannot be run ({err}): install Node.js and npm, with access to the npm \
-                 registry"
-            )
-        });
-    assert!(
-        pack.status.success(),
-        "`npm pack {UPSTREAM}` failed ({}): this test needs upstream's SQL migrations from the npm \
-         registry\n{}",
-        pack.status,
-        String::from_utf8_lossy(&pack.stderr)
-    );
-    let unpack = Command::new("tar")
-        .args(["-xzf", TARBALL])
-        .current_dir(&staging)
-        .status()
-        .expect("tar runs");
-    assert!(unpack.success(), "cannot unpack {TARBALL}: tar {unpack}");
-    match std::fs::rename(&staging, cache) {
-        Ok(()) => {}
-        // Another test process got there first with the same files.
-        Err(_) if cache.is_dir() => {
-            let _ = std::fs::remove_dir_all(&staging);
-        }
-        Err(err) => panic!("cannot move {} into place: {err}", staging.display()),
-    }
-}
-
 /// A database holding pgmq and pgflow 0.8.1's schema, applied from upstream's migrations the
 /// way `supabase db push` would apply them, with nothing of this engine.
 async fn typescript_database() -> TestDatabase {
-    let migrations = tokio::task::block_in_place(upstream_migrations);
+    // Tests of this binary run in parallel; one fetch is enough for all of them.
+    static FETCH: Mutex<()> = Mutex::new(());
+    let upstream = tokio::task::block_in_place(|| {
+        let _one_at_a_time = FETCH.lock().unwrap_or_else(PoisonError::into_inner);
+        UpstreamSchema::fetch(Path::new(env!("CARGO_TARGET_TMPDIR")))
+    })
+    .unwrap_or_else(|err| panic!("{err}"));
+    assert!(
+        upstream.migrations().len() >= 10,
+        "{UPSTREAM_PACKAGE} should ship its migrations, found {:?}",
+        upstream
+            .migrations()
+            .iter()
+            .map(|(name, _)| name)
+            .collect::<Vec<_>>()
+    );
     let db = TestDatabase::empty().await.expect("empty database");
-    let pool = db.pool();
-    let pgmq = install_pgmq(pool).await.expect("pgmq");
-    // Upstream targets Supabase, whose databases have a `realtime` schema. Its broadcasting
-    // functions written in SQL (not PL/pgSQL) are checked when created, so `realtime.send` must
-    // exist; a stand-in that drops the broadcast is enough, nothing here listens.
-    sqlx::raw_sql(
-        "CREATE SCHEMA realtime;
-         CREATE FUNCTION realtime.send(payload jsonb, event text, topic text, private boolean DEFAULT true)
-         RETURNS void LANGUAGE sql AS '';",
-    )
-    .execute(pool)
-    .await
-    .expect("realtime stand-in");
-    for (name, sql) in migrations {
-        // Upstream creates pgmq as an extension, which a server without the extension's files
-        // cannot do; pgmq's SQL-only install already gave this database the same schema.
-        let sql = if pgmq == "extension" {
-            sql
-        } else {
-            sql.replace(
-                "CREATE EXTENSION IF NOT EXISTS \"pgmq\" WITH SCHEMA \"pgmq\";",
-                "",
-            )
-        };
-        sqlx::raw_sql(&sql)
-            .execute(pool)
-            .await
-            .unwrap_or_else(|err| panic!("upstream migration {name}: {err}"));
-    }
+    upstream
+        .apply(db.pool())
+        .await
+        .unwrap_or_else(|err| panic!("upstream's migrations: {err}"));
     db
 }
 
