@@ -326,6 +326,63 @@ impl WorkerBuilder {
         self
     }
 
+    /// How often the worker calls the stalled-task sweep (default 15 s, between 1 s and one
+    /// day). A sweep requeues started tasks whose worker was lost: started longer ago than
+    /// their step's timeout plus 30 s, whose message will not come back to a reader (it was
+    /// archived, or nobody reads the queue). The lost attempt counts as an attempt; a task
+    /// with none left fails (or is skipped, per its step's `when_exhausted`), and a task
+    /// requeued three times already is marked permanently stalled for an operator
+    /// (`pgflow check` reports it).
+    ///
+    /// Every worker has the timer, and the engine runs at most one sweep per period for the
+    /// whole cluster (`pgflow.requeue_stalled_tasks_due`): more workers do not sweep more
+    /// often. The first call comes once the worker has registered. Sweeps this worker ran and
+    /// what they requeued are in [`WorkerStats::stall_sweeps`] and
+    /// [`WorkerStats::requeued`], and logged (INFO when tasks were requeued). A role that may
+    /// not call the function gets one warning and no more calls (docs/security.md has the
+    /// grant). docs/operating.md, "Stalled tasks", has the whole story.
+    ///
+    /// ```no_run
+    /// # fn demo(pool: sqlx::PgPool, flow: pgflow_core::Flow<u64>) -> pgflow_client::Result<()> {
+    /// use std::time::Duration;
+    /// use pgflow_client::Worker;
+    ///
+    /// // Long-running steps: a lost task waits for its timeout anyway, a minute is plenty.
+    /// let worker = Worker::builder(pool)
+    ///     .flow(flow)
+    ///     .requeue_stalled_every(Duration::from_secs(60))
+    ///     .spawn()?;
+    /// # Ok(()) }
+    /// ```
+    ///
+    /// [`WorkerStats::stall_sweeps`]: super::WorkerStats::stall_sweeps
+    /// [`WorkerStats::requeued`]: super::WorkerStats::requeued
+    #[must_use]
+    pub fn requeue_stalled_every(mut self, interval: Duration) -> Self {
+        self.settings.requeue_every = interval;
+        self
+    }
+
+    /// Whether this worker runs the stalled-task timer of
+    /// [`requeue_stalled_every`](Self::requeue_stalled_every) (default `true`). Turn it off
+    /// where another process sweeps (a pg_cron job calling `pgflow.requeue_stalled_tasks()`),
+    /// or where the worker's role is not granted the sweep.
+    ///
+    /// ```no_run
+    /// # fn demo(pool: sqlx::PgPool, flow: pgflow_core::Flow<u64>) -> pgflow_client::Result<()> {
+    /// use pgflow_client::Worker;
+    ///
+    /// // pg_cron sweeps: `SELECT cron.schedule('requeue', '15 seconds',
+    /// //                  'SELECT pgflow.requeue_stalled_tasks()')`.
+    /// let worker = Worker::builder(pool).flow(flow).requeue_stalled(false).spawn()?;
+    /// # Ok(()) }
+    /// ```
+    #[must_use]
+    pub fn requeue_stalled(mut self, enabled: bool) -> Self {
+        self.settings.requeue_stalled = enabled;
+        self
+    }
+
     /// Shuts the worker down gracefully on SIGINT (Ctrl-C) or SIGTERM. Off by default: a library
     /// installs no signal handlers unless asked.
     ///

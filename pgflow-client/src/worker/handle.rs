@@ -17,6 +17,8 @@ pub(crate) struct Counters {
     pub(crate) failed: AtomicU64,
     pub(crate) in_flight: AtomicU64,
     pub(crate) cancelled: AtomicU64,
+    pub(crate) stall_sweeps: AtomicU64,
+    pub(crate) requeued: AtomicU64,
 }
 
 impl Counters {
@@ -27,6 +29,8 @@ impl Counters {
             failed: self.failed.load(Ordering::Relaxed),
             in_flight: self.in_flight.load(Ordering::Relaxed),
             cancelled: self.cancelled.load(Ordering::Relaxed),
+            stall_sweeps: self.stall_sweeps.load(Ordering::Relaxed),
+            requeued: self.requeued.load(Ordering::Relaxed),
         }
     }
 }
@@ -48,6 +52,14 @@ pub struct WorkerStats {
     /// cancellation tokens fire (and were dropped if still running), and nothing was reported
     /// for them, since the engine had already marked them cancelled.
     pub cancelled: u64,
+    /// Stalled-task sweeps this worker ran
+    /// ([`requeue_stalled_every`](super::WorkerBuilder::requeue_stalled_every)). One worker of
+    /// the cluster sweeps each period: the others' turns count nowhere.
+    pub stall_sweeps: u64,
+    /// Tasks those sweeps requeued: started tasks whose worker was lost and whose message
+    /// would not come back, sent back to their queue for their next attempt (any worker may
+    /// run it).
+    pub requeued: u64,
 }
 
 /// A running worker, returned by [`WorkerBuilder::spawn`].

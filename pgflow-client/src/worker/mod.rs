@@ -77,7 +77,7 @@
 // `dispatch`, whose results go to `report`). Dependencies run in that direction only. `running`
 // holds the dispatched tasks by run, for `listen` (and `heartbeat`) to cancel. `telemetry` is
 // what `dispatch` and `report` tell the application's tracing and metrics; `queue_gauges`
-// samples the queues for the metrics.
+// samples the queues for the metrics. `requeue` is the stalled-task timer.
 mod backoff;
 mod builder;
 mod context;
@@ -91,6 +91,7 @@ mod prune;
 mod queue_gauges;
 mod registry;
 mod report;
+mod requeue;
 mod running;
 mod scheduler;
 mod schema_check;

@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
+use super::requeue::{DEFAULT_REQUEUE_EVERY, MIN_REQUEUE_EVERY};
 use crate::{Error, Result};
 
 /// How often a worker heartbeats unless [`WorkerBuilder::heartbeat_interval`] says otherwise.
@@ -27,6 +28,9 @@ pub(crate) struct Settings {
     pub(crate) notifications: bool,
     pub(crate) shutdown_on_signal: bool,
     pub(crate) shutdown_token: Option<CancellationToken>,
+    /// Whether the stalled-task timer runs, and its period.
+    pub(crate) requeue_stalled: bool,
+    pub(crate) requeue_every: Duration,
 }
 
 impl Default for Settings {
@@ -42,6 +46,8 @@ impl Default for Settings {
             notifications: true,
             shutdown_on_signal: false,
             shutdown_token: None,
+            requeue_stalled: true,
+            requeue_every: DEFAULT_REQUEUE_EVERY,
         }
     }
 }
@@ -87,6 +93,17 @@ pub(crate) fn check_settings(settings: &Settings) -> Result<()> {
             "visibility_timeout",
             format!("{:?}", settings.visibility_timeout),
             "must be at most one day",
+        );
+    }
+    // The engine refuses periods under a second; a day is far past any useful sweep.
+    if settings.requeue_stalled
+        && (settings.requeue_every < MIN_REQUEUE_EVERY
+            || settings.requeue_every > Duration::from_secs(86_400))
+    {
+        return setting(
+            "requeue_stalled_every",
+            format!("{:?}", settings.requeue_every),
+            "must be between 1 second and one day",
         );
     }
     Ok(())

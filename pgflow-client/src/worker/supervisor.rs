@@ -9,7 +9,7 @@ use tokio_util::sync::CancellationToken;
 use super::backoff::Backoff;
 use super::registry::FlowEntry;
 use super::shared::Shared;
-use super::{heartbeat, listen, poll, report, schema_check, telemetry};
+use super::{heartbeat, listen, poll, report, requeue, schema_check, telemetry};
 use crate::Result;
 
 /// How long a shutdown waits, after the handlers, for their results to reach the database.
@@ -100,6 +100,15 @@ pub(crate) async fn run(
         shutdown.clone(),
         background.clone(),
     ));
+    // After registering: a sweep may hand a requeued task straight back to this worker.
+    let requeuer = settings.requeue_stalled.then(|| {
+        tokio::spawn(requeue::run(
+            shared.pool.clone(),
+            settings.requeue_every,
+            Arc::clone(&shared.counters),
+            shutdown.clone(),
+        ))
+    });
     // Room for one result per permit: a handler that finished waits here, holding its permit,
     // while reports are slow, and no new task is read meanwhile.
     let (reports, results) = mpsc::channel(settings.concurrency);
@@ -151,6 +160,9 @@ pub(crate) async fn run(
     }
 
     background.cancel();
+    if let Some(requeuer) = requeuer {
+        let _ = requeuer.await;
+    }
     let _ = heartbeats.await;
     #[cfg(feature = "metrics")]
     let _ = queue_gauges.await;

@@ -7,5 +7,6 @@ mod end_to_end;
 mod failures;
 mod foreign_schema;
 mod latency;
+mod requeue;
 mod shutdown;
 mod untyped;
