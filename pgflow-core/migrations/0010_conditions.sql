@@ -1848,6 +1848,219 @@ END;
 $$;
 
 -- -------------------------------------------------------------------------------------
+-- Run control with skips (0007's retry, restated)
+-- -------------------------------------------------------------------------------------
+
+-- 0007's _retry_runs_once, knowing skipped steps and conditions (docs/sql-api.md, "Failed
+-- runs"):
+--   * a skipped step stays skipped: its tasks (failed by handler_failed, or cancelled) are
+--     not run again, and it does not count in remaining_steps (0007 counted every step not
+--     completed, so a retried run with a skipped step could never complete);
+--   * a step failed by its condition ('Condition not met', when_unmet 'fail') has no task
+--     (0007 refused such a run as "unfinished but has no unfinished task"): it goes back to
+--     'created' and the retried run decides its ready steps again through start_ready_steps.
+--     A condition reads the run input or stored outputs, which a retry does not change, so
+--     such a run fails again at once, its retry recorded; a condition can only be met on a
+--     retry if its step's definition changed;
+--   * steps left 'created' with no dependency to wait for (a run that failed while deciding
+--     the conditions of several ready steps) are started by that same call.
+CREATE OR REPLACE FUNCTION pgflow._retry_runs_once(p_flow_slug text, p_run_ids uuid[])
+RETURNS uuid[]
+LANGUAGE plpgsql
+VOLATILE
+SET search_path = ''
+AS $$
+DECLARE
+  v_runs     uuid[];
+  v_now      timestamptz := clock_timestamp();
+  v_task_run uuid[];
+  v_task_stp text[];
+  v_task_idx integer[];
+  v_vts      timestamptz[];
+  v_messages jsonb[];
+  v_msg_ids  bigint[];
+  v_events   jsonb[];
+  v_stuck    record;
+  v_run      uuid;
+BEGIN
+  -- Level 1, 2, 3: tasks, step states, runs, each in key order.
+  PERFORM 1
+     FROM pgflow.step_tasks t
+    WHERE t.run_id = ANY(p_run_ids)
+      AND t.status <> 'completed'
+    ORDER BY t.run_id, t.step_slug, t.task_index
+      FOR NO KEY UPDATE;
+  PERFORM 1
+     FROM pgflow.step_states ss
+    WHERE ss.run_id = ANY(p_run_ids)
+    ORDER BY ss.run_id, ss.step_slug
+      FOR NO KEY UPDATE;
+  PERFORM 1
+     FROM pgflow.runs r
+    WHERE r.run_id = ANY(p_run_ids)
+    ORDER BY r.run_id
+      FOR NO KEY UPDATE;
+  v_runs := ARRAY(
+    SELECT r.run_id FROM pgflow.runs r
+     WHERE r.run_id = ANY(p_run_ids) AND r.flow_slug = p_flow_slug
+       AND r.status IN ('failed', 'cancelled')
+     ORDER BY r.run_id);
+  IF cardinality(v_runs) = 0 THEN
+    RETURN v_runs;
+  END IF;
+
+  -- A step to start again always has a task to run, but a step failed by its condition,
+  -- which never had one.
+  SELECT ss.run_id, ss.step_slug INTO v_stuck
+    FROM pgflow.step_states ss
+   WHERE ss.run_id = ANY(v_runs)
+     AND ss.status IN ('started', 'failed', 'cancelled')
+     AND NOT EXISTS (SELECT 1 FROM pgflow.step_tasks t
+                      WHERE t.run_id = ss.run_id AND t.step_slug = ss.step_slug
+                        AND t.status <> 'completed')
+     AND NOT (ss.status = 'failed'
+              AND NOT EXISTS (SELECT 1 FROM pgflow.step_tasks t
+                               WHERE t.run_id = ss.run_id AND t.step_slug = ss.step_slug))
+   LIMIT 1;
+  IF FOUND THEN
+    RAISE EXCEPTION 'run % cannot be retried: step % is unfinished but has no unfinished task',
+      v_stuck.run_id, v_stuck.step_slug
+      USING ERRCODE = 'internal_error';
+  END IF;
+
+  INSERT INTO pgflow_ext.run_retries
+    (run_id, retry_number, retried_at, previous_status, ended_at, failed_step_slug,
+     error_message)
+  SELECT r.run_id, r.retry_count + 1, now(), r.status,
+         coalesce(r.failed_at, r.cancelled_at), fs.step_slug, fs.error_message
+    FROM pgflow.runs r
+    LEFT JOIN LATERAL (
+      SELECT ss.step_slug, ss.error_message
+        FROM pgflow.step_states ss
+       WHERE ss.run_id = r.run_id AND ss.status = 'failed'
+       ORDER BY ss.failed_at, ss.step_slug
+       LIMIT 1) fs ON true
+   WHERE r.run_id = ANY(v_runs);
+
+  -- Steps failed by their condition wait to be decided again.
+  UPDATE pgflow.step_states ss
+     SET status = 'created',
+         failed_at = NULL,
+         error_message = NULL
+   WHERE ss.run_id = ANY(v_runs)
+     AND ss.status = 'failed'
+     AND NOT EXISTS (SELECT 1 FROM pgflow.step_tasks t
+                      WHERE t.run_id = ss.run_id AND t.step_slug = ss.step_slug);
+
+  -- The tasks to run again, in (run, step, task) order, with their new messages: not
+  -- those of skipped steps.
+  SELECT array_agg(x.run_id), array_agg(x.step_slug), array_agg(x.task_index),
+         array_agg(x.vt), array_agg(x.message)
+    INTO v_task_run, v_task_stp, v_task_idx, v_vts, v_messages
+    FROM (
+      SELECT t.run_id, t.step_slug, t.task_index,
+             v_now + make_interval(secs => coalesce(s.opt_start_delay, 0)) AS vt,
+             jsonb_build_object('flow_slug', p_flow_slug, 'run_id', t.run_id,
+                                'step_slug', t.step_slug, 'task_index', t.task_index) AS message
+        FROM pgflow.step_tasks t
+        JOIN pgflow.steps s ON s.flow_slug = t.flow_slug AND s.step_slug = t.step_slug
+        JOIN pgflow.step_states ss ON ss.run_id = t.run_id AND ss.step_slug = t.step_slug
+       WHERE t.run_id = ANY(v_runs)
+         AND t.status <> 'completed'
+         AND ss.status <> 'skipped'
+       ORDER BY t.run_id, t.step_slug, t.task_index
+    ) x;
+
+  v_msg_ids := pgflow._send_messages(p_flow_slug, v_vts, v_messages);
+
+  UPDATE pgflow.step_tasks t
+     SET status = 'queued',
+         attempts_count = 0,
+         error_message = NULL,
+         output = NULL,
+         -- queued_at stays (0007: a worker's started_at must not precede it).
+         started_at = NULL,
+         completed_at = NULL,
+         failed_at = NULL,
+         message_id = n.msg_id
+    FROM unnest(v_task_run, v_task_stp, v_task_idx, v_msg_ids)
+         AS n(run_id, step_slug, task_index, msg_id)
+   WHERE t.run_id = n.run_id
+     AND t.step_slug = n.step_slug
+     AND t.task_index = n.task_index;
+
+  WITH restarted AS (
+    UPDATE pgflow.step_states ss
+       SET status = 'started',
+           started_at = now(),
+           failed_at = NULL,
+           error_message = NULL,
+           remaining_tasks = (SELECT count(*)::integer FROM pgflow.step_tasks t
+                               WHERE t.run_id = ss.run_id AND t.step_slug = ss.step_slug
+                                 AND t.status <> 'completed')
+     WHERE ss.run_id = ANY(v_runs)
+       AND ss.status IN ('started', 'failed', 'cancelled')
+    RETURNING ss.run_id, ss.step_slug, ss.remaining_tasks, ss.remaining_deps, ss.started_at
+  )
+  SELECT coalesce(array_agg(jsonb_build_object(
+           'event_type', 'step:started',
+           'run_id', x.run_id,
+           'flow_slug', p_flow_slug,
+           'step_slug', x.step_slug,
+           'status', 'started',
+           'started_at', x.started_at,
+           'remaining_tasks', x.remaining_tasks,
+           'remaining_deps', x.remaining_deps) ORDER BY x.run_id, x.step_slug), '{}')
+    INTO v_events
+    FROM restarted x;
+
+  WITH retried AS (
+    UPDATE pgflow.runs r
+       SET status = 'started',
+           failed_at = NULL,
+           cancelled_at = NULL,
+           retry_count = r.retry_count + 1,
+           remaining_steps = (SELECT count(*)::integer FROM pgflow.step_states ss
+                               WHERE ss.run_id = r.run_id
+                                 AND ss.status NOT IN ('completed', 'skipped'))
+     WHERE r.run_id = ANY(v_runs)
+    RETURNING r.run_id, r.retry_count
+  )
+  SELECT ARRAY(
+           SELECT jsonb_build_object(
+                    'event_type', 'run:retried',
+                    'run_id', x.run_id,
+                    'flow_slug', p_flow_slug,
+                    'status', 'started',
+                    'retry_count', x.retry_count,
+                    'retried_at', now())
+             FROM retried x ORDER BY x.run_id) || v_events
+    INTO v_events;
+
+  PERFORM pgflow._emit_all(v_events);
+
+  -- Ready steps that never started (a step failed by its condition, those left behind by
+  -- a run that failed deciding conditions) are decided and started now; a run left with
+  -- nothing to do completes.
+  FOR v_run IN
+    SELECT DISTINCT ss.run_id
+      FROM pgflow.step_states ss
+     WHERE ss.run_id = ANY(v_runs)
+       AND ss.status = 'created'
+       AND ss.remaining_deps = 0
+     ORDER BY ss.run_id
+  LOOP
+    PERFORM pgflow.start_ready_steps(v_run);
+    PERFORM pgflow.maybe_complete_run(v_run);
+  END LOOP;
+
+  PERFORM pg_notify('pgflow_tasks', p_flow_slug);
+
+  RETURN v_runs;
+END;
+$$;
+
+-- -------------------------------------------------------------------------------------
 -- Privileges: the owner's until granted (docs/security.md)
 -- -------------------------------------------------------------------------------------
 

@@ -4,6 +4,7 @@
 mod attempt_history;
 mod attempts;
 mod concurrency;
+mod conditions;
 mod definitions;
 mod events;
 mod flow_shapes;
