@@ -458,13 +458,15 @@ async fn the_schema_is_closed_to_public_and_functions_pin_their_search_path() {
             .scalar::<bool>("SELECT has_schema_privilege('public', 'pgflow', 'USAGE')")
             .await
     );
-    let executable_by_public: i64 = engine
-        .scalar(
-            "SELECT count(*) FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace \
-              WHERE n.nspname = 'pgflow' AND has_function_privilege('public', p.oid, 'EXECUTE')",
-        )
-        .await;
-    assert_eq!(executable_by_public, 0);
+    let executable_by_public: Vec<String> = sqlx::query_scalar(
+        "SELECT p.oid::regprocedure::text FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace \
+          WHERE n.nspname = 'pgflow' AND has_function_privilege('public', p.oid, 'EXECUTE') \
+          ORDER BY 1",
+    )
+    .fetch_all(engine.pool())
+    .await
+    .unwrap();
+    assert_eq!(executable_by_public, Vec::<String>::new());
     let unpinned: Vec<String> = sqlx::query_scalar(
         "SELECT p.proname::text FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace \
           WHERE n.nspname = 'pgflow' \
