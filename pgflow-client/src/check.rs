@@ -257,6 +257,11 @@ const RULES: &[(&str, &str)] = &[
 ///   there is one), which starts the next attempt or, with none left, fails the task.
 /// - `queued_task_message`: a queued task whose message is not in the flow's queue
 ///   (`pgmq.q_<flow>`): nothing will ever pick it up.
+/// - `permanently_stalled`: a started task that the stalled-task sweep
+///   (`pgflow.requeue_stalled_tasks`, the workers' timer) requeued three times and then marked
+///   `permanently_stalled_at`, archiving its message: nothing runs it again. The action says
+///   to look at its attempts, then cancel the run and retry it. `task_past_timeout` leaves
+///   such a task to this rule.
 ///
 /// Everything is read in one read-only snapshot, with `SELECT` rights alone.
 ///
@@ -287,6 +292,7 @@ pub async fn check(pool: &PgPool) -> Result<Vec<Finding>> {
     }
     let workers = workers(&mut tx).await?;
     findings.extend(no_live_worker(&mut tx, &workers).await?);
+    findings.extend(permanently_stalled(&mut tx).await?);
     // A queue's table is pgmq.q_<name>, lowercased as pgmq names it: a flow `MyFlow` has
     // pgmq.q_myflow. Quoted by PostgreSQL, whatever the name holds.
     let queues: Vec<(String, String, bool)> = sqlx::query_as(
@@ -561,6 +567,7 @@ async fn past_timeout(
            LEFT JOIN pgflow.workers w ON w.worker_id = t.last_worker_id
            LEFT JOIN {table} q ON q.msg_id = t.message_id
           WHERE t.flow_slug = $1 AND r.status = 'started' AND t.status = 'started'
+            AND NOT {STALLED_FOR_GOOD}
             AND t.started_at < now() - make_interval(
                   secs => coalesce(s.opt_timeout, f.opt_timeout) + $3)
           ORDER BY t.run_id, t.step_slug, t.task_index"
@@ -593,9 +600,10 @@ async fn past_timeout(
             };
             let action = match task.visible_in_secs {
                 None => format!(
-                    "its message {} is not in {table}, so nothing will deliver it again: send \
-                     it again (docs/operating.md, \"Stuck runs\"), or start a new run with the \
-                     same input",
+                    "its message {} is not in {table}, so no reader will get it again: the \
+                     stalled-task sweep of a running worker requeues it 30 s past its timeout \
+                     (docs/operating.md, \"Stalled tasks\"); with no worker sweeping, send it \
+                     again (\"Stuck runs\") or start a new run with the same input",
                     task.message_id
                         .map_or_else(|| "(none)".to_owned(), |id| id.to_string())
                 ),
@@ -624,6 +632,74 @@ async fn past_timeout(
                 (
                     task.run_id,
                     flow.to_owned(),
+                    Some(task.step_slug),
+                    Some(task.task_index),
+                    detail,
+                ),
+                &action,
+            )
+        })
+        .collect())
+}
+
+/// Whether task `t` is permanently stalled: marked so by the sweep, and not started again since
+/// (the sweep's own test, in migration 0010's `requeue_stalled_tasks`).
+const STALLED_FOR_GOOD: &str =
+    "(t.permanently_stalled_at IS NOT NULL AND t.permanently_stalled_at >= t.started_at)";
+
+/// A permanently stalled task, as read for `permanently_stalled`.
+#[derive(sqlx::FromRow)]
+struct Stalled {
+    run_id: Uuid,
+    flow_slug: String,
+    step_slug: String,
+    task_index: i32,
+    requeued_count: i32,
+    attempts_count: i32,
+    max_attempts: i32,
+    stalled_secs: i64,
+}
+
+/// `permanently_stalled`: a started task of a started run that the sweep gave up on.
+async fn permanently_stalled(tx: &mut PgConnection) -> Result<Vec<Finding>> {
+    let tasks: Vec<Stalled> = sqlx::query_as(&format!(
+        "SELECT t.run_id, t.flow_slug, t.step_slug, t.task_index, t.requeued_count,
+                t.attempts_count, coalesce(s.opt_max_attempts, f.opt_max_attempts) AS max_attempts,
+                floor(extract(epoch FROM now() - t.permanently_stalled_at))::bigint
+                  AS stalled_secs
+           FROM pgflow.runs r
+           JOIN pgflow.step_tasks t ON t.run_id = r.run_id
+           JOIN pgflow.steps s ON s.flow_slug = t.flow_slug AND s.step_slug = t.step_slug
+           JOIN pgflow.flows f ON f.flow_slug = t.flow_slug
+          WHERE r.status = 'started' AND t.status = 'started' AND {STALLED_FOR_GOOD}
+          ORDER BY t.run_id, t.step_slug, t.task_index"
+    ))
+    .fetch_all(tx)
+    .await?;
+    Ok(tasks
+        .into_iter()
+        .map(|task| {
+            let detail = format!(
+                "task lost its worker again after {} requeues (attempt {} of {}) and was marked \
+                 permanently stalled {} s ago; its message is archived: nothing will run it again",
+                task.requeued_count,
+                task.attempts_count,
+                task.max_attempts,
+                task.stalled_secs.max(0),
+            );
+            let action = format!(
+                "find out why its attempts never end (a handler that hangs past its timeout or \
+                 takes its worker down: `pgflow run {run} --attempts`), fix that, then \
+                 `pgflow cancel {run}` and `pgflow retry {run}` to run the task again (cancel_run \
+                 then retry_run in SQL)",
+                run = task.run_id
+            );
+            finding(
+                Stuck,
+                "permanently_stalled",
+                (
+                    task.run_id,
+                    task.flow_slug,
                     Some(task.step_slug),
                     Some(task.task_index),
                     detail,

@@ -478,3 +478,59 @@ async fn an_inconsistent_run_is_told_from_a_stuck_one() {
     assert_eq!(json["kind"], "inconsistent");
     assert_eq!(json["step_slug"], Value::Null);
 }
+
+#[tokio::test]
+async fn a_permanently_stalled_task_is_stuck_until_cancelled_and_retried() {
+    let (_db, client, worker, run) = served_run("stalls").await;
+    let pool = client.pool();
+    // Attempts to spare: the sweep gives up after three requeues, not for want of attempts.
+    execute(pool, "UPDATE pgflow.flows SET opt_max_attempts = 10").await;
+    let sweep = async || -> i32 {
+        sqlx::query_scalar("SELECT pgflow.requeue_stalled_tasks()")
+            .fetch_one(pool)
+            .await
+            .unwrap()
+    };
+    for _ in 0..3 {
+        start_task(pool, "stalls", worker).await;
+        started_ago(pool, run, 100).await;
+        assert_eq!(sweep().await, 1);
+    }
+    // A requeued task waiting for its next attempt is no finding.
+    assert_eq!(client.check().await.unwrap(), []);
+    start_task(pool, "stalls", worker).await;
+    started_ago(pool, run, 100).await;
+    assert_eq!(sweep().await, 0);
+
+    // One finding, this rule's: not also task_past_timeout, whose advice would be wrong.
+    let findings = client.check().await.unwrap();
+    assert_eq!(
+        places(&findings),
+        [(
+            FindingKind::Stuck,
+            "permanently_stalled",
+            run,
+            "stalls",
+            Some("only"),
+            Some(0),
+        )]
+    );
+    assert_says(
+        &findings[0],
+        &[
+            "task lost its worker again after 3 requeues (attempt 4 of 10)",
+            "its message is archived: nothing will run it again",
+            &format!("`pgflow run {run} --attempts`"),
+            &format!("`pgflow cancel {run}` and `pgflow retry {run}`"),
+        ],
+    );
+
+    // What the finding says to do works: cancelled and retried, a worker runs the task.
+    client.cancel(run).await.unwrap();
+    client.retry(run).await.unwrap();
+    assert_eq!(client.check().await.unwrap(), []);
+    let handle = spawn_worker(pool, echo("stalls"));
+    completed(pool, run).await;
+    handle.shutdown().await.unwrap();
+    assert_eq!(client.check().await.unwrap(), []);
+}
