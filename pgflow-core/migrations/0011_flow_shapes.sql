@@ -28,8 +28,8 @@
 -- pgflow.is_local() says the database is a developer's, which it tells from Supabase's
 -- published local JWT secret in a setting any session may set. A database cannot know
 -- that; its caller can. Here ensure_flow_compiled recompiles only when called with
--- allow_data_loss => true (the Rust client's Replace::DeletingRuns); a call with
--- upstream's two arguments never deletes anything and reports the mismatch.
+-- allow_data_loss => true (the Rust client's Replace::DeletingRuns); upstream's
+-- two-argument form never deletes anything and reports the mismatch.
 --
 -- LOCKS
 -- -----
@@ -619,7 +619,7 @@ $$;
 CREATE FUNCTION pgflow.ensure_flow_compiled(
   flow_slug       text,
   shape           jsonb,
-  allow_data_loss boolean DEFAULT false
+  allow_data_loss boolean
 )
 RETURNS jsonb
 LANGUAGE plpgsql
@@ -672,6 +672,20 @@ BEGIN
 END;
 $$;
 
+-- Upstream 0.14's signature, which TypeScript workers call and tools look up
+-- (ensure_flow_compiled(text, jsonb)): never recompiles. A separate function rather than a
+-- default on the one above, so that both signatures exist and no call is ambiguous.
+CREATE FUNCTION pgflow.ensure_flow_compiled(flow_slug text, shape jsonb)
+RETURNS jsonb
+LANGUAGE sql
+VOLATILE
+SECURITY DEFINER
+SET search_path = ''
+AS $$
+  SELECT pgflow.ensure_flow_compiled(ensure_flow_compiled.flow_slug, ensure_flow_compiled.shape,
+                                     false)
+$$;
+
 -- -------------------------------------------------------------------------------------
 -- Privileges: the owner's until granted (docs/security.md)
 -- -------------------------------------------------------------------------------------
@@ -689,5 +703,6 @@ REVOKE EXECUTE ON FUNCTION
   pgflow._create_flow_from_shape(text, jsonb),
   pgflow._delete_flow_data(text, boolean),
   pgflow.delete_flow_and_data(text),
-  pgflow.ensure_flow_compiled(text, jsonb, boolean)
+  pgflow.ensure_flow_compiled(text, jsonb, boolean),
+  pgflow.ensure_flow_compiled(text, jsonb)
   FROM public;

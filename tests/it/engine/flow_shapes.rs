@@ -103,6 +103,43 @@ async fn a_flows_shape_has_upstreams_keys_with_conditions_and_maps() {
 }
 
 #[tokio::test]
+async fn the_functions_have_upstreams_signatures() {
+    let engine = Engine::new().await;
+    let signatures: Vec<(String, String, String)> = sqlx::query_as(
+        "SELECT s.sig, pg_get_function_identity_arguments(to_regprocedure(s.sig)),
+                pg_get_function_result(to_regprocedure(s.sig))
+           FROM unnest(ARRAY['pgflow._get_flow_shape(text)',
+                             'pgflow._compare_flow_shapes(jsonb, jsonb)',
+                             'pgflow._create_flow_from_shape(text, jsonb)',
+                             'pgflow.ensure_flow_compiled(text, jsonb)',
+                             'pgflow.ensure_flow_compiled(text, jsonb, boolean)',
+                             'pgflow.delete_flow_and_data(text)']) WITH ORDINALITY AS s(sig, n)
+          ORDER BY s.n",
+    )
+    .fetch_all(engine.pool())
+    .await
+    .unwrap();
+    let got: Vec<(&str, &str)> = signatures
+        .iter()
+        .map(|(_, args, result)| (args.as_str(), result.as_str()))
+        .collect();
+    assert_eq!(
+        got,
+        [
+            ("p_flow_slug text", "jsonb"),
+            ("p_local jsonb, p_db jsonb", "text[]"),
+            ("p_flow_slug text, p_shape jsonb", "void"),
+            ("flow_slug text, shape jsonb", "jsonb"),
+            (
+                "flow_slug text, shape jsonb, allow_data_loss boolean",
+                "jsonb"
+            ),
+            ("p_flow_slug text", "void"),
+        ]
+    );
+}
+
+#[tokio::test]
 async fn comparing_shapes_names_each_difference_in_upstreams_words() {
     let engine = Engine::new().await;
     conditional_flow(&engine, "shaped").await;
@@ -653,7 +690,8 @@ async fn only_the_owner_compiles_and_deletes_flows() {
     engine
         .exec(&format!(
             "GRANT EXECUTE ON FUNCTION pgflow.delete_flow_and_data(text),
-                                       pgflow.ensure_flow_compiled(text, jsonb, boolean) TO {role}"
+                                       pgflow.ensure_flow_compiled(text, jsonb, boolean),
+                                       pgflow.ensure_flow_compiled(text, jsonb) TO {role}"
         ))
         .await;
     // Only a flow the role serves: the differences would show it another flow's definition.
