@@ -91,40 +91,11 @@ AS $$
                                           pg_catalog.hashtext(lower(p_flow_slug)))
 $$;
 
--- A pattern wrapper ({"defined": false} or {"defined": true, "value": <object>}) in its
--- one spelling: absent is not defined, and a value beside "defined": false is ignored.
--- p_where names it in an error.
-CREATE FUNCTION pgflow._shape_pattern(p_wrapper jsonb, p_where text)
-RETURNS jsonb
-LANGUAGE plpgsql
-IMMUTABLE
-SET search_path = ''
-AS $$
-BEGIN
-  IF p_wrapper IS NULL OR p_wrapper = 'null'::jsonb THEN
-    RETURN '{"defined": false}'::jsonb;
-  END IF;
-  IF jsonb_typeof(p_wrapper) <> 'object'
-     OR jsonb_typeof(p_wrapper -> 'defined') IS DISTINCT FROM 'boolean' THEN
-    RAISE EXCEPTION '% must be {"defined": false} or {"defined": true, "value": {...}}, got %',
-      p_where, p_wrapper
-      USING ERRCODE = 'invalid_parameter_value';
-  END IF;
-  IF NOT (p_wrapper ->> 'defined')::boolean THEN
-    RETURN '{"defined": false}'::jsonb;
-  END IF;
-  IF jsonb_typeof(p_wrapper -> 'value') IS DISTINCT FROM 'object' THEN
-    RAISE EXCEPTION '% is defined, so its "value" must be a JSON object (a pattern the input '
-                    'must or must not contain), got %', p_where, coalesce(p_wrapper -> 'value', 'null')
-      USING ERRCODE = 'invalid_parameter_value';
-  END IF;
-  RETURN jsonb_build_object('defined', true, 'value', p_wrapper -> 'value');
-END;
-$$;
-
 -- The steps of shape p_shape, each in the spelling _get_flow_shape writes: every key
 -- present, defaults for those left out, dependencies sorted, "options" kept as given.
 -- Refuses what is not a shape, naming p_which (the first or second shape) and the step.
+-- Set-based, a few statements whatever the number of steps: a worker compiles every flow
+-- it serves at start-up.
 CREATE FUNCTION pgflow._shape_steps(p_shape jsonb, p_which text)
 RETURNS jsonb
 LANGUAGE plpgsql
@@ -133,11 +104,8 @@ SET search_path = ''
 AS $$
 DECLARE
   v_steps jsonb;
-  v_step  jsonb;
-  v_out   jsonb := '[]'::jsonb;
-  v_index integer := 0;
-  v_where text;
-  v_key   text;
+  v_bad   record;
+  v_out   jsonb;
 BEGIN
   IF p_shape IS NULL OR jsonb_typeof(p_shape) <> 'object' THEN
     RAISE EXCEPTION 'the % shape must be a JSON object {"steps": [...]}, got %',
@@ -149,45 +117,98 @@ BEGIN
     RAISE EXCEPTION 'the % shape''s "steps" must be an array, got %', p_which, v_steps
       USING ERRCODE = 'invalid_parameter_value';
   END IF;
-  FOR v_step IN SELECT s.step FROM jsonb_array_elements(v_steps) AS s(step) LOOP
-    v_where := format('step at index %s of the %s shape', v_index, p_which);
-    IF jsonb_typeof(v_step) <> 'object' OR jsonb_typeof(v_step -> 'slug') IS DISTINCT FROM 'string' THEN
-      RAISE EXCEPTION '% must be an object with a string "slug", got %', v_where, v_step
-        USING ERRCODE = 'invalid_parameter_value';
-    END IF;
-    v_where := format('step %s (index %s) of the %s shape', v_step -> 'slug', v_index, p_which);
-    FOREACH v_key IN ARRAY ARRAY['stepType', 'whenUnmet', 'whenExhausted'] LOOP
-      IF v_step ? v_key AND jsonb_typeof(v_step -> v_key) <> 'string' THEN
-        RAISE EXCEPTION '%: "%" must be a string, got %', v_where, v_key, v_step -> v_key
-          USING ERRCODE = 'invalid_parameter_value';
-      END IF;
-    END LOOP;
-    IF v_step ? 'dependencies' AND (
-         jsonb_typeof(v_step -> 'dependencies') <> 'array'
-         OR EXISTS (SELECT 1 FROM jsonb_array_elements(v_step -> 'dependencies') AS d(dep)
-                     WHERE jsonb_typeof(d.dep) <> 'string')) THEN
-      RAISE EXCEPTION '%: "dependencies" must be an array of step slugs, got %',
-        v_where, v_step -> 'dependencies'
-        USING ERRCODE = 'invalid_parameter_value';
-    END IF;
-    v_out := v_out || jsonb_build_array(
-      jsonb_build_object(
-        'slug', v_step -> 'slug',
-        'stepType', coalesce(v_step -> 'stepType', '"single"'),
-        'dependencies', coalesce(
-          (SELECT jsonb_agg(d.dep ORDER BY d.dep)
-             FROM jsonb_array_elements_text(v_step -> 'dependencies') AS d(dep)),
-          '[]'::jsonb),
-        'whenUnmet', coalesce(v_step -> 'whenUnmet', '"skip"'),
-        'whenExhausted', coalesce(v_step -> 'whenExhausted', '"fail"'),
-        'requiredInputPattern', pgflow._shape_pattern(
-          v_step -> 'requiredInputPattern', v_where || ': "requiredInputPattern"'),
-        'forbiddenInputPattern', pgflow._shape_pattern(
-          v_step -> 'forbiddenInputPattern', v_where || ': "forbiddenInputPattern"'))
-      || CASE WHEN v_step ? 'options' THEN jsonb_build_object('options', v_step -> 'options')
-              ELSE '{}'::jsonb END);
-    v_index := v_index + 1;
-  END LOOP;
+
+  -- The first step that is not an object with a string slug.
+  SELECT e.n - 1 AS idx, e.step INTO v_bad
+    FROM jsonb_array_elements(v_steps) WITH ORDINALITY AS e(step, n)
+   WHERE jsonb_typeof(e.step) <> 'object' OR jsonb_typeof(e.step -> 'slug') IS DISTINCT FROM 'string'
+   ORDER BY e.n
+   LIMIT 1;
+  IF FOUND THEN
+    RAISE EXCEPTION 'step at index % of the % shape must be an object with a string "slug", got %',
+      v_bad.idx, p_which, v_bad.step
+      USING ERRCODE = 'invalid_parameter_value';
+  END IF;
+  -- The first value of the wrong type.
+  SELECT e.n - 1 AS idx, e.step -> 'slug' AS slug, k.key,
+         e.step -> k.key AS value,
+         CASE k.key WHEN 'dependencies' THEN 'an array of step slugs' ELSE 'a string' END AS wanted
+    INTO v_bad
+    FROM jsonb_array_elements(v_steps) WITH ORDINALITY AS e(step, n)
+   CROSS JOIN unnest(ARRAY['stepType', 'dependencies', 'whenUnmet', 'whenExhausted'])
+              WITH ORDINALITY AS k(key, m)
+   WHERE e.step ? k.key
+     AND CASE k.key
+           WHEN 'dependencies' THEN
+             jsonb_typeof(e.step -> k.key) <> 'array'
+             OR EXISTS (SELECT 1 FROM jsonb_array_elements(e.step -> k.key) AS d(dep)
+                         WHERE jsonb_typeof(d.dep) <> 'string')
+           ELSE jsonb_typeof(e.step -> k.key) <> 'string'
+         END
+   ORDER BY e.n, k.m
+   LIMIT 1;
+  IF FOUND THEN
+    RAISE EXCEPTION 'step % (index %) of the % shape: "%" must be %, got %',
+      v_bad.slug, v_bad.idx, p_which, v_bad.key, v_bad.wanted, v_bad.value
+      USING ERRCODE = 'invalid_parameter_value';
+  END IF;
+
+  -- The first malformed pattern wrapper.
+  SELECT e.n - 1 AS idx, e.step -> 'slug' AS slug, k.key, e.step -> k.key AS value,
+         coalesce(jsonb_typeof(e.step -> k.key) = 'object'
+                  AND jsonb_typeof(e.step -> k.key -> 'defined') = 'boolean', false) AS wrapped
+    INTO v_bad
+    FROM jsonb_array_elements(v_steps) WITH ORDINALITY AS e(step, n)
+   CROSS JOIN unnest(ARRAY['requiredInputPattern', 'forbiddenInputPattern'])
+              WITH ORDINALITY AS k(key, m)
+   WHERE coalesce(e.step -> k.key, 'null') <> 'null'
+     AND (jsonb_typeof(e.step -> k.key) <> 'object'
+          OR jsonb_typeof(e.step -> k.key -> 'defined') IS DISTINCT FROM 'boolean'
+          OR ((e.step -> k.key ->> 'defined')::boolean
+              AND jsonb_typeof(e.step -> k.key -> 'value') IS DISTINCT FROM 'object'))
+   ORDER BY e.n, k.m
+   LIMIT 1;
+  IF FOUND AND NOT v_bad.wrapped THEN
+    RAISE EXCEPTION 'step % (index %) of the % shape: "%" must be {"defined": false} or '
+                    '{"defined": true, "value": {...}}, got %',
+      v_bad.slug, v_bad.idx, p_which, v_bad.key, v_bad.value
+      USING ERRCODE = 'invalid_parameter_value';
+  ELSIF FOUND THEN
+    RAISE EXCEPTION 'step % (index %) of the % shape: "%" is defined, so its "value" must be '
+                    'a JSON object (a pattern the input must or must not contain), got %',
+      v_bad.slug, v_bad.idx, p_which, v_bad.key, coalesce(v_bad.value -> 'value', 'null')
+      USING ERRCODE = 'invalid_parameter_value';
+  END IF;
+
+  -- A pattern in its one spelling: absent is not defined, and a value beside
+  -- "defined": false is ignored.
+  SELECT coalesce(jsonb_agg(
+           jsonb_build_object(
+             'slug', e.step -> 'slug',
+             'stepType', coalesce(e.step -> 'stepType', '"single"'),
+             'dependencies', coalesce(
+               (SELECT jsonb_agg(d.dep ORDER BY d.dep)
+                  FROM jsonb_array_elements_text(e.step -> 'dependencies') AS d(dep)),
+               '[]'::jsonb),
+             'whenUnmet', coalesce(e.step -> 'whenUnmet', '"skip"'),
+             'whenExhausted', coalesce(e.step -> 'whenExhausted', '"fail"'),
+             'requiredInputPattern', CASE
+               WHEN coalesce((e.step -> 'requiredInputPattern' ->> 'defined')::boolean, false)
+               THEN jsonb_build_object('defined', true,
+                                       'value', e.step -> 'requiredInputPattern' -> 'value')
+               ELSE '{"defined": false}'::jsonb
+             END,
+             'forbiddenInputPattern', CASE
+               WHEN coalesce((e.step -> 'forbiddenInputPattern' ->> 'defined')::boolean, false)
+               THEN jsonb_build_object('defined', true,
+                                       'value', e.step -> 'forbiddenInputPattern' -> 'value')
+               ELSE '{"defined": false}'::jsonb
+             END)
+           || CASE WHEN e.step ? 'options' THEN jsonb_build_object('options', e.step -> 'options')
+                   ELSE '{}'::jsonb END
+           ORDER BY e.n), '[]'::jsonb)
+    INTO v_out
+    FROM jsonb_array_elements(v_steps) WITH ORDINALITY AS e(step, n);
   RETURN v_out;
 END;
 $$;
@@ -244,7 +265,9 @@ $$;
 
 -- The differences between two shapes, in upstream's sentences, the first shape's value
 -- before the second's ("first" is the worker's, "second" the database's, in
--- ensure_flow_compiled): the step count, then each index in turn. Empty when they match.
+-- ensure_flow_compiled): the step count, then each index in turn, in upstream's order
+-- within a step (slug, type, dependencies, the modes, the patterns). Empty when they match.
+-- Text values are quoted, dependencies listed, patterns shown as their wrappers.
 CREATE FUNCTION pgflow._compare_flow_shapes(p_local jsonb, p_db jsonb)
 RETURNS text[]
 LANGUAGE plpgsql
@@ -252,57 +275,50 @@ IMMUTABLE
 SET search_path = ''
 AS $$
 DECLARE
-  v_local   jsonb := pgflow._shape_steps(p_local, 'first');
-  v_db      jsonb := pgflow._shape_steps(p_db, 'second');
-  v_nlocal  integer := jsonb_array_length(v_local);
-  v_ndb     integer := jsonb_array_length(v_db);
-  v_diffs   text[] := '{}';
-  v_a       jsonb;
-  v_b       jsonb;
-  v_key     text;
+  v_local  jsonb := pgflow._shape_steps(p_local, 'first');
+  v_db     jsonb := pgflow._shape_steps(p_db, 'second');
+  v_nlocal integer := jsonb_array_length(v_local);
+  v_ndb    integer := jsonb_array_length(v_db);
+  v_diffs  text[];
 BEGIN
+  SELECT coalesce(array_agg(x.text ORDER BY s.n, x.k) FILTER (WHERE x.text IS NOT NULL), '{}')
+    INTO v_diffs
+    FROM (SELECT coalesce(a.n, b.n) AS n, a.step AS a, b.step AS b
+            FROM jsonb_array_elements(v_local) WITH ORDINALITY AS a(step, n)
+            FULL JOIN jsonb_array_elements(v_db) WITH ORDINALITY AS b(step, n) ON b.n = a.n) s
+   CROSS JOIN LATERAL (VALUES
+     (1, CASE WHEN s.a IS NULL THEN
+           format('Step at index %s: missing in first shape (second has ''%s'')',
+                  s.n - 1, s.b ->> 'slug') END),
+     (2, CASE WHEN s.b IS NULL THEN
+           format('Step at index %s: missing in second shape (first has ''%s'')',
+                  s.n - 1, s.a ->> 'slug') END),
+     (3, CASE WHEN (s.a ->> 'slug') <> (s.b ->> 'slug') THEN
+           format('Step at index %s: slug differs ''%s'' vs ''%s''',
+                  s.n - 1, s.a ->> 'slug', s.b ->> 'slug') END),
+     (4, CASE WHEN (s.a ->> 'stepType') <> (s.b ->> 'stepType') THEN
+           format('Step at index %s: type differs ''%s'' vs ''%s''',
+                  s.n - 1, s.a ->> 'stepType', s.b ->> 'stepType') END),
+     (5, CASE WHEN (s.a -> 'dependencies') <> (s.b -> 'dependencies') THEN
+           format('Step at index %s: dependencies differ [%s] vs [%s]', s.n - 1,
+                  pgflow._shape_list(s.a -> 'dependencies'),
+                  pgflow._shape_list(s.b -> 'dependencies')) END),
+     (6, CASE WHEN (s.a ->> 'whenUnmet') <> (s.b ->> 'whenUnmet') THEN
+           format('Step at index %s: whenUnmet differs ''%s'' vs ''%s''',
+                  s.n - 1, s.a ->> 'whenUnmet', s.b ->> 'whenUnmet') END),
+     (7, CASE WHEN (s.a ->> 'whenExhausted') <> (s.b ->> 'whenExhausted') THEN
+           format('Step at index %s: whenExhausted differs ''%s'' vs ''%s''',
+                  s.n - 1, s.a ->> 'whenExhausted', s.b ->> 'whenExhausted') END),
+     (8, CASE WHEN (s.a -> 'requiredInputPattern') <> (s.b -> 'requiredInputPattern') THEN
+           format('Step at index %s: requiredInputPattern differs ''%s'' vs ''%s''', s.n - 1,
+                  s.a -> 'requiredInputPattern', s.b -> 'requiredInputPattern') END),
+     (9, CASE WHEN (s.a -> 'forbiddenInputPattern') <> (s.b -> 'forbiddenInputPattern') THEN
+           format('Step at index %s: forbiddenInputPattern differs ''%s'' vs ''%s''', s.n - 1,
+                  s.a -> 'forbiddenInputPattern', s.b -> 'forbiddenInputPattern') END)
+   ) AS x(k, text);
   IF v_nlocal <> v_ndb THEN
-    v_diffs := v_diffs || format('Step count differs: %s vs %s', v_nlocal, v_ndb);
+    v_diffs := format('Step count differs: %s vs %s', v_nlocal, v_ndb) || v_diffs;
   END IF;
-  FOR v_index IN 0 .. greatest(v_nlocal, v_ndb) - 1 LOOP
-    v_a := v_local -> v_index;
-    v_b := v_db -> v_index;
-    IF v_a IS NULL THEN
-      v_diffs := v_diffs || format('Step at index %s: missing in first shape (second has ''%s'')',
-                                   v_index, v_b ->> 'slug');
-    ELSIF v_b IS NULL THEN
-      v_diffs := v_diffs || format('Step at index %s: missing in second shape (first has ''%s'')',
-                                   v_index, v_a ->> 'slug');
-    ELSE
-      -- Upstream's order: slug, type (its word for stepType), dependencies, the modes,
-      -- the patterns; text values quoted, dependencies listed, patterns as their wrappers.
-      IF (v_a ->> 'slug') <> (v_b ->> 'slug') THEN
-        v_diffs := v_diffs || format('Step at index %s: slug differs ''%s'' vs ''%s''',
-                                     v_index, v_a ->> 'slug', v_b ->> 'slug');
-      END IF;
-      IF (v_a ->> 'stepType') <> (v_b ->> 'stepType') THEN
-        v_diffs := v_diffs || format('Step at index %s: type differs ''%s'' vs ''%s''',
-                                     v_index, v_a ->> 'stepType', v_b ->> 'stepType');
-      END IF;
-      IF (v_a -> 'dependencies') <> (v_b -> 'dependencies') THEN
-        v_diffs := v_diffs || format('Step at index %s: dependencies differ [%s] vs [%s]',
-                                     v_index, pgflow._shape_list(v_a -> 'dependencies'),
-                                     pgflow._shape_list(v_b -> 'dependencies'));
-      END IF;
-      FOREACH v_key IN ARRAY ARRAY['whenUnmet', 'whenExhausted'] LOOP
-        IF (v_a ->> v_key) <> (v_b ->> v_key) THEN
-          v_diffs := v_diffs || format('Step at index %s: %s differs ''%s'' vs ''%s''',
-                                       v_index, v_key, v_a ->> v_key, v_b ->> v_key);
-        END IF;
-      END LOOP;
-      FOREACH v_key IN ARRAY ARRAY['requiredInputPattern', 'forbiddenInputPattern'] LOOP
-        IF (v_a -> v_key) <> (v_b -> v_key) THEN
-          v_diffs := v_diffs || format('Step at index %s: %s differs ''%s'' vs ''%s''',
-                                       v_index, v_key, v_a -> v_key, v_b -> v_key);
-        END IF;
-      END LOOP;
-    END IF;
-  END LOOP;
   RETURN v_diffs;
 END;
 $$;
@@ -693,7 +709,6 @@ $$;
 REVOKE EXECUTE ON FUNCTION
   pgflow._require_owner(text),
   pgflow._lock_flow_definition(text),
-  pgflow._shape_pattern(jsonb, text),
   pgflow._shape_steps(jsonb, text),
   pgflow._shape_list(jsonb),
   pgflow._get_flow_shape(text),
