@@ -47,12 +47,12 @@
 -- ------------
 -- Creating, recompiling and deleting flows is for the owner of schema `pgflow` only, as
 -- create_flow is in practice (docs/security.md). ensure_flow_compiled and
--- delete_flow_and_data run as the owner and check their caller first, so that a role granted
--- them by mistake is told why it is refused, not stopped half-way by a table privilege.
--- ensure_flow_compiled runs as the owner also so that a role
--- granted it (a TypeScript worker, which calls it at start-up) can have a flow compiled at
--- deployment verified, or its mismatch reported: reading, never writing, and only a flow
--- the role serves. Every function here is the owner's until granted.
+-- delete_flow_and_data run as the owner and check their caller first, so that a role
+-- granted them by mistake is told why it is refused, not stopped half-way by a table
+-- privilege. ensure_flow_compiled runs as the owner also so that a role granted it (a
+-- TypeScript worker, which calls it at start-up) can have a flow compiled at deployment
+-- verified, or its mismatch reported: reading, never writing, and only a flow the role
+-- serves. Every function here is the owner's until granted.
 -- =====================================================================================
 
 -- -------------------------------------------------------------------------------------
