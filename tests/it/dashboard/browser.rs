@@ -126,6 +126,7 @@ fn colour(status: &str) -> &'static str {
         "completed" => "#16a34a",
         "failed" => "#dc2626",
         "cancelled" => "#b45309",
+        "skipped" => "#8b5cf6",
         other => panic!("no colour for {other}"),
     }
 }
@@ -258,6 +259,16 @@ async fn a_person_in_chromium_sees_runs_coloured_live_and_cancels_one() {
             screenshot(&client, "run-failed").await;
         }
     }
+
+    let skipped = super::skipped_run(db.pool()).await;
+    client
+        .goto(&url(&format!("/runs/{skipped}")))
+        .await
+        .unwrap();
+    assert_eq!(
+        fills(&client).await,
+        expected(&[("check", "started"), ("gift", "skipped")])
+    );
 
     // A run moving while its page is open: the colours change without a reload.
     client

@@ -133,6 +133,24 @@ pub async fn runs_in_every_state(pool: &PgPool) -> Runs {
     }
 }
 
+/// A run of flow `perks` whose root step `gift` is skipped (its condition on the input is
+/// unmet) while `check` is started.
+pub async fn skipped_run(pool: &PgPool) -> Uuid {
+    sqlx::raw_sql(
+        r#"SELECT pgflow.create_flow('perks');
+           SELECT pgflow.add_step('perks', 'check');
+           SELECT pgflow.add_step('perks', 'gift', required_input_pattern => '{"vip": true}',
+                                  when_unmet => 'skip');"#,
+    )
+    .execute(pool)
+    .await
+    .expect("flow perks");
+    sqlx::query_scalar("SELECT run_id FROM pgflow.start_flow('perks', '{\"vip\": false}')")
+        .fetch_one(pool)
+        .await
+        .expect("run started")
+}
+
 pub async fn status_of(pool: &PgPool, run: Uuid) -> String {
     sqlx::query_scalar("SELECT status FROM pgflow.runs WHERE run_id = $1")
         .bind(run)

@@ -77,6 +77,21 @@ async fn every_page_shows_what_the_database_holds() {
         let (status, body) = get(&app, page).await;
         assert_eq!(status, StatusCode::OK, "{page}: {body}");
     }
+    // A skipped step: its own colour, and why.
+    let skipped = super::skipped_run(db.pool()).await;
+    let (status, page) = get(&app, &format!("/runs/{skipped}")).await;
+    assert_eq!(status, StatusCode::OK, "{page}");
+    assert!(
+        page.contains("data-step=\"gift\" data-status=\"skipped\""),
+        "{page}"
+    );
+    let at = page.find("data-step=\"gift\"").expect("gift's node");
+    let node = &page[at..at + page[at..].find("</g>").expect("node ends")];
+    assert!(
+        node.contains("fill=\"#8b5cf6\"") && node.contains("st-skipped"),
+        "{node}"
+    );
+    assert!(page.contains("condition_unmet"));
     // No worker serves shop: the started runs are stuck.
     let (_, stuck) = get(&app, "/stuck").await;
     assert!(stuck.contains("no_live_worker") && stuck.contains(&runs.fresh.to_string()));
