@@ -168,7 +168,10 @@ const RULES: &[(&str, &str)] = &[
            JOIN pgflow.runs r ON r.run_id = ss.run_id
            LEFT JOIN pgflow.deps d ON d.flow_slug = ss.flow_slug AND d.step_slug = ss.step_slug
            LEFT JOIN pgflow.step_states dep ON dep.run_id = ss.run_id AND dep.step_slug = d.dep_slug
-          WHERE r.status <> 'failed'
+          -- A skipped step's count stays as it was when it was skipped: the engine counts
+          -- down only the steps still waiting (a skip-cascade skips a step and its
+          -- dependents at once).
+          WHERE r.status <> 'failed' AND ss.status <> 'skipped'
           GROUP BY ss.run_id, ss.flow_slug, ss.step_slug, ss.remaining_deps
          HAVING ss.remaining_deps
                 <> count(dep.*) FILTER (WHERE dep.status NOT IN ('completed', 'skipped'))",

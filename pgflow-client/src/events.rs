@@ -1,6 +1,7 @@
 //! The engine's events, as a stream: `run:started`, `step:started`, `step:completed`,
 //! `step:failed`, `run:completed`, `run:failed`; and those of run control (migration 0007):
-//! `step:cancelled`, `run:cancelled`, `run:retried`.
+//! `step:cancelled`, `run:cancelled`, `run:retried`; and of conditions (migration 0010):
+//! `step:skipped`.
 //!
 //! The engine publishes each event with `pg_notify` on channel [`CHANNEL`], in the transaction
 //! that makes the change, so listeners see them in commit order. Payloads carry identifiers,
@@ -15,7 +16,7 @@ use sqlx::PgPool;
 use sqlx::postgres::{PgListener, PgPoolOptions};
 use uuid::Uuid;
 
-use crate::Result;
+use crate::{Result, SkipReason};
 
 /// The `LISTEN` channel of the engine's events.
 pub const CHANNEL: &str = "pgflow";
@@ -53,6 +54,10 @@ pub enum EventKind {
     /// `step:cancelled`: a started step of a cancelled run; `run:cancelled` follows.
     #[serde(rename = "step:cancelled")]
     StepCancelled,
+    /// `step:skipped`: the step will not run (migration 0010); the event carries its
+    /// [`skip_reason`](RunEvent::skip_reason).
+    #[serde(rename = "step:skipped")]
+    StepSkipped,
 }
 
 impl EventKind {
@@ -75,6 +80,7 @@ impl EventKind {
             Self::RunCancelled => "run:cancelled",
             Self::RunRetried => "run:retried",
             Self::StepCancelled => "step:cancelled",
+            Self::StepSkipped => "step:skipped",
         }
     }
 
@@ -127,6 +133,15 @@ impl fmt::Display for EventKind {
 /// assert_eq!(event.kind, EventKind::RunRetried);
 /// assert_eq!(event.retry_count, Some(2));
 /// assert_eq!(event.to_string(), "run:retried (retry 2)");
+///
+/// let payload = r#"{"event_type": "step:skipped",
+///                   "run_id": "0190b8a4-5e0c-7a8e-9d4f-1c2b3a4d5e6f",
+///                   "step_slug": "notify", "status": "skipped",
+///                   "skip_reason": "condition_unmet",
+///                   "skipped_at": "2026-12-02T05:00:00.123+00:00"}"#;
+/// let event: RunEvent = serde_json::from_str(payload)?;
+/// assert_eq!(event.skip_reason, Some(pgflow_client::SkipReason::ConditionUnmet));
+/// assert_eq!(event.to_string(), "step:skipped notify (condition_unmet)");
 /// # Ok::<(), serde_json::Error>(())
 /// ```
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -167,6 +182,12 @@ pub struct RunEvent {
     /// When the run was retried, for `run:retried`.
     #[serde(default)]
     pub retried_at: Option<DateTime<Utc>>,
+    /// Why the step was skipped, for `step:skipped`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub skip_reason: Option<SkipReason>,
+    /// When it was skipped, for `step:skipped`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub skipped_at: Option<DateTime<Utc>>,
 }
 
 impl fmt::Display for RunEvent {
@@ -177,6 +198,9 @@ impl fmt::Display for RunEvent {
         }
         if let (EventKind::RunRetried, Some(count)) = (self.kind, self.retry_count) {
             write!(f, " (retry {count})")?;
+        }
+        if let Some(reason) = self.skip_reason {
+            write!(f, " ({reason})")?;
         }
         if let Some(error) = &self.error_message {
             write!(f, ": {error}")?;

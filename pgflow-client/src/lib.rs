@@ -39,7 +39,7 @@ pub use run::{
 };
 pub use schedule::{DEFAULT_GRACE, MAX_CATCH_UP, Missed, Schedule, ScheduleRow};
 pub use shape_json::shape_json;
-pub use status::{ParseStatusError, RunStatus, StepStatus, TaskStatus};
+pub use status::{ParseStatusError, RunStatus, SkipReason, StepStatus, TaskStatus};
 pub use worker::{
     PRUNE_LOCK_KEY, StepContextExt, Worker, WorkerBuilder, WorkerHandle, WorkerStats,
 };

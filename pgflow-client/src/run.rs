@@ -13,7 +13,7 @@ use sqlx::PgPool;
 use uuid::Uuid;
 
 use crate::events::{EventKind, RunEvent, Subscription};
-use crate::status::{RunStatus, StepKindText, StepStatus, TaskStatus};
+use crate::status::{RunStatus, SkipReason, StepKindText, StepStatus, TaskStatus};
 use crate::{Error, Result};
 
 /// How often a waiting run handle re-reads the run even without a notification, so that a
@@ -216,15 +216,20 @@ impl RunHandle {
             cancelled_at: run.cancelled_at,
             retry_count: None,
             retried_at: None,
+            skip_reason: None,
+            skipped_at: None,
         }))
     }
 }
 
-/// Every completed step's output as its dependents see it (a map step: the ordered array).
+/// Every completed step's output as its dependents see it (a map step: the ordered array):
+/// the one stored on the step (migration 0010), or else, for a run that completed before
+/// outputs were stored, gathered from its tasks.
 async fn step_outputs(pool: &PgPool, run_id: Uuid) -> Result<BTreeMap<String, Value>> {
     let rows: Vec<(String, Value)> = sqlx::query_as(
         "SELECT ss.step_slug,
-                CASE WHEN s.step_type = 'map'
+                CASE WHEN ss.output IS NOT NULL THEN ss.output
+                     WHEN s.step_type = 'map'
                      THEN coalesce((SELECT jsonb_agg(t.output ORDER BY t.task_index)
                                       FROM pgflow.step_tasks t
                                      WHERE t.run_id = ss.run_id AND t.step_slug = ss.step_slug),
@@ -536,8 +541,12 @@ pub struct StepStateRow {
     pub step_type: StepKind,
     /// Its position in the flow.
     pub step_index: i32,
-    /// Created, started, completed, failed or cancelled.
+    /// Created, started, completed, failed, skipped or cancelled.
     pub status: StepStatus,
+    /// Why it was skipped, when it is [`StepStatus::Skipped`]; absent from the JSON
+    /// otherwise.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub skip_reason: Option<SkipReason>,
     /// How many tasks the step has, once known.
     pub initial_tasks: Option<i32>,
     /// Tasks not yet completed, once started.
@@ -554,6 +563,13 @@ pub struct StepStateRow {
     pub completed_at: Option<DateTime<Utc>>,
     /// When it failed.
     pub failed_at: Option<DateTime<Utc>>,
+    /// When it was skipped; absent from the JSON unless it was.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub skipped_at: Option<DateTime<Utc>>,
+    /// Its output as its dependents read it, once completed: a single step's task output, a
+    /// map step's task outputs in order (`[]` for none). Stored by the engine since migration
+    /// 0010; `None` for a step that completed before.
+    pub output: Option<Value>,
 }
 
 /// A `pgflow.step_tasks` row.
@@ -584,6 +600,15 @@ pub struct TaskRow {
     pub failed_at: Option<DateTime<Utc>>,
     /// The worker that took it last.
     pub last_worker_id: Option<Uuid>,
+    /// How many times the stalled-task sweep sent it back to its queue after its worker was
+    /// lost (each lost attempt counts in `attempts_count` too).
+    pub requeued_count: i32,
+    /// When the sweep last did.
+    pub last_requeued_at: Option<DateTime<Utc>>,
+    /// When the sweep gave up on it, after three requeues: its message is archived and it
+    /// stays started for an operator (`pgflow check` reports it). Only while it has not
+    /// started again since: a task started after it (by a retry of its run) is `None` here.
+    pub permanently_stalled_at: Option<DateTime<Utc>>,
 }
 
 const RUN_COLUMNS: &str = "SELECT run_id, flow_slug, status, input, output, remaining_steps,
@@ -611,9 +636,10 @@ impl RunState {
             .await?
             .ok_or(Error::UnknownRun(run_id))?;
         let steps: Vec<StepStateRow> = sqlx::query_as(
-            "SELECT ss.step_slug, s.step_type, s.step_index, ss.status, ss.initial_tasks,
-                    ss.remaining_tasks, ss.remaining_deps, ss.error_message, ss.created_at,
-                    ss.started_at, ss.completed_at, ss.failed_at
+            "SELECT ss.step_slug, s.step_type, s.step_index, ss.status, ss.skip_reason,
+                    ss.initial_tasks, ss.remaining_tasks, ss.remaining_deps, ss.error_message,
+                    ss.created_at, ss.started_at, ss.completed_at, ss.failed_at, ss.skipped_at,
+                    ss.output
                FROM pgflow.step_states ss
                JOIN pgflow.steps s ON s.flow_slug = ss.flow_slug AND s.step_slug = ss.step_slug
               WHERE ss.run_id = $1
@@ -625,7 +651,9 @@ impl RunState {
         let tasks: Vec<TaskRow> = sqlx::query_as(
             "SELECT t.step_slug, t.task_index, t.status, t.attempts_count, t.message_id, t.output,
                     t.error_message, t.queued_at, t.started_at, t.completed_at, t.failed_at,
-                    t.last_worker_id
+                    t.last_worker_id, t.requeued_count, t.last_requeued_at,
+                    CASE WHEN t.permanently_stalled_at >= t.started_at
+                         THEN t.permanently_stalled_at END AS permanently_stalled_at
                FROM pgflow.step_tasks t
                JOIN pgflow.steps s ON s.flow_slug = t.flow_slug AND s.step_slug = t.step_slug
               WHERE t.run_id = $1

@@ -13,7 +13,7 @@ use sqlx::error::BoxDynError;
 use sqlx::postgres::{PgArgumentBuffer, PgTypeInfo, PgValueRef};
 use sqlx::{Decode, Encode, Postgres, Type};
 
-/// A text that names no status of its kind.
+/// A text that names no status (or skip reason) of its kind.
 ///
 /// It names the text and the valid ones, e.g. to answer a command line's `--status`:
 ///
@@ -23,7 +23,8 @@ use sqlx::{Decode, Encode, Postgres, Type};
 /// let error = "running".parse::<StepStatus>().unwrap_err();
 /// assert_eq!(
 ///     error.to_string(),
-///     "`running` is not a step status; valid: created, started, completed, failed, cancelled"
+///     "`running` is not a step status; valid: created, started, completed, failed, skipped, \
+///      cancelled"
 /// );
 /// ```
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -37,7 +38,7 @@ impl fmt::Display for ParseStatusError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "`{}` is not a {} status; valid: {}",
+            "`{}` is not a {}; valid: {}",
             self.value,
             self.kind,
             self.valid.join(", ")
@@ -90,7 +91,7 @@ macro_rules! status {
                 match text {
                     $($text => Ok(Self::$variant),)+
                     _ => Err(ParseStatusError {
-                        kind: $kind,
+                        kind: concat!($kind, " status"),
                         value: text.to_owned(),
                         valid: Self::TEXTS,
                     }),
@@ -169,6 +170,11 @@ status! {
         Completed => "completed",
         /// A task failed for good.
         Failed => "failed",
+        /// It will not run: its condition was unmet, a dependency was skipped with
+        /// `skip-cascade`, or its task failed for good with a `when_exhausted` that skips
+        /// (migration 0010). [`StepStateRow::skip_reason`](crate::StepStateRow::skip_reason)
+        /// says which. Its dependents go on without it.
+        Skipped => "skipped",
         /// It was started when its run was cancelled (steps still `created` stay so).
         Cancelled => "cancelled",
     }
@@ -197,6 +203,86 @@ status! {
         /// It was queued or started when its run was cancelled; a late report of its handler
         /// changes nothing.
         Cancelled => "cancelled",
+    }
+}
+
+/// Why a step was skipped (`pgflow.step_states.skip_reason`, migration 0010, upstream's texts).
+///
+/// ```
+/// use pgflow_client::SkipReason;
+///
+/// assert_eq!("condition_unmet".parse::<SkipReason>(), Ok(SkipReason::ConditionUnmet));
+/// assert_eq!(SkipReason::DependencySkipped.to_string(), "dependency_skipped");
+/// assert_eq!(serde_json::to_value(SkipReason::HandlerFailed)?, serde_json::json!("handler_failed"));
+/// assert!("bored".parse::<SkipReason>().is_err());
+/// # Ok::<(), serde_json::Error>(())
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum SkipReason {
+    /// Its condition (`if` / `if_not`) was unmet and its `when_unmet` is `skip` or
+    /// `skip-cascade`.
+    ConditionUnmet,
+    /// A step upstream of it was skipped with `skip-cascade`.
+    DependencySkipped,
+    /// Its task failed for good and its `when_exhausted` is `skip` or `skip-cascade`.
+    HandlerFailed,
+}
+
+impl SkipReason {
+    /// Every reason the engine writes.
+    pub const ALL: &'static [Self] = &[
+        Self::ConditionUnmet,
+        Self::DependencySkipped,
+        Self::HandlerFailed,
+    ];
+
+    /// The engine's text for the reason.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::ConditionUnmet => "condition_unmet",
+            Self::DependencySkipped => "dependency_skipped",
+            Self::HandlerFailed => "handler_failed",
+        }
+    }
+}
+
+impl fmt::Display for SkipReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for SkipReason {
+    type Err = ParseStatusError;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        Self::ALL
+            .iter()
+            .copied()
+            .find(|reason| reason.as_str() == text)
+            .ok_or_else(|| ParseStatusError {
+                kind: "skip reason",
+                value: text.to_owned(),
+                valid: &["condition_unmet", "dependency_skipped", "handler_failed"],
+            })
+    }
+}
+
+impl Type<Postgres> for SkipReason {
+    fn type_info() -> PgTypeInfo {
+        <&str as Type<Postgres>>::type_info()
+    }
+
+    fn compatible(ty: &PgTypeInfo) -> bool {
+        <&str as Type<Postgres>>::compatible(ty)
+    }
+}
+
+impl<'r> Decode<'r, Postgres> for SkipReason {
+    fn decode(value: PgValueRef<'r>) -> Result<Self, BoxDynError> {
+        Ok(<&str as Decode<Postgres>>::decode(value)?.parse()?)
     }
 }
 

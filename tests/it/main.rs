@@ -12,6 +12,8 @@ mod cli;
 mod cli_control;
 #[cfg(feature = "cli")]
 mod cli_operator;
+#[cfg(feature = "cli")]
+mod cli_skips;
 mod client;
 #[cfg(feature = "dashboard")]
 mod dashboard;

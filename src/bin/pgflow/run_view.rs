@@ -1,10 +1,11 @@
 //! A run as text: its steps as a layered DAG, each indented one level deeper than its deepest
 //! dependency and naming them, with status, tasks (a bar for map steps), attempts, start,
-//! duration and the last error.
+//! duration and the last error; a skipped step with its reason, requeued tasks in the
+//! attempts, and permanently stalled tasks under the table.
 
 use std::collections::HashMap;
 
-use pgflow_client::{RunState, StepStateRow, TaskRow, TaskStatus};
+use pgflow_client::{RunState, StepStateRow, StepStatus, TaskRow, TaskStatus};
 use pgflow_core::{FlowShape, StepKind};
 
 use pgflow_client::RunRetry;
@@ -86,14 +87,28 @@ pub(crate) fn render_run(state: &RunState, shape: Option<&FlowShape>) -> String 
             .collect();
         let attempts = tasks.iter().map(|t| t.attempts_count).max().unwrap_or(0);
         // A step of a run that ended without it has stopped too.
-        let end = step.completed_at.or(step.failed_at).or(ended);
+        let end = step
+            .completed_at
+            .or(step.failed_at)
+            .or(step.skipped_at)
+            .or(ended);
+        let status = match step.skip_reason {
+            Some(reason) => format!("{} ({reason})", step.status),
+            None => step.status.to_string(),
+        };
+        // A skipped step has no tasks to count (a map over a skipped dependency: none).
+        let tasks_cell = if step.status == StepStatus::Skipped && tasks.is_empty() {
+            "-".to_string()
+        } else {
+            progress(step, &tasks)
+        };
         rows.push([
             format!("{}{slug}", "  ".repeat(depth)).into(),
             after.join(", ").into(),
             step.step_type.to_string().into(),
-            Cell::styled(step.status.as_str(), style::status(step.status.as_str())),
-            progress(step, &tasks).into(),
-            attempts.to_string().into(),
+            Cell::styled(status, style::status(step.status.as_str())),
+            tasks_cell.into(),
+            attempts_text(attempts, &tasks).into(),
             step.started_at.map(time_of_day).unwrap_or_default().into(),
             duration(step.started_at, end).into(),
             Cell::styled(last_error(step, &tasks), style::ERROR),
@@ -103,6 +118,40 @@ pub(crate) fn render_run(state: &RunState, shape: Option<&FlowShape>) -> String 
         "STEP", "AFTER", "KIND", "STATUS", "TASKS", "ATTEMPTS", "STARTED", "DURATION", "ERROR",
     ];
     out.push_str(&table_text(titles, &rows));
+    out.push_str(&stalled(state));
+    out
+}
+
+/// The attempts of a step's busiest task, and how often the stalled-task sweep requeued its
+/// tasks after their worker was lost (those attempts are among the attempts).
+fn attempts_text(attempts: i32, tasks: &[&TaskRow]) -> String {
+    let requeues: i32 = tasks.iter().map(|task| task.requeued_count).sum();
+    match requeues {
+        0 => attempts.to_string(),
+        1 => format!("{attempts} (1 requeue)"),
+        n => format!("{attempts} ({n} requeues)"),
+    }
+}
+
+/// One line per permanently stalled task, with what to do: nothing runs such a task again.
+fn stalled(state: &RunState) -> String {
+    let mut out = String::new();
+    for task in &state.tasks {
+        let Some(at) = task.permanently_stalled_at else {
+            continue;
+        };
+        let text = format!(
+            "permanently stalled: {}[{}] since {}, after {} requeues of lost attempts; nothing \
+             runs it again: `pgflow cancel {run}`, then `pgflow retry {run}`",
+            task.step_slug,
+            task.task_index,
+            timestamp(at),
+            task.requeued_count,
+            run = state.run.run_id,
+        );
+        out.push_str(&style::paint(style::ERROR, &text));
+        out.push('\n');
+    }
     out
 }
 
