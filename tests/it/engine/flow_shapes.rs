@@ -815,3 +815,49 @@ async fn concurrent_compilations_of_a_new_flow_make_one_flow() {
     let steps: i64 = engine.scalar("SELECT count(*) FROM pgflow.steps").await;
     assert_eq!(steps, 4);
 }
+
+#[tokio::test]
+async fn a_run_started_during_a_recompilation_fails_rather_than_mix_definitions() {
+    let engine = Engine::new().await;
+    let old = json!({"steps": [{"slug": "a"}, {"slug": "b", "dependencies": ["a"]}]});
+    ensure(&engine, "moving", &old, false).await;
+    let new = json!({"steps": [{"slug": "a"}, {"slug": "c"}, {"slug": "d"}]});
+    let mut first = PgConnection::connect(engine.url()).await.unwrap();
+    let mut tx = first.begin().await.unwrap();
+    let recompiled: Value =
+        sqlx::query_scalar("SELECT pgflow.ensure_flow_compiled('moving', $1, true)")
+            .bind(&new)
+            .fetch_one(&mut *tx)
+            .await
+            .unwrap();
+    assert_eq!(recompiled["status"], "recompiled");
+    let url = engine.url().to_string();
+    let start = tokio::spawn(async move {
+        let mut conn = PgConnection::connect(&url).await.unwrap();
+        sqlx::query_scalar::<_, uuid::Uuid>("SELECT run_id FROM pgflow.start_flow('moving', '{}')")
+            .fetch_one(&mut conn)
+            .await
+            .map_err(|err| err.as_database_error().unwrap().message().to_string())
+    });
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    assert!(
+        !start.is_finished(),
+        "the start waits for the recompilation"
+    );
+    tx.commit().await.unwrap();
+    let refused = start.await.unwrap().unwrap_err();
+    assert!(refused.contains("runs_flow_slug_fkey"), "{refused}");
+    let runs: i64 = engine.scalar("SELECT count(*) FROM pgflow.runs").await;
+    assert_eq!(
+        runs, 0,
+        "no run of half the old and half the new definition"
+    );
+    // Started again, it runs the new definition.
+    let run = engine.start("moving", json!({})).await;
+    let steps: i64 = engine
+        .scalar(&format!(
+            "SELECT count(*) FROM pgflow.step_states WHERE run_id = '{run}'"
+        ))
+        .await;
+    assert_eq!(steps, 3);
+}
