@@ -7,6 +7,7 @@
 //! by environment variables (`PGFLOW_SOAK_RUNS`, `PGFLOW_MODEL_CASES`).
 
 mod bad_input;
+mod conditions_model;
 mod connection;
 mod crash;
 mod model;
