@@ -156,6 +156,34 @@ const RUN_RETRIED: Shape = Shape {
     ],
 };
 
+const STEP_SKIPPED: Shape = Shape {
+    row: "`step:skipped` *(upstream 0.14, 0010)*",
+    upstream: &[],
+    added: &[
+        "event_type",
+        "run_id",
+        "flow_slug",
+        "step_slug",
+        "status",
+        "skip_reason",
+        "skipped_at",
+    ],
+};
+const STEP_SKIPPED_HANDLER_FAILED: Shape = Shape {
+    row: "`step:skipped` (handler failed) *(upstream 0.14, 0010)*",
+    upstream: &[],
+    added: &[
+        "event_type",
+        "run_id",
+        "flow_slug",
+        "step_slug",
+        "status",
+        "skip_reason",
+        "skipped_at",
+        "error_message",
+    ],
+};
+
 const SHAPES: &[&Shape] = &[
     &RUN_STARTED,
     &STEP_STARTED,
@@ -168,6 +196,8 @@ const SHAPES: &[&Shape] = &[
     &STEP_CANCELLED,
     &RUN_CANCELLED,
     &RUN_RETRIED,
+    &STEP_SKIPPED,
+    &STEP_SKIPPED_HANDLER_FAILED,
 ];
 
 /// Checks one payload: exactly the keys of `shape`, each with the value that `values` or, for
@@ -915,4 +945,69 @@ async fn queueing_tasks_notifies_pgflow_tasks_with_the_flow_slug_once_per_transa
     engine.drain("wide", |_| json!(null)).await;
     let quiet = tokio::time::timeout(Duration::from_millis(300), listener.recv()).await;
     assert!(quiet.is_err(), "unexpected notification: {quiet:?}");
+}
+
+/// `skipped_at` of a step of a run.
+async fn skipped_at(engine: &Engine, run: Uuid, step: &str) -> Option<DateTime<Utc>> {
+    sqlx::query_scalar(
+        "SELECT skipped_at FROM pgflow.step_states WHERE run_id = $1 AND step_slug = $2",
+    )
+    .bind(run)
+    .bind(step)
+    .fetch_one(engine.pool())
+    .await
+    .unwrap()
+}
+
+/// Skips by condition (the trigger, then the steps below it in step_index order) and by
+/// exhaustion (with the handler's error), each a step:skipped under the event name
+/// step:<slug>:skipped, in order among the run's other events.
+#[tokio::test]
+async fn skipped_steps_send_step_skipped_with_their_reason_in_order() {
+    let engine = Engine::new().await;
+    fake_realtime(&engine).await;
+    engine
+        .exec(
+            "SELECT pgflow.create_flow('f', max_attempts => 1); \
+             SELECT pgflow.add_step('f', 'a', when_exhausted => 'skip'); \
+             SELECT pgflow.add_step('f', 'gate', required_input_pattern => '{\"go\": true}', \
+                                    when_unmet => 'skip-cascade'); \
+             SELECT pgflow.add_step('f', 'below', ARRAY['gate']); \
+             SELECT pgflow.add_step('f', 'fin', ARRAY['a']);",
+        )
+        .await;
+    let mut listener = listen(&engine).await;
+    let run = engine.start("f", json!({})).await;
+    let a = engine.poll("f").await.remove(0);
+    engine.fail(&a, "handler broke").await;
+    let events = drain(&mut listener).await;
+    assert_eq!(
+        summary(&events),
+        vec![
+            "run:started",
+            "step:skipped gate",
+            "step:skipped below",
+            "step:started a",
+            "step:skipped a",
+            "step:started fin",
+        ]
+    );
+    let sent = realtime_sent(&engine).await;
+    for (step, reason) in [("gate", "condition_unmet"), ("below", "dependency_skipped")] {
+        assert_payload(
+            payload_of(&sent, &format!("step:{step}:skipped")),
+            &STEP_SKIPPED,
+            json!({"event_type": "step:skipped", "run_id": run, "flow_slug": "f",
+                   "step_slug": step, "status": "skipped", "skip_reason": reason}),
+            &[("skipped_at", skipped_at(&engine, run, step).await)],
+        );
+    }
+    assert_payload(
+        payload_of(&sent, "step:a:skipped"),
+        &STEP_SKIPPED_HANDLER_FAILED,
+        json!({"event_type": "step:skipped", "run_id": run, "flow_slug": "f",
+               "step_slug": "a", "status": "skipped", "skip_reason": "handler_failed",
+               "error_message": "handler broke"}),
+        &[("skipped_at", skipped_at(&engine, run, "a").await)],
+    );
 }
