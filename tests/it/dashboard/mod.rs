@@ -2,6 +2,8 @@
 //! queries' plans over many runs, and a real browser driving it.
 
 mod browser;
+#[cfg(feature = "cli")]
+mod cli;
 mod pages;
 mod scale;
 
