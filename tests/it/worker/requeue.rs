@@ -251,3 +251,110 @@ async fn a_requeue_period_the_engine_would_refuse_is_refused_by_spawn() {
             .expect("stops");
     }
 }
+
+/// A `MakeWriter` that keeps what the worker logs, for a test to read.
+#[derive(Clone, Default)]
+struct Captured(Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for Captured {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Captured {
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
+    }
+}
+
+// Current-thread runtime: the worker's tasks all run on this thread, under its subscriber.
+#[tokio::test]
+async fn a_role_without_the_sweep_gets_one_warning_and_the_worker_goes_on_without_it() {
+    let db = database().await;
+    let pool = db.pool();
+    let calls = Arc::new(AtomicU32::new(0));
+    let flow = attempts_flow("unswept", &calls);
+    compile(pool, &flow).await;
+    // Everything of the engine but the sweep.
+    let role = format!("no_sweep_{}", db.name());
+    sqlx::raw_sql(&format!(
+        "CREATE ROLE {role} NOLOGIN;
+         GRANT USAGE ON SCHEMA pgflow, pgmq, pgflow_meta, pgflow_ext TO {role};
+         GRANT ALL ON ALL TABLES IN SCHEMA pgflow, pgmq, pgflow_meta, pgflow_ext TO {role};
+         GRANT ALL ON ALL SEQUENCES IN SCHEMA pgflow, pgmq TO {role};
+         GRANT EXECUTE ON ALL FUNCTIONS IN SCHEMA pgflow, pgmq TO {role};
+         REVOKE EXECUTE ON FUNCTION pgflow.requeue_stalled_tasks_due(interval) FROM {role};"
+    ))
+    .execute(pool)
+    .await
+    .expect("role");
+    let set_role = format!("SET ROLE {role}");
+    let limited = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(5)
+        .after_connect(move |conn, _| {
+            let set_role = set_role.clone();
+            Box::pin(async move {
+                sqlx::Executor::execute(conn, set_role.as_str()).await?;
+                Ok(())
+            })
+        })
+        .connect(db.url())
+        .await
+        .expect("pool");
+
+    let logs = Captured::default();
+    let writer = logs.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_writer(move || writer.clone())
+        .with_max_level(tracing::Level::WARN)
+        .with_ansi(false)
+        .finish();
+    let _guard = tracing::subscriber::set_default(subscriber);
+
+    let worker = Worker::builder(limited.clone())
+        .flow(flow)
+        .requeue_stalled_every(Duration::from_secs(1))
+        .spawn()
+        .expect("worker");
+    let warned = "this worker cannot requeue stalled tasks, and stops trying";
+    eventually("the warning", Duration::from_secs(30), async || {
+        logs.text().contains(warned)
+    })
+    .await;
+    // The worker runs its flow all the same.
+    let run = start(pool, "unswept", json!({})).await;
+    assert_eq!(
+        finished(pool, run, Duration::from_secs(30)).await.1,
+        Some(json!({"only": 1}))
+    );
+    // Three periods later, still one warning: the timer stopped rather than warn each period.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let text = logs.text();
+    assert_eq!(text.matches(warned).count(), 1, "{text}");
+    assert!(
+        text.contains("requeue_stalled_tasks_due(interval)"),
+        "{text}"
+    );
+    let stats = worker.stats();
+    assert_eq!((stats.stall_sweeps, stats.requeued), (0, 0));
+    let never: bool = sqlx::query_scalar(
+        "SELECT last_at = '-infinity' FROM pgflow_ext.sweeps \
+          WHERE sweep_name = 'requeue_stalled_tasks'",
+    )
+    .fetch_one(pool)
+    .await
+    .expect("sweep row");
+    assert!(never, "no sweep ran");
+    worker.shutdown().await.expect("shutdown");
+    limited.close().await;
+    sqlx::raw_sql(&format!("DROP OWNED BY {role}; DROP ROLE {role}"))
+        .execute(pool)
+        .await
+        .expect("role dropped");
+}
