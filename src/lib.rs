@@ -63,6 +63,15 @@
 //! options, `crate`), how parameters receive the flow input, dependency outputs and the
 //! [`StepContext`], what a step returns, what the attribute generates and the compile errors it
 //! gives. Without the macro, [`step_fn`] wraps a closure.
+//!
+//! # Conditions
+//!
+//! A step may run only when its input matches a pattern (`#[step(if_input = .., if_not = ..)]`,
+//! or [`pattern!`] with the builder), and may be skipped rather than fail the run
+//! (`when_unmet`, `when_exhausted`, [`SkipMode`]). The compiler checks the pattern's field
+//! names against the input's type, and makes the output of a step that may be skipped an
+//! `Option` for its dependents and in [`RunOutput::output_of`]. See [`step`]'s "Conditions" and
+//! `docs/concepts.md`.
 
 #![deny(missing_docs)]
 
