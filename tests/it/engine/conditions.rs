@@ -1418,3 +1418,71 @@ async fn cancel_run_leaves_skipped_steps_skipped() {
     );
     let _ = work;
 }
+
+/// A reader starting a sibling task while another task's exhaustion skips the step: the skip
+/// cannot wait for the reader's row lock (lock order), so the sibling it held is started
+/// after the skip. Its report cancels it; a worker that never reports leaves nothing that the
+/// checker calls inconsistent once the run has completed.
+#[tokio::test]
+async fn a_sibling_started_by_a_reader_during_an_exhaustion_skip_is_cancelled_by_its_report() {
+    let engine = Engine::new().await;
+    engine
+        .exec(
+            "SELECT pgflow.create_flow('f', max_attempts => 1); \
+             SELECT pgflow.add_step('f', 'm', step_type => 'map', when_exhausted => 'skip'); \
+             SELECT pgflow.add_step('f', 'after', ARRAY['m']);",
+        )
+        .await;
+    for reports in [true, false] {
+        let run = engine.start("f", json!([1, 2])).await;
+        let msgs: Vec<i64> = sqlx::query_scalar(
+            "SELECT message_id FROM pgflow.step_tasks WHERE run_id = $1 ORDER BY task_index",
+        )
+        .bind(run)
+        .fetch_all(engine.pool())
+        .await
+        .unwrap();
+        engine.start_tasks("f", &msgs[..1]).await;
+        let mut reader = engine.pool().begin().await.unwrap();
+        let started: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM pgflow.start_tasks('f', $1, $2)")
+                .bind(&msgs[1..])
+                .bind(super::WORKER)
+                .fetch_one(&mut *reader)
+                .await
+                .unwrap();
+        assert_eq!(started, 1);
+        let pool = engine.pool().clone();
+        let skip = tokio::spawn(async move {
+            sqlx::query("SELECT pgflow.fail_task($1, 'm', 0, 'zero failed')")
+                .bind(run)
+                .execute(&pool)
+                .await
+                .unwrap();
+        });
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        reader.commit().await.unwrap();
+        skip.await.unwrap();
+        assert_eq!(
+            step_row(&engine, run, "m").await.skip_reason.as_deref(),
+            Some("handler_failed")
+        );
+        let after = engine.poll("f").await;
+        assert_eq!(slugs(&after), vec!["after"]);
+        engine.complete(&after[0], json!(1)).await;
+        assert_eq!(engine.run(run).await.0, "completed");
+        if reports {
+            let late = engine.complete_at(run, "m", 1, json!("late")).await;
+            assert_eq!(late[0].status, "cancelled");
+        }
+        let open: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pgflow.step_tasks WHERE run_id = $1 AND status IN ('queued', 'started')",
+        )
+        .bind(run)
+        .fetch_one(engine.pool())
+        .await
+        .unwrap();
+        assert_eq!(open, if reports { 0 } else { 1 });
+        crate::support::assert_consistent(engine.pool()).await;
+    }
+}
