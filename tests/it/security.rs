@@ -998,3 +998,56 @@ async fn trace_contexts_are_written_by_the_app_and_read_by_the_workers_of_the_fl
     drop((app, worker, reader));
     roles.drop(&db, &[]).await;
 }
+
+#[tokio::test]
+async fn the_worker_role_sweeps_stalled_tasks_and_the_app_and_reader_cannot() {
+    let db = database().await;
+    let roles = Roles::new(&db);
+    let (payroll_run, _) = secured(&db, &roles, false).await;
+    // payroll's task started long ago by a lost worker: the sweep runs as the owner, so a
+    // worker role that does not serve payroll still requeues it (the engine's own rule).
+    sqlx::raw_sql(&format!(
+        "SELECT count(*) FROM pgflow.start_tasks('payroll', \
+                  ARRAY(SELECT message_id FROM pgflow.step_tasks WHERE run_id = '{payroll_run}'), \
+                  (SELECT worker_id FROM pgflow.workers WHERE queue_name = 'payroll')); \
+         UPDATE pgflow.step_tasks SET started_at = started_at - interval '1 hour', \
+                                      queued_at = queued_at - interval '1 hour' \
+          WHERE run_id = '{payroll_run}';"
+    ))
+    .execute(db.pool())
+    .await
+    .unwrap();
+    let mut worker = set_role(&db, &roles.name("orders_worker")).await;
+    let swept: Option<i32> = scalar(
+        &mut worker,
+        "SELECT pgflow.requeue_stalled_tasks_due(interval '30 seconds')",
+    )
+    .await;
+    assert_eq!(swept, Some(1));
+    let again: i32 = scalar(&mut worker, "SELECT pgflow.requeue_stalled_tasks()").await;
+    assert_eq!(again, 0);
+    refused(
+        &mut worker,
+        "UPDATE pgflow_ext.sweeps SET last_at = '-infinity'",
+        "permission denied",
+    )
+    .await;
+    let mut app = set_role(&db, &roles.name("orders_service")).await;
+    let mut reader = set_role(&db, &roles.name("grafana")).await;
+    for conn in [&mut app, &mut reader] {
+        refused(
+            conn,
+            "SELECT pgflow.requeue_stalled_tasks_due(interval '30 seconds')",
+            "permission denied for function requeue_stalled_tasks_due",
+        )
+        .await;
+        refused(
+            conn,
+            "SELECT pgflow.requeue_stalled_tasks()",
+            "permission denied for function requeue_stalled_tasks",
+        )
+        .await;
+    }
+    drop((app, worker, reader));
+    roles.drop(&db, &[]).await;
+}
