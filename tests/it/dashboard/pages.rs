@@ -320,6 +320,70 @@ async fn links_follow_the_mount_point() {
     )));
 }
 
+/// Reads frames of an event stream until `text` holds `wanted`.
+async fn until(body: &mut Body, text: &mut String, wanted: &str) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while !text.contains(wanted) {
+        let frame = tokio::time::timeout_at(deadline, body.frame())
+            .await
+            .unwrap_or_else(|_| panic!("no `{wanted}` in {text}"))
+            .expect("stream open")
+            .expect("frame");
+        if let Ok(data) = frame.into_data() {
+            text.push_str(&String::from_utf8_lossy(&data));
+        }
+    }
+}
+
+#[tokio::test]
+async fn the_live_stream_survives_its_listening_connection_being_killed() {
+    let db = support::database().await;
+    let runs = runs_in_every_state(db.pool()).await;
+    let app = router(db.pool().clone());
+    let response = app
+        .oneshot(
+            Request::get(format!("/runs/{}/live", runs.started))
+                .body(Body::empty())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    let mut body = response.into_body();
+    let mut text = String::new();
+    until(
+        &mut body,
+        &mut text,
+        "\"slug\":\"charge\",\"status\":\"started\"",
+    )
+    .await;
+    // The dashboard's LISTEN connection dies (a restart, an idle-connection reaper).
+    let mut killed = 0;
+    for _ in 0..100 {
+        killed = sqlx::query_scalar::<_, i64>(
+            "SELECT count(*) FROM (SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+              WHERE datname = current_database() AND query ILIKE 'LISTEN%') AS k",
+        )
+        .fetch_one(db.pool())
+        .await
+        .unwrap();
+        if killed > 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        killed > 0,
+        "the dashboard listens on a connection of its own"
+    );
+    complete(db.pool(), runs.started, "charge", 0, json!({"charged": 1})).await;
+    until(
+        &mut body,
+        &mut text,
+        "\"slug\":\"charge\",\"status\":\"completed\"",
+    )
+    .await;
+}
+
 #[tokio::test]
 async fn the_live_stream_sends_the_new_state_when_the_run_moves() {
     let db = support::database().await;
@@ -340,20 +404,6 @@ async fn the_live_stream_sends_the_new_state_when_the_run_moves() {
     );
     let mut body = response.into_body();
     let mut text = String::new();
-    // Reads frames until `text` holds `wanted`.
-    async fn until(body: &mut Body, text: &mut String, wanted: &str) {
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-        while !text.contains(wanted) {
-            let frame = tokio::time::timeout_at(deadline, body.frame())
-                .await
-                .unwrap_or_else(|_| panic!("no `{wanted}` in {text}"))
-                .expect("stream open")
-                .expect("frame");
-            if let Ok(data) = frame.into_data() {
-                text.push_str(&String::from_utf8_lossy(&data));
-            }
-        }
-    }
     until(
         &mut body,
         &mut text,
