@@ -67,6 +67,15 @@
 //! retries them), and finally sets `deprecated_at` on its rows. A single deprecated row only
 //! stops that flow's loop.
 //!
+//! # Telemetry
+//!
+//! Each task runs in a `tracing` span named `task` (INFO) with its `run_id`, `flow_slug`,
+//! `step_slug`, `task_index`, `attempt` and `worker_id`. With feature `otel` that span is a
+//! child of the trace context the run was started in, read from the database once per batch;
+//! with feature `metrics` the worker counts its tasks and samples its queues through the
+//! `metrics` facade ([`metric_names`](crate::metric_names)). docs/operating.md, "Tracing" and
+//! "Metrics", shows the setup.
+//!
 //! [`StepError`]: pgflow_core::StepError
 //! [`StepError::no_retry`]: pgflow_core::StepError::no_retry
 //! [`StepError::retry_after`]: pgflow_core::StepError::retry_after

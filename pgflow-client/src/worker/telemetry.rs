@@ -96,7 +96,6 @@ pub(crate) async fn annotate(
         let _ = (traceparent, tracestate);
         #[cfg(not(feature = "metrics"))]
         let _ = queue_wait;
-        let _ = task;
     }
 }
 
