@@ -764,6 +764,63 @@ mod tests {
         assert!(error.source().is_some());
     }
 
+    #[tokio::test]
+    async fn a_skippable_dependency_absent_from_the_input_is_none() {
+        use crate::mode;
+        let maybe = step_fn("maybe")
+            .when_exhausted(mode::Skip)
+            .handler(|n: u32, _: StepContext| async move { Ok::<_, StepError>(Some(n)) });
+        let sure =
+            step_fn("sure").handler(|n: u32, _: StepContext| async move { Ok::<_, StepError>(n) });
+        // `maybe` outputs `Option<u32>` and may be skipped: received as `Option<Option<u32>>`,
+        // where absent (skipped) and `null` (completed with `None`) differ.
+        let after = step_fn("after")
+            .depends_on(&maybe)
+            .depends_on(&sure)
+            .handler(
+                |_: u32, maybe: Option<Option<u32>>, sure: u32, _: StepContext| async move {
+                    Ok::<_, StepError>(format!("{maybe:?} {sure}"))
+                },
+            );
+        let flow: Flow<u32> = Flow::new("f").step(maybe).step(sure).step(after).build();
+        let after = flow.find_step("after").unwrap();
+        let ctx = StepContext::for_test();
+        let call = |input| after.call(input, ctx.clone());
+        assert_eq!(
+            call(json!({"run": 1, "sure": 2})).await.unwrap(),
+            json!("None 2")
+        );
+        assert_eq!(
+            call(json!({"run": 1, "maybe": null, "sure": 2}))
+                .await
+                .unwrap(),
+            json!("Some(None) 2")
+        );
+        assert_eq!(
+            call(json!({"run": 1, "maybe": 7, "sure": 2}))
+                .await
+                .unwrap(),
+            json!("Some(Some(7)) 2")
+        );
+        // A present entry of the wrong type is still an error, and a step that is never
+        // skipped must be there.
+        let error = call(json!({"run": 1, "maybe": "x", "sure": 2}))
+            .await
+            .unwrap_err();
+        assert!(
+            error
+                .to_string()
+                .starts_with("cannot decode the output of dependency `maybe`"),
+            "{error}"
+        );
+        let error = call(json!({"run": 1, "maybe": 7})).await.unwrap_err();
+        assert_eq!(
+            error.to_string(),
+            "the task input has no `sure` field (the output of a dependency); it has: `maybe`, `run`"
+        );
+        assert!(flow.shape().steps[0].skippable());
+    }
+
     #[test]
     fn build_never_fails_validate_and_try_build_do() {
         let s = step_fn("ok")
