@@ -17,9 +17,10 @@ use crate::{NotSkippable, Skippability, Skippable};
 /// [`OnDependencies<L>`] (the outputs of the steps of the type-level list `L`, keyed by slug)
 /// or [`Untyped`].
 ///
-/// Built by `pgflow::pattern!`, which checks the field names at compile time:
+/// Built by `pgflow::pattern!` (whose reference has runnable examples), which checks the field
+/// names at compile time:
 ///
-/// ```ignore
+/// ```text
 /// pattern!(Order { plan: "premium", customer: { tier: "gold" } })  // Pattern<OnInput<Order>>
 /// pattern!({ charge: { status: "paid" } })                         // Pattern<OnDependencies<(charge, ())>>
 /// ```
