@@ -400,6 +400,8 @@ async fn compare(
             .fetch_one(pool)
             .await
             .map_err(db_error)?;
+    /// `(status, skip_reason, error_message, output)` of a step state.
+    type State = (String, Option<String>, Option<String>, Option<Value>);
     type StateRow = (
         String,
         String,
@@ -407,18 +409,17 @@ async fn compare(
         Option<String>,
         Option<Value>,
     );
-    let states: BTreeMap<String, (String, Option<String>, Option<String>, Option<Value>)> =
-        sqlx::query_as::<_, StateRow>(
-            "SELECT step_slug, status, skip_reason, error_message, output \
+    let states: BTreeMap<String, State> = sqlx::query_as::<_, StateRow>(
+        "SELECT step_slug, status, skip_reason, error_message, output \
                FROM pgflow.step_states WHERE run_id = $1",
-        )
-        .bind(run)
-        .fetch_all(pool)
-        .await
-        .map_err(db_error)?
-        .into_iter()
-        .map(|(slug, status, reason, error, out)| (slug, (status, reason, error, out)))
-        .collect();
+    )
+    .bind(run)
+    .fetch_all(pool)
+    .await
+    .map_err(db_error)?
+    .into_iter()
+    .map(|(slug, status, reason, error, out)| (slug, (status, reason, error, out)))
+    .collect();
     let fails = expected.ends.iter().any(|e| matches!(e, End::Fails(_)));
     for (i, step) in dag.steps.iter().enumerate() {
         let end = &expected.ends[i];
