@@ -24,6 +24,7 @@ mod prune;
 mod reliability;
 mod retry_policy;
 mod run_control;
+mod run_skips;
 mod schedules;
 mod security;
 mod support;
