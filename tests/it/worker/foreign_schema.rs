@@ -12,7 +12,7 @@ use std::sync::{Mutex, PoisonError};
 use std::time::Duration;
 
 use pgflow_client::throwaway::{TestDatabase, UPSTREAM_PACKAGE, UpstreamSchema};
-use pgflow_client::{Error, Worker, WorkerHandle, install, install_pgmq};
+use pgflow_client::{Error, Worker, WorkerHandle, install};
 use serde_json::{Value, json};
 use sqlx::PgPool;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
