@@ -149,6 +149,36 @@ async fn the_tasks_of_a_run_join_the_trace_of_the_code_that_started_it() {
         .expect("the client's span");
     assert_eq!(start.parent_span_id, stored_parent);
 
+    // The other doors: a delayed start, and a start inside the caller's transaction.
+    let batch = tracing::info_span!("start batch");
+    let batch_cx = batch.context();
+    let batch_span = batch_cx.span();
+    let batch_ids = batch_span.span_context();
+    let (delayed, in_tx) = async {
+        let delayed = client
+            .start_after(Duration::ZERO, &flow, &4)
+            .await
+            .expect("start_after");
+        let mut tx = pool.begin().await.expect("begin");
+        let in_tx = client
+            .start_in(&mut *tx, &flow, &5)
+            .await
+            .expect("start_in");
+        tx.commit().await.expect("commit");
+        (delayed, in_tx)
+    }
+    .instrument(batch.clone())
+    .await;
+    drop(batch);
+    for run in [&delayed, &in_tx] {
+        run.wait_timeout(WITHIN).await.expect("completes");
+        for span in task_spans(&exporter, run.id(), 2).await {
+            assert_eq!(span.span_context.trace_id(), batch_ids.trace_id());
+            assert_eq!(span.parent_span_id, batch_ids.span_id());
+            assert!(span.parent_span_is_remote);
+        }
+    }
+
     // A run started outside any trace: no row, and its tasks' spans start traces of their own.
     let untraced = client.start(&flow, &2).await.expect("start");
     untraced.wait_timeout(WITHIN).await.expect("completes");
