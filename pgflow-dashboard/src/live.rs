@@ -67,7 +67,16 @@ impl Live {
         }
         let (sender, receiver) = broadcast::channel(CHANNEL_CAPACITY);
         *slot = Some(sender.clone());
-        tokio::spawn(listen(self.pool.clone(), sender, Arc::clone(&self.sender)));
+        let task = tokio::spawn(listen(self.pool.clone(), sender, Arc::clone(&self.sender)));
+        // A task that panicked leaves its sender in the slot: empty it, so that the next page
+        // starts another (until then, pages follow their runs by their periodic snapshots).
+        let slot = Arc::clone(&self.sender);
+        tokio::spawn(async move {
+            if task.await.is_err() {
+                tracing::error!("dashboard: the run events task panicked");
+                *slot.lock().unwrap_or_else(PoisonError::into_inner) = None;
+            }
+        });
         receiver
     }
 }
@@ -176,7 +185,9 @@ pub(crate) async fn run_updates(
                     Ok(Signal::Run(id)) => id == follow.run_id,
                     Ok(Signal::Resync) | Err(broadcast::error::RecvError::Lagged(_)) => true,
                     Err(broadcast::error::RecvError::Closed) => {
-                        // The listening task is gone (it panicked): start another.
+                        // The listening task panicked and its sender is gone: start another,
+                        // after a pause, so that a task failing at once is not a busy loop.
+                        tokio::time::sleep(RECONNECT).await;
                         follow.receiver = follow.state.live.subscribe();
                         true
                     }

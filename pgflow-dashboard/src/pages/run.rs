@@ -43,7 +43,15 @@ pub(crate) async fn page(
         .ok_or_else(|| Error::NotFound(format!("no run {run_id}")))?;
     // The flow's shape draws the DAG; a flow deleted under its runs leaves the tables alone.
     let shape = state.client.flow_shape(&detail.run.flow_slug).await?;
-    let retries = state.client.retry_history(run_id).await.unwrap_or_default();
+    // The retries are a part of the page the rest does not need: a failure to read them
+    // (a role without access to pgflow_ext.run_retries) leaves them out and is logged.
+    let retries = match state.client.retry_history(run_id).await {
+        Ok(retries) => retries,
+        Err(err) => {
+            tracing::warn!(error = %err, %run_id, "dashboard: cannot read the run's retries");
+            Vec::new()
+        }
+    };
     // An unknown `done` is only a notice not shown.
     let done = query.ok().and_then(|Query(q)| q.done);
     let title = format!("Run {run_id}");
