@@ -388,8 +388,8 @@ async fn fail(shared: &Shared, failure: Failure) {
 /// Fails the attempt `key` names, and only that attempt; a permanent failure is not retried
 /// whatever attempts are left, and a retried one waits the handler's delay if it chose one. Logs
 /// the failure at the level of its consequence: WARN when the engine retries the task (with the
-/// attempt and the delay), ERROR when the task has failed for good, which fails its run, INFO
-/// when the engine ignored it.
+/// attempt and the delay), ERROR when the task has failed for good, which fails its run (WARN
+/// when its step's `when_exhausted` skipped the step instead), INFO when the engine ignored it.
 async fn fail_task(shared: &Shared, failure: &Failure) -> sqlx::Result<()> {
     let key = &failure.key;
     let retry_delay = failure
@@ -437,8 +437,25 @@ async fn fail_task(shared: &Shared, failure: &Failure) -> sqlx::Result<()> {
         }
         Some((_, attempt, _)) => {
             telemetry::task_settled(&key.flow.slug, &key.step_slug, Settled::Failed);
+            // The step's when_exhausted decided what followed (migration 0010): asked only
+            // here, where a task has failed for good, which is rare.
+            let step: Option<String> = sqlx::query_scalar(
+                "SELECT status FROM pgflow.step_states WHERE run_id = $1 AND step_slug = $2",
+            )
+            .bind(key.run_id)
+            .bind(&*key.step_slug)
+            .fetch_optional(&shared.pool)
+            .await
+            .unwrap_or(None);
             failure.span.in_scope(|| {
-                tracing::error!(error = %failure.message, attempt, "task failed for good; its run fails");
+                if step.as_deref() == Some("skipped") {
+                    tracing::warn!(
+                        error = %failure.message, attempt,
+                        "task failed for good; its step is skipped (when_exhausted) and the run goes on"
+                    );
+                } else {
+                    tracing::error!(error = %failure.message, attempt, "task failed for good; its run fails");
+                }
             });
         }
     }
