@@ -366,6 +366,22 @@ mod tests {
     }
 
     #[test]
+    fn every_skip_reason_round_trips_and_a_stranger_is_refused() {
+        for reason in SkipReason::ALL {
+            assert_eq!(reason.as_str().parse::<SkipReason>(), Ok(*reason));
+            assert_eq!(
+                serde_json::to_value(reason).unwrap(),
+                serde_json::json!(reason.as_str())
+            );
+        }
+        assert_eq!(
+            "skipped".parse::<SkipReason>().unwrap_err().to_string(),
+            "`skipped` is not a skip reason; valid: condition_unmet, dependency_skipped, \
+             handler_failed"
+        );
+    }
+
+    #[test]
     fn unknown_texts_are_refused_with_the_valid_ones() {
         let error = "Started".parse::<TaskStatus>().unwrap_err();
         assert_eq!(
