@@ -1032,6 +1032,27 @@ async fn the_worker_role_sweeps_stalled_tasks_and_the_app_and_reader_cannot() {
         "permission denied",
     )
     .await;
+    // Deciding conditions and skipping steps stay the engine's: no role may skip another
+    // flow's steps (or its own) by calling them.
+    for (sql, function) in [
+        (
+            format!("SELECT pgflow.cascade_resolve_conditions('{payroll_run}')"),
+            "cascade_resolve_conditions",
+        ),
+        (
+            format!(
+                "SELECT pgflow._cascade_force_skip_steps('{payroll_run}', 'only', 'condition_unmet')"
+            ),
+            "_cascade_force_skip_steps",
+        ),
+    ] {
+        refused(
+            &mut worker,
+            &sql,
+            &format!("permission denied for function {function}"),
+        )
+        .await;
+    }
     let mut app = set_role(&db, &roles.name("orders_service")).await;
     let mut reader = set_role(&db, &roles.name("grafana")).await;
     for conn in [&mut app, &mut reader] {
