@@ -1742,7 +1742,10 @@ INSERT INTO pgflow_ext.sweeps (sweep_name, last_at) VALUES ('requeue_stalled_tas
 --     visible now, sent again if it is gone); the next start is its next attempt;
 --   * a task with none left fails as a lost attempt does on the read path;
 --   * a task requeued 3 times already is marked permanently_stalled_at, its message
---     archived, and left 'started' for an operator (pgflow check, cancel_run, retry_run).
+--     archived, and left 'started' for an operator (pgflow check, cancel_run, retry_run);
+--   * a task whose step is no longer started (skipped while a reader held the task, which
+--     the skip cannot wait for) is cancelled, its message archived: requeued, it would run
+--     its handler again for a step that is over.
 -- Only tasks of started runs, found through them (idx_runs_status and the tasks' primary
 -- key), so a sweep costs what the running runs hold, not the history. Tasks held by a
 -- report in flight are skipped. Returns the number of tasks requeued.
@@ -1760,11 +1763,12 @@ DECLARE
 BEGIN
   FOR v_task IN
     SELECT t.run_id, t.step_slug, t.task_index, t.flow_slug, t.message_id, t.requeued_count,
-           t.attempts_count,
+           t.attempts_count, ss.status AS step_status,
            coalesce(s.opt_max_attempts, f.opt_max_attempts) AS max_attempts,
            coalesce(s.opt_timeout, f.opt_timeout) AS timeout
       FROM pgflow.runs r
       JOIN pgflow.step_tasks t ON t.run_id = r.run_id
+      JOIN pgflow.step_states ss ON ss.run_id = t.run_id AND ss.step_slug = t.step_slug
       JOIN pgflow.steps s ON s.flow_slug = t.flow_slug AND s.step_slug = t.step_slug
       JOIN pgflow.flows f ON f.flow_slug = t.flow_slug
      WHERE r.status = 'started'
@@ -1775,7 +1779,14 @@ BEGIN
      ORDER BY t.run_id, t.step_slug, t.task_index
        FOR NO KEY UPDATE OF t SKIP LOCKED
   LOOP
-    IF v_task.attempts_count >= v_task.max_attempts THEN
+    IF v_task.step_status <> 'started' THEN
+      UPDATE pgflow.step_tasks t
+         SET status = 'cancelled'
+       WHERE t.run_id = v_task.run_id
+         AND t.step_slug = v_task.step_slug
+         AND t.task_index = v_task.task_index;
+      PERFORM pgflow._archive_messages(v_task.flow_slug, ARRAY[v_task.message_id]);
+    ELSIF v_task.attempts_count >= v_task.max_attempts THEN
       PERFORM pgflow.fail_task(v_task.run_id, v_task.step_slug, v_task.task_index,
         pgflow._lost_attempt_message(v_task.timeout, v_task.attempts_count));
     ELSIF v_task.requeued_count >= 3 THEN

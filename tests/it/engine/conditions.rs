@@ -1486,3 +1486,77 @@ async fn a_sibling_started_by_a_reader_during_an_exhaustion_skip_is_cancelled_by
         crate::support::assert_consistent(engine.pool()).await;
     }
 }
+
+/// The same race, the reader's worker lost: the sweep cancels the task of a step that is
+/// over instead of requeueing it (which would run its handler again for nothing).
+#[tokio::test]
+async fn a_stalled_task_of_a_skipped_step_is_cancelled_not_requeued() {
+    let engine = Engine::new().await;
+    engine
+        .exec(
+            "SELECT pgflow.create_flow('f', max_attempts => 3, timeout => 5); \
+             SELECT pgflow.add_step('f', 'm', step_type => 'map', max_attempts => 2, \
+                                    when_exhausted => 'skip'); \
+             SELECT pgflow.add_step('f', 'other');",
+        )
+        .await;
+    let run = engine.start("f", json!([1, 2])).await;
+    let msgs: Vec<i64> = sqlx::query_scalar(
+        "SELECT message_id FROM pgflow.step_tasks WHERE run_id = $1 AND step_slug = 'm' \
+          ORDER BY task_index",
+    )
+    .bind(run)
+    .fetch_all(engine.pool())
+    .await
+    .unwrap();
+    engine.start_tasks("f", &msgs[..1]).await;
+    let mut reader = engine.pool().begin().await.unwrap();
+    sqlx::query("SELECT count(*) FROM pgflow.start_tasks('f', $1, $2)")
+        .bind(&msgs[1..])
+        .bind(super::WORKER)
+        .fetch_one(&mut *reader)
+        .await
+        .unwrap();
+    let pool = engine.pool().clone();
+    let skip = tokio::spawn(async move {
+        // A permanent failure: m/1 keeps an attempt left, so only the step's end stops it.
+        sqlx::query("SELECT pgflow.fail_task($1, 'm', 0, 'zero failed', 1, NULL, true)")
+            .bind(run)
+            .execute(&pool)
+            .await
+            .unwrap();
+    });
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    reader.commit().await.unwrap();
+    skip.await.unwrap();
+    let left: String = sqlx::query_scalar(
+        "SELECT status FROM pgflow.step_tasks WHERE run_id = $1 AND step_slug = 'm' AND task_index = 1",
+    )
+    .bind(run)
+    .fetch_one(engine.pool())
+    .await
+    .unwrap();
+    assert_eq!(left, "started", "the reader started it after the skip");
+
+    // The reader's worker is lost; the run is still started (its other step runs).
+    age(&engine, run, 60).await;
+    assert_eq!(requeue(&engine).await, 0);
+    let rows = engine.tasks(run).await;
+    let m1 = rows
+        .iter()
+        .find(|t| t.step_slug == "m" && t.task_index == 1)
+        .unwrap();
+    assert_eq!(m1.status, "cancelled");
+    let delivered = engine.poll("f").await;
+    assert!(
+        delivered.iter().all(|t| t.step_slug != "m"),
+        "{delivered:?}"
+    );
+    let other = engine.complete_at(run, "other", 0, json!("o")).await;
+    assert_eq!(other[0].status, "completed");
+    assert_eq!(
+        engine.run(run).await,
+        ("completed".into(), Some(json!({"other": "o"})))
+    );
+    crate::support::assert_consistent(engine.pool()).await;
+}
