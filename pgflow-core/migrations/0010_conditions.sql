@@ -257,16 +257,28 @@ AS $$
 $$;
 
 -- Cancels the given steps' queued and started tasks that nobody holds, and returns the
--- messages of all their queued and started tasks (to be archived by the caller, last).
+-- messages to be archived by the caller, last.
 -- The caller holds the run: a task locked now is a worker's report or read in flight
 -- (lock level 1, taken before the run), which must not be waited for; that report finds
 -- the task's step or run ended and cancels the task itself (complete_tasks, fail_task).
+-- Such a task's message is returned: its holder took the task first and locks messages
+-- only after it (start_tasks, a report's archive), so the caller's archive may wait for it.
+-- A cancelled task's message is returned only if nobody holds it, locked now: a holder is
+-- a read in flight that locked the message before the task (_read_and_start; 0007, CANCEL),
+-- and waiting for it would close a cycle once it asks for the task cancelled here. That
+-- reader finds the task cancelled, starts nothing, and archives the message itself
+-- (_drop_dead_messages).
 CREATE FUNCTION pgflow._cancel_tasks_of(p_run_id uuid, p_step_slugs text[])
 RETURNS bigint[]
 LANGUAGE plpgsql
 VOLATILE
 SET search_path = ''
 AS $$
+DECLARE
+  v_flow_slug text;
+  v_msgs      bigint[];
+  v_free      bigint[];
+  v_held      bigint[];
 BEGIN
   WITH free AS (
     SELECT t.ctid AS tid
@@ -282,14 +294,35 @@ BEGIN
     FROM free
    WHERE t.ctid = free.tid;
 
-  RETURN ARRAY(
+  -- Messages of the tasks held by others (still queued or started): archived, waiting.
+  v_held := ARRAY(
     SELECT t.message_id
       FROM pgflow.step_tasks t
      WHERE t.run_id = p_run_id
        AND (p_step_slugs IS NULL OR t.step_slug = ANY(p_step_slugs))
-       AND t.status IN ('queued', 'started', 'cancelled')
+       AND t.status IN ('queued', 'started')
+       AND t.message_id IS NOT NULL);
+  -- Messages of the cancelled tasks: only those nobody holds.
+  v_msgs := ARRAY(
+    SELECT t.message_id
+      FROM pgflow.step_tasks t
+     WHERE t.run_id = p_run_id
+       AND (p_step_slugs IS NULL OR t.step_slug = ANY(p_step_slugs))
+       AND t.status = 'cancelled'
        AND t.message_id IS NOT NULL
      ORDER BY t.message_id);
+  SELECT r.flow_slug INTO v_flow_slug FROM pgflow.runs r WHERE r.run_id = p_run_id;
+  IF cardinality(v_msgs) > 0
+     AND pg_catalog.to_regclass(format('pgmq.%I', 'q_' || lower(v_flow_slug))) IS NOT NULL THEN
+    EXECUTE format(
+      'SELECT coalesce(array_agg(q.msg_id ORDER BY q.msg_id), ''{}'') FROM ('
+      '  SELECT m.msg_id FROM pgmq.%I m WHERE m.msg_id = ANY($1)'
+      '   ORDER BY m.msg_id FOR UPDATE SKIP LOCKED) q',
+      'q_' || lower(v_flow_slug))
+      INTO v_free
+      USING v_msgs;
+  END IF;
+  RETURN ARRAY(SELECT m FROM unnest(coalesce(v_free, '{}') || v_held) AS m ORDER BY m);
 END;
 $$;
 

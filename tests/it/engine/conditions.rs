@@ -1560,3 +1560,98 @@ async fn a_stalled_task_of_a_skipped_step_is_cancelled_not_requeued() {
     );
     crate::support::assert_consistent(engine.pool()).await;
 }
+
+/// A worker's read holds a message before it locks its task (`_read_and_start`), the
+/// opposite of the engine's lock order. A run's failure or a step's skip cancels that task
+/// meanwhile and must not wait for the message (a deadlock the detector would break by
+/// aborting one side): the reader finds the task cancelled, and the next read archives the
+/// message.
+#[tokio::test]
+async fn a_skip_or_failure_never_waits_for_a_message_a_reader_holds() {
+    let engine = Engine::new().await;
+    engine
+        .exec(
+            "SELECT pgflow.create_flow('f', max_attempts => 1); \
+             SELECT pgflow.add_step('f', 'm', step_type => 'map', when_exhausted => 'skip'); \
+             SELECT pgflow.add_step('f', 'other');",
+        )
+        .await;
+    // skip: m/0 exhausts while a reader holds m/1's message; fail: other's failure fails
+    // the run while a reader holds m/1's message.
+    for (failing, when) in [("m", "skip"), ("other", "fail")] {
+        let run = engine.start("f", json!([1, 2])).await;
+        let msg = |step: &'static str, index: i32| {
+            let pool = engine.pool().clone();
+            async move {
+                sqlx::query_scalar::<_, i64>(
+                    "SELECT message_id FROM pgflow.step_tasks \
+                      WHERE run_id = $1 AND step_slug = $2 AND task_index = $3",
+                )
+                .bind(run)
+                .bind(step)
+                .bind(index)
+                .fetch_one(&pool)
+                .await
+                .unwrap()
+            }
+        };
+        let (m0, m1, other) = (msg("m", 0).await, msg("m", 1).await, msg("other", 0).await);
+        engine
+            .start_tasks("f", &[if failing == "m" { m0 } else { other }])
+            .await;
+        let mut reader = engine.pool().begin().await.unwrap();
+        // What a read does first: the message, locked and hidden.
+        sqlx::query(
+            "UPDATE pgmq.q_f SET vt = clock_timestamp() + interval '30 seconds' WHERE msg_id = $1",
+        )
+        .bind(m1)
+        .execute(&mut *reader)
+        .await
+        .unwrap();
+        let failure = engine.fail_at(run, failing, 0, "broke");
+        let failure = tokio::time::timeout(std::time::Duration::from_secs(5), failure)
+            .await
+            .unwrap_or_else(|_| panic!("{when}: the failure waits for the reader's message"));
+        assert_eq!(failure[0].status, "failed", "{when}");
+        // Then the reader starts its task: cancelled, nothing starts.
+        let started: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM pgflow.start_tasks('f', $1, $2)")
+                .bind(vec![m1])
+                .bind(super::WORKER)
+                .fetch_one(&mut *reader)
+                .await
+                .unwrap();
+        assert_eq!(started, 0, "{when}");
+        reader.commit().await.unwrap();
+        let m1_status: String = sqlx::query_scalar(
+            "SELECT status FROM pgflow.step_tasks WHERE run_id = $1 AND step_slug = 'm' AND task_index = 1",
+        )
+        .bind(run)
+        .fetch_one(engine.pool())
+        .await
+        .unwrap();
+        assert_eq!(m1_status, "cancelled", "{when}");
+        // The message the reader held is archived by the next read that sees it.
+        engine.make_visible("f").await;
+        let read: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM pgflow._read_and_start('f', 10, 30, $1)")
+                .bind(super::WORKER)
+                .fetch_one(engine.pool())
+                .await
+                .unwrap();
+        let left: i64 = sqlx::query_scalar("SELECT count(*) FROM pgmq.q_f WHERE msg_id = $1")
+            .bind(m1)
+            .fetch_one(engine.pool())
+            .await
+            .unwrap();
+        assert_eq!(left, 0, "{when}");
+        if when == "skip" {
+            // other is what is left to run.
+            assert_eq!(read, 1);
+        } else {
+            assert_eq!(read, 0);
+            assert_eq!(engine.run(run).await.0, "failed");
+        }
+        engine.exec("DELETE FROM pgmq.q_f").await;
+    }
+}
