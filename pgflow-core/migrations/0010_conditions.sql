@@ -39,6 +39,14 @@
 -- which the failing side, holding the run, must not wait for) is cancelled by that report
 -- instead: a started task whose run failed, or whose step was skipped, is cancelled when
 -- reported, never completed.
+-- A message locked right then by a worker's read (_read_and_start locks the message
+-- before its task) is not waited for either: the reader finds the task cancelled and
+-- archives the message (_cancel_tasks_of).
+--
+-- RETRY
+-- -----
+-- 0007's retry, restated at the end: skipped steps stay skipped; a step failed by its
+-- condition is decided again (and fails again: its input is the same).
 --
 -- STALLED TASKS
 -- -------------
