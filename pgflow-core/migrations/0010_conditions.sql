@@ -2034,6 +2034,10 @@ BEGIN
          started_at = NULL,
          completed_at = NULL,
          failed_at = NULL,
+         -- A retried task starts its stall count afresh, as its attempts.
+         requeued_count = 0,
+         last_requeued_at = NULL,
+         permanently_stalled_at = NULL,
          message_id = n.msg_id
     FROM unnest(v_task_run, v_task_stp, v_task_idx, v_msg_ids)
          AS n(run_id, step_slug, task_index, msg_id)

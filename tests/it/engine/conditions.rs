@@ -957,6 +957,52 @@ async fn a_stalled_task_is_requeued_three_times_then_marked_permanently_stalled(
 }
 
 #[tokio::test]
+async fn a_retried_run_starts_its_stalled_tasks_stall_count_afresh() {
+    let engine = Engine::new().await;
+    engine
+        .exec(
+            "SELECT pgflow.create_flow('f', max_attempts => 10, timeout => 5); \
+             SELECT pgflow.add_step('f', 'a');",
+        )
+        .await;
+    let run = engine.start("f", json!({})).await;
+    engine.poll("f").await;
+    for _ in 0..3 {
+        age(&engine, run, 36).await;
+        assert_eq!(requeue(&engine).await, 1);
+        engine.poll("f").await;
+    }
+    age(&engine, run, 36).await;
+    requeue(&engine).await;
+    assert!(stall(&engine, run).await.permanently_stalled);
+
+    // The operator's way out: cancel, then retry. The task starts from nothing again,
+    // its stall count included, so its next stall is requeued, not given up on.
+    engine
+        .exec(&format!("SELECT pgflow.cancel_run('{run}')"))
+        .await;
+    engine
+        .exec(&format!("SELECT pgflow.retry_run('{run}')"))
+        .await;
+    let s = stall(&engine, run).await;
+    assert_eq!(
+        (
+            s.status.as_str(),
+            s.attempts_count,
+            s.requeued_count,
+            s.requeued,
+            s.permanently_stalled
+        ),
+        ("queued", 0, 0, false, false)
+    );
+    assert_eq!(engine.poll("f").await.len(), 1);
+    age(&engine, run, 36).await;
+    assert_eq!(requeue(&engine).await, 1);
+    let s = stall(&engine, run).await;
+    assert_eq!((s.status.as_str(), s.requeued_count), ("queued", 1));
+}
+
+#[tokio::test]
 async fn a_requeued_lost_attempt_counts_and_with_none_left_the_task_fails() {
     let engine = Engine::new().await;
     engine
