@@ -207,16 +207,18 @@ fn model(dag: &Dag, conditions: &[Condition], run_input: &Value) -> Expected {
         for (index, input) in task_inputs.iter().enumerate() {
             inputs.insert((i, i32::try_from(index).unwrap_or(0)), input.clone());
         }
-        if !step.map && step.feeds_map && step.non_array {
-            ends.push(End::Fails(None));
-            continue;
-        }
+        // A handler that never succeeds never returns its wrong-typed output: exhaustion
+        // decides first.
         if !task_inputs.is_empty() && step.fails >= step.max_attempts {
             ends.push(match condition.when_exhausted {
                 "fail" => End::Fails(None),
                 "skip" => End::Skipped("handler_failed", false),
                 _ => End::Skipped("handler_failed", true),
             });
+            continue;
+        }
+        if !step.map && step.feeds_map && step.non_array {
+            ends.push(End::Fails(None));
             continue;
         }
         let out: Vec<Value> = task_inputs
@@ -598,4 +600,65 @@ fn the_conditions_model_follows_upstreams_rules_on_a_known_case() {
     assert!(contains(&json!({"t": [1, [2, 3]]}), &json!({"t": [[3]]})));
     assert!(!contains(&json!({"t": [1, 2]}), &json!({"t": 1})));
     assert!(!contains(&json!([{"a": 1}]), &json!({"a": 1})));
+}
+
+/// Found by the random search: a step whose every attempt fails never returns its output, so a
+/// non-array output it would have fed a map cannot fail the run; `when_exhausted => 'skip'`
+/// decides, and the map over the skipped step completes with `[]`.
+#[test]
+fn an_exhausted_step_is_decided_by_when_exhausted_not_by_the_output_it_never_returned() {
+    let dag = Dag::new(
+        &[
+            RawStep {
+                map: false,
+                root: false,
+                parent_pick: 0,
+                dep_mask: 0,
+                array_len: 0,
+                max_attempts: 1,
+                fails: 1,
+                non_array: true,
+            },
+            RawStep {
+                map: true,
+                root: false,
+                parent_pick: 0,
+                dep_mask: 0,
+                array_len: 0,
+                max_attempts: 1,
+                fails: 0,
+                non_array: false,
+            },
+        ],
+        0,
+    );
+    let plain = Condition {
+        required: None,
+        forbidden: None,
+        when_unmet: "fail",
+        when_exhausted: "fail",
+    };
+    let conditions = vec![
+        Condition {
+            when_exhausted: "skip",
+            ..plain.clone()
+        },
+        plain,
+    ];
+    let input = input(&dag, 0);
+    let expected = model(&dag, &conditions, &input);
+    assert_eq!(
+        expected.ends,
+        vec![
+            End::Skipped("handler_failed", false),
+            End::Completed(json!([]))
+        ]
+    );
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    runtime
+        .block_on(run_case(&dag, &conditions, &input))
+        .expect("the engine agrees with the model");
 }
