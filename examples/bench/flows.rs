@@ -78,6 +78,11 @@ pub(crate) enum Kind {
 
 /// `s1 → s2 → s3 → s4 → s5`.
 pub(crate) fn chain5() -> Flow<u64> {
+    chain5_named("bench_chain5")
+}
+
+/// [`chain5`] under another slug: the flow-count curve serves many copies of it.
+pub(crate) fn chain5_named(slug: &str) -> Flow<u64> {
     let s1 =
         step_fn("s1").handler(|n: u64, _ctx: StepContext| async move { Ok::<_, StepError>(n + 1) });
     let s2 = step_fn("s2")
@@ -92,7 +97,7 @@ pub(crate) fn chain5() -> Flow<u64> {
     let s5 = step_fn("s5")
         .depends_on(&s4)
         .handler(|_n: u64, x: u64, _ctx| async move { Ok(x + 1) });
-    Flow::new("bench_chain5")
+    Flow::new(slug)
         .step(s1)
         .step(s2)
         .step(s3)

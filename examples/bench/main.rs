@@ -7,6 +7,7 @@
 //! cargo run --release --example bench -- --prune-tasks 1000000 [--workers 4]
 //! cargo run --release --example bench -- --executors driver --workload chain5,fanout1000 \
 //!     --driver-all --engines current,upstream-0.8.1 --rounds 3
+//! cargo run --release --example bench -- --workload none --curves [map,start,backlog,flows,workers]
 //! ```
 //!
 //! With `DATABASE_URL` set it uses that server (the user needs `CREATEDB`); without it, it starts
@@ -14,6 +15,7 @@
 //! server is (`fsync` on) unless `--no-fsync`. Every measured row gets a fresh database. See
 //! docs/performance.md for what each column means.
 
+mod curves;
 mod driver;
 mod engines;
 mod floors;
@@ -48,7 +50,8 @@ struct Args {
     /// A seconds-long run that only checks that everything completes (CI).
     #[arg(long)]
     smoke: bool,
-    /// Workloads, comma-separated: chain5, diamond, fanout1000, all.
+    /// Workloads, comma-separated: chain5, diamond, fanout1000, mapchain1000, all, or none
+    /// (only the ceiling, the floors and, with --curves, the curves).
     #[arg(long, default_value = "all", value_delimiter = ',')]
     workload: Vec<String>,
     /// Numbers of worker instances (each its own `Worker` with its own pool, in this process).
@@ -116,6 +119,10 @@ struct Args {
     /// With --prune-tasks: milliseconds the prune sleeps between two batches.
     #[arg(long, default_value_t = 0)]
     prune_pause_ms: u64,
+    /// After the rows, the cost curves (each point a fresh database): all, or any of map,
+    /// start, backlog, flows, workers. `--curves` alone runs all of them.
+    #[arg(long, value_delimiter = ',', num_args = 0..=1, default_missing_value = "all")]
+    curves: Option<Vec<String>>,
     /// With --prune-tasks: seconds of the windows before and after the prune.
     #[arg(long, default_value_t = 20.0)]
     prune_window_secs: f64,
@@ -434,6 +441,18 @@ async fn main() -> Result<(), Box<dyn Error + Send + Sync>> {
         }
     }
 
+    let curves = match &args.curves {
+        Some(which) => {
+            let settings = curves::CurveSettings {
+                which: which.clone(),
+                ceiling,
+                ceiling_secs,
+            };
+            curves::run(&env, &settings).await?
+        }
+        None => Vec::new(),
+    };
+
     let load_after = measure::load_average();
     let table = render_table(&rows, ceiling, &ceilings);
     println!("\n{table}");
@@ -449,6 +468,14 @@ async fn main() -> Result<(), Box<dyn Error + Send + Sync>> {
     if env.profile {
         println!("{}", render_profiles(&rows));
     }
+    for curve in &curves {
+        println!("{}", curve.render());
+    }
+    println!(
+        "load average: before {}, after {}",
+        load_before.map_or("?".to_owned(), |l| format!("{l:.2}")),
+        load_after.map_or("?".to_owned(), |l| format!("{l:.2}"))
+    );
 
     let results = json!({
         "format": 1,
@@ -480,6 +507,7 @@ async fn main() -> Result<(), Box<dyn Error + Send + Sync>> {
         "rows": rows.iter().map(|row| row_json(row, ceiling)).collect::<Vec<_>>(),
         "engine_comparisons": comparisons.iter().map(Comparison::to_json).collect::<Vec<_>>(),
         "floors": floors.iter().map(floors::Floor::to_json).collect::<Vec<_>>(),
+        "curves": curves.iter().map(curves::Curve::to_json).collect::<Vec<_>>(),
     });
     if let Some(dir) = json_path.parent().filter(|dir| !dir.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir)?;
@@ -538,9 +566,10 @@ fn select_workloads(
             "diamond" => selected.push(diamond),
             "fanout1000" | "fanout" => selected.push(fanout),
             "mapchain1000" | "mapchain" => selected.push(mapchain),
+            "none" => {}
             other => {
                 return Err(format!(
-                    "unknown workload `{other}` (chain5, diamond, fanout1000, mapchain1000, all)"
+                    "unknown workload `{other}` (chain5, diamond, fanout1000, mapchain1000, all, none)"
                 )
                 .into());
             }
