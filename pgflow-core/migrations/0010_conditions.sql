@@ -1888,10 +1888,13 @@ BEGIN
     RAISE EXCEPTION 'p_every must be at least 1 second (got %)', p_every
       USING ERRCODE = 'invalid_parameter_value';
   END IF;
-  UPDATE pgflow_ext.sweeps w
-     SET last_at = now()
-   WHERE w.sweep_name = 'requeue_stalled_tasks'
-     AND w.last_at <= now() - p_every;
+  -- An upsert, so that a deleted row (a cleanup script, a restore without it) is taken as
+  -- "never swept" rather than silently stopping every sweep.
+  INSERT INTO pgflow_ext.sweeps AS w (sweep_name, last_at)
+  VALUES ('requeue_stalled_tasks', now())
+  ON CONFLICT (sweep_name) DO UPDATE
+     SET last_at = excluded.last_at
+   WHERE w.last_at <= now() - p_every;
   IF NOT FOUND THEN
     RETURN NULL;
   END IF;

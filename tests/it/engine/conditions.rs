@@ -1173,6 +1173,21 @@ async fn requeue_stalled_tasks_due_sweeps_once_per_period_across_connections() {
         Some(0)
     );
     assert_eq!(stall(&engine, run).await.requeued_count, 1);
+    // A deleted record is "never swept", not "never sweep again".
+    engine.exec("DELETE FROM pgflow_ext.sweeps").await;
+    assert_eq!(
+        engine
+            .scalar::<Option<i32>>("SELECT pgflow.requeue_stalled_tasks_due(interval '60 seconds')")
+            .await,
+        Some(0)
+    );
+    assert_eq!(
+        engine
+            .scalar::<Option<i32>>("SELECT pgflow.requeue_stalled_tasks_due(interval '60 seconds')")
+            .await,
+        None,
+        "the recreated record holds the period"
+    );
 }
 
 // ---------------------------------------------------------------------------------------
