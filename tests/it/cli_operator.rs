@@ -245,6 +245,31 @@ async fn colours_show_on_demand_and_never_in_a_pipe_or_under_no_color() {
     }
 }
 
+/// A handler's error is another party's text: on a terminal its escape sequences would clear
+/// the screen, set the clipboard (OSC 52) or reverse what it shows. `pgflow run` shows them.
+#[tokio::test]
+async fn a_hostile_error_message_is_shown_on_a_terminal_not_obeyed() {
+    let (db, client) = client().await;
+    let run = crawling(&db, &client).await;
+    let hostile = "boom\u{1b}[2J\u{1b}]52;c;cm0gLXJmIH4=\u{7}\u{202e}txt.exe";
+    fail(db.pool(), run, "fetch", 0, hostile).await;
+    let id = run.to_string();
+    for args in [&["run", &id][..], &["run", &id, "--attempts"]] {
+        let forced = pgflow_in(db.url(), args, &[("CLICOLOR_FORCE", "1")]);
+        assert!(forced.contains("\u{1b}[31m"), "our colours stay: {forced}");
+        for raw in ["\u{1b}[2J", "\u{1b}]52", "\u{7}", "\u{202e}"] {
+            assert!(
+                !forced.contains(raw),
+                "{raw:?} reached the terminal: {forced:?}"
+            );
+        }
+        assert!(
+            forced.contains("boom\\u{1b}[2J\\u{1b}]52;c;cm0gLXJmIH4=\\u{7}\\u{202e}txt.exe"),
+            "{forced}"
+        );
+    }
+}
+
 /// The row of `step` in `pgflow run`'s table, its indentation kept.
 fn row<'a>(view: &'a str, step: &str) -> &'a str {
     view.lines()

@@ -3,6 +3,8 @@
 use std::io::{self, Write as _};
 use std::process::ExitCode;
 
+use crate::style;
+
 /// A command's unhappy end.
 #[derive(Debug)]
 pub(crate) struct Failure {
@@ -28,7 +30,7 @@ impl Failure {
     pub(crate) fn report(self) -> ExitCode {
         if let Some(message) = self.message {
             // Nothing is left to tell of a stderr that cannot be written to.
-            let _ = writeln!(io::stderr(), "error: {message}");
+            let _ = writeln!(io::stderr(), "error: {}", style::visible_lines(&message));
         }
         ExitCode::from(self.status)
     }

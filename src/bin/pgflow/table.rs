@@ -1,10 +1,13 @@
 //! Text tables: columns padded to their widest cell, each cell in its own style.
 
+use std::borrow::Cow;
+
 use anstyle::Style;
 
-use crate::style::{HEADER, paint};
+use crate::style::{HEADER, paint, visible};
 
-/// A cell's text and style; the padding is computed on the text alone.
+/// A cell's text (control characters escaped: see [`visible`]) and style; the padding is
+/// computed on the text alone.
 #[derive(Debug, Clone, Default)]
 pub(crate) struct Cell {
     text: String,
@@ -13,8 +16,12 @@ pub(crate) struct Cell {
 
 impl Cell {
     pub(crate) fn styled(text: impl Into<String>, style: Style) -> Self {
+        let text = text.into();
         Self {
-            text: text.into(),
+            text: match visible(&text) {
+                Cow::Borrowed(_) => text,
+                Cow::Owned(shown) => shown,
+            },
             style,
         }
     }
