@@ -12,7 +12,7 @@ use std::time::Duration;
 use pgflow_core::{ErasedHandler, Flow, StepContext, StepError, check_slug};
 use serde_json::Value;
 use sqlx::PgPool;
-use tokio::sync::Semaphore;
+use tokio::sync::{Semaphore, watch};
 use tokio_util::sync::CancellationToken;
 
 use super::handle::{Counters, WorkerHandle};
@@ -625,6 +625,7 @@ impl WorkerBuilder {
             listening: AtomicBool::new(false),
             hard_stop: CancellationToken::new(),
             abandon: CancellationToken::new(),
+            reports_failing: watch::Sender::new(false),
             state: self.state,
             extension,
         });

@@ -10,23 +10,24 @@ use std::time::{Duration, Instant};
 use futures_util::FutureExt;
 use pgflow_core::{ErasedHandler, StepContext};
 use serde_json::Value;
-use tokio::sync::{OwnedSemaphorePermit, mpsc};
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use super::registry::FlowEntry;
 use super::report::{Outcome, Report, TaskKey};
 use super::shared::Shared;
+use super::slot::Slot;
 use super::task::StartedTask;
 use super::telemetry::{self, Settled};
 
-/// Runs `task` in a Tokio task of its own, holding `permit` until its result is with the
-/// reporter.
+/// Runs `task` in a Tokio task of its own, holding `permit` (its place under the concurrency
+/// limit) until its result is with the reporter.
 pub(crate) fn spawn(
     shared: &Arc<Shared>,
     flow: &Arc<FlowEntry>,
     mut task: StartedTask,
-    permit: OwnedSemaphorePermit,
+    permit: Slot,
     reports: mpsc::Sender<Report>,
 ) {
     let span = telemetry::task_span(flow, &mut task);
@@ -75,6 +76,8 @@ pub(crate) fn spawn(
     let hard_stop = shared.hard_stop.clone();
     let shutdown_timeout = shared.settings.shutdown_timeout;
     let counters = Arc::clone(&shared.counters);
+    let mut reports_failing = shared.reports_failing.subscribe();
+    let abandon = shared.abandon.clone();
 
     let run = async move {
         let _slot = slot;
@@ -138,6 +141,13 @@ pub(crate) fn spawn(
             // Only when the reporter is gone (it panicked): the task stays `started`.
             counters.in_flight.fetch_sub(1, Ordering::Relaxed);
             tracing::error!("the reporter is gone; the task's result is lost");
+        }
+        // While reports fail, the place stays taken: a worker that read on would start tasks
+        // whose messages reappear (their step timeout passing) while their results wait here,
+        // and start them again itself, spending attempts on work it has done.
+        tokio::select! {
+            _ = reports_failing.wait_for(|failing| !failing) => {}
+            () = abandon.cancelled() => {}
         }
         drop(permit);
     };

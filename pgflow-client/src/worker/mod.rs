@@ -17,9 +17,14 @@
 //! handlers ever run at once across all flows.
 //!
 //! Results go to a reporter that completes finished tasks in batches with the engine's
-//! `pgflow.complete_tasks` (one call and one transaction for every task finished while the
-//! previous report was in flight: no timer, so a lone task is reported at once) and fails
-//! tasks one by one with `pgflow.fail_task`.
+//! `pgflow.complete_tasks` (one call and one transaction for every task finished, by any
+//! handler of the worker, while the previous report was in flight: no timer, so a lone task is
+//! reported at once) and fails tasks one by one with `pgflow.fail_task`. A handler that hands
+//! its result over frees its place at once, so the worker reads again while the report is in
+//! flight, up to a backlog of four results per place waiting for the reporter; past it, or while
+//! a report is failing and being retried, finished handlers keep their places and nothing more
+//! is read. A read waits a moment (2 ms at most) for the places its predecessor filled, when
+//! that one got all it asked for, and never for a place a slow handler has held since earlier.
 //!
 //! An idle loop sleeps until something can be there: the engine's notification that it queued
 //! tasks of its flow (channel `pgflow_tasks`, payload the flow slug), the moment the next delayed message of its queue
@@ -106,6 +111,7 @@ mod scheduler;
 mod schema_check;
 mod settings;
 mod shared;
+mod slot;
 mod supervisor;
 mod task;
 mod telemetry;

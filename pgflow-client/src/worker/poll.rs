@@ -2,7 +2,7 @@
 //! them to the dispatcher, and sleep until work can be there.
 
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use pgflow_core::FlowOptions;
@@ -16,6 +16,7 @@ use super::dispatch;
 use super::registry::FlowEntry;
 use super::report::Report;
 use super::shared::Shared;
+use super::slot::Slot;
 use super::task::StartedTask;
 #[cfg(any(feature = "otel", feature = "metrics"))]
 use super::telemetry;
@@ -32,8 +33,10 @@ SELECT t.run_id, t.step_slug, t.input::text, t.task_index, t.attempt, t.timeout 
   FROM pgflow._read_and_start($1, $3, $2, $4) t";
 
 /// How long a read waits for the handlers of the previous one to hand back their permits,
-/// when the previous read filled its batch (the queue is likely not empty): one full read
-/// costs the database much less than several partial ones.
+/// when the previous read got all it asked for (the queue is likely not empty): one full read
+/// costs the database much less than several partial ones. Only the places the previous read
+/// filled are waited for: a place held since an earlier read is a slow handler's, and the read
+/// refills the others without it.
 const BATCH_FILL_WAIT: Duration = Duration::from_millis(2);
 
 type FetchRow = (Uuid, String, Option<String>, i32, Option<i32>, Option<i32>);
@@ -103,11 +106,13 @@ pub(crate) async fn run(shared: Arc<Shared>, flow: Arc<FlowEntry>, reports: mpsc
     tracing::debug!(flow_slug = %flow.slug, worker_id = %flow.worker_id, "polling");
 
     let mut queue_busy = false;
+    // The places the last read filled that are still taken.
+    let mut last_read = Arc::new(AtomicUsize::new(0));
     // Whether the read of the batch's trace contexts and queue waits has failed (and said so).
     #[cfg(any(feature = "otel", feature = "metrics"))]
     let mut telemetry_warned = false;
     loop {
-        let Some(mut permits) = take_permits(&shared, &flow, queue_busy).await else {
+        let Some(mut permits) = take_permits(&shared, &flow, queue_busy, &last_read).await else {
             break;
         };
         let qty = permits.num_permits();
@@ -140,15 +145,18 @@ pub(crate) async fn run(shared: Arc<Shared>, flow: Arc<FlowEntry>, reports: mpsc
         #[cfg(any(feature = "otel", feature = "metrics"))]
         telemetry::annotate(&shared.pool, &flow, &mut tasks, &mut telemetry_warned).await;
         let started = tasks.len();
+        last_read = Arc::new(AtomicUsize::new(0));
         for task in tasks {
             // `qty` permits for at most `qty` tasks.
             let Some(permit) = permits.split(1) else {
                 break;
             };
-            dispatch::spawn(&shared, &flow, task, permit, reports.clone());
+            let slot = Slot::new(permit, &last_read);
+            dispatch::spawn(&shared, &flow, task, slot, reports.clone());
         }
         drop(permits);
-        queue_busy = started == settings.batch_size;
+        // All it asked for, even when slow handlers kept the read under the batch size.
+        queue_busy = started == qty;
         if started == qty {
             // A full read: there may be more right away.
             continue;
@@ -161,12 +169,13 @@ pub(crate) async fn run(shared: Arc<Shared>, flow: Arc<FlowEntry>, reports: mpsc
 }
 
 /// Waits for at least one free permit, then takes as many more as are free, up to the batch
-/// size; when `queue_busy`, waits up to [`BATCH_FILL_WAIT`] for a whole batch. `None` when the
-/// flow stops first.
+/// size; when `queue_busy`, waits up to [`BATCH_FILL_WAIT`] for the places the last read filled
+/// (`last_read` of them are still taken), and for no other. `None` when the flow stops first.
 async fn take_permits(
     shared: &Shared,
     flow: &FlowEntry,
     queue_busy: bool,
+    last_read: &AtomicUsize,
 ) -> Option<OwnedSemaphorePermit> {
     let mut permits = tokio::select! {
         biased;
@@ -184,7 +193,9 @@ async fn take_permits(
                 permits.merge(extra);
             }
         }
-        let missing = batch.saturating_sub(permits.num_permits());
+        let missing = batch
+            .saturating_sub(permits.num_permits())
+            .min(last_read.load(Ordering::Acquire));
         if queue_busy && missing > 0 {
             let missing = u32::try_from(missing).unwrap_or(u32::MAX);
             let fill = Arc::clone(&shared.semaphore).acquire_many_owned(missing);

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 
 use sqlx::PgPool;
-use tokio::sync::Semaphore;
+use tokio::sync::{Semaphore, watch};
 use tokio_util::sync::CancellationToken;
 
 use super::handle::Counters;
@@ -27,6 +27,9 @@ pub(crate) struct Shared {
     pub(crate) hard_stop: CancellationToken,
     /// Fires when the shutdown stops waiting for reports to reach the database.
     pub(crate) abandon: CancellationToken,
+    /// `true` while the reporter is retrying a call that failed: finished handlers then keep
+    /// their places, and the worker reads nothing more, until a report goes through.
+    pub(crate) reports_failing: watch::Sender<bool>,
     /// The application's state, for [`StepContext::state`](pgflow_core::StepContext::state).
     pub(crate) state: Option<Arc<dyn Any + Send + Sync>>,
     /// What [`StepContextExt`](super::StepContextExt) reads: the pool, wrapped by

@@ -109,9 +109,10 @@ pub(crate) async fn run(
             shutdown.clone(),
         ))
     });
-    // Room for one result per permit: a handler that finished waits here, holding its permit,
-    // while reports are slow, and no new task is read meanwhile.
-    let (reports, results) = mpsc::channel(settings.concurrency);
+    // Room for a few results per permit (`report::backlog`): a handler that finished frees its
+    // place while there is room, and the next report carries what several reads started. Past
+    // that, it waits here holding its permit, and no new task is read until reports go out.
+    let (reports, results) = mpsc::channel(report::backlog(settings.concurrency));
     let reporter = tokio::spawn(report::run(Arc::clone(&shared), results));
     let pollers: Vec<_> = flows
         .iter()
