@@ -21,7 +21,7 @@
 //! handler of the worker, while the previous report was in flight: no timer, so a lone task is
 //! reported at once) and fails tasks one by one with `pgflow.fail_task`. A handler that hands
 //! its result over frees its place at once, so the worker reads again while the report is in
-//! flight, up to a backlog of four results per place waiting for the reporter; past it, or while
+//! flight, up to a backlog of one result per place waiting for the reporter; past it, or while
 //! a report is failing and being retried, finished handlers keep their places and nothing more
 //! is read. A read waits a moment (2 ms at most) for the places its predecessor filled, when
 //! that one got all it asked for, and never for a place a slow handler has held since earlier.

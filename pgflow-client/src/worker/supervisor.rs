@@ -109,9 +109,9 @@ pub(crate) async fn run(
             shutdown.clone(),
         ))
     });
-    // Room for a few results per permit (`report::backlog`): a handler that finished frees its
-    // place while there is room, and the next report carries what several reads started. Past
-    // that, it waits here holding its permit, and no new task is read until reports go out.
+    // Room for `report::backlog` results: a handler that finished frees its place while there
+    // is room, and the next report carries what the reads meanwhile started. Past that, it waits
+    // here holding its permit, and no new task is read until reports go out.
     let (reports, results) = mpsc::channel(report::backlog(settings.concurrency));
     let reporter = tokio::spawn(report::run(Arc::clone(&shared), results));
     let pollers: Vec<_> = flows

@@ -202,12 +202,12 @@ enum Unblock {
 }
 
 /// Issue 24: while a report is in flight, finished handlers hand their results over and free
-/// their places, up to a backlog of four results per place, and the next report carries all of
+/// their places, up to a backlog of one result per place, and the next report carries all of
 /// them in one `complete_tasks` call; however the blocked call ends, every task completes once.
 async fn reports_pile_up_behind_a_blocked_report_and_go_out_together(unblock: Unblock) {
     const CONCURRENCY: usize = 2;
-    // `report::backlog`: four results per place.
-    const BACKLOG: usize = 4 * CONCURRENCY;
+    // `report::backlog`: one result per place.
+    const BACKLOG: usize = CONCURRENCY;
     let db = database().await;
     let pool = db.pool();
     let calls = Arc::new(AtomicUsize::new(0));
