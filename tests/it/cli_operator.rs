@@ -270,6 +270,59 @@ async fn a_hostile_error_message_is_shown_on_a_terminal_not_obeyed() {
     }
 }
 
+/// `pgflow watch`'s event lines carry the handler's error too (found by a hostile probe after
+/// the table was fixed): on a terminal they show it escaped.
+#[tokio::test]
+async fn watch_shows_a_hostile_error_in_its_event_lines_escaped() {
+    let (db, client) = client().await;
+    let run = crawling(&db, &client).await;
+    let mut watcher = Command::new(env!("CARGO_BIN_EXE_pgflow"))
+        .args(["watch", &run.to_string()])
+        .env("DATABASE_URL", db.url())
+        .env("CLICOLOR_FORCE", "1")
+        .env_remove("NO_COLOR")
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (lines, seen) = std::sync::mpsc::channel();
+    let stdout = BufReader::new(watcher.stdout.take().unwrap());
+    std::thread::spawn(move || {
+        for line in stdout.lines() {
+            let _ = lines.send(line.unwrap());
+        }
+    });
+    let mut said = Vec::new();
+    let mut wait_for = |needle: &str| {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let line = seen
+                .recv_timeout(left)
+                .unwrap_or_else(|_| panic!("watch never said {needle:?}: {said:?}"));
+            said.push(line.clone());
+            if line.contains(needle) {
+                return said.join("\n");
+            }
+        }
+    };
+    // The first view's last row: the watch has its starting point.
+    wait_for("save");
+    let hostile = "boom\u{1b}[2J\u{1b}]52;c;cm0gLXJmIH4=\u{7}\u{202e}txt.exe";
+    // Its step's last attempt: the run fails.
+    for _ in 0..2 {
+        fail(db.pool(), run, "fetch", 0, hostile).await;
+    }
+    let text = wait_for("run:failed");
+    for raw in ["\u{1b}[2J", "\u{1b}]52", "\u{7}", "\u{202e}"] {
+        assert!(
+            !text.contains(raw),
+            "{raw:?} reached the terminal: {text:?}"
+        );
+    }
+    assert!(text.contains("boom\\u{1b}[2J"), "{text}");
+    let _ = watcher.wait();
+}
+
 /// The row of `step` in `pgflow run`'s table, its indentation kept.
 fn row<'a>(view: &'a str, step: &str) -> &'a str {
     view.lines()

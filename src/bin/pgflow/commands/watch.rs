@@ -13,6 +13,7 @@ use crate::CliResult;
 use crate::failure::Failure;
 use crate::progress::Progress;
 use crate::run_view::render_run;
+use crate::style;
 use crate::time::time_of_day;
 
 /// Exit status of a watched run that failed (0 is a completed run, 1 a watch that failed).
@@ -61,7 +62,12 @@ pub(crate) async fn watch(
                     serde_json::to_writer(&mut *out, &event)?;
                     writeln!(out)?;
                 } else {
-                    writeln!(out, "{} {event}", time_of_day(Utc::now()))?;
+                    writeln!(
+                        out,
+                        "{} {}",
+                        time_of_day(Utc::now()),
+                        style::visible(&event.to_string())
+                    )?;
                 }
                 out.flush()?;
                 if event.kind.ends_run() {
