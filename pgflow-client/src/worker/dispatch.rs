@@ -78,6 +78,7 @@ pub(crate) fn spawn(
     let counters = Arc::clone(&shared.counters);
     let mut reports_failing = shared.reports_failing.subscribe();
     let abandon = shared.abandon.clone();
+    let stop = flow.stop.clone();
 
     let run = async move {
         let _slot = slot;
@@ -145,8 +146,11 @@ pub(crate) fn spawn(
         // While reports fail, the place stays taken: a worker that read on would start tasks
         // whose messages reappear (their step timeout passing) while their results wait here,
         // and start them again itself, spending attempts on work it has done.
+        // Once the flow stops reading (shutdown), the place gates nothing: the shutdown's wait
+        // for every place must not turn into a wait for the database to come back.
         tokio::select! {
             _ = reports_failing.wait_for(|failing| !failing) => {}
+            () = stop.cancelled() => {}
             () = abandon.cancelled() => {}
         }
         drop(permit);
