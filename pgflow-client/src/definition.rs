@@ -206,6 +206,27 @@ pub enum Difference {
         /// The compiled value.
         compiled: Option<bool>,
     },
+    /// What a subflow step runs differs (issue 22): its child flow, or the child's step it
+    /// completes with, each written `flow` or `flow.step`; `None`: not a subflow step.
+    ///
+    /// ```
+    /// use pgflow_client::Difference;
+    ///
+    /// let difference = Difference::SubflowChanged {
+    ///     step: "pay".into(),
+    ///     stored: None,
+    ///     compiled: Some("charge.receipt".into()),
+    /// };
+    /// assert_eq!(difference.to_string(), "step `pay` runs charge.receipt instead of its handler");
+    /// ```
+    SubflowChanged {
+        /// Slug of the step.
+        step: String,
+        /// The stored child, `flow.output_step`.
+        stored: Option<String>,
+        /// The compiled child.
+        compiled: Option<String>,
+    },
 }
 
 impl fmt::Display for Difference {
@@ -288,6 +309,19 @@ impl fmt::Display for Difference {
                 compiled,
             } => write!(f, "step `{step}` {mode} is {compiled} instead of {stored}"),
             Self::Structure { text } => f.write_str(text),
+            Self::SubflowChanged {
+                step,
+                stored,
+                compiled,
+            } => {
+                let value = |v: &Option<String>| v.clone().unwrap_or_else(|| "its handler".into());
+                write!(
+                    f,
+                    "step `{step}` runs {} instead of {}",
+                    value(compiled),
+                    value(stored)
+                )
+            }
         }
     }
 }
@@ -296,7 +330,12 @@ impl Difference {
     /// Whether it is a difference of structure (steps, their order, kinds, dependencies,
     /// conditions and modes), which the database's comparison decides, rather than of options.
     fn is_structural(&self) -> bool {
-        !matches!(self, Self::OptionChanged { .. } | Self::FlagChanged { .. })
+        // The database's comparison (0011) does not know subflows: a subflow difference is
+        // this client's, reported like an option's.
+        !matches!(
+            self,
+            Self::OptionChanged { .. } | Self::FlagChanged { .. } | Self::SubflowChanged { .. }
+        )
     }
 }
 
@@ -398,6 +437,19 @@ pub fn differences(stored: &FlowShape, compiled: &FlowShape) -> Vec<Difference> 
 }
 
 fn step_differences(stored: &StepShape, compiled: &StepShape, out: &mut Vec<Difference>) {
+    let child = |shape: &StepShape| {
+        shape.subflow.as_ref().map(|s| match &s.output_step {
+            Some(output) => format!("{}.{output}", s.flow),
+            None => s.flow.clone(),
+        })
+    };
+    if child(stored) != child(compiled) {
+        out.push(Difference::SubflowChanged {
+            step: compiled.slug.clone(),
+            stored: child(stored),
+            compiled: child(compiled),
+        });
+    }
     if stored.kind != compiled.kind {
         out.push(Difference::KindChanged {
             step: compiled.slug.clone(),
@@ -528,6 +580,8 @@ struct StepRow {
     forbidden_input_pattern: Option<Value>,
     when_unmet: String,
     when_exhausted: String,
+    child_flow_slug: Option<String>,
+    output_step: Option<String>,
 }
 
 /// Reads a flow's stored shape, or `None` when the database has no such flow.
@@ -551,11 +605,14 @@ pub(crate) async fn stored_shape(conn: &mut PgConnection, slug: &str) -> Result<
                 s.opt_start_delay, s.opt_max_delay, s.opt_jitter,
                 coalesce(array_agg(d.dep_slug ORDER BY d.dep_slug) FILTER (WHERE d.dep_slug IS NOT NULL), '{}')
                   AS deps,
-                s.required_input_pattern, s.forbidden_input_pattern, s.when_unmet, s.when_exhausted
+                s.required_input_pattern, s.forbidden_input_pattern, s.when_unmet, s.when_exhausted,
+                sf.child_flow_slug, sf.output_step
            FROM pgflow.steps s
            LEFT JOIN pgflow.deps d ON d.flow_slug = s.flow_slug AND d.step_slug = s.step_slug
+           LEFT JOIN pgflow_ext.subflow_steps sf
+             ON sf.flow_slug = s.flow_slug AND sf.step_slug = s.step_slug
           WHERE s.flow_slug = $1
-          GROUP BY s.flow_slug, s.step_slug
+          GROUP BY s.flow_slug, s.step_slug, sf.child_flow_slug, sf.output_step
           ORDER BY s.step_index",
     )
     .bind(slug)
@@ -585,6 +642,10 @@ pub(crate) async fn stored_shape(conn: &mut PgConnection, slug: &str) -> Result<
             forbidden_input_pattern: row.forbidden_input_pattern,
             when_unmet: mode(&row.when_unmet)?,
             when_exhausted: mode(&row.when_exhausted)?,
+            subflow: row.child_flow_slug.map(|flow| pgflow_core::SubflowShape {
+                flow,
+                output_step: row.output_step,
+            }),
             ..StepShape::new(row.step_slug.clone())
         });
     }
@@ -633,6 +694,18 @@ pub(crate) async fn create(tx: &mut Transaction<'_, Postgres>, shape: &FlowShape
         .bind(shape_json(shape))
         .execute(&mut **tx)
         .await?;
+    // Subflow steps (migration 0016), which the shape JSON of 0011 does not carry.
+    for step in &shape.steps {
+        if let Some(subflow) = &step.subflow {
+            sqlx::query("SELECT pgflow.set_subflow($1, $2, $3, $4)")
+                .bind(&shape.slug)
+                .bind(&step.slug)
+                .bind(&subflow.flow)
+                .bind(&subflow.output_step)
+                .execute(&mut **tx)
+                .await?;
+        }
+    }
     Ok(())
 }
 

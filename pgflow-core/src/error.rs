@@ -136,6 +136,19 @@ pub enum Error {
         dependencies: String,
     },
 
+    /// A subflow step (issue 22) that the engine would refuse: more than one dependency (its
+    /// child's input comes from at most one), a child flow slug that breaks the slug rule, or
+    /// a child that is the flow itself.
+    #[error("subflow step `{step}` of flow `{flow}` {problem}")]
+    InvalidSubflow {
+        /// The flow.
+        flow: String,
+        /// The subflow step.
+        step: String,
+        /// What is wrong, as the rest of the sentence.
+        problem: String,
+    },
+
     /// A skip mode's name is none of `fail`, `skip` and `skip-cascade` (see
     /// [`SkipMode`](crate::SkipMode)).
     #[error("unknown skip mode {mode:?}: expected \"fail\", \"skip\" or \"skip-cascade\"")]

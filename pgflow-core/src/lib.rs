@@ -72,7 +72,7 @@ pub use pattern::{
     AllDependencies, HasDependency, InputIs, IntoPattern, NoDependencies, NoPattern,
     OnDependencies, OnInput, Pattern, PatternFits, PatternTarget, Untyped,
 };
-pub use shape::{FlowShape, StepKind, StepShape};
+pub use shape::{FlowShape, StepKind, StepShape, SubflowShape};
 pub use slug::{MAX_SLUG_LEN, check_slug, is_valid_slug};
 pub use step::{
     AddedOnce, AlreadyAdded, CheckedOutput, Contains, Dependencies, DependenciesIn, Here, IntoStep,
@@ -80,8 +80,8 @@ pub use step::{
     StepOf, StepOutput, There,
 };
 pub use step_fn::{
-    AnyInput, Append, Condition, ConditionState, FitsInput, FnStep, MapDependency, MapInput,
-    Single, StepFnBuilder, TakesInput, Unconditional, step_fn,
+    AnyInput, Append, ChildInput, Condition, ConditionState, FitsInput, FnStep, MapDependency,
+    MapInput, Single, StepFnBuilder, SubflowOf, TakesInput, Unconditional, step_fn,
 };
 
 pub use tokio_util::sync::CancellationToken;

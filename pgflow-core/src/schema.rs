@@ -134,6 +134,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "dashboard",
         sql: include_str!("../migrations/0013_dashboard.sql"),
     },
+    Migration {
+        version: 16,
+        name: "subflows",
+        sql: include_str!("../migrations/0016_subflows.sql"),
+    },
 ];
 
 /// The schema version this build of pgflow installs: the last migration's version.

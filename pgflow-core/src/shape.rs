@@ -140,6 +140,40 @@ pub struct StepShape {
         skip_serializing_if = "is_default_when_exhausted"
     )]
     pub when_exhausted: SkipMode,
+    /// Set for a subflow step (issue 22): the flow it runs as a child run per task, and
+    /// whose output it completes with. `None` for a step run by a worker's handler.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub subflow: Option<SubflowShape>,
+}
+
+/// What a subflow step runs: a child flow, and which of the child run's outputs it completes
+/// with (see `docs/subflows.md`).
+///
+/// ```
+/// use pgflow_core::{FlowShape, FlowOptions, StepShape, SubflowShape};
+///
+/// let shape = FlowShape {
+///     slug: "orders".into(),
+///     options: FlowOptions::new(),
+///     steps: vec![StepShape {
+///         subflow: Some(SubflowShape { flow: "charge".into(), output_step: Some("receipt".into()) }),
+///         ..StepShape::new("pay")
+///     }],
+/// };
+/// assert_eq!(
+///     shape.statements()?[2],
+///     "SELECT pgflow.set_subflow('orders', 'pay', 'charge', 'receipt');"
+/// );
+/// # Ok::<(), pgflow_core::Error>(())
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SubflowShape {
+    /// The child flow's slug. The engine requires it to be defined before this step.
+    pub flow: String,
+    /// The child's leaf step whose output the subflow step completes with; `None`: the child
+    /// run's whole output (an object of its leaves' outputs keyed by slug).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub output_step: Option<String>,
 }
 
 const fn default_when_unmet() -> SkipMode {
@@ -186,6 +220,7 @@ impl StepShape {
             forbidden_input_pattern: None,
             when_unmet: Self::DEFAULT_WHEN_UNMET,
             when_exhausted: Self::DEFAULT_WHEN_EXHAUSTED,
+            subflow: None,
         }
     }
 
@@ -199,6 +234,33 @@ impl StepShape {
     /// step may be skipped as well, but then it never runs.)
     pub fn skippable(&self) -> bool {
         (self.has_condition() && self.when_unmet.skips()) || self.when_exhausted.skips()
+    }
+
+    /// The first problem with the step's subflow, if it has one.
+    fn subflow_problem(&self, flow: &str) -> Option<Error> {
+        let subflow = self.subflow.as_ref()?;
+        let problem = if self.dependencies.len() > 1 {
+            format!(
+                "has {} dependencies: a subflow step takes its child's input from at most one",
+                self.dependencies.len()
+            )
+        } else if let Err(problem) = check_flow_slug(&subflow.flow) {
+            format!(
+                "names an invalid child flow slug {:?}: {problem}",
+                subflow.flow
+            )
+        } else if subflow.flow == flow {
+            "runs its own flow: a flow cannot run itself as a child".to_owned()
+        } else if let Some(Err(problem)) = subflow.output_step.as_deref().map(check_slug) {
+            format!("names an invalid output step slug: {problem}")
+        } else {
+            return None;
+        };
+        Some(Error::InvalidSubflow {
+            flow: flow.to_owned(),
+            step: self.slug.clone(),
+            problem,
+        })
     }
 
     /// The step's patterns, by their SQL names.
@@ -319,6 +381,9 @@ impl FlowShape {
             if let Some(problem) = step.pattern_problem(flow) {
                 return Err(problem);
             }
+            if let Some(problem) = step.subflow_problem(flow) {
+                return Err(problem);
+            }
             if !seen.insert(step.slug.as_str()) {
                 return Err(Error::DuplicateStep {
                     flow: flow.clone(),
@@ -400,6 +465,21 @@ impl FlowShape {
                     max_delay.map_or_else(|| "NULL".to_owned(), |v| v.to_string()),
                     jitter.map_or_else(|| "NULL".to_owned(), |v| v.to_string()),
                 ));
+            }
+        }
+        for step in &self.steps {
+            if let Some(subflow) = &step.subflow {
+                let mut sql = format!(
+                    "SELECT pgflow.set_subflow({}, {}, {}",
+                    quote(&self.slug),
+                    quote(&step.slug),
+                    quote(&subflow.flow)
+                );
+                if let Some(output) = &subflow.output_step {
+                    let _ = write!(sql, ", {}", quote(output));
+                }
+                sql.push_str(");");
+                out.push(sql);
             }
         }
         Ok(out)

@@ -680,3 +680,190 @@ where
         Arc::clone(&self.inner.handler)
     }
 }
+
+/// [`FnStep`] marker in place of a closure type: a subflow step running a flow whose input is
+/// `CI` and completing with the output of the child's step `S`.
+#[derive(Debug)]
+pub struct SubflowOf<CI, S>(PhantomData<fn() -> (CI, S)>);
+
+/// The child flow of a subflow step takes `CI`, which is what the step's dependency outputs
+/// (`Self`).
+#[diagnostic::on_unimplemented(
+    message = "the child flow takes `{CI}` as its input, but this subflow step's dependency outputs `{Self}`",
+    label = "the child flow's input type differs from the dependency's output type",
+    note = "a subflow step starts its child run with its dependency's output as the child's input: the child flow's input type must be exactly that output type"
+)]
+pub trait ChildInput<CI> {}
+
+impl<T> ChildInput<T> for T {}
+
+/// What a worker would call for a subflow step, which no worker runs: the engine starts a
+/// child run instead (see `docs/subflows.md`). Reached only if a hostile or confused caller
+/// hands a worker such a task.
+fn subflow_handler(child: String) -> Arc<dyn ErasedHandler> {
+    Arc::new(
+        move |_: Value, _: StepContext| -> crate::BoxFuture<'static, Result<Value, StepError>> {
+            let error = StepError::new(format!(
+                "this is a subflow step: the engine runs it as a child run of flow `{child}`, never a worker"
+            ))
+            .no_retry();
+            Box::pin(std::future::ready(Err(error)))
+        },
+    )
+}
+
+impl<K, C> StepFnBuilder<K, C> {
+    fn subflow_step<In, O, Deps, CI, S>(
+        mut self,
+        kind: StepKind,
+        child: &crate::Flow<CI>,
+        output: &S,
+    ) -> FnStep<In, O, Deps, SubflowOf<CI, S>, C>
+    where
+        S: Step,
+    {
+        self.shape.subflow = Some(crate::SubflowShape {
+            flow: child.slug().to_owned(),
+            output_step: Some(output.slug().to_owned()),
+        });
+        self.finish(kind, subflow_handler(child.slug().to_owned()))
+    }
+}
+
+impl<C> StepFnBuilder<Single<()>, C> {
+    /// Makes this a subflow step (issue 22): each run starts a child run of `child` with the
+    /// flow input, and the step completes with the output of the child's leaf step `output`
+    /// (or fails when the child run fails). The child's input type must be this flow's.
+    ///
+    /// No worker runs the step; the child flow must be compiled before this one, and served
+    /// by a worker like any flow. See `docs/subflows.md`.
+    ///
+    /// ```
+    /// use pgflow_core::{Flow, step_fn};
+    ///
+    /// let total = step_fn("total").handler(|prices: Vec<f64>, _ctx| async move {
+    ///     Ok(prices.iter().sum::<f64>())
+    /// });
+    /// let pricing: Flow<Vec<f64>> = Flow::new("pricing").step(&total).build();
+    ///
+    /// // Starts a `pricing` run with this flow's input; outputs `total`'s `f64`.
+    /// let price = step_fn("price").subflow(&pricing, &total);
+    /// let flow: Flow<Vec<f64>> = Flow::new("checkout").step(price).build();
+    /// assert_eq!(
+    ///     flow.statements()?[2],
+    ///     "SELECT pgflow.set_subflow('checkout', 'price', 'pricing', 'total');"
+    /// );
+    /// # Ok::<(), pgflow_core::Error>(())
+    /// ```
+    #[allow(clippy::type_complexity, reason = "the step's type records all it is")]
+    pub fn subflow<CI, S>(
+        self,
+        child: &crate::Flow<CI>,
+        output: S,
+    ) -> FnStep<TakesInput<CI>, crate::RunOutputOf<S::Step>, (), SubflowOf<CI, S::Step>, C>
+    where
+        S: IntoStep,
+    {
+        let output = output.into_step();
+        self.subflow_step(StepKind::Single, child, &output)
+    }
+}
+
+impl<D: Step, C> StepFnBuilder<Single<(D, ())>, C> {
+    /// Makes this a subflow step whose child run takes the output of its one dependency as
+    /// its input: the child flow's input type must be that output type (checked at compile
+    /// time). It completes with the output of the child's leaf step `output`.
+    ///
+    /// ```
+    /// use pgflow_core::{Flow, step_fn};
+    ///
+    /// let double = step_fn("double").handler(|n: u32, _ctx| async move { Ok(n * 2) });
+    /// let child: Flow<u32> = Flow::new("doubling").step(&double).build();
+    ///
+    /// let parse = step_fn("parse").handler(|text: String, _ctx| async move {
+    ///     text.parse::<u32>().map_err(Into::into)
+    /// });
+    /// let doubled = step_fn("doubled").depends_on(&parse).subflow(&child, &double);
+    /// let flow: Flow<String> = Flow::new("parse_and_double").step(parse).step(doubled).build();
+    /// assert_eq!(flow.statements()?.len(), 4);
+    /// # Ok::<(), pgflow_core::Error>(())
+    /// ```
+    ///
+    /// A child whose input type differs from the dependency's output does not compile:
+    ///
+    /// ```compile_fail
+    /// use pgflow_core::{Flow, step_fn};
+    ///
+    /// let echo = step_fn("echo").handler(|s: String, _ctx| async move { Ok(s) });
+    /// let child: Flow<String> = Flow::new("echoing").step(&echo).build();
+    /// let count = step_fn("count").handler(|n: u32, _ctx| async move { Ok(n) });
+    /// // `count` outputs `u32`; the child takes `String`.
+    /// let run = step_fn("run").depends_on(&count).subflow(&child, &echo);
+    /// let flow: Flow<u32> = Flow::new("f").step(count).step(run).build();
+    /// ```
+    #[allow(clippy::type_complexity, reason = "the step's type records all it is")]
+    pub fn subflow<CI, S>(
+        self,
+        child: &crate::Flow<CI>,
+        output: S,
+    ) -> FnStep<AnyInput, crate::RunOutputOf<S::Step>, (D, ()), SubflowOf<CI, S::Step>, C>
+    where
+        D::Output: ChildInput<CI>,
+        S: IntoStep,
+    {
+        let output = output.into_step();
+        self.subflow_step(StepKind::Single, child, &output)
+    }
+}
+
+impl<C> StepFnBuilder<MapInput, C> {
+    /// Makes this map step a subflow step: one child run of `child` per element of the flow
+    /// input (a `Vec` of the child's input type); dependents receive the `Vec` of the
+    /// children's `output` step outputs, in element order.
+    #[allow(clippy::type_complexity, reason = "the step's type records all it is")]
+    pub fn subflow<CI, S>(
+        self,
+        child: &crate::Flow<CI>,
+        output: S,
+    ) -> FnStep<TakesInput<Vec<CI>>, Vec<crate::RunOutputOf<S::Step>>, (), SubflowOf<CI, S::Step>, C>
+    where
+        S: IntoStep,
+    {
+        let output = output.into_step();
+        self.subflow_step(StepKind::Map, child, &output)
+    }
+}
+
+impl<D: Step, C> StepFnBuilder<MapDependency<D>, C> {
+    /// Makes this map step a subflow step: one child run of `child` per element of its
+    /// dependency's `Vec` output (elements of the child's input type); dependents receive the
+    /// `Vec` of the children's `output` step outputs, in element order.
+    ///
+    /// ```
+    /// use pgflow_core::{Flow, StepKind, step_fn};
+    ///
+    /// let square = step_fn("square").handler(|n: u64, _ctx| async move { Ok(n * n) });
+    /// let squaring: Flow<u64> = Flow::new("squaring").step(&square).build();
+    ///
+    /// let numbers = step_fn("numbers").handler(|n: u64, _ctx| async move { Ok((1..=n).collect::<Vec<u64>>()) });
+    /// let squares = step_fn("squares").map_over(&numbers).subflow(&squaring, &square);
+    /// let sum = step_fn("sum")
+    ///     .depends_on(&squares)
+    ///     .handler(|_: u64, squares: Vec<u64>, _ctx| async move { Ok(squares.iter().sum::<u64>()) });
+    /// let flow: Flow<u64> = Flow::new("sum_of_squares").step(numbers).step(squares).step(sum).build();
+    /// assert_eq!(flow.find_step("squares").unwrap().kind(), StepKind::Map);
+    /// ```
+    #[allow(clippy::type_complexity, reason = "the step's type records all it is")]
+    pub fn subflow<CI, S>(
+        self,
+        child: &crate::Flow<CI>,
+        output: S,
+    ) -> FnStep<AnyInput, Vec<crate::RunOutputOf<S::Step>>, (D, ()), SubflowOf<CI, S::Step>, C>
+    where
+        D::Output: MapOver<CI>,
+        S: IntoStep,
+    {
+        let output = output.into_step();
+        self.subflow_step(StepKind::Map, child, &output)
+    }
+}

@@ -27,6 +27,7 @@ mod run_control;
 mod run_skips;
 mod schedules;
 mod security;
+mod subflows;
 mod support;
 mod trace_context;
 mod typed_conditions;

@@ -1,0 +1,412 @@
+//! Subflows (issue 22): a step that runs another flow as a child run, with real workers on a
+//! real PostgreSQL. What the parent step receives, failure and cancel in both directions,
+//! retry, the stalled-task sweep, and the definitions the engine refuses.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use pgflow_client::Worker;
+use pgflow_core::{Flow, StepContext, StepError, step_fn};
+use serde_json::{Value, json};
+use sqlx::PgPool;
+use uuid::Uuid;
+
+use crate::support::{assert_consistent, client, finished, run, start};
+
+/// A child run of `parent` as the engine linked it: `(child run, child flow, status, step,
+/// task index, attempt, depth)`.
+type Child = (Uuid, String, String, String, i32, i32, i32);
+
+async fn children(pool: &PgPool, parent: Uuid) -> Vec<Child> {
+    sqlx::query_as(
+        "SELECT child_run_id, child_flow_slug, status, step_slug, task_index, attempt, depth
+           FROM pgflow.run_children($1)",
+    )
+    .bind(parent)
+    .fetch_all(pool)
+    .await
+    .unwrap()
+}
+
+#[tokio::test]
+async fn a_subflow_step_completes_with_its_child_output_and_its_dependents_run() {
+    let (db, client) = client().await;
+    let pool = db.pool();
+    let double = step_fn("double")
+        .handler(|n: u32, _: StepContext| async move { Ok::<_, StepError>(n * 2) });
+    let child: Flow<u32> = Flow::new("doubling").step(&double).build();
+    let parse = step_fn("parse").handler(|text: String, _: StepContext| async move {
+        Ok::<_, StepError>(text.trim().parse::<u32>()?)
+    });
+    let doubled = step_fn("doubled")
+        .depends_on(&parse)
+        .subflow(&child, double);
+    let say = step_fn("say").depends_on(&doubled).handler(
+        |text: String, doubled: u32, _: StepContext| async move {
+            Ok::<_, StepError>(format!("{text} doubled is {doubled}"))
+        },
+    );
+    let parent: Flow<String> = Flow::new("parent")
+        .step(parse)
+        .step(doubled)
+        .step(say)
+        .build();
+    client.compile(&child).await.unwrap();
+    client.compile(&parent).await.unwrap();
+    // Compiling again finds the stored subflow step unchanged.
+    assert_eq!(
+        client.compile(&parent).await.unwrap(),
+        pgflow_client::Compiled::Unchanged
+    );
+
+    let worker = Worker::builder(pool.clone())
+        .flow(parent.clone())
+        .flow(child.clone())
+        .spawn()
+        .unwrap();
+    let run_id = client.start(&parent, &"21".to_owned()).await.unwrap().id();
+    let (status, output) = finished(pool, run_id, Duration::from_secs(30)).await;
+    assert_eq!(status, "completed");
+    assert_eq!(output, Some(json!({"say": "21 doubled is 42"})));
+
+    let kids = children(pool, run_id).await;
+    assert_eq!(kids.len(), 1, "{kids:?}");
+    let (child_run, flow, status, step, index, attempt, depth) = kids[0].clone();
+    assert_eq!(
+        (
+            flow.as_str(),
+            status.as_str(),
+            step.as_str(),
+            index,
+            attempt,
+            depth
+        ),
+        ("doubling", "completed", "doubled", 0, 1, 1)
+    );
+    // The child took the dependency's output as its input.
+    let input: Value = sqlx::query_scalar("SELECT input FROM pgflow.runs WHERE run_id = $1")
+        .bind(child_run)
+        .fetch_one(pool)
+        .await
+        .unwrap();
+    assert_eq!(input, json!(21));
+    // The subflow task never had a worker or a message.
+    let (worker_id, message_id): (Option<Uuid>, Option<i64>) = sqlx::query_as(
+        "SELECT last_worker_id, message_id FROM pgflow.step_tasks
+          WHERE run_id = $1 AND step_slug = 'doubled'",
+    )
+    .bind(run_id)
+    .fetch_one(pool)
+    .await
+    .unwrap();
+    assert_eq!((worker_id, message_id), (None, None));
+    worker.shutdown().await.unwrap();
+    assert_consistent(pool).await;
+}
+
+#[tokio::test]
+async fn a_map_of_100_child_runs_completes_with_their_outputs_in_order() {
+    let (db, client) = client().await;
+    let pool = db.pool();
+    let square = step_fn("square")
+        .handler(|n: u64, _: StepContext| async move { Ok::<_, StepError>(n * n) });
+    let squaring: Flow<u64> = Flow::new("squaring").step(&square).build();
+    let numbers = step_fn("numbers").handler(|n: u64, _: StepContext| async move {
+        Ok::<_, StepError>((0..n).collect::<Vec<u64>>())
+    });
+    let squares = step_fn("squares")
+        .map_over(&numbers)
+        .subflow(&squaring, &square);
+    let parent: Flow<u64> = Flow::new("squares_of").step(numbers).step(squares).build();
+    client.compile(&squaring).await.unwrap();
+    client.compile(&parent).await.unwrap();
+
+    let worker = Worker::builder(pool.clone())
+        .flow(parent.clone())
+        .flow(squaring.clone())
+        .spawn()
+        .unwrap();
+    let run_id = client.start(&parent, &100).await.unwrap().id();
+    let (status, output) = finished(pool, run_id, Duration::from_secs(60)).await;
+    assert_eq!(status, "completed");
+    let expected: Vec<u64> = (0..100).map(|n| n * n).collect();
+    assert_eq!(output, Some(json!({ "squares": expected })));
+
+    let kids = children(pool, run_id).await;
+    assert_eq!(kids.len(), 100);
+    assert!(kids.iter().all(|k| k.2 == "completed"), "{kids:?}");
+    let mut indexes: Vec<i32> = kids.iter().map(|k| k.4).collect();
+    indexes.sort_unstable();
+    assert_eq!(indexes, (0..100).collect::<Vec<i32>>());
+    // Each child took its own element.
+    let inputs: Vec<(i32, Value)> = sqlx::query_as(
+        "SELECT c.task_index, r.input FROM pgflow.run_children($1) c
+           JOIN pgflow.runs r ON r.run_id = c.child_run_id ORDER BY c.task_index",
+    )
+    .bind(run_id)
+    .fetch_all(pool)
+    .await
+    .unwrap();
+    assert!(inputs.iter().all(|(i, input)| *input == json!(i)));
+    worker.shutdown().await.unwrap();
+    assert_consistent(pool).await;
+}
+
+#[tokio::test]
+async fn a_failing_child_is_retried_as_a_new_child_then_fails_the_parent_step_and_run() {
+    let (db, client) = client().await;
+    let pool = db.pool();
+    let calls = Arc::new(AtomicUsize::new(0));
+    let refuse = step_fn("refuse").max_attempts(1).handler({
+        let calls = Arc::clone(&calls);
+        move |n: u32, _: StepContext| {
+            calls.fetch_add(1, Ordering::SeqCst);
+            async move { Err::<u32, _>(StepError::new(format!("no {n}"))) }
+        }
+    });
+    let refusing: Flow<u32> = Flow::new("refusing").step(&refuse).build();
+    let ask = step_fn("ask")
+        .max_attempts(2)
+        .base_delay(1)
+        .subflow(&refusing, &refuse);
+    let parent: Flow<u32> = Flow::new("asking").step(ask).build();
+    client.compile(&refusing).await.unwrap();
+    client.compile(&parent).await.unwrap();
+    let worker = Worker::builder(pool.clone())
+        .flow(parent.clone())
+        .flow(refusing.clone())
+        .spawn()
+        .unwrap();
+    let run_id = client.start(&parent, &7).await.unwrap().id();
+    let (status, _) = finished(pool, run_id, Duration::from_secs(30)).await;
+    assert_eq!(status, "failed");
+    let kids = children(pool, run_id).await;
+    assert_eq!(kids.len(), 2, "one child per attempt: {kids:?}");
+    assert!(kids.iter().all(|k| k.2 == "failed"));
+    assert_eq!(kids.iter().map(|k| k.5).collect::<Vec<_>>(), [1, 2]);
+    assert_eq!(calls.load(Ordering::SeqCst), 2);
+    let error = crate::support::step_error(pool, run_id, "ask")
+        .await
+        .unwrap();
+    assert!(
+        error.contains(&format!(
+            "child run {} of flow refusing failed at step refuse: no 7",
+            kids[1].0
+        )),
+        "{error}"
+    );
+    worker.shutdown().await.unwrap();
+    assert_consistent(pool).await;
+}
+
+/// `holding`: a child whose one step no worker serves in these tests, so its run stays started.
+async fn held_parent(pool: &PgPool, client: &pgflow_client::Client, attempts: u32) -> Flow<u32> {
+    let hold =
+        step_fn("hold").handler(|n: u32, _: StepContext| async move { Ok::<_, StepError>(n) });
+    let holding: Flow<u32> = Flow::new("holding").step(&hold).build();
+    let wait = step_fn("wait")
+        .max_attempts(attempts)
+        .subflow(&holding, &hold);
+    let parent: Flow<u32> = Flow::new("waiting").step(wait).build();
+    client.compile(&holding).await.unwrap();
+    client.compile(&parent).await.unwrap();
+    let _ = pool;
+    parent
+}
+
+#[tokio::test]
+async fn cancelling_the_parent_cancels_its_running_child() {
+    let (db, client) = client().await;
+    let pool = db.pool();
+    held_parent(pool, &client, 3).await;
+    let run_id = start(pool, "waiting", json!(5)).await;
+    let kids = children(pool, run_id).await;
+    assert_eq!(kids.len(), 1);
+    assert_eq!(kids[0].2, "started");
+    client.cancel(run_id).await.unwrap();
+    assert_eq!(run(pool, run_id).await.0, "cancelled");
+    assert_eq!(run(pool, kids[0].0).await.0, "cancelled");
+    // The child's queued task was cancelled with it: no worker will ever run it.
+    let queued: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM pgflow.step_tasks WHERE run_id = $1 AND status IN ('queued', 'started')",
+    )
+    .bind(kids[0].0)
+    .fetch_one(pool)
+    .await
+    .unwrap();
+    assert_eq!(queued, 0);
+    assert_consistent(pool).await;
+}
+
+#[tokio::test]
+async fn an_operator_cancelling_a_child_fails_the_parent_step_at_once() {
+    let (db, client) = client().await;
+    let pool = db.pool();
+    held_parent(pool, &client, 3).await;
+    let run_id = start(pool, "waiting", json!(5)).await;
+    let child = children(pool, run_id).await[0].0;
+    client.cancel(child).await.unwrap();
+    assert_eq!(run(pool, run_id).await.0, "failed");
+    let error = crate::support::step_error(pool, run_id, "wait")
+        .await
+        .unwrap();
+    assert_eq!(
+        error,
+        format!("child run {child} of flow holding was cancelled")
+    );
+    // Not retried, though the step has attempts left: the cancel was someone's decision.
+    assert_eq!(children(pool, run_id).await.len(), 1);
+    assert_consistent(pool).await;
+}
+
+#[tokio::test]
+async fn the_stalled_task_sweep_never_touches_a_subflow_task() {
+    let (db, client) = client().await;
+    let pool = db.pool();
+    held_parent(pool, &client, 1).await;
+    let run_id = start(pool, "waiting", json!(5)).await;
+    // Started an hour ago, far past its timeout: a worker's task would be requeued or failed.
+    sqlx::query(
+        "UPDATE pgflow.step_tasks
+            SET queued_at = now() - interval '2 hours', started_at = now() - interval '1 hour'
+          WHERE run_id = $1",
+    )
+    .bind(run_id)
+    .execute(pool)
+    .await
+    .unwrap();
+    let requeued: i32 = sqlx::query_scalar("SELECT pgflow.requeue_stalled_tasks()")
+        .fetch_one(pool)
+        .await
+        .unwrap();
+    assert_eq!(requeued, 0);
+    let status: String = sqlx::query_scalar(
+        "SELECT status FROM pgflow.step_tasks WHERE run_id = $1 AND step_slug = 'wait'",
+    )
+    .bind(run_id)
+    .fetch_one(pool)
+    .await
+    .unwrap();
+    assert_eq!(status, "started");
+    assert_eq!(run(pool, run_id).await.0, "started");
+}
+
+#[tokio::test]
+async fn retrying_a_failed_parent_starts_a_new_child_and_keeps_the_failed_one() {
+    let (db, client) = client().await;
+    let pool = db.pool();
+    let fail = Arc::new(AtomicBool::new(true));
+    let flaky = step_fn("flaky").max_attempts(1).handler({
+        let fail = Arc::clone(&fail);
+        move |n: u32, _: StepContext| {
+            let fail = fail.load(Ordering::SeqCst);
+            async move {
+                if fail {
+                    Err(StepError::new("down"))
+                } else {
+                    Ok::<_, StepError>(n + 1)
+                }
+            }
+        }
+    });
+    let child: Flow<u32> = Flow::new("flaky_child").step(&flaky).build();
+    let call = step_fn("call").max_attempts(1).subflow(&child, &flaky);
+    let parent: Flow<u32> = Flow::new("caller").step(call).build();
+    client.compile(&child).await.unwrap();
+    client.compile(&parent).await.unwrap();
+    let worker = Worker::builder(pool.clone())
+        .flow(parent.clone())
+        .flow(child.clone())
+        .spawn()
+        .unwrap();
+    let run_id = client.start(&parent, &1).await.unwrap().id();
+    assert_eq!(
+        finished(pool, run_id, Duration::from_secs(30)).await.0,
+        "failed"
+    );
+    fail.store(false, Ordering::SeqCst);
+    client.retry(run_id).await.unwrap();
+    let (status, output) = finished(pool, run_id, Duration::from_secs(30)).await;
+    assert_eq!(status, "completed");
+    assert_eq!(output, Some(json!({"call": 2})));
+    let kids = children(pool, run_id).await;
+    assert_eq!(
+        kids.iter().map(|k| k.2.as_str()).collect::<Vec<_>>(),
+        ["failed", "completed"]
+    );
+    worker.shutdown().await.unwrap();
+    assert_consistent(pool).await;
+}
+
+#[tokio::test]
+async fn the_engine_refuses_cycles_deep_chains_and_missing_or_deleted_children() {
+    let db = crate::support::database().await;
+    let pool = db.pool();
+    let exec = |sql: String| async move { sqlx::raw_sql(&sql).execute(pool).await };
+    for i in 0..18 {
+        exec(format!(
+            "SELECT pgflow.create_flow('f{i}'); SELECT pgflow.add_step('f{i}', 's');"
+        ))
+        .await
+        .unwrap();
+    }
+    let error = exec("SELECT pgflow.set_subflow('f0', 's', 'nope')".into())
+        .await
+        .unwrap_err();
+    assert!(
+        error.to_string().contains("child flow nope of subflow step f0.s does not exist: define it before the flows that run it"),
+        "{error}"
+    );
+    let error = exec("SELECT pgflow.set_subflow('f0', 's', 'f0')".into())
+        .await
+        .unwrap_err();
+    assert!(
+        error
+            .to_string()
+            .contains("would close a cycle of flows running each other: f0 -> f0"),
+        "{error}"
+    );
+
+    // f0 -> f1 -> ... -> f16 is 16 levels of child runs: allowed; one more is refused.
+    for i in 0..16 {
+        exec(format!(
+            "SELECT pgflow.set_subflow('f{i}', 's', 'f{}')",
+            i + 1
+        ))
+        .await
+        .unwrap();
+    }
+    let error = exec("SELECT pgflow.set_subflow('f16', 's', 'f17')".into())
+        .await
+        .unwrap_err();
+    assert!(
+        error.to_string().contains("would nest runs 17 deep"),
+        "{error}"
+    );
+    let error = exec("SELECT pgflow.set_subflow('f5', 's', 'f2')".into())
+        .await
+        .unwrap_err();
+    assert!(
+        error.to_string().contains(
+            "would close a cycle of flows running each other: f5 -> f2 -> f3 -> f4 -> f5"
+        ),
+        "{error}"
+    );
+
+    // The child of a subflow step cannot be deleted for good.
+    let error = exec("SELECT pgflow.delete_flow_and_data('f16')".into())
+        .await
+        .unwrap_err();
+    assert!(
+        error.to_string().contains("subflow_steps_child_flow_fkey"),
+        "{error}"
+    );
+    // A flow no subflow step runs is deleted as before, and its subflow steps with it.
+    exec("SELECT pgflow.delete_flow_and_data('f0')".into())
+        .await
+        .unwrap();
+    exec("SELECT pgflow.delete_flow_and_data('f1')".into())
+        .await
+        .unwrap();
+}
