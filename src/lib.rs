@@ -132,9 +132,10 @@ pub use pgflow_client::{
     CANCEL_BATCH, Cancelled, Client, Compiled, Difference, Error, EventKind, Finding, FindingKind,
     InstallReport, LIVE_WORKER_WINDOW, PRUNE_BATCH, PRUNE_LOCK_KEY, ParseStatusError, PruneReport,
     RETRY_BATCH, Replace, Result, RunEvent, RunEvents, RunFailure, RunHandle, RunOutput, RunRetry,
-    RunRow, RunState, RunStatus, RunSummary, SkipReason, StepContextExt, StepStateRow, StepStatus,
-    Subscription, TaskRow, TaskStatus, Worker, WorkerBuilder, WorkerHandle, WorkerStats, check,
-    differences, events, install, install_pgmq, prune, prune_preview,
+    RunRow, RunState, RunStatus, RunSummary, SkipReason, StartOptions, StepContextExt,
+    StepStateRow, StepStatus, Subscription, TaskRow, TaskStatus, Worker, WorkerBuilder,
+    WorkerHandle, WorkerStats, check, differences, events, install, install_pgmq, prune,
+    prune_preview,
 };
 pub use sqlx::PgPool;
 

@@ -10,6 +10,7 @@ use uuid::Uuid;
 use crate::definition::{self, Compiled, Replace};
 use crate::events::Subscription;
 use crate::run::{Cancelled, RunHandle, RunRetry, RunState, RunSummary};
+use crate::start_options::StartOptions;
 use crate::status::RunStatus;
 use crate::trace_context::TraceHeaders;
 use crate::{Error, InstallReport, Result};
@@ -329,7 +330,7 @@ impl Client {
     {
         let input = encode(input)?;
         let mut conn = conn.acquire().await?;
-        let run_id = start_on(&mut conn, flow.slug(), &input, None, trace).await?;
+        let run_id = start_on(&mut conn, flow.slug(), &input, None, 0, trace).await?;
         Ok(RunHandle::new(self.pool.clone(), run_id))
     }
 
@@ -451,8 +452,79 @@ impl Client {
     ) -> Result<RunHandle> {
         // The caller's trace context, taken before this call's own span is entered.
         let trace = crate::trace_context::caller();
-        self.start_json_traced(flow_slug, input, run_id, trace)
+        self.start_json_traced(flow_slug, input, run_id, 0, trace)
             .await
+    }
+
+    /// Starts a run of `flow` with [`StartOptions`]: a priority, a run id of the caller's
+    /// choosing. With the defaults it is [`Client::start`]; with a run id it behaves as
+    /// [`Client::start_with_id`].
+    ///
+    /// ```no_run
+    /// # #[derive(serde::Serialize)]
+    /// # struct Order { order_id: u64 }
+    /// # async fn demo(client: pgflow_client::Client, flow: pgflow_core::Flow<Order>) -> pgflow_client::Result<()> {
+    /// use pgflow_client::StartOptions;
+    ///
+    /// let run = client
+    ///     .start_with(&flow, &Order { order_id: 42 }, StartOptions::new().priority(10))
+    ///     .await?;
+    /// assert_eq!(client.run_priority(run.id()).await?, 10);
+    /// # Ok(()) }
+    /// ```
+    pub async fn start_with<I: Serialize>(
+        &self,
+        flow: &Flow<I>,
+        input: &I,
+        options: StartOptions,
+    ) -> Result<RunHandle> {
+        self.start_json_with(flow.slug(), encode(input)?, options)
+            .await
+    }
+
+    /// [`Client::start_with`] for a flow named by its slug, with a JSON input, as
+    /// [`Client::start_json`].
+    ///
+    /// ```no_run
+    /// # async fn demo(client: pgflow_client::Client) -> pgflow_client::Result<()> {
+    /// use pgflow_client::StartOptions;
+    ///
+    /// let input = serde_json::json!({"order_id": 42});
+    /// let options = StartOptions::new().priority(-1);
+    /// let run = client.start_json_with("order_processing", input, options).await?;
+    /// println!("started run {} behind the others", run.id());
+    /// # Ok(()) }
+    /// ```
+    pub async fn start_json_with(
+        &self,
+        flow_slug: &str,
+        input: Value,
+        options: StartOptions,
+    ) -> Result<RunHandle> {
+        let trace = crate::trace_context::caller();
+        self.start_json_traced(
+            flow_slug,
+            input,
+            options.get_run_id(),
+            options.get_priority(),
+            trace,
+        )
+        .await
+    }
+
+    /// The priority of run `run_id` (`pgflow.run_priority`): 0 for a run started without
+    /// one, and for a run that does not exist.
+    ///
+    /// ```no_run
+    /// # async fn demo(client: pgflow_client::Client, run_id: uuid::Uuid) -> pgflow_client::Result<()> {
+    /// println!("run {run_id} has priority {}", client.run_priority(run_id).await?);
+    /// # Ok(()) }
+    /// ```
+    pub async fn run_priority(&self, run_id: Uuid) -> Result<i16> {
+        Ok(sqlx::query_scalar("SELECT pgflow.run_priority($1)")
+            .bind(run_id)
+            .fetch_one(&self.pool)
+            .await?)
     }
 
     #[tracing::instrument(name = "start_json", skip(self, input, trace), err)]
@@ -461,6 +533,7 @@ impl Client {
         flow_slug: &str,
         input: Value,
         run_id: Option<Uuid>,
+        priority: i16,
         trace: Option<TraceHeaders>,
     ) -> Result<RunHandle> {
         if let Some(run_id) = run_id
@@ -470,7 +543,7 @@ impl Client {
         }
         let started = {
             let mut conn = self.pool.acquire().await?;
-            start_on(&mut conn, flow_slug, &input, run_id, trace).await
+            start_on(&mut conn, flow_slug, &input, run_id, priority, trace).await
         };
         match started {
             Ok(id) => Ok(RunHandle::new(self.pool.clone(), id)),
@@ -916,16 +989,33 @@ fn encode<I: Serialize>(input: &I) -> Result<Value> {
 
 /// Starts a run on `conn`: the one place of the SQL that starts runs, for [`Client::start_json`]
 /// on the client's pool and [`Client::start_in`] on the caller's connection. A trace context
-/// (feature `otel`) goes with the run, in the same statement.
+/// (feature `otel`) goes with the run, in the same statement. Priority 0 is 0.8.1's
+/// `start_flow`, so a flow whose runs never have another priority never meets
+/// `start_flow_with_priority`.
 async fn start_on(
     conn: &mut PgConnection,
     flow_slug: &str,
     input: &Value,
     run_id: Option<Uuid>,
+    priority: i16,
     trace: Option<TraceHeaders>,
 ) -> Result<Uuid> {
     const START: &str = "SELECT run_id FROM pgflow.start_flow($1, $2, $3)";
+    const START_WITH_PRIORITY: &str =
+        "SELECT run_id FROM pgflow.start_flow_with_priority($1, $2, $4::integer, $3)";
     known_flow(conn, flow_slug).await?;
+    if priority != 0 {
+        return start_with_priority(
+            conn,
+            START_WITH_PRIORITY,
+            flow_slug,
+            input,
+            run_id,
+            priority,
+            trace,
+        )
+        .await;
+    }
     let Some(trace) = trace else {
         return sqlx::query_scalar(START)
             .bind(flow_slug)
@@ -939,6 +1029,40 @@ async fn start_on(
         .bind(flow_slug)
         .bind(input)
         .bind(run_id)
+        .bind(trace.traceparent)
+        .bind(trace.tracestate)
+        .fetch_one(&mut *conn)
+        .await
+        .map_err(|err| Error::from_start(flow_slug, err))?;
+    Ok(run_id)
+}
+
+/// [`start_on`]'s statement for a run with a priority other than 0, with the trace context
+/// stored in it when there is one.
+async fn start_with_priority(
+    conn: &mut PgConnection,
+    sql: &str,
+    flow_slug: &str,
+    input: &Value,
+    run_id: Option<Uuid>,
+    priority: i16,
+    trace: Option<TraceHeaders>,
+) -> Result<Uuid> {
+    let Some(trace) = trace else {
+        return sqlx::query_scalar(sql)
+            .bind(flow_slug)
+            .bind(input)
+            .bind(run_id)
+            .bind(i32::from(priority))
+            .fetch_one(&mut *conn)
+            .await
+            .map_err(|err| Error::from_start(flow_slug, err));
+    };
+    let (run_id, _stored): (Uuid, bool) = sqlx::query_as(&crate::trace_context::storing(sql, 4))
+        .bind(flow_slug)
+        .bind(input)
+        .bind(run_id)
+        .bind(i32::from(priority))
         .bind(trace.traceparent)
         .bind(trace.tracestate)
         .fetch_one(&mut *conn)

@@ -20,6 +20,7 @@ mod prune;
 mod run;
 mod schedule;
 mod shape_json;
+mod start_options;
 mod status;
 #[cfg(all(unix, feature = "throwaway"))]
 pub mod throwaway;
@@ -39,6 +40,7 @@ pub use run::{
 };
 pub use schedule::{DEFAULT_GRACE, MAX_CATCH_UP, Missed, Schedule, ScheduleRow};
 pub use shape_json::shape_json;
+pub use start_options::StartOptions;
 pub use status::{ParseStatusError, RunStatus, SkipReason, StepStatus, TaskStatus};
 pub use worker::{
     PRUNE_LOCK_KEY, StepContextExt, Worker, WorkerBuilder, WorkerHandle, WorkerStats,

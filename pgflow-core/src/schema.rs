@@ -135,6 +135,11 @@ pub const MIGRATIONS: &[Migration] = &[
         sql: include_str!("../migrations/0013_dashboard.sql"),
     },
     Migration {
+        version: 15,
+        name: "priority",
+        sql: include_str!("../migrations/0015_priority.sql"),
+    },
+    Migration {
         version: 16,
         name: "subflows",
         sql: include_str!("../migrations/0016_subflows.sql"),

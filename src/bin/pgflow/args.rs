@@ -138,6 +138,15 @@ pub(crate) enum Command {
         /// A run id of your choosing (starting twice with one id starts one run).
         #[arg(long)]
         run_id: Option<Uuid>,
+        /// The run's priority, -32768 to 32767: among a flow's ready tasks, Rust workers
+        /// start those of higher-priority runs first. 0 is the default.
+        #[arg(
+            long,
+            default_value_t = 0,
+            allow_negative_numbers = true,
+            value_name = "N"
+        )]
+        priority: i16,
     },
     /// Check that every run is consistent (counters, statuses, queues); exit status 1 if not.
     Check,

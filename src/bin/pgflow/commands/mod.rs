@@ -42,7 +42,8 @@ pub(crate) async fn dispatch(
             flow,
             input,
             run_id,
-        } => start::start(client, &flow, &input, run_id, json, out).await,
+            priority,
+        } => start::start(client, &flow, &input, run_id, priority, json, out).await,
         Command::Watch { run_id, timeout } => {
             watch::watch(client, run_id, timeout.map(Duration::from_secs), json, out).await
         }
