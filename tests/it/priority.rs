@@ -112,11 +112,7 @@ async fn runs_start_by_priority_level_and_in_start_order_within_a_level() {
 
     // Interleaved levels, including negative ones and both ends of the range.
     let levels = [0, 7, -3, i16::MAX, 0, 7, i16::MIN, -3, 0, 7, -3, i16::MAX];
-    let runs: Vec<(i64, i16)> = levels
-        .iter()
-        .enumerate()
-        .map(|(i, &p)| (i as i64, p))
-        .collect();
+    let runs: Vec<(i64, i16)> = (0..).zip(levels).collect();
     let ids = start_all(&client, "prio_levels", &runs, json!({})).await;
 
     let order: Vec<i64> = drain_with_one_place(pool, flow, &ids, &seen)
