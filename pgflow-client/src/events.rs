@@ -58,6 +58,11 @@ pub enum EventKind {
     /// [`skip_reason`](RunEvent::skip_reason).
     #[serde(rename = "step:skipped")]
     StepSkipped,
+    /// `step:subflow_started`: a subflow step's task started a child run (migration 0016);
+    /// the event carries the [`child_run_id`](RunEvent::child_run_id) and its flow. The
+    /// child's own events follow under its id.
+    #[serde(rename = "step:subflow_started")]
+    StepSubflowStarted,
 }
 
 impl EventKind {
@@ -81,6 +86,7 @@ impl EventKind {
             Self::RunRetried => "run:retried",
             Self::StepCancelled => "step:cancelled",
             Self::StepSkipped => "step:skipped",
+            Self::StepSubflowStarted => "step:subflow_started",
         }
     }
 
@@ -188,6 +194,15 @@ pub struct RunEvent {
     /// When it was skipped, for `step:skipped`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub skipped_at: Option<DateTime<Utc>>,
+    /// The task, for `step:subflow_started`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub task_index: Option<u32>,
+    /// The child run a subflow step started, for `step:subflow_started`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub child_run_id: Option<Uuid>,
+    /// The child run's flow, for `step:subflow_started`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub child_flow_slug: Option<String>,
 }
 
 impl fmt::Display for RunEvent {
@@ -201,6 +216,9 @@ impl fmt::Display for RunEvent {
         }
         if let Some(reason) = self.skip_reason {
             write!(f, " ({reason})")?;
+        }
+        if let (Some(child), Some(flow)) = (self.child_run_id, &self.child_flow_slug) {
+            write!(f, " -> {flow} run {child}")?;
         }
         if let Some(error) = &self.error_message {
             write!(f, ": {error}")?;

@@ -22,6 +22,7 @@ mod schedule;
 mod shape_json;
 mod start_options;
 mod status;
+mod subflows;
 #[cfg(all(unix, feature = "throwaway"))]
 pub mod throwaway;
 mod trace_context;
@@ -42,6 +43,7 @@ pub use schedule::{DEFAULT_GRACE, MAX_CATCH_UP, Missed, Schedule, ScheduleRow};
 pub use shape_json::shape_json;
 pub use start_options::StartOptions;
 pub use status::{ParseStatusError, RunStatus, SkipReason, StepStatus, TaskStatus};
+pub use subflows::{ChildRun, ParentLink};
 pub use worker::{
     PRUNE_LOCK_KEY, StepContextExt, Worker, WorkerBuilder, WorkerHandle, WorkerStats,
 };

@@ -40,6 +40,11 @@ impl RunHandle {
         Self { pool, run_id }
     }
 
+    /// The pool the handle reads through.
+    pub(crate) fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
     /// The run's id.
     ///
     /// Store it to find the run again later, with [`Client::run`](crate::Client::run):
@@ -218,6 +223,9 @@ impl RunHandle {
             retried_at: None,
             skip_reason: None,
             skipped_at: None,
+            task_index: None,
+            child_run_id: None,
+            child_flow_slug: None,
         }))
     }
 }

@@ -410,3 +410,71 @@ async fn the_engine_refuses_cycles_deep_chains_and_missing_or_deleted_children()
         .await
         .unwrap();
 }
+
+/// `pgflow run` shows the tree of child runs under a run (and a child's parent): three
+/// levels, with no worker so that every run stays where the engine put it.
+#[cfg(feature = "cli")]
+#[tokio::test]
+async fn pgflow_run_shows_the_tree_of_child_runs() {
+    use crate::cli::{pgflow, stdout};
+
+    let (db, client) = client().await;
+    let pool = db.pool();
+    let hold =
+        step_fn("hold").handler(|n: u32, _: StepContext| async move { Ok::<_, StepError>(n) });
+    let leaf: Flow<u32> = Flow::new("leaf").step(&hold).build();
+    let wait = step_fn("wait").subflow(&leaf, &hold);
+    let middle: Flow<u32> = Flow::new("middle").step(&wait).build();
+    let each = step_fn("each").map_over_input().subflow(&middle, &wait);
+    let top: Flow<Vec<u32>> = Flow::new("top").step(each).build();
+    for shape in [leaf.shape(), middle.shape(), top.shape()] {
+        client.compile_shape(shape, None).await.unwrap();
+    }
+    let run_id = client.start(&top, &(0..25).collect()).await.unwrap().id();
+
+    let text = stdout(&pgflow(db.url(), &["run", &run_id.to_string()]));
+    let tree = &text[text.find("children:\n").expect("a children section")..];
+    let lines: Vec<&str> = tree.lines().collect();
+    // 20 middle runs listed, each with its leaf run under it, then the 5 others summed up.
+    assert_eq!(lines.len(), 1 + 20 * 2 + 1, "{tree}");
+    let kids = children(pool, run_id).await;
+    let first_grandchild = children(pool, kids[0].0).await[0].0;
+    assert_eq!(
+        lines[1],
+        format!(
+            "  each[{}] attempt 1 -> run {} of flow middle: started",
+            kids[0].4, kids[0].0
+        )
+    );
+    assert_eq!(
+        lines[2],
+        format!("    wait[0] attempt 1 -> run {first_grandchild} of flow leaf: started")
+    );
+    assert_eq!(lines[41], "  ... and 5 more (5 started)");
+
+    // The grandchild names its parent; the leaf run has no children of its own.
+    let text = stdout(&pgflow(db.url(), &["run", &first_grandchild.to_string()]));
+    assert!(
+        text.contains(&format!(
+            "parent: run {} (step wait[0], attempt 1; this run is at depth 2)",
+            kids[0].0
+        )),
+        "{text}"
+    );
+    assert!(!text.contains("children:"), "{text}");
+
+    // Cancelling the top run cancels all 50 runs under it.
+    client.cancel(run_id).await.unwrap();
+    let started: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM pgflow.runs WHERE status = 'started'")
+            .fetch_one(pool)
+            .await
+            .unwrap();
+    assert_eq!(started, 0);
+    let cancelled: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM pgflow.runs WHERE status = 'cancelled'")
+            .fetch_one(pool)
+            .await
+            .unwrap();
+    assert_eq!(cancelled, 51);
+}

@@ -14,6 +14,7 @@ mod output;
 mod progress;
 mod run_view;
 mod style;
+mod subflow_tree;
 mod table;
 mod time;
 

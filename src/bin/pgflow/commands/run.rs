@@ -70,6 +70,12 @@ pub(crate) async fn show_run(
     }
     let shape = client.flow_shape(&state.run.flow_slug).await?;
     write!(out, "{}", render_run(&state, shape.as_ref()))?;
+    // Subflows (issue 22): the parent and the tree of child runs, when there are any.
+    let tree = crate::subflow_tree::read(client, run_id).await?;
+    let tree = crate::subflow_tree::render(&tree);
+    if !tree.is_empty() {
+        write!(out, "\n{tree}")?;
+    }
     if let Some((attempts, retries)) = &history {
         write!(out, "\n{}", render_attempts(attempts))?;
         if !retries.is_empty() {
