@@ -135,6 +135,11 @@ pub const MIGRATIONS: &[Migration] = &[
         sql: include_str!("../migrations/0013_dashboard.sql"),
     },
     Migration {
+        version: 14,
+        name: "concurrency_limits",
+        sql: include_str!("../migrations/0014_concurrency_limits.sql"),
+    },
+    Migration {
         version: 15,
         name: "priority",
         sql: include_str!("../migrations/0015_priority.sql"),

@@ -20,6 +20,7 @@ mod dashboard;
 mod engine;
 mod flow_shapes;
 mod install;
+mod limits;
 mod priority;
 mod prune;
 mod reliability;
