@@ -79,7 +79,8 @@ pub use pgflow_core::Flow;
 pub use pgflow_core::{
     CancellationToken, Error as FlowError, FlowBuilder, FlowOptions, FlowShape, MAX_OPTION_VALUE,
     MAX_SLUG_LEN, Seconds, SkipMode, SlugProblem, Step, StepContext, StepContextBuilder, StepError,
-    StepKind, StepOptions, StepShape, Uuid, check_slug, is_valid_slug, schema, step_fn,
+    StepKind, StepOptions, StepShape, SubflowShape, Uuid, check_slug, is_valid_slug, schema,
+    step_fn,
 };
 
 /// The type-level machinery that checks a flow's shape at compile time.
@@ -97,6 +98,8 @@ pub mod typing {
         MapDependency, MapInput, MapOver, NotAdded, OutputMatches, Single, StepFnBuilder, StepOf,
         StepOutput, TakesInput, There,
     };
+    // Subflows: a step running a child flow whose input is its dependency's output.
+    pub use pgflow_core::{ChildInput, SubflowOf};
     // Conditions: whether a step may be skipped, and what its patterns are matched against.
     pub use pgflow_core::{
         AllDependencies, Condition, ConditionState, HasDependency, InputIs, IntoPattern,
@@ -129,13 +132,13 @@ pub use pgflow_client::metric_names;
 #[cfg(all(unix, feature = "throwaway"))]
 pub use pgflow_client::throwaway;
 pub use pgflow_client::{
-    CANCEL_BATCH, Cancelled, Client, Compiled, Difference, Error, EventKind, Finding, FindingKind,
-    InstallReport, LIVE_WORKER_WINDOW, PRUNE_BATCH, PRUNE_LOCK_KEY, ParseStatusError, PruneReport,
-    RETRY_BATCH, Replace, Result, RunEvent, RunEvents, RunFailure, RunHandle, RunOutput, RunRetry,
-    RunRow, RunState, RunStatus, RunSummary, SkipReason, StartOptions, StepContextExt,
-    StepStateRow, StepStatus, Subscription, TaskRow, TaskStatus, Worker, WorkerBuilder,
-    WorkerHandle, WorkerStats, check, differences, events, install, install_pgmq, prune,
-    prune_preview,
+    CANCEL_BATCH, Cancelled, ChildRun, Client, Compiled, Difference, Error, EventKind, Finding,
+    FindingKind, InstallReport, LIVE_WORKER_WINDOW, PRUNE_BATCH, PRUNE_LOCK_KEY, ParentLink,
+    ParseStatusError, PruneReport, RETRY_BATCH, Replace, Result, RunEvent, RunEvents, RunFailure,
+    RunHandle, RunOutput, RunRetry, RunRow, RunState, RunStatus, RunSummary, SkipReason,
+    StartOptions, StepContextExt, StepStateRow, StepStatus, Subscription, TaskRow, TaskStatus,
+    Worker, WorkerBuilder, WorkerHandle, WorkerStats, check, differences, events, install,
+    install_pgmq, prune, prune_preview,
 };
 pub use sqlx::PgPool;
 
