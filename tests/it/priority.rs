@@ -537,3 +537,46 @@ async fn the_cli_starts_with_a_priority_and_refuses_one_out_of_range() {
         .unwrap();
     assert_eq!(runs, 1, "nothing started by the refused call");
 }
+
+#[tokio::test]
+async fn two_readers_at_once_each_take_the_highest_message_the_other_does_not_hold() {
+    let db = database().await;
+    let pool = db.pool();
+    for sql in [
+        "SELECT pgflow.create_flow('both')",
+        "SELECT pgflow.add_step('both', 'a')",
+        "INSERT INTO pgflow.workers (worker_id, queue_name, function_name) \
+         VALUES ('00000000-0000-0000-0000-000000000001', 'both', 'tests')",
+    ] {
+        sqlx::query(sql).execute(pool).await.unwrap();
+    }
+    let mut runs = Vec::new();
+    for priority in [0, 0, 4, 4, 9] {
+        let run: Uuid = sqlx::query_scalar(
+            "SELECT run_id FROM pgflow.start_flow_with_priority('both', '{}', $1)",
+        )
+        .bind(priority)
+        .fetch_one(pool)
+        .await
+        .unwrap();
+        runs.push(run);
+    }
+    let read = "SELECT run_id FROM pgflow._read_and_start('both', 1, 30, \
+                '00000000-0000-0000-0000-000000000001')";
+    // Each reader keeps its transaction open, so the messages it took stay locked.
+    let mut readers = Vec::new();
+    let mut taken = Vec::new();
+    for _ in 0..4 {
+        let mut tx = pool.begin().await.unwrap();
+        let run: Uuid = sqlx::query_scalar(read).fetch_one(&mut *tx).await.unwrap();
+        taken.push(run);
+        readers.push(tx);
+    }
+    assert_eq!(taken, vec![runs[4], runs[2], runs[3], runs[0]]);
+    for tx in readers {
+        tx.rollback().await.unwrap();
+    }
+    // Rolled back: everything is visible again, in the same order.
+    let first: Uuid = sqlx::query_scalar(read).fetch_one(pool).await.unwrap();
+    assert_eq!(first, runs[4]);
+}
