@@ -478,3 +478,100 @@ async fn pgflow_run_shows_the_tree_of_child_runs() {
             .unwrap();
     assert_eq!(cancelled, 51);
 }
+
+/// Hostile timing: parents cancelled at random moments while a worker completes their
+/// children. Cancel and completion lock in opposite orders (child then parent, parent then
+/// child); whichever the deadlock detector aborts is retried, and in the end no child of an
+/// ended parent is left running and every completed parent has all its outputs.
+#[tokio::test]
+async fn parents_cancelled_while_their_children_complete_leave_nothing_running() {
+    let (db, client) = client().await;
+    let pool = db.pool();
+    let work = step_fn("work").handler(|n: u64, _: StepContext| async move {
+        tokio::time::sleep(Duration::from_millis(n % 7 * 3)).await;
+        Ok::<_, StepError>(n)
+    });
+    let working: Flow<u64> = Flow::new("working").step(&work).build();
+    let each = step_fn("each").map_over_input().subflow(&working, &work);
+    let fan: Flow<Vec<u64>> = Flow::new("fan").step(each).build();
+    client.compile(&working).await.unwrap();
+    client.compile(&fan).await.unwrap();
+    let worker = Worker::builder(pool.clone())
+        .flow(fan.clone())
+        .flow(working.clone())
+        .spawn()
+        .unwrap();
+
+    let mut parents = Vec::new();
+    for i in 0..20_u64 {
+        let input: Vec<u64> = (i * 10..i * 10 + 10).collect();
+        parents.push(client.start(&fan, &input).await.unwrap().id());
+    }
+    let cancels: Vec<_> = parents
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| i % 2 == 0)
+        .map(|(i, &run)| {
+            let client = client.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_millis(i as u64 * 7)).await;
+                client.cancel(run).await.unwrap();
+            })
+        })
+        .collect();
+    for cancel in cancels {
+        cancel.await.unwrap();
+    }
+    let ends = crate::support::finished_all(pool, &parents, Duration::from_secs(60)).await;
+    for (i, (status, output)) in ends.iter().enumerate() {
+        match status.as_str() {
+            "completed" => {
+                let expected: Vec<u64> = (i as u64 * 10..i as u64 * 10 + 10).collect();
+                assert_eq!(output, &Some(json!({ "each": expected })));
+            }
+            "cancelled" => assert_eq!(i % 2, 0, "only even parents were cancelled"),
+            other => panic!("parent {i} ended {other}"),
+        }
+    }
+    // Nothing under an ended parent runs on.
+    let running: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM pgflow.runs WHERE status = 'started'")
+            .fetch_one(pool)
+            .await
+            .unwrap();
+    assert_eq!(running, 0);
+    worker.shutdown().await.unwrap();
+    assert_consistent(pool).await;
+}
+
+/// A parent run failed by another step cancels the running child of its subflow step.
+#[tokio::test]
+async fn a_parent_failed_by_another_step_cancels_its_running_child() {
+    let (db, client) = client().await;
+    let pool = db.pool();
+    let hold =
+        step_fn("hold").handler(|n: u32, _: StepContext| async move { Ok::<_, StepError>(n) });
+    let holding: Flow<u32> = Flow::new("holding").step(&hold).build();
+    let wait = step_fn("wait").subflow(&holding, &hold);
+    let broken = step_fn("broken")
+        .max_attempts(1)
+        .handler(|_: u32, _: StepContext| async move { Err::<u32, _>(StepError::new("broken")) });
+    let parent: Flow<u32> = Flow::new("half_broken").step(wait).step(broken).build();
+    client.compile(&holding).await.unwrap();
+    client.compile(&parent).await.unwrap();
+    // Only the parent is served: the child stays started until the parent fails.
+    let worker = Worker::builder(pool.clone())
+        .flow(parent.clone())
+        .spawn()
+        .unwrap();
+    let run_id = client.start(&parent, &3).await.unwrap().id();
+    assert_eq!(
+        finished(pool, run_id, Duration::from_secs(30)).await.0,
+        "failed"
+    );
+    let kids = children(pool, run_id).await;
+    assert_eq!(kids.len(), 1);
+    assert_eq!(run(pool, kids[0].0).await.0, "cancelled");
+    worker.shutdown().await.unwrap();
+    assert_consistent(pool).await;
+}
