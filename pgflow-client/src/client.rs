@@ -195,6 +195,7 @@ impl Client {
                 }
             }
         };
+        definition::sync_limits(&mut tx, shape).await?;
         tx.commit().await?;
         tracing::debug!(?outcome, "compiled flow");
         Ok(outcome)

@@ -709,6 +709,88 @@ pub(crate) async fn create(tx: &mut Transaction<'_, Postgres>, shape: &FlowShape
     Ok(())
 }
 
+/// One step's stored limits: step, max_concurrent, concurrency_key, rate_max_starts, rate
+/// period in whole seconds, rate_key.
+type LimitRow = (
+    String,
+    Option<i32>,
+    Option<String>,
+    Option<i32>,
+    Option<i32>,
+    Option<String>,
+);
+
+/// Makes the stored limits of `shape`'s steps (migration 0014) those of `shape`, in place:
+/// limits are tuned, not drift, so a changed limit never asks for the flow to be replaced.
+/// Only steps whose limits differ are written, so a compile that changes nothing writes
+/// nothing; a role that may not read the limits (not the owner) is left alone unless `shape`
+/// sets some, which it then may not set either, and is told so by the engine.
+pub(crate) async fn sync_limits(
+    tx: &mut Transaction<'_, Postgres>,
+    shape: &FlowShape,
+) -> Result<()> {
+    let readable: bool =
+        sqlx::query_scalar("SELECT has_table_privilege('pgflow_ext.step_limits', 'SELECT')")
+            .fetch_one(&mut **tx)
+            .await?;
+    let wanted = shape.steps.iter().any(|step| !step.limits.is_empty());
+    if !readable && !wanted {
+        return Ok(());
+    }
+    let stored: Vec<LimitRow> = if readable {
+        sqlx::query_as(
+            "SELECT step_slug, max_concurrent, concurrency_key, rate_max_starts,
+                    extract(epoch FROM rate_period)::integer, rate_key
+               FROM pgflow_ext.step_limits WHERE flow_slug = $1",
+        )
+        .bind(&shape.slug)
+        .fetch_all(&mut **tx)
+        .await?
+    } else {
+        Vec::new()
+    };
+    for step in &shape.steps {
+        let row = stored.iter().find(|row| row.0 == step.slug);
+        let concurrency = step
+            .limits
+            .concurrency
+            .as_ref()
+            .map(|c| (i32::try_from(c.max).unwrap_or(i32::MAX), c.key.clone()));
+        let stored_concurrency = row.and_then(|r| r.1.map(|max| (max, r.2.clone())));
+        if concurrency != stored_concurrency {
+            sqlx::query("SELECT pgflow.set_concurrency_limit($1, $2, $3, $4)")
+                .bind(&shape.slug)
+                .bind(&step.slug)
+                .bind(concurrency.as_ref().map(|c| c.0))
+                .bind(concurrency.and_then(|c| c.1))
+                .execute(&mut **tx)
+                .await?;
+        }
+        let rate = step.limits.rate.as_ref().map(|r| {
+            (
+                i32::try_from(r.max_starts).unwrap_or(i32::MAX),
+                i32::try_from(r.per_seconds).unwrap_or(i32::MAX),
+                r.key.clone(),
+            )
+        });
+        let stored_rate = row.and_then(|r| match (r.3, r.4) {
+            (Some(max), Some(per)) => Some((max, per, r.5.clone())),
+            _ => None,
+        });
+        if rate != stored_rate {
+            sqlx::query("SELECT pgflow.set_rate_limit($1, $2, $3, make_interval(secs => $4), $5)")
+                .bind(&shape.slug)
+                .bind(&step.slug)
+                .bind(rate.as_ref().map(|r| r.0))
+                .bind(rate.as_ref().map(|r| f64::from(r.1)))
+                .bind(rate.and_then(|r| r.2))
+                .execute(&mut **tx)
+                .await?;
+        }
+    }
+    Ok(())
+}
+
 /// The differences between the stored definition of `shape`'s flow and `shape`, the verdict
 /// on its structure being the database's: `pgflow._compare_flow_shapes` of [`shape_json`] and
 /// `pgflow._get_flow_shape`, which a TypeScript worker's `ensure_flow_compiled` reaches too.

@@ -149,6 +149,19 @@ pub enum Error {
         problem: String,
     },
 
+    /// A step's concurrency or rate limit the engine refuses (issue 22): a limit of 0 or
+    /// above [`StepLimits::MAX`](crate::StepLimits::MAX), a period of 0 or above a day, an
+    /// empty or overlong key.
+    #[error("step `{step}` of flow `{flow}` {problem}")]
+    InvalidLimit {
+        /// The flow.
+        flow: String,
+        /// The limited step.
+        step: String,
+        /// What is wrong, as the rest of the sentence.
+        problem: String,
+    },
+
     /// A skip mode's name is none of `fail`, `skip` and `skip-cascade` (see
     /// [`SkipMode`](crate::SkipMode)).
     #[error("unknown skip mode {mode:?}: expected \"fail\", \"skip\" or \"skip-cascade\"")]

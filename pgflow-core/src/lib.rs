@@ -46,6 +46,7 @@ mod context;
 mod error;
 mod flow;
 mod handler;
+mod limits;
 mod options;
 mod pattern;
 mod shape;
@@ -67,6 +68,7 @@ pub use context::{StepContext, StepContextBuilder};
 pub use error::{Error, Result, SlugProblem};
 pub use flow::{Flow, FlowBuilder, FlowStep};
 pub use handler::{BoxFuture, ErasedHandler, StepError};
+pub use limits::{ConcurrencyLimit, RateLimit, StepLimits};
 pub use options::{FlowOptions, MAX_OPTION_VALUE, Seconds, StepOptions};
 pub use pattern::{
     AllDependencies, HasDependency, InputIs, IntoPattern, NoDependencies, NoPattern,

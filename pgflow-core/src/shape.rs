@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::options::option_problem;
 use crate::slug::check_flow_slug;
-use crate::{Error, FlowOptions, Result, SkipMode, StepOptions, check_slug};
+use crate::{Error, FlowOptions, Result, SkipMode, StepLimits, StepOptions, check_slug};
 
 /// How a step runs: once per run, or once per element of an array.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -144,6 +144,10 @@ pub struct StepShape {
     /// whose output it completes with. `None` for a step run by a worker's handler.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub subflow: Option<SubflowShape>,
+    /// The step's concurrency and rate limits (issue 22, `docs/limits.md`); none by default.
+    /// Applied by the flow's SQL and by `Client::compile` in place, never compared as drift.
+    #[serde(default, skip_serializing_if = "StepLimits::is_empty")]
+    pub limits: StepLimits,
 }
 
 /// What a subflow step runs: a child flow, and which of the child run's outputs it completes
@@ -221,6 +225,7 @@ impl StepShape {
             when_unmet: Self::DEFAULT_WHEN_UNMET,
             when_exhausted: Self::DEFAULT_WHEN_EXHAUSTED,
             subflow: None,
+            limits: StepLimits::new(),
         }
     }
 
@@ -384,6 +389,13 @@ impl FlowShape {
             if let Some(problem) = step.subflow_problem(flow) {
                 return Err(problem);
             }
+            if let Some(problem) = step.limits.problem() {
+                return Err(Error::InvalidLimit {
+                    flow: flow.clone(),
+                    step: step.slug.clone(),
+                    problem,
+                });
+            }
             if !seen.insert(step.slug.as_str()) {
                 return Err(Error::DuplicateStep {
                     flow: flow.clone(),
@@ -481,6 +493,9 @@ impl FlowShape {
                 sql.push_str(");");
                 out.push(sql);
             }
+        }
+        for step in &self.steps {
+            out.extend(step.limits.statements(&self.slug, &step.slug, quote));
         }
         Ok(out)
     }

@@ -304,6 +304,106 @@ impl<K, C> StepFnBuilder<K, C> {
         self
     }
 
+    /// Limits the step to `max` tasks started at once across every worker (issue 22,
+    /// `docs/limits.md`); tasks over the limit stay queued and start, oldest first, as slots
+    /// free. A task holds its slot until it is reported, or for at most its timeout. Values the
+    /// engine refuses (0, above [`StepLimits::MAX`](crate::StepLimits::MAX)) make
+    /// [`Flow::try_build`](crate::FlowBuilder::try_build) fail with
+    /// [`Error::InvalidLimit`](crate::Error::InvalidLimit).
+    ///
+    /// ```
+    /// use pgflow_core::{Flow, step_fn};
+    ///
+    /// let call = step_fn("call_api")
+    ///     .concurrency(3)
+    ///     .handler(|url: String, _ctx| async move { Ok(url.len()) });
+    /// let flow: Flow<String> = Flow::new("api").step(call).build();
+    /// assert_eq!(
+    ///     flow.statements()?[2],
+    ///     "SELECT pgflow.set_concurrency_limit('api', 'call_api', 3, NULL);"
+    /// );
+    /// # Ok::<(), pgflow_core::Error>(())
+    /// ```
+    #[must_use]
+    pub fn concurrency(mut self, max: u32) -> Self {
+        self.shape.limits.concurrency = Some(crate::ConcurrencyLimit { max, key: None });
+        self
+    }
+
+    /// Limits the step to `max` tasks started at once per value of the run input's top-level
+    /// key `key` (per tenant, per customer); a run input without the key counts as one more
+    /// value. Each value gets its own slots, so a value with a long backlog does not hold
+    /// back another.
+    ///
+    /// ```
+    /// use pgflow_core::{Flow, step_fn};
+    /// use serde_json::Value;
+    ///
+    /// let sync = step_fn("sync")
+    ///     .concurrency_per_key("tenant", 2)
+    ///     .handler(|input: Value, _ctx| async move { Ok(input) });
+    /// let flow: Flow<Value> = Flow::new("tenants").step(sync).build();
+    /// assert_eq!(
+    ///     flow.statements()?[2],
+    ///     "SELECT pgflow.set_concurrency_limit('tenants', 'sync', 2, 'tenant');"
+    /// );
+    /// # Ok::<(), pgflow_core::Error>(())
+    /// ```
+    #[must_use]
+    pub fn concurrency_per_key(mut self, key: impl Into<String>, max: u32) -> Self {
+        self.shape.limits.concurrency = Some(crate::ConcurrencyLimit {
+            max,
+            key: Some(key.into()),
+        });
+        self
+    }
+
+    /// Limits the step to `max_starts` task starts per `per` (whole seconds, or a
+    /// [`Duration`](std::time::Duration) rounded up to them), across every worker, in windows
+    /// of that length aligned on the clock. Tasks over the rate stay queued until the next
+    /// window.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use pgflow_core::{Flow, step_fn};
+    ///
+    /// let call = step_fn("call_api")
+    ///     .rate_limit(100, Duration::from_secs(1))
+    ///     .handler(|url: String, _ctx| async move { Ok(url.len()) });
+    /// let flow: Flow<String> = Flow::new("api").step(call).build();
+    /// assert_eq!(
+    ///     flow.statements()?[2],
+    ///     "SELECT pgflow.set_rate_limit('api', 'call_api', 100, interval '1 seconds', NULL);"
+    /// );
+    /// # Ok::<(), pgflow_core::Error>(())
+    /// ```
+    #[must_use]
+    pub fn rate_limit(mut self, max_starts: u32, per: impl crate::Seconds) -> Self {
+        self.shape.limits.rate = Some(crate::RateLimit {
+            max_starts,
+            per_seconds: per.into_seconds(),
+            key: None,
+        });
+        self
+    }
+
+    /// Like [`rate_limit`](Self::rate_limit), per value of the run input's top-level key
+    /// `key`: each value gets `max_starts` per window.
+    #[must_use]
+    pub fn rate_limit_per_key(
+        mut self,
+        key: impl Into<String>,
+        max_starts: u32,
+        per: impl crate::Seconds,
+    ) -> Self {
+        self.shape.limits.rate = Some(crate::RateLimit {
+            max_starts,
+            per_seconds: per.into_seconds(),
+            key: Some(key.into()),
+        });
+        self
+    }
+
     /// Sets the step's `jitter`: whether each retry's delay *d* is drawn uniformly from
     /// [⌈*d*/2⌉, *d*] seconds; `false` turns a flow's jitter off for this step. Unset, the
     /// flow's applies. See [`max_delay`](Self::max_delay) for an example.

@@ -499,3 +499,78 @@ async fn hostile_keys_get_buckets_and_the_start_tasks_path_is_limited() {
     .unwrap();
     assert_eq!(bucket_len, 32);
 }
+
+/// The Rust API: a step's limits go through `Client::compile` (set, changed and cleared in
+/// place, never drift) and bad values are refused before anything reaches the database.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn step_limits_from_the_rust_api_are_compiled_in_place() {
+    let (db, client) = crate::support::client().await;
+    let pool = db.pool();
+    let limited = |concurrency: Option<u32>| {
+        let step = step_fn("call").rate_limit_per_key("tenant", 50, Duration::from_millis(1500));
+        let step = match concurrency {
+            Some(max) => step.concurrency(max),
+            None => step,
+        };
+        Flow::<Value>::new("api")
+            .step(step.handler(|input: Value, _ctx: StepContext| async move { Ok(input) }))
+            .build()
+    };
+    let stored = async || -> Option<(Option<i32>, Option<i32>, f64, Option<String>)> {
+        sqlx::query_as(
+            "SELECT max_concurrent, rate_max_starts, extract(epoch FROM rate_period)::float8, rate_key
+               FROM pgflow_ext.step_limits WHERE flow_slug = 'api' AND step_slug = 'call'",
+        )
+        .fetch_optional(pool)
+        .await
+        .unwrap()
+    };
+    client.compile(&limited(Some(3))).await.expect("created");
+    assert_eq!(
+        stored().await,
+        Some((Some(3), Some(50), 2.0, Some("tenant".to_owned())))
+    );
+    client
+        .compile(&limited(None))
+        .await
+        .expect("tuned in place");
+    assert_eq!(
+        stored().await,
+        Some((None, Some(50), 2.0, Some("tenant".to_owned())))
+    );
+    let plain = Flow::<Value>::new("api")
+        .step(step_fn("call").handler(|input: Value, _ctx: StepContext| async move { Ok(input) }))
+        .build();
+    client.compile(&plain).await.expect("cleared in place");
+    assert_eq!(stored().await, None);
+
+    let zero = step_fn("call")
+        .concurrency(0)
+        .handler(|input: Value, _ctx: StepContext| async move { Ok(input) });
+    let error = Flow::<Value>::new("api")
+        .step(zero)
+        .try_build()
+        .unwrap_err();
+    assert_eq!(
+        error.to_string(),
+        "step `call` of flow `api` has a concurrency limit of 0, but it must be 1 to 1000000"
+    );
+    let empty_key = step_fn("call")
+        .concurrency_per_key("", 2)
+        .handler(|input: Value, _ctx: StepContext| async move { Ok(input) });
+    assert!(matches!(
+        Flow::<Value>::new("api").step(empty_key).try_build(),
+        Err(pgflow_core::Error::InvalidLimit { .. })
+    ));
+    let long_period = step_fn("call")
+        .rate_limit(5, Duration::from_secs(86_401))
+        .handler(|input: Value, _ctx: StepContext| async move { Ok(input) });
+    assert!(
+        Flow::<Value>::new("api")
+            .step(long_period)
+            .try_build()
+            .unwrap_err()
+            .to_string()
+            .ends_with("has a rate period of 86401 seconds, but it must be 1 to 86400 seconds")
+    );
+}
