@@ -500,6 +500,9 @@ async fn hostile_keys_get_buckets_and_the_start_tasks_path_is_limited() {
     assert_eq!(bucket_len, 32);
 }
 
+/// max_concurrent, rate_max_starts, the rate period in seconds and rate_key, as stored.
+type StoredLimits = (Option<i32>, Option<i32>, f64, Option<String>);
+
 /// The Rust API: a step's limits go through `Client::compile` (set, changed and cleared in
 /// place, never drift) and bad values are refused before anything reaches the database.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -516,7 +519,7 @@ async fn step_limits_from_the_rust_api_are_compiled_in_place() {
             .step(step.handler(|input: Value, _ctx: StepContext| async move { Ok(input) }))
             .build()
     };
-    let stored = async || -> Option<(Option<i32>, Option<i32>, f64, Option<String>)> {
+    let stored = async || -> Option<StoredLimits> {
         sqlx::query_as(
             "SELECT max_concurrent, rate_max_starts, extract(epoch FROM rate_period)::float8, rate_key
                FROM pgflow_ext.step_limits WHERE flow_slug = 'api' AND step_slug = 'call'",
