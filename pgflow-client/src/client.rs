@@ -314,7 +314,44 @@ impl Client {
     {
         // The caller's trace context, taken before this call's own span is entered.
         let trace = crate::trace_context::caller();
-        self.start_in_traced(conn, flow, input, trace).await
+        self.start_in_traced(conn, flow, input, StartOptions::new(), trace)
+            .await
+    }
+
+    /// [`Client::start_in`] with [`StartOptions`]: the run, with its priority, commits or rolls
+    /// back with the caller's transaction. A run id already taken is not looked up first (the
+    /// caller's transaction may not see it yet): it fails the statement with the engine's
+    /// unique violation on `runs_pkey`, which aborts the caller's transaction.
+    ///
+    /// ```no_run
+    /// # #[derive(serde::Serialize)]
+    /// # struct Order { order_id: i64 }
+    /// # async fn demo(client: pgflow_client::Client, flow: pgflow_core::Flow<Order>) -> pgflow_client::Result<()> {
+    /// use pgflow_client::StartOptions;
+    ///
+    /// let mut tx = client.pool().begin().await?;
+    /// sqlx::query("INSERT INTO orders (order_id, express) VALUES (42, true)")
+    ///     .execute(&mut *tx)
+    ///     .await?;
+    /// let express = StartOptions::new().priority(10);
+    /// client.start_in_with(&mut *tx, &flow, &Order { order_id: 42 }, express).await?;
+    /// tx.commit().await?;
+    /// # Ok(()) }
+    /// ```
+    pub async fn start_in_with<'c, A, I>(
+        &self,
+        conn: A,
+        flow: &Flow<I>,
+        input: &I,
+        options: StartOptions,
+    ) -> Result<RunHandle>
+    where
+        A: Acquire<'c, Database = Postgres>,
+        I: Serialize,
+    {
+        let trace = crate::trace_context::caller();
+        self.start_in_traced(conn, flow, input, options, trace)
+            .await
     }
 
     #[tracing::instrument(name = "start_in", skip_all, fields(flow_slug = flow.slug()), err)]
@@ -323,6 +360,7 @@ impl Client {
         conn: A,
         flow: &Flow<I>,
         input: &I,
+        options: StartOptions,
         trace: Option<TraceHeaders>,
     ) -> Result<RunHandle>
     where
@@ -331,7 +369,15 @@ impl Client {
     {
         let input = encode(input)?;
         let mut conn = conn.acquire().await?;
-        let run_id = start_on(&mut conn, flow.slug(), &input, None, 0, trace).await?;
+        let run_id = start_on(
+            &mut conn,
+            flow.slug(),
+            &input,
+            options.get_run_id(),
+            options.get_priority(),
+            trace,
+        )
+        .await?;
         Ok(RunHandle::new(self.pool.clone(), run_id))
     }
 

@@ -16,8 +16,8 @@ use crate::support::{assert_consistent, compile, database, finished_all, set_eng
 /// What the handlers saw, in the order they were called: (the run input's `id`, attempt).
 type Seen = Arc<Mutex<Vec<(i64, u32)>>>;
 
-/// A one-step flow `slug` whose handler records each call, and fails the first attempt of
-/// the runs whose input has `"fail_once": true`.
+/// A one-step flow `slug` whose handler records each call, fails the first attempt of the
+/// runs whose input has `"fail_once": true`, and takes `"sleep_ms"` milliseconds when given.
 fn recording_flow(slug: &str, seen: &Seen) -> Flow<Value> {
     let seen = Arc::clone(seen);
     let work = step_fn("work")
@@ -27,6 +27,9 @@ fn recording_flow(slug: &str, seen: &Seen) -> Flow<Value> {
             async move {
                 let id = input["id"].as_i64().expect("an id");
                 seen.lock().unwrap().push((id, ctx.attempt()));
+                if let Some(ms) = input["sleep_ms"].as_u64() {
+                    tokio::time::sleep(Duration::from_millis(ms)).await;
+                }
                 if input["fail_once"] == json!(true) && ctx.attempt() == 1 {
                     return Err(StepError::new("first attempt fails"));
                 }
@@ -141,13 +144,10 @@ async fn a_retried_task_keeps_its_run_priority() {
     // than every message of the backlog.
     set_engine_options(pool, "prio_retry", None, &[("base_delay", 0)]).await;
 
-    let mut runs = start_all(
-        &client,
-        "prio_retry",
-        &[(0, 0), (1, 0), (2, 0), (3, 0)],
-        json!({}),
-    )
-    .await;
+    // The backlog's handlers take a while, so that the failure's report (which the worker
+    // sends while its place already reads the next task) lands while one of them runs.
+    let backlog: Vec<(i64, i16)> = (0..6).map(|i| (i, 0)).collect();
+    let mut runs = start_all(&client, "prio_retry", &backlog, json!({"sleep_ms": 300})).await;
     runs.extend(
         start_all(
             &client,
@@ -159,11 +159,12 @@ async fn a_retried_task_keeps_its_run_priority() {
     );
 
     let calls = drain_with_one_place(pool, flow, &runs, &seen).await;
-    assert_eq!(
-        calls,
-        vec![(100, 1), (100, 2), (0, 1), (1, 1), (2, 1), (3, 1)],
-        "the retry goes before the backlog"
-    );
+    assert_eq!(calls[0], (100, 1), "{calls:?}");
+    let retry = calls.iter().position(|&c| c == (100, 2)).expect("retried");
+    // At most the one backlog task read while the failure was being reported goes first;
+    // without its priority the retry, visible last, would run after the whole backlog.
+    assert!(retry <= 2, "the retry goes before the backlog: {calls:?}");
+    assert_eq!(calls.len(), 8, "{calls:?}");
 }
 
 /// The header on the messages of `run` in `flow`'s queue (msg_id order), as the read sees it.
@@ -579,4 +580,45 @@ async fn two_readers_at_once_each_take_the_highest_message_the_other_does_not_ho
     // Rolled back: everything is visible again, in the same order.
     let first: Uuid = sqlx::query_scalar(read).fetch_one(pool).await.unwrap();
     assert_eq!(first, runs[4]);
+}
+
+#[tokio::test]
+async fn a_run_started_with_a_priority_in_a_transaction_commits_or_rolls_back_with_it() {
+    let db = database().await;
+    let pool = db.pool();
+    let client = Client::new(pool.clone());
+    let seen = Seen::default();
+    let flow = recording_flow("prio_tx", &seen);
+    compile(pool, &flow).await;
+    let urgent = StartOptions::new().priority(6);
+
+    let mut tx = pool.begin().await.unwrap();
+    let gone = client
+        .start_in_with(&mut *tx, &flow, &json!({"id": 1}), urgent)
+        .await
+        .unwrap();
+    tx.rollback().await.unwrap();
+    let mut tx = pool.begin().await.unwrap();
+    let kept = client
+        .start_in_with(&mut *tx, &flow, &json!({"id": 2}), urgent)
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+
+    let rows: Vec<(Uuid, i16)> =
+        sqlx::query_as("SELECT run_id, priority FROM pgflow_ext.run_priorities")
+            .fetch_all(pool)
+            .await
+            .unwrap();
+    assert_eq!(rows, vec![(kept.id(), 6)]);
+    let runs: Vec<Uuid> = sqlx::query_scalar("SELECT run_id FROM pgflow.runs")
+        .fetch_all(pool)
+        .await
+        .unwrap();
+    assert_eq!(runs, vec![kept.id()]);
+    assert_ne!(gone.id(), kept.id());
+    assert_eq!(
+        headers_of(pool, "prio_tx", kept.id()).await,
+        vec![Some(json!({"pgflow_priority": 6}))]
+    );
 }
