@@ -20,6 +20,7 @@ mod driver;
 mod engines;
 mod floors;
 mod flows;
+mod limited;
 mod measure;
 mod prune;
 mod worker;
@@ -126,6 +127,10 @@ struct Args {
     /// With --prune-tasks: seconds of the windows before and after the prune.
     #[arg(long, default_value_t = 20.0)]
     prune_window_secs: f64,
+    /// After the rows, the fan-out flow with its map step rate limited to this many starts a
+    /// second (issue 22), two worker instances: the measured starts a second against it.
+    #[arg(long, value_name = "STARTS_PER_SEC")]
+    limited_rate: Option<u32>,
 }
 
 /// Who executes the tasks.
@@ -453,6 +458,11 @@ async fn main() -> Result<(), Box<dyn Error + Send + Sync>> {
         None => Vec::new(),
     };
 
+    let limited = match args.limited_rate {
+        Some(rate) => Some(limited::run(&env, rate).await?),
+        None => None,
+    };
+
     let load_after = measure::load_average();
     let table = render_table(&rows, ceiling, &ceilings);
     println!("\n{table}");
@@ -470,6 +480,9 @@ async fn main() -> Result<(), Box<dyn Error + Send + Sync>> {
     }
     for curve in &curves {
         println!("{}", curve.render());
+    }
+    if let Some(limited) = &limited {
+        println!("{}", limited.render());
     }
     println!(
         "load average: before {}, after {}",
@@ -508,6 +521,7 @@ async fn main() -> Result<(), Box<dyn Error + Send + Sync>> {
         "engine_comparisons": comparisons.iter().map(Comparison::to_json).collect::<Vec<_>>(),
         "floors": floors.iter().map(floors::Floor::to_json).collect::<Vec<_>>(),
         "curves": curves.iter().map(curves::Curve::to_json).collect::<Vec<_>>(),
+        "limited": limited.as_ref().map(limited::Limited::to_json),
     });
     if let Some(dir) = json_path.parent().filter(|dir| !dir.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir)?;
