@@ -149,6 +149,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "subflows",
         sql: include_str!("../migrations/0016_subflows.sql"),
     },
+    Migration {
+        version: 17,
+        name: "queue_probe",
+        sql: include_str!("../migrations/0017_queue_probe.sql"),
+    },
 ];
 
 /// The schema version this build of pgflow installs: the last migration's version.

@@ -16,6 +16,7 @@ use tokio::sync::{Semaphore, watch};
 use tokio_util::sync::CancellationToken;
 
 use super::handle::{Counters, WorkerHandle};
+use super::probe::ProbeRequests;
 use super::prune::{self, PrunePolicy};
 use super::registry::FlowEntry;
 use super::settings::{Settings, check_settings};
@@ -219,8 +220,10 @@ impl WorkerBuilder {
         self
     }
 
-    /// The longest an idle flow waits between two reads of its queue while notifications work
-    /// (default 5 s): a safety net for missed notifications.
+    /// The longest an idle worker waits between two looks at its queues while notifications
+    /// work (default 5 s): a safety net for missed notifications. One look is one statement
+    /// over all the worker's queues (`pgflow.queue_probe`); only flows with a visible message
+    /// read theirs.
     ///
     /// ```no_run
     /// # fn demo(pool: sqlx::PgPool, flow: pgflow_core::Flow<u64>) -> pgflow_client::Result<()> {
@@ -240,8 +243,9 @@ impl WorkerBuilder {
         self
     }
 
-    /// How often an idle flow reads its queue while notifications are unavailable (default
-    /// 100 ms), for instance while the listening connection reconnects.
+    /// How often an idle worker looks at its queues while notifications are unavailable
+    /// (default 100 ms), for instance while the listening connection reconnects: one statement
+    /// over all its queues, then a read of each queue with a visible message.
     ///
     /// ```no_run
     /// # fn demo(pool: sqlx::PgPool, flow: pgflow_core::Flow<u64>) -> pgflow_client::Result<()> {
@@ -623,6 +627,7 @@ impl WorkerBuilder {
             counters: Arc::new(Counters::default()),
             running: Arc::default(),
             listening: AtomicBool::new(false),
+            probe: ProbeRequests::default(),
             hard_stop: CancellationToken::new(),
             abandon: CancellationToken::new(),
             reports_failing: watch::Sender::new(false),

@@ -72,9 +72,10 @@ pub(crate) async fn run(shared: Arc<Shared>, flows: Vec<Arc<FlowEntry>>, stop: C
         }
         backoff.reset();
         shared.listening.store(true, Ordering::Release);
-        // Anything may have been queued, or cancelled, while nobody listened. Apart, so that
-        // a slow pool does not hold up the notifications.
-        wake_all(&flows);
+        // Anything may have been queued, or cancelled, while nobody listened: the probe looks
+        // at every queue at once, and wakes the flows that have something. Apart, so that a
+        // slow pool does not hold up the notifications.
+        shared.probe.probe_all();
         let swept = Arc::clone(&shared);
         tokio::spawn(async move { swept.running.sweep(&swept.pool).await });
 
@@ -89,11 +90,11 @@ pub(crate) async fn run(shared: Arc<Shared>, flows: Vec<Arc<FlowEntry>>, stop: C
                 }
                 Ok(Some(notification)) => wake(&by_slug, notification.payload()),
                 Ok(None) => {
-                    lost(&shared, &flows, "connection closed");
+                    lost(&shared, "connection closed");
                     break;
                 }
                 Err(error) => {
-                    lost(&shared, &flows, &error.to_string());
+                    lost(&shared, &error.to_string());
                     break;
                 }
             }
@@ -154,15 +155,10 @@ fn wake(flows: &HashMap<&str, &FlowEntry>, flow_slug: &str) {
     }
 }
 
-fn wake_all(flows: &[Arc<FlowEntry>]) {
-    for flow in flows {
-        flow.wake.notify_one();
-    }
-}
-
-fn lost(shared: &Shared, flows: &[Arc<FlowEntry>], error: &str) {
+fn lost(shared: &Shared, error: &str) {
     shared.listening.store(false, Ordering::Release);
-    wake_all(flows);
+    // The probe looks every `poll_interval` from now on, starting at once.
+    shared.probe.probe_all();
     tracing::warn!(
         %error,
         "lost the connection listening for queued tasks and cancelled runs; reconnecting"

@@ -26,11 +26,13 @@
 //! is read. A read waits a moment (2 ms at most) for the places its predecessor filled, when
 //! that one got all it asked for, and never for a place a slow handler has held since earlier.
 //!
-//! An idle loop sleeps until something can be there: the engine's notification that it queued
-//! tasks of its flow (channel `pgflow_tasks`, payload the flow slug), the moment the next delayed message of its queue
-//! becomes visible (retry backoff, `start_delay`), or at the latest after
-//! [`max_poll_wait`](WorkerBuilder::max_poll_wait). While notifications are unavailable it
-//! polls every [`poll_interval`](WorkerBuilder::poll_interval) instead.
+//! An idle loop reads nothing until something can be there: the engine's notification that it
+//! queued tasks of its flow (channel `pgflow_tasks`, payload the flow slug), or the worker's one
+//! probe of all its queues (`pgflow.queue_probe`, a single statement whatever the number of
+//! flows), which wakes the loops whose queue has a visible message, when the next delayed
+//! message of a queue becomes visible (retry backoff, `start_delay`), and looks at every queue at
+//! least once per [`max_poll_wait`](WorkerBuilder::max_poll_wait). While notifications are
+//! unavailable it probes every [`poll_interval`](WorkerBuilder::poll_interval) instead.
 //!
 //! # Failures
 //!
@@ -100,6 +102,7 @@ mod handle;
 mod heartbeat;
 mod listen;
 mod poll;
+mod probe;
 mod prune;
 #[cfg(feature = "metrics")]
 mod queue_gauges;

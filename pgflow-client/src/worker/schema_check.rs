@@ -7,10 +7,15 @@ use sqlx::PgPool;
 
 use crate::Error;
 
-/// Engine functions the worker calls, in schema `pgflow`. The first two are this engine's
+/// Engine functions the worker calls, in schema `pgflow`. All but `fail_task` are this engine's
 /// additions to pgflow 0.8.1. By name only: their arguments change from one migration to the
 /// next, and an older schema of ours is caught by its recorded version instead.
-const NEEDED: &[&str] = &["_read_and_start", "complete_tasks", "fail_task"];
+const NEEDED: &[&str] = &[
+    "_read_and_start",
+    "complete_tasks",
+    "fail_task",
+    "queue_probe",
+];
 
 /// What the database lacks for this worker, if anything; `Err` when the check itself could not
 /// run (worth retrying: the database may be unreachable for a while).

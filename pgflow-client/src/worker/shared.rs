@@ -9,6 +9,7 @@ use tokio::sync::{Semaphore, watch};
 use tokio_util::sync::CancellationToken;
 
 use super::handle::Counters;
+use super::probe::ProbeRequests;
 use super::running::Running;
 use super::settings::Settings;
 
@@ -23,6 +24,8 @@ pub(crate) struct Shared {
     pub(crate) running: Arc<Running>,
     /// Whether the notification listener is connected and listening.
     pub(crate) listening: AtomicBool,
+    /// What the flows' loops and the listener ask of the queue probe.
+    pub(crate) probe: ProbeRequests,
     /// Fires at the shutdown deadline: running handlers are cancelled.
     pub(crate) hard_stop: CancellationToken,
     /// Fires when the shutdown stops waiting for reports to reach the database.

@@ -9,7 +9,7 @@ use tokio_util::sync::CancellationToken;
 use super::backoff::Backoff;
 use super::registry::FlowEntry;
 use super::shared::Shared;
-use super::{heartbeat, listen, poll, report, requeue, schema_check, telemetry};
+use super::{heartbeat, listen, poll, probe, report, requeue, schema_check, telemetry};
 use crate::Result;
 
 /// How long a shutdown waits, after the handlers, for their results to reach the database.
@@ -112,6 +112,12 @@ pub(crate) async fn run(
     // Room for `report::backlog` results: a handler that finished frees its place while there
     // is room, and the next report carries what the reads meanwhile started. Past that, it waits
     // here holding its permit, and no new task is read until reports go out.
+    // Stops with the flows' loops: nothing is left to wake.
+    let prober = tokio::spawn(probe::run(
+        Arc::clone(&shared),
+        flows.clone(),
+        shutdown.clone(),
+    ));
     let (reports, results) = mpsc::channel(report::backlog(settings.concurrency));
     let reporter = tokio::spawn(report::run(Arc::clone(&shared), results));
     let pollers: Vec<_> = flows
@@ -131,6 +137,7 @@ pub(crate) async fn run(
     for poller in pollers {
         let _ = poller.await;
     }
+    let _ = prober.await;
 
     // Every permit back means every handler is done and its result is with the reporter.
     let all = u32::try_from(settings.concurrency).unwrap_or(u32::MAX);

@@ -7,6 +7,7 @@ mod end_to_end;
 mod failures;
 mod foreign_schema;
 mod latency;
+mod many_flows;
 mod requeue;
 mod shutdown;
 mod untyped;
