@@ -31,9 +31,9 @@
 -- the messages read into those that may start and those over a limit. Messages of steps
 -- without limits, and messages whose task would not start anyway (duplicates, cancelled
 -- tasks), always may. Those over a limit stay 'queued', their message kept and hidden
--- again: for LIMITED_RETRY (100 ms) when a concurrency limit held them, until the next
--- window when a rate limit did. A worker sleeps until the next message is visible, so it
--- comes back for them then. Within a step and a bucket, the oldest message starts first;
+-- again: for 100 ms (c_retry in _limit_batch) when a concurrency limit held them, until
+-- the next window when a rate limit did. A worker sleeps until the next message is
+-- visible, so it comes back for them then. Within a step and a bucket, the oldest message starts first;
 -- each bucket has its own slots, so a key with a long backlog does not hold back another.
 -- A retried task waits for a slot again like any queued one.
 --
