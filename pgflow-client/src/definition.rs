@@ -729,10 +729,13 @@ pub(crate) async fn sync_limits(
     tx: &mut Transaction<'_, Postgres>,
     shape: &FlowShape,
 ) -> Result<()> {
-    let readable: bool =
-        sqlx::query_scalar("SELECT has_table_privilege('pgflow_ext.step_limits', 'SELECT')")
-            .fetch_one(&mut **tx)
-            .await?;
+    // A schema from before migration 0014 has no limits to read (and none to set).
+    let readable: bool = sqlx::query_scalar(
+        "SELECT CASE WHEN to_regclass('pgflow_ext.step_limits') IS NULL THEN false
+                     ELSE has_table_privilege('pgflow_ext.step_limits', 'SELECT') END",
+    )
+    .fetch_one(&mut **tx)
+    .await?;
     let wanted = shape.steps.iter().any(|step| !step.limits.is_empty());
     if !readable && !wanted {
         return Ok(());
