@@ -627,7 +627,7 @@ impl WorkerBuilder {
             counters: Arc::new(Counters::default()),
             running: Arc::default(),
             listening: AtomicBool::new(false),
-            probe: ProbeRequests::default(),
+            probe: ProbeRequests::new(flows.len()),
             hard_stop: CancellationToken::new(),
             abandon: CancellationToken::new(),
             reports_failing: watch::Sender::new(false),

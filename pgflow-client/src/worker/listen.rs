@@ -75,7 +75,7 @@ pub(crate) async fn run(shared: Arc<Shared>, flows: Vec<Arc<FlowEntry>>, stop: C
         // Anything may have been queued, or cancelled, while nobody listened: the probe looks
         // at every queue at once, and wakes the flows that have something. Apart, so that a
         // slow pool does not hold up the notifications.
-        shared.probe.probe_all();
+        wake_all(&shared, &flows);
         let swept = Arc::clone(&shared);
         tokio::spawn(async move { swept.running.sweep(&swept.pool).await });
 
@@ -90,11 +90,11 @@ pub(crate) async fn run(shared: Arc<Shared>, flows: Vec<Arc<FlowEntry>>, stop: C
                 }
                 Ok(Some(notification)) => wake(&by_slug, notification.payload()),
                 Ok(None) => {
-                    lost(&shared, "connection closed");
+                    lost(&shared, &flows, "connection closed");
                     break;
                 }
                 Err(error) => {
-                    lost(&shared, &error.to_string());
+                    lost(&shared, &flows, &error.to_string());
                     break;
                 }
             }
@@ -155,10 +155,22 @@ fn wake(flows: &HashMap<&str, &FlowEntry>, flow_slug: &str) {
     }
 }
 
-fn lost(shared: &Shared, error: &str) {
+/// Has every queue looked at: by the probe when the worker has one (a single statement), else
+/// by the flow's loop.
+fn wake_all(shared: &Shared, flows: &[Arc<FlowEntry>]) {
+    if shared.probe.enabled {
+        shared.probe.probe_all();
+    } else {
+        for flow in flows {
+            flow.wake.notify_one();
+        }
+    }
+}
+
+fn lost(shared: &Shared, flows: &[Arc<FlowEntry>], error: &str) {
     shared.listening.store(false, Ordering::Release);
-    // The probe looks every `poll_interval` from now on, starting at once.
-    shared.probe.probe_all();
+    // Polling from now on, starting at once.
+    wake_all(shared, flows);
     tracing::warn!(
         %error,
         "lost the connection listening for queued tasks and cancelled runs; reconnecting"

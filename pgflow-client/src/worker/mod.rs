@@ -27,12 +27,14 @@
 //! that one got all it asked for, and never for a place a slow handler has held since earlier.
 //!
 //! An idle loop reads nothing until something can be there: the engine's notification that it
-//! queued tasks of its flow (channel `pgflow_tasks`, payload the flow slug), or the worker's one
-//! probe of all its queues (`pgflow.queue_probe`, a single statement whatever the number of
+//! queued tasks of its flow (channel `pgflow_tasks`, payload the flow slug), or, in a worker of
+//! several flows, the worker's one probe of all its queues (`pgflow.queue_probe`, a single statement whatever the number of
 //! flows), which wakes the loops whose queue has a visible message, when the next delayed
 //! message of a queue becomes visible (retry backoff, `start_delay`), and looks at every queue at
 //! least once per [`max_poll_wait`](WorkerBuilder::max_poll_wait). While notifications are
-//! unavailable it probes every [`poll_interval`](WorkerBuilder::poll_interval) instead.
+//! unavailable it probes every [`poll_interval`](WorkerBuilder::poll_interval) instead. A worker
+//! of one flow has no probe: its loop looks up when its queue's next message is due as it goes
+//! idle, and reads at least once per `max_poll_wait` (`poll_interval` without notifications).
 //!
 //! # Failures
 //!

@@ -12,7 +12,7 @@ use sqlx::PgPool;
 use tokio::sync::{OwnedSemaphorePermit, mpsc};
 use uuid::Uuid;
 
-use super::backoff::Backoff;
+use super::backoff::{Backoff, sleep_or_stop};
 use super::dispatch;
 use super::registry::FlowEntry;
 use super::report::Report;
@@ -105,7 +105,7 @@ pub(crate) async fn run(shared: Arc<Shared>, flow: Arc<FlowEntry>, reports: mpsc
     let mut telemetry_warned = false;
     // Nothing is read before the probe (or a notification) says the queue has something: the
     // probe's first look covers every flow in one statement.
-    let mut awake = woken(&flow).await;
+    let mut awake = !shared.probe.enabled || woken(&flow).await;
     while awake {
         let Some(mut permits) = take_permits(&shared, &flow, queue_busy, &last_read).await else {
             break;
@@ -156,14 +156,18 @@ pub(crate) async fn run(shared: Arc<Shared>, flow: Arc<FlowEntry>, reports: mpsc
             // A full read: there may be more right away.
             continue;
         }
-        // Notifications announce new steps; only delayed messages (retries, start delays)
-        // appear silently: the probe finds out when the next one is due. Without
-        // notifications its periodic look covers that too.
-        if shared.listening.load(Ordering::Acquire) {
-            shared.probe.probe_flow(&flow.slug);
-        }
-        tracing::trace!(flow_slug = %flow.slug, "idle");
-        awake = woken(&flow).await;
+        awake = if shared.probe.enabled {
+            // Notifications announce new steps; only delayed messages (retries, start delays)
+            // appear silently: the probe finds out when the next one is due. Without
+            // notifications its periodic look covers that too.
+            if shared.listening.load(Ordering::Acquire) {
+                shared.probe.probe_flow(&flow.slug);
+            }
+            tracing::trace!(flow_slug = %flow.slug, "idle");
+            woken(&flow).await
+        } else {
+            idle_wait(&shared, &flow).await
+        };
     }
     tracing::debug!(flow_slug = %flow.slug, "stopped polling");
 }
@@ -213,7 +217,45 @@ async fn take_permits(
     Some(permits)
 }
 
-/// Waits until new tasks may be there; `false` when the flow stops first.
+/// How long until the next message of `flow`'s queue becomes visible; `None` when the queue is
+/// empty.
+async fn next_visible(pool: &PgPool, flow: &FlowEntry) -> sqlx::Result<Option<Duration>> {
+    let seconds: Option<f64> = sqlx::query_scalar(&flow.next_visible_sql)
+        .fetch_one(pool)
+        .await?;
+    Ok(seconds.map(|s| Duration::try_from_secs_f64(s.max(0.0)).unwrap_or(Duration::MAX)))
+}
+
+/// The wait of a worker's only flow (no probe): sleeps until new tasks may be there; `false`
+/// when the flow stops first.
+async fn idle_wait(shared: &Shared, flow: &FlowEntry) -> bool {
+    let settings = &shared.settings;
+    let wait = if shared.listening.load(Ordering::Acquire) {
+        // Notifications announce new steps; only delayed messages (retries, start delays)
+        // appear silently, so sleep until the next one is due.
+        match next_visible(&shared.pool, flow).await {
+            // A message due now is locked by another reader: look again shortly.
+            Ok(Some(due)) => due
+                .max(settings.poll_interval.min(Duration::from_millis(10)))
+                .min(settings.max_poll_wait),
+            Ok(None) => settings.max_poll_wait,
+            Err(error) => {
+                tracing::debug!(flow_slug = %flow.slug, %error, "cannot read the queue's next visibility time");
+                settings.poll_interval
+            }
+        }
+    } else {
+        settings.poll_interval
+    };
+    tracing::trace!(flow_slug = %flow.slug, ?wait, "idle");
+    tokio::select! {
+        () = flow.wake.notified() => true,
+        ok = sleep_or_stop(wait, &flow.stop) => ok,
+    }
+}
+
+/// Waits until new tasks may be there (a notification, the probe); `false` when the flow stops
+/// first.
 async fn woken(flow: &FlowEntry) -> bool {
     tokio::select! {
         biased;

@@ -113,11 +113,13 @@ pub(crate) async fn run(
     // is room, and the next report carries what the reads meanwhile started. Past that, it waits
     // here holding its permit, and no new task is read until reports go out.
     // Stops with the flows' loops: nothing is left to wake.
-    let prober = tokio::spawn(probe::run(
-        Arc::clone(&shared),
-        flows.clone(),
-        shutdown.clone(),
-    ));
+    let prober = shared.probe.enabled.then(|| {
+        tokio::spawn(probe::run(
+            Arc::clone(&shared),
+            flows.clone(),
+            shutdown.clone(),
+        ))
+    });
     let (reports, results) = mpsc::channel(report::backlog(settings.concurrency));
     let reporter = tokio::spawn(report::run(Arc::clone(&shared), results));
     let pollers: Vec<_> = flows
@@ -137,7 +139,9 @@ pub(crate) async fn run(
     for poller in pollers {
         let _ = poller.await;
     }
-    let _ = prober.await;
+    if let Some(prober) = prober {
+        let _ = prober.await;
+    }
 
     // Every permit back means every handler is done and its result is with the reporter.
     let all = u32::try_from(settings.concurrency).unwrap_or(u32::MAX);
