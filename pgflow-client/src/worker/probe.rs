@@ -160,9 +160,10 @@ pub(crate) async fn run(shared: Arc<Shared>, flows: Vec<Arc<FlowEntry>>, stop: C
         }
 
         let began = Instant::now();
-        // A look that hangs (a pool that cannot connect) must not stop the wake-ups: past the
-        // period it counts as failed, and the flows read for themselves.
-        let limit = period.max(Duration::from_secs(1));
+        // A look that hangs (a pool that cannot connect) must not stop the wake-ups for good:
+        // past the period, and at least 10 s (a look at 1,000 queues on a loaded machine may
+        // take a second), it counts as failed, and the flows read for themselves.
+        let limit = period.max(Duration::from_secs(10));
         let result = tokio::select! {
             biased;
             () = stop.cancelled() => break,
