@@ -46,7 +46,10 @@
 -- -----
 -- The limit rows of the steps among the messages read are locked (in step order) before
 -- their tasks are counted, so that two readers cannot both see a free slot: starts of one
--- limited step take turns, and the count sees every start committed before. Lock order:
+-- limited step take turns, and the count sees every start committed before. Each locked
+-- row is also updated (to the same values): a reader whose snapshot is older than the
+-- previous start (REPEATABLE READ, SERIALIZABLE) gets a serialization failure instead of
+-- a stale count. Lock order:
 -- the read holds its messages first (0007, CANCEL), then limit rows, then 0001's order
 -- (tasks, step states, runs), and the messages held back are hidden again last. Nothing
 -- else locks a limit row but the functions that set limits and the cascade of a step's
@@ -306,6 +309,12 @@ BEGIN
      ORDER BY l.step_slug
        FOR NO KEY UPDATE OF l
   LOOP
+    -- A real update of the row, not only its lock: a reader under REPEATABLE READ or
+    -- SERIALIZABLE whose snapshot predates our commit then fails to lock it (40001)
+    -- instead of counting this step's started tasks as its older snapshot saw them and
+    -- exceeding the limit. A lock alone leaves no row version for it to trip on.
+    UPDATE pgflow_ext.step_limits l SET updated_at = l.updated_at
+     WHERE l.flow_slug = p_flow_slug AND l.step_slug = v_limit.step_slug;
     v_window := NULL;
     v_next := NULL;
     IF v_limit.rate_max_starts IS NOT NULL THEN

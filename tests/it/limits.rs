@@ -577,3 +577,74 @@ async fn step_limits_from_the_rust_api_are_compiled_in_place() {
             .ends_with("has a rate period of 86401 seconds, but it must be 1 to 86400 seconds")
     );
 }
+
+/// A TypeScript worker's read, then start, of one message of flow `cl`: the number started.
+const READ_THEN_START: &str = "SELECT count(*) FROM pgflow.start_tasks('cl', \
+     array(SELECT msg_id FROM pgmq.read('cl', 30, 1)), $1)";
+
+/// Two readers under REPEATABLE READ, the second taking its snapshot while the first holds
+/// the step's only slot: the second must not count with its stale snapshot and start a task
+/// too; it gets a serialization failure (40001) or starts none (issue 22, F4).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn repeatable_read_readers_never_exceed_a_concurrency_limit() {
+    let db = database().await;
+    let pool = db.pool();
+    sqlx::raw_sql(
+        "SELECT pgflow.create_flow('cl'); SELECT pgflow.add_step('cl', 's');
+         SELECT pgflow.set_concurrency_limit('cl', 's', 1);",
+    )
+    .execute(pool)
+    .await
+    .unwrap();
+    for i in 0..4 {
+        start(pool, "cl", json!({ "i": i })).await;
+    }
+    let worker_id = register_worker(pool, "cl").await;
+    let begin_rr = async || {
+        let mut tx = pool.begin().await.expect("begin");
+        sqlx::raw_sql("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ; SELECT 1")
+            .execute(&mut *tx)
+            .await
+            .expect("snapshot taken");
+        tx
+    };
+    let mut first = begin_rr().await;
+    let started_first: i64 = sqlx::query_scalar(READ_THEN_START)
+        .bind(worker_id)
+        .fetch_one(&mut *first)
+        .await
+        .expect("first start");
+    assert_eq!(started_first, 1);
+    // The second's snapshot predates the first's commit.
+    let mut second = begin_rr().await;
+    let second_start = tokio::spawn(async move {
+        let result: Result<i64, sqlx::Error> = sqlx::query_scalar(READ_THEN_START)
+            .bind(worker_id)
+            .fetch_one(&mut *second)
+            .await;
+        (second, result)
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    first.commit().await.expect("first commits");
+    let (second, result) = second_start.await.expect("second task");
+    match result {
+        Ok(started) => {
+            assert_eq!(started, 0, "the second started a task past the limit");
+            second.commit().await.expect("second commits");
+        }
+        Err(error) => {
+            let code = error
+                .as_database_error()
+                .and_then(|e| e.code())
+                .map(|c| c.into_owned());
+            assert_eq!(code.as_deref(), Some("40001"), "{error}");
+            second.rollback().await.expect("second rolls back");
+        }
+    }
+    let started: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM pgflow.step_tasks WHERE status = 'started'")
+            .fetch_one(pool)
+            .await
+            .unwrap();
+    assert_eq!(started, 1);
+}
