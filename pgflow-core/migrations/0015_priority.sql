@@ -94,14 +94,18 @@ REVOKE ALL ON TABLE pgflow_ext.run_priorities FROM public;
 
 -- The priority of a queue row, as the index and the ordering read write it: the header
 -- the trigger set, else 0. One text, so that the read's conditions match the index's
--- expression exactly.
+-- expression exactly. Total: a header no trigger wrote (a message sent before the queue
+-- was enabled, by anyone) that is not a JSON integer within smallint's range counts as 0,
+-- so that it can never make the index's creation, a send or a read fail. The regex
+-- admits at most 5 digits, so the integer cast cannot fail; the nested CASE orders the
+-- checks before the casts.
 CREATE FUNCTION pgflow._priority_expression()
 RETURNS text
 LANGUAGE sql
 IMMUTABLE
 SET search_path = ''
 AS $$
-  SELECT $e$coalesce((q.headers ->> 'pgflow_priority')::smallint, 0::smallint)$e$
+  SELECT $e$(CASE WHEN jsonb_typeof(q.headers -> 'pgflow_priority') = 'number' AND (q.headers ->> 'pgflow_priority') ~ '^-?[0-9]{1,5}$' THEN CASE WHEN (q.headers ->> 'pgflow_priority')::integer BETWEEN -32768 AND 32767 THEN (q.headers ->> 'pgflow_priority')::smallint ELSE 0::smallint END ELSE 0::smallint END)$e$
 $$;
 
 -- The name of the priority index of queue table pgmq.q_<p_queue>: within PostgreSQL's 63

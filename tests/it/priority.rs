@@ -622,3 +622,92 @@ async fn a_run_started_with_a_priority_in_a_transaction_commits_or_rolls_back_wi
         vec![Some(json!({"pgflow_priority": 6}))]
     );
 }
+
+/// Messages sent to a queue before priority is enabled, with headers no pgflow trigger
+/// wrote (a bad or out-of-range `pgflow_priority`), count as priority 0: enabling the queue
+/// and reading it never fail on them (issue 22, F7).
+#[tokio::test]
+async fn bad_priority_headers_sent_before_enabling_count_as_zero() {
+    let db = database().await;
+    let pool = db.pool();
+    let seen = Seen::default();
+    compile(pool, &recording_flow("pr1", &seen)).await;
+    let hostile = [
+        json!({ "pgflow_priority": "zz" }),
+        json!({ "pgflow_priority": "7" }),
+        json!({ "pgflow_priority": 99999 }),
+        json!({ "pgflow_priority": -40000 }),
+        json!({ "pgflow_priority": 1.5 }),
+        json!({ "pgflow_priority": 1e300 }),
+        json!({ "pgflow_priority": null }),
+        json!({ "pgflow_priority": { "n": 1 } }),
+        json!(["pgflow_priority", 9]),
+        json!("pgflow_priority"),
+    ];
+    for headers in &hostile {
+        sqlx::query("SELECT pgmq.send('pr1', '{\"junk\": 1}'::jsonb, $1::jsonb)")
+            .bind(headers)
+            .execute(pool)
+            .await
+            .expect("sent");
+    }
+    let run: Uuid = sqlx::query_scalar(
+        "SELECT run_id FROM pgflow.start_flow_with_priority('pr1', '{\"id\": 1}', 5)",
+    )
+    .fetch_one(pool)
+    .await
+    .expect("a start with a priority enables the queue");
+    assert!(enabled(pool, "pr1").await);
+    let expression: String = sqlx::query_scalar("SELECT pgflow._priority_expression()")
+        .fetch_one(pool)
+        .await
+        .unwrap();
+    let levels: Vec<(Option<String>, i16)> = sqlx::query_as(&format!(
+        "SELECT q.message ->> 'run_id', {expression} FROM pgmq.q_pr1 q ORDER BY q.msg_id"
+    ))
+    .fetch_all(pool)
+    .await
+    .expect("every row has a level");
+    let mut expected: Vec<(Option<String>, i16)> = vec![(None, 0); hostile.len()];
+    expected.push((Some(run.to_string()), 5));
+    assert_eq!(levels, expected);
+    // The ordering read takes the run's message first, then the junk.
+    let first: Vec<i64> = sqlx::query_scalar("SELECT pgflow._queue_read_pr1('pr1', 1, 30)")
+        .fetch_one(pool)
+        .await
+        .expect("read");
+    let runs_msg: i64 =
+        sqlx::query_scalar("SELECT msg_id FROM pgmq.q_pr1 WHERE message ->> 'run_id' = $1")
+            .bind(run.to_string())
+            .fetch_one(pool)
+            .await
+            .unwrap();
+    assert_eq!(first, vec![runs_msg]);
+}
+
+/// An unknown flow is refused by a start with a priority, whatever the priority, with the
+/// very error a plain start gives (issue 22).
+#[tokio::test]
+async fn an_unknown_flow_is_refused_as_a_plain_start_refuses_it() {
+    let db = database().await;
+    let pool = db.pool();
+    let refusal = async |sql: &str| {
+        let error = sqlx::query(sql)
+            .execute(pool)
+            .await
+            .expect_err("an unknown flow is refused");
+        let error = error.as_database_error().expect("a database error");
+        (
+            error.code().map(|c| c.into_owned()),
+            error.message().to_owned(),
+        )
+    };
+    let plain = refusal("SELECT * FROM pgflow.start_flow('nope', '{}')").await;
+    for priority in [5, -1, 0] {
+        let with_priority = refusal(&format!(
+            "SELECT * FROM pgflow.start_flow_with_priority('nope', '{{}}', {priority})"
+        ))
+        .await;
+        assert_eq!(with_priority, plain, "priority {priority}");
+    }
+}
