@@ -11,8 +11,8 @@
 --
 -- It runs as its caller and skips, instead of failing, every slug it cannot answer for:
 -- no queue table (the flow was never compiled here, or its queue was dropped), a queue
--- table the caller may not read (a flow the role does not serve), or a table that is not
--- a pgmq queue. One stale or foreign slug must not blind the worker to all its other
+-- table the caller may not read (a flow the role does not serve), a table that is not
+-- a pgmq queue, or one another session holds locked for more than 50 ms. One stale or foreign slug must not blind the worker to all its other
 -- flows.
 -- =====================================================================================
 
@@ -25,6 +25,9 @@ RETURNS TABLE (flow_slug text, next_vt timestamptz)
 LANGUAGE plpgsql
 STABLE
 SET search_path = ''
+-- A queue table another session holds (a flow being deleted, a long DDL) is skipped after
+-- this short wait, not waited for: the worker would otherwise see none of its flows.
+SET lock_timeout = '50ms'
 AS $$
 DECLARE
   v_slug text;
@@ -41,8 +44,9 @@ BEGIN
     BEGIN
       EXECUTE format('SELECT pg_catalog.min(q.vt) FROM %s q', v_table) INTO v_vt;
     EXCEPTION
-      -- Dropped since the lookup above, or not a queue (no vt column): this slug only.
-      -- Cancellations and statement timeouts are not caught by OTHERS and end the probe.
+      -- Dropped since the lookup above, not a queue (no vt column), or locked by another
+      -- session past lock_timeout (lock_not_available): this slug only. Cancellations and
+      -- statement timeouts (query_canceled) are not caught by OTHERS and end the probe.
       WHEN OTHERS THEN
         CONTINUE;
     END;

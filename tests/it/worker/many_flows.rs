@@ -346,3 +346,54 @@ async fn the_queue_probe_skips_what_it_cannot_answer_for_and_answers_the_rest() 
         .await
         .expect("drop role");
 }
+
+/// A queue whose table another session holds (a flow being deleted in a long transaction)
+/// costs the probe a short lock wait and that slug, not the answer for every other flow; a
+/// caller's statement timeout still ends the probe (issue 24, F6).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_queue_locked_by_another_session_does_not_stall_the_probe_of_the_others() {
+    let db = database().await;
+    let pool = db.pool();
+    for slug in ["rl", "free"] {
+        compile(pool, &echo(slug)).await;
+        start(pool, slug, json!(1)).await;
+    }
+    let mut locker = pool.begin().await.expect("begin");
+    sqlx::query("LOCK TABLE pgmq.q_rl IN ACCESS EXCLUSIVE MODE")
+        .execute(&mut *locker)
+        .await
+        .expect("lock");
+    let began = Instant::now();
+    let probe = tokio::time::timeout(
+        Duration::from_secs(5),
+        sqlx::query_scalar::<_, String>(
+            "SELECT flow_slug FROM pgflow.queue_probe(ARRAY['rl', 'free'])",
+        )
+        .fetch_all(pool),
+    )
+    .await;
+    let elapsed = began.elapsed();
+
+    let mut timed = pool.begin().await.expect("begin");
+    sqlx::query("SET LOCAL statement_timeout = '20ms'")
+        .execute(&mut *timed)
+        .await
+        .expect("timeout set");
+    let cancelled = sqlx::query("SELECT * FROM pgflow.queue_probe(ARRAY['rl'])")
+        .execute(&mut *timed)
+        .await;
+    timed.rollback().await.expect("rollback");
+    locker.rollback().await.expect("unlock");
+
+    let rows = probe
+        .expect("the probe does not wait for the locked queue")
+        .expect("the probe answers");
+    assert_eq!(rows, vec!["free".to_owned()]);
+    assert!(elapsed < Duration::from_secs(1), "{elapsed:?}");
+    let code = cancelled
+        .expect_err("a statement timeout is not a skipped slug")
+        .as_database_error()
+        .and_then(|e| e.code())
+        .map(|c| c.into_owned());
+    assert_eq!(code.as_deref(), Some("57014"));
+}
