@@ -15,7 +15,12 @@
 -- would close a cycle (A runs B runs A) or make a chain of nested runs deeper than
 -- pgflow_ext.max_subflow_depth() is refused. The child flow cannot be deleted while a
 -- subflow step names it (a deferred foreign key: replacing the child in one transaction,
--- as Client::compile_replacing does, passes).
+-- as Client::compile_replacing does, passes). set_subflow locks subflow_steps, so two
+-- definitions made at once are checked one after the other (they cannot close a cycle
+-- together). A subflow step cannot have limits (0014's step_limits): both orders refused.
+-- Deleting a run that a parent task still waits for (its child flow replaced) fails that
+-- task for good; a subflow task that leaves 'started' otherwise than through its child
+-- (a stale or hostile complete_task / fail_task) cancels its running child.
 --
 -- INPUT
 -- -----
@@ -121,6 +126,10 @@ DECLARE
   v_up      integer;
   v_down    integer;
 BEGIN
+  -- Two definitions checked at once could each miss the other's row and close a cycle
+  -- together (a -> b and b -> a): one definition at a time. Conflicts with itself and with
+  -- writes of subflow_steps, not with the reads that start runs.
+  LOCK TABLE pgflow_ext.subflow_steps IN SHARE ROW EXCLUSIVE MODE;
   SELECT s.deps_count INTO v_deps
     FROM pgflow.steps s
    WHERE s.flow_slug = set_subflow.flow_slug AND s.step_slug = set_subflow.step_slug;
@@ -147,6 +156,15 @@ BEGIN
     RAISE EXCEPTION 'output step % of subflow step %.% is not a leaf step of flow %',
       set_subflow.output_step, set_subflow.flow_slug, set_subflow.step_slug,
       set_subflow.child_flow_slug
+      USING ERRCODE = 'invalid_parameter_value';
+  END IF;
+
+  -- Child runs start from a trigger, never through the limited start path: a limit would
+  -- be ignored.
+  IF EXISTS (SELECT 1 FROM pgflow_ext.step_limits l
+              WHERE l.flow_slug = set_subflow.flow_slug AND l.step_slug = set_subflow.step_slug) THEN
+    RAISE EXCEPTION 'step %.% has concurrency or rate limits: a subflow step cannot be limited (limit the child flow''s steps instead)',
+      set_subflow.flow_slug, set_subflow.step_slug
       USING ERRCODE = 'invalid_parameter_value';
   END IF;
 
@@ -343,8 +361,9 @@ CREATE TRIGGER subflow_tasks_inserted
   FOR EACH STATEMENT
   EXECUTE FUNCTION pgflow_private._subflow_tasks_inserted();
 
--- After a task's status changes to queued (a retry) or from started to cancelled: a
--- subflow task's new child, or its running child cancelled.
+-- After a task's status changes to queued (a retry), from started to cancelled, or from
+-- started without a message (how subflow tasks are stored) to anything: a subflow task's
+-- running child cancelled, and for a retry its new child started.
 CREATE FUNCTION pgflow_private._subflow_task_changed()
 RETURNS trigger
 LANGUAGE plpgsql
@@ -358,10 +377,11 @@ BEGIN
                   WHERE sf.flow_slug = NEW.flow_slug AND sf.step_slug = NEW.step_slug) THEN
     RETURN NULL;
   END IF;
-  IF NEW.status = 'queued' THEN
-    PERFORM pgflow_private._launch_subflows(ARRAY[NEW.run_id], ARRAY[NEW.step_slug],
-                                            ARRAY[NEW.task_index]);
-  ELSE
+  -- A task that leaves 'started' any other way than through its child's end (a stale or
+  -- hostile complete_task / fail_task) stops its running child first: the child of the
+  -- attempt that ended this way has nothing left to report to. A child that ended and
+  -- reported is no longer 'started', so the normal path finds nothing here.
+  IF OLD.status = 'started' THEN
     FOR v_child IN
       SELECT l.child_run_id, r.flow_slug
         FROM pgflow_ext.subflow_runs l
@@ -375,6 +395,10 @@ BEGIN
       PERFORM pgflow._cancel_runs(v_child.flow_slug, ARRAY[v_child.child_run_id]);
     END LOOP;
   END IF;
+  IF NEW.status = 'queued' THEN
+    PERFORM pgflow_private._launch_subflows(ARRAY[NEW.run_id], ARRAY[NEW.step_slug],
+                                            ARRAY[NEW.task_index]);
+  END IF;
   RETURN NULL;
 END;
 $$;
@@ -383,7 +407,8 @@ CREATE TRIGGER subflow_task_changed
   AFTER UPDATE OF status ON pgflow.step_tasks
   FOR EACH ROW
   WHEN ((NEW.status = 'queued' AND OLD.status IS DISTINCT FROM 'queued')
-        OR (OLD.status = 'started' AND NEW.status = 'cancelled'))
+        OR (OLD.status = 'started' AND NEW.status = 'cancelled')
+        OR (OLD.status = 'started' AND NEW.status <> 'started' AND OLD.message_id IS NULL))
   EXECUTE FUNCTION pgflow_private._subflow_task_changed();
 
 -- -------------------------------------------------------------------------------------
@@ -402,6 +427,9 @@ DECLARE
   v_output  text;
   v_failed  record;
   v_message text;
+  -- Cancelled by someone, or failed by the depth limit (which would fail the same way on
+  -- every attempt, at every level above it: retries would multiply per level).
+  v_permanent boolean := NEW.status = 'cancelled';
 BEGIN
   SELECT * INTO v_link FROM pgflow_ext.subflow_runs l WHERE l.child_run_id = NEW.run_id;
   IF NOT FOUND THEN
@@ -445,12 +473,91 @@ BEGIN
     v_message := format('child run %s of flow %s failed at step %s: %s', NEW.run_id,
                         NEW.flow_slug, coalesce(v_failed.step_slug, '?'),
                         coalesce(v_failed.error_message, 'no error message'));
+    v_permanent := position('subflow depth limit: ' IN coalesce(v_failed.error_message, '')) > 0;
   END IF;
   PERFORM pgflow_private.fail_task(v_task.run_id, v_task.step_slug, v_task.task_index,
-    v_message, v_task.attempts_count, NULL, NEW.status = 'cancelled', NULL);
+    v_message, v_task.attempts_count, NULL, v_permanent, NULL);
   RETURN NULL;
 END;
 $$;
+
+-- -------------------------------------------------------------------------------------
+-- A child run deleted under its parent
+-- -------------------------------------------------------------------------------------
+
+-- Before a run is deleted (delete_flow_and_data of its flow, as compile_replacing does):
+-- if it is the current child of a parent task still waiting for it, that task fails for
+-- good, through the normal fail path (no retry: the child flow was replaced or removed),
+-- so the parent never waits for a child that is gone.
+CREATE FUNCTION pgflow_private._subflow_run_deleted()
+RETURNS trigger
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = ''
+AS $$
+DECLARE
+  v_link pgflow_ext.subflow_runs;
+  v_task pgflow.step_tasks;
+BEGIN
+  -- The link goes first: the parent task's failure must not try to cancel this run, which
+  -- is being deleted by this very statement.
+  DELETE FROM pgflow_ext.subflow_runs l WHERE l.child_run_id = OLD.run_id
+  RETURNING * INTO v_link;
+  IF NOT FOUND THEN
+    RETURN OLD;
+  END IF;
+  SELECT * INTO v_task FROM pgflow.step_tasks t
+   WHERE t.run_id = v_link.parent_run_id
+     AND t.step_slug = v_link.parent_step_slug
+     AND t.task_index = v_link.parent_task_index;
+  IF NOT FOUND OR v_task.status IS DISTINCT FROM 'started'
+     OR v_task.attempts_count <> v_link.parent_attempt
+     OR EXISTS (SELECT 1 FROM pgflow_ext.subflow_runs n
+                 WHERE n.parent_run_id = v_link.parent_run_id
+                   AND n.parent_step_slug = v_link.parent_step_slug
+                   AND n.parent_task_index = v_link.parent_task_index
+                   AND n.created_at > v_link.created_at) THEN
+    RETURN OLD;
+  END IF;
+  PERFORM pgflow_private.fail_task(v_task.run_id, v_task.step_slug, v_task.task_index,
+    format('child run %s of flow %s was deleted', OLD.run_id, OLD.flow_slug),
+    v_task.attempts_count, NULL, true, NULL);
+  RETURN OLD;
+END;
+$$;
+
+CREATE TRIGGER subflow_run_deleted
+  BEFORE DELETE ON pgflow.runs
+  FOR EACH ROW
+  EXECUTE FUNCTION pgflow_private._subflow_run_deleted();
+
+-- -------------------------------------------------------------------------------------
+-- Limits do not apply to subflow steps
+-- -------------------------------------------------------------------------------------
+
+-- Child runs start from a trigger, not through 0014's limited start path: a concurrency or
+-- rate limit on a subflow step would be accepted and ignored, so it is refused.
+CREATE FUNCTION pgflow_private._subflow_step_limited()
+RETURNS trigger
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = ''
+AS $$
+BEGIN
+  IF EXISTS (SELECT 1 FROM pgflow_ext.subflow_steps sf
+              WHERE sf.flow_slug = NEW.flow_slug AND sf.step_slug = NEW.step_slug) THEN
+    RAISE EXCEPTION 'step %.% is a subflow step: it cannot have concurrency or rate limits (limit the child flow''s steps instead)',
+      NEW.flow_slug, NEW.step_slug
+      USING ERRCODE = 'invalid_parameter_value';
+  END IF;
+  RETURN NEW;
+END;
+$$;
+
+CREATE TRIGGER subflow_step_limited
+  BEFORE INSERT OR UPDATE ON pgflow_ext.step_limits
+  FOR EACH ROW
+  EXECUTE FUNCTION pgflow_private._subflow_step_limited();
 
 CREATE TRIGGER subflow_run_ended
   AFTER UPDATE OF status ON pgflow.runs
@@ -588,5 +695,7 @@ REVOKE EXECUTE ON FUNCTION
   pgflow_private._launch_subflows(uuid[], text[], integer[]),
   pgflow_private._subflow_tasks_inserted(),
   pgflow_private._subflow_task_changed(),
-  pgflow_private._subflow_run_ended()
+  pgflow_private._subflow_run_ended(),
+  pgflow_private._subflow_run_deleted(),
+  pgflow_private._subflow_step_limited()
   FROM public;

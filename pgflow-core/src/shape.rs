@@ -258,6 +258,10 @@ impl StepShape {
             "runs its own flow: a flow cannot run itself as a child".to_owned()
         } else if let Some(Err(problem)) = subflow.output_step.as_deref().map(check_slug) {
             format!("names an invalid output step slug: {problem}")
+        } else if !self.limits.is_empty() {
+            // Child runs start from a trigger, not a worker's read: the engine refuses a
+            // limit it could not apply (migration 0016).
+            "has concurrency or rate limits: a subflow step cannot be limited (limit the child flow's steps instead)".to_owned()
         } else {
             return None;
         };

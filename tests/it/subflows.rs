@@ -575,3 +575,228 @@ async fn a_parent_failed_by_another_step_cancels_its_running_child() {
     worker.shutdown().await.unwrap();
     assert_consistent(pool).await;
 }
+
+/// Two definitions made at once, `fa -> fb` and `fb -> fa`: the second waits for the first
+/// to commit, then sees it and is refused as a cycle (each alone passes the check).
+#[tokio::test]
+async fn concurrent_definitions_cannot_close_a_cycle_together() {
+    let db = crate::support::database().await;
+    let pool = db.pool().clone();
+    sqlx::raw_sql(
+        "SELECT pgflow.create_flow('fa'); SELECT pgflow.add_step('fa', 's');
+         SELECT pgflow.create_flow('fb'); SELECT pgflow.add_step('fb', 's');",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    let mut first = pool.begin().await.unwrap();
+    sqlx::query("SELECT pgflow.set_subflow('fa', 's', 'fb')")
+        .execute(&mut *first)
+        .await
+        .unwrap();
+    let second = tokio::spawn({
+        let pool = pool.clone();
+        async move {
+            let mut tx = pool.begin().await.unwrap();
+            sqlx::query("SELECT pgflow.set_subflow('fb', 's', 'fa')")
+                .execute(&mut *tx)
+                .await?;
+            tx.commit().await
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    assert!(
+        !second.is_finished(),
+        "the second definition did not wait for the first: {:?}",
+        second.await
+    );
+    first.commit().await.unwrap();
+    let error = tokio::time::timeout(Duration::from_secs(20), second)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap_err();
+    assert!(
+        error
+            .to_string()
+            .contains("would close a cycle of flows running each other: fb -> fa -> fb"),
+        "{error}"
+    );
+    let links: i64 = sqlx::query_scalar("SELECT count(*) FROM pgflow_ext.subflow_steps")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(links, 1);
+}
+
+/// A cycle written around set_subflow (by the owner, straight into the table) stops at the
+/// depth limit at run time: 16 child runs, each level failed for good, not retried at every
+/// level (3 attempts a level would start 3^16 children).
+#[tokio::test]
+async fn the_run_time_depth_limit_fails_every_level_for_good() {
+    let db = crate::support::database().await;
+    let pool = db.pool();
+    sqlx::raw_sql(
+        "SELECT pgflow.create_flow('loop', 3); SELECT pgflow.add_step('loop', 's');
+         INSERT INTO pgflow_ext.subflow_steps (flow_slug, step_slug, child_flow_slug)
+         VALUES ('loop', 's', 'loop');",
+    )
+    .execute(pool)
+    .await
+    .unwrap();
+    let mut conn = pool.acquire().await.unwrap();
+    sqlx::query("SET statement_timeout = '30s'")
+        .execute(&mut *conn)
+        .await
+        .unwrap();
+    let root: Uuid = sqlx::query_scalar("SELECT run_id FROM pgflow.start_flow('loop', '1'::jsonb)")
+        .fetch_one(&mut *conn)
+        .await
+        .unwrap();
+    drop(conn);
+    assert_eq!(run(pool, root).await.0, "failed");
+    let runs: i64 = sqlx::query_scalar("SELECT count(*) FROM pgflow.runs")
+        .fetch_one(pool)
+        .await
+        .unwrap();
+    assert_eq!(runs, 17, "the root and 16 levels of children, one each");
+    let error = crate::support::step_error(pool, root, "s").await.unwrap();
+    assert!(error.contains("subflow depth limit: "), "{error}");
+}
+
+/// Replacing the child flow (deleted and created again in one transaction) while a parent
+/// waits for its running child: the parent task fails for good, naming the deleted child,
+/// rather than waiting forever for a child that is gone.
+#[tokio::test]
+async fn replacing_the_child_flow_fails_the_parent_task_waiting_for_it() {
+    let (db, client) = client().await;
+    let pool = db.pool();
+    held_parent(pool, &client, 3).await;
+    let run_id = start(pool, "waiting", json!(5)).await;
+    let child = children(pool, run_id).await[0].0;
+    sqlx::raw_sql(
+        "BEGIN;
+         SELECT pgflow.delete_flow_and_data('holding');
+         SELECT pgflow.create_flow('holding');
+         SELECT pgflow.add_step('holding', 'hold');
+         COMMIT;",
+    )
+    .execute(pool)
+    .await
+    .unwrap();
+    assert_eq!(run(pool, run_id).await.0, "failed");
+    let error = crate::support::step_error(pool, run_id, "wait")
+        .await
+        .unwrap();
+    assert_eq!(
+        error,
+        format!("child run {child} of flow holding was deleted")
+    );
+    // Not retried: no new child of the replaced flow.
+    assert!(children(pool, run_id).await.is_empty());
+    let runs: i64 = sqlx::query_scalar("SELECT count(*) FROM pgflow.runs")
+        .fetch_one(pool)
+        .await
+        .unwrap();
+    assert_eq!(runs, 1);
+    assert_consistent(pool).await;
+}
+
+/// Limits on a subflow step would be ignored (its children start from a trigger): the
+/// engine refuses them, whichever comes first.
+#[tokio::test]
+async fn a_subflow_step_cannot_have_concurrency_or_rate_limits() {
+    let (db, client) = client().await;
+    let pool = db.pool();
+    held_parent(pool, &client, 3).await;
+    for sql in [
+        "SELECT pgflow.set_concurrency_limit('waiting', 'wait', 2)",
+        "SELECT pgflow.set_rate_limit('waiting', 'wait', 2, interval '1 second')",
+    ] {
+        let error = sqlx::query(sql).execute(pool).await.unwrap_err();
+        let db_error = error.as_database_error().unwrap();
+        assert_eq!(db_error.code().as_deref(), Some("22023"), "{error}");
+        assert!(
+            db_error.message().contains(
+                "step waiting.wait is a subflow step: it cannot have concurrency or rate limits (limit the child flow's steps instead)"
+            ),
+            "{error}"
+        );
+    }
+    sqlx::raw_sql(
+        "SELECT pgflow.create_flow('limited'); SELECT pgflow.add_step('limited', 's');
+         SELECT pgflow.set_concurrency_limit('limited', 's', 1);",
+    )
+    .execute(pool)
+    .await
+    .unwrap();
+    // The Rust builder refuses it before any SQL.
+    let hold =
+        step_fn("hold").handler(|n: u32, _: StepContext| async move { Ok::<_, StepError>(n) });
+    let holding: Flow<u32> = Flow::new("holding").step(&hold).build();
+    let Err(error) = Flow::<u32>::new("limited_rust")
+        .step(step_fn("wait").concurrency(2).subflow(&holding, &hold))
+        .try_build()
+    else {
+        panic!("a limited subflow step is refused");
+    };
+    assert!(
+        error
+            .to_string()
+            .contains("a subflow step cannot be limited"),
+        "{error}"
+    );
+    let error = sqlx::query("SELECT pgflow.set_subflow('limited', 's', 'holding')")
+        .execute(pool)
+        .await
+        .unwrap_err();
+    assert!(
+        error
+            .to_string()
+            .contains("step limited.s has concurrency or rate limits"),
+        "{error}"
+    );
+}
+
+/// A stale or hostile report of a subflow task (no worker ever has one): a forged
+/// completion cancels the running child; a forged failure with attempts left cancels the
+/// running child before the retry starts the next, so never two children at once.
+#[tokio::test]
+async fn a_forged_report_of_a_subflow_task_cancels_its_running_child() {
+    let (db, client) = client().await;
+    let pool = db.pool();
+    held_parent(pool, &client, 3).await;
+
+    let completed = start(pool, "waiting", json!(5)).await;
+    let child = children(pool, completed).await[0].0;
+    sqlx::query("SELECT pgflow.complete_task($1, 'wait', 0, '\"forged\"'::jsonb)")
+        .bind(completed)
+        .execute(pool)
+        .await
+        .unwrap();
+    assert_eq!(run(pool, completed).await.0, "completed");
+    assert_eq!(run(pool, child).await.0, "cancelled");
+
+    let failed = start(pool, "waiting", json!(6)).await;
+    let first = children(pool, failed).await[0].0;
+    sqlx::query("SELECT pgflow.fail_task($1, 'wait', 0, 'forged')")
+        .bind(failed)
+        .execute(pool)
+        .await
+        .unwrap();
+    let kids = children(pool, failed).await;
+    assert_eq!(kids.len(), 2, "{kids:?}");
+    assert_eq!((kids[0].0, kids[0].2.as_str()), (first, "cancelled"));
+    assert_eq!(kids[1].2, "started");
+    assert_eq!(run(pool, failed).await.0, "started");
+    let running: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM pgflow.runs WHERE flow_slug = 'holding' AND status = 'started'",
+    )
+    .fetch_one(pool)
+    .await
+    .unwrap();
+    assert_eq!(running, 1);
+    client.cancel(failed).await.unwrap();
+    assert_eq!(run(pool, kids[1].0).await.0, "cancelled");
+    assert_consistent(pool).await;
+}
