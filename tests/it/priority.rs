@@ -683,6 +683,23 @@ async fn bad_priority_headers_sent_before_enabling_count_as_zero() {
             .await
             .unwrap();
     assert_eq!(first, vec![runs_msg]);
+    // The total expression is still the index's: a level's range is an index scan.
+    let mut tx = pool.begin().await.unwrap();
+    sqlx::query("SET LOCAL enable_seqscan = off")
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    let plan: Vec<String> = sqlx::query_scalar(&format!(
+        "EXPLAIN SELECT q.msg_id FROM pgmq.q_pr1 q WHERE {expression} = 5 AND q.vt <= now() \
+          ORDER BY {expression}, q.vt, q.msg_id LIMIT 1"
+    ))
+    .fetch_all(&mut *tx)
+    .await
+    .unwrap();
+    tx.rollback().await.unwrap();
+    let plan = plan.join("\n");
+    assert!(plan.contains("pgflow_prio_pr1"), "{plan}");
+    assert!(!plan.contains("Sort"), "{plan}");
 }
 
 /// An unknown flow is refused by a start with a priority, whatever the priority, with the
