@@ -18,7 +18,7 @@
 -- as Client::compile_replacing does, passes). set_subflow locks subflow_steps, so two
 -- definitions made at once are checked one after the other (they cannot close a cycle
 -- together). A subflow step cannot have limits (0014's step_limits): both orders refused.
--- Deleting a run that a parent task still waits for (its child flow replaced) fails that
+-- Deleting the runs a parent task still waits for (its child flow replaced) fails that
 -- task for good; a subflow task that leaves 'started' otherwise than through its child
 -- (a stale or hostile complete_task / fail_task) cancels its running child.
 --
@@ -485,51 +485,58 @@ $$;
 -- A child run deleted under its parent
 -- -------------------------------------------------------------------------------------
 
--- Before a run is deleted (delete_flow_and_data of its flow, as compile_replacing does):
--- if it is the current child of a parent task still waiting for it, that task fails for
--- good, through the normal fail path (no retry: the child flow was replaced or removed),
--- so the parent never waits for a child that is gone.
-CREATE FUNCTION pgflow_private._subflow_run_deleted()
+-- After runs are deleted (delete_flow_and_data of their flow, as compile_replacing does):
+-- a parent task still waiting for a child that is gone fails for good, through the normal
+-- fail path (no retry: the child flow was replaced or removed), so the parent never waits
+-- forever. Found after the statement, not per row: failing a parent cancels its other
+-- children, which the same statement may be deleting (a row trigger would modify rows the
+-- statement is about to delete). A started subflow task always has a started child; one
+-- of a deleted flow's parent steps without one lost it to this delete.
+CREATE FUNCTION pgflow_private._subflow_runs_deleted()
 RETURNS trigger
 LANGUAGE plpgsql
 SECURITY DEFINER
 SET search_path = ''
 AS $$
 DECLARE
-  v_link pgflow_ext.subflow_runs;
-  v_task pgflow.step_tasks;
+  v_task record;
 BEGIN
-  -- The link goes first: the parent task's failure must not try to cancel this run, which
-  -- is being deleted by this very statement.
-  DELETE FROM pgflow_ext.subflow_runs l WHERE l.child_run_id = OLD.run_id
-  RETURNING * INTO v_link;
-  IF NOT FOUND THEN
-    RETURN OLD;
-  END IF;
-  SELECT * INTO v_task FROM pgflow.step_tasks t
-   WHERE t.run_id = v_link.parent_run_id
-     AND t.step_slug = v_link.parent_step_slug
-     AND t.task_index = v_link.parent_task_index;
-  IF NOT FOUND OR v_task.status IS DISTINCT FROM 'started'
-     OR v_task.attempts_count <> v_link.parent_attempt
-     OR EXISTS (SELECT 1 FROM pgflow_ext.subflow_runs n
-                 WHERE n.parent_run_id = v_link.parent_run_id
-                   AND n.parent_step_slug = v_link.parent_step_slug
-                   AND n.parent_task_index = v_link.parent_task_index
-                   AND n.created_at > v_link.created_at) THEN
-    RETURN OLD;
-  END IF;
-  PERFORM pgflow_private.fail_task(v_task.run_id, v_task.step_slug, v_task.task_index,
-    format('child run %s of flow %s was deleted', OLD.run_id, OLD.flow_slug),
-    v_task.attempts_count, NULL, true, NULL);
-  RETURN OLD;
+  FOR v_task IN
+    SELECT t.run_id, t.step_slug, t.task_index, sf.child_flow_slug
+      FROM (SELECT DISTINCT o.flow_slug FROM deleted_runs o) d
+      JOIN pgflow_ext.subflow_steps sf ON sf.child_flow_slug = d.flow_slug
+      JOIN pgflow.step_tasks t ON t.flow_slug = sf.flow_slug AND t.step_slug = sf.step_slug
+      JOIN pgflow.runs pr ON pr.run_id = t.run_id
+     WHERE t.status = 'started'
+       AND t.message_id IS NULL
+       AND pr.status = 'started'
+       AND NOT EXISTS (SELECT 1 FROM pgflow_ext.subflow_runs l
+                         JOIN pgflow.runs c ON c.run_id = l.child_run_id
+                        WHERE l.parent_run_id = t.run_id
+                          AND l.parent_step_slug = t.step_slug
+                          AND l.parent_task_index = t.task_index
+                          AND c.status = 'started')
+     ORDER BY t.run_id, t.step_slug, t.task_index
+  LOOP
+    -- An earlier failure of this loop may have failed the run and cancelled this task.
+    PERFORM pgflow_private.fail_task(t.run_id, t.step_slug, t.task_index,
+      format('its child run of flow %s was deleted', v_task.child_flow_slug),
+      t.attempts_count, NULL, true, NULL)
+      FROM pgflow.step_tasks t
+     WHERE t.run_id = v_task.run_id
+       AND t.step_slug = v_task.step_slug
+       AND t.task_index = v_task.task_index
+       AND t.status = 'started';
+  END LOOP;
+  RETURN NULL;
 END;
 $$;
 
-CREATE TRIGGER subflow_run_deleted
-  BEFORE DELETE ON pgflow.runs
-  FOR EACH ROW
-  EXECUTE FUNCTION pgflow_private._subflow_run_deleted();
+CREATE TRIGGER subflow_runs_deleted
+  AFTER DELETE ON pgflow.runs
+  REFERENCING OLD TABLE AS deleted_runs
+  FOR EACH STATEMENT
+  EXECUTE FUNCTION pgflow_private._subflow_runs_deleted();
 
 -- -------------------------------------------------------------------------------------
 -- Limits do not apply to subflow steps
@@ -696,6 +703,6 @@ REVOKE EXECUTE ON FUNCTION
   pgflow_private._subflow_tasks_inserted(),
   pgflow_private._subflow_task_changed(),
   pgflow_private._subflow_run_ended(),
-  pgflow_private._subflow_run_deleted(),
+  pgflow_private._subflow_runs_deleted(),
   pgflow_private._subflow_step_limited()
   FROM public;

@@ -673,7 +673,7 @@ async fn replacing_the_child_flow_fails_the_parent_task_waiting_for_it() {
     let pool = db.pool();
     held_parent(pool, &client, 3).await;
     let run_id = start(pool, "waiting", json!(5)).await;
-    let child = children(pool, run_id).await[0].0;
+    assert_eq!(children(pool, run_id).await.len(), 1);
     sqlx::raw_sql(
         "BEGIN;
          SELECT pgflow.delete_flow_and_data('holding');
@@ -688,10 +688,7 @@ async fn replacing_the_child_flow_fails_the_parent_task_waiting_for_it() {
     let error = crate::support::step_error(pool, run_id, "wait")
         .await
         .unwrap();
-    assert_eq!(
-        error,
-        format!("child run {child} of flow holding was deleted")
-    );
+    assert_eq!(error, "its child run of flow holding was deleted");
     // Not retried: no new child of the replaced flow.
     assert!(children(pool, run_id).await.is_empty());
     let runs: i64 = sqlx::query_scalar("SELECT count(*) FROM pgflow.runs")
@@ -798,5 +795,44 @@ async fn a_forged_report_of_a_subflow_task_cancels_its_running_child() {
     assert_eq!(running, 1);
     client.cancel(failed).await.unwrap();
     assert_eq!(run(pool, kids[1].0).await.0, "cancelled");
+    assert_consistent(pool).await;
+}
+
+/// The child flow replaced under a map step waiting for three children: the first deleted
+/// child fails the parent, whose cancel reaches the other two children, deleted by the same
+/// statement; the replacement still commits, and the parent failed once.
+#[tokio::test]
+async fn replacing_the_child_flow_under_a_map_of_children_fails_the_parent_once() {
+    let (db, client) = client().await;
+    let pool = db.pool();
+    let hold =
+        step_fn("hold").handler(|n: u32, _: StepContext| async move { Ok::<_, StepError>(n) });
+    let holding: Flow<u32> = Flow::new("holding").step(&hold).build();
+    let each = step_fn("each").map_over_input().subflow(&holding, &hold);
+    let parent: Flow<Vec<u32>> = Flow::new("waiting_map").step(each).build();
+    client.compile(&holding).await.unwrap();
+    client.compile(&parent).await.unwrap();
+    let run_id = start(pool, "waiting_map", json!([1, 2, 3])).await;
+    assert_eq!(children(pool, run_id).await.len(), 3);
+    sqlx::raw_sql(
+        "BEGIN;
+         SELECT pgflow.delete_flow_and_data('holding');
+         SELECT pgflow.create_flow('holding');
+         SELECT pgflow.add_step('holding', 'hold');
+         COMMIT;",
+    )
+    .execute(pool)
+    .await
+    .unwrap();
+    assert_eq!(run(pool, run_id).await.0, "failed");
+    let error = crate::support::step_error(pool, run_id, "each")
+        .await
+        .unwrap();
+    assert_eq!(error, "its child run of flow holding was deleted");
+    let runs: i64 = sqlx::query_scalar("SELECT count(*) FROM pgflow.runs")
+        .fetch_one(pool)
+        .await
+        .unwrap();
+    assert_eq!(runs, 1);
     assert_consistent(pool).await;
 }
