@@ -561,8 +561,10 @@ BEGIN
 END;
 $$;
 
+-- Only when a row comes to name a step: a limited read updates its limit rows in place
+-- (0014, F4), and no existing row can name a subflow step (set_subflow refuses limited ones).
 CREATE TRIGGER subflow_step_limited
-  BEFORE INSERT OR UPDATE ON pgflow_ext.step_limits
+  BEFORE INSERT OR UPDATE OF flow_slug, step_slug ON pgflow_ext.step_limits
   FOR EACH ROW
   EXECUTE FUNCTION pgflow_private._subflow_step_limited();
 
