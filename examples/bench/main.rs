@@ -404,15 +404,21 @@ async fn main() -> Result<(), Box<dyn Error + Send + Sync>> {
                 Executor::Driver => &driver_clients,
                 Executor::Worker => &workers,
             };
-            // Engines alternate within each round, so a drift of the machine over the
-            // rounds falls on all of them alike.
+            // Engines alternate within each round, and every other round runs them in reverse
+            // order, so that neither a drift of the machine over the rounds nor the cost of
+            // going first (a cold cache, a server still flushing the previous row's writes)
+            // falls on one engine more than another.
             let (rounds, row_engines) = match executor {
                 Executor::Driver => (args.rounds, engines.as_slice()),
                 Executor::Worker => (1, std::slice::from_ref(&Engine::Current)),
             };
             for &parallel in counts {
-                for _ in 0..rounds {
-                    for engine in row_engines {
+                for round in 0..rounds {
+                    let mut order: Vec<&Engine> = row_engines.iter().collect();
+                    if round % 2 == 1 {
+                        order.reverse();
+                    }
+                    for engine in order {
                         let row =
                             load_row(&env, *workload, executor, parallel, None, engine).await?;
                         print_progress(&row);
