@@ -184,6 +184,21 @@ const STEP_SKIPPED_HANDLER_FAILED: Shape = Shape {
     ],
 };
 
+const STEP_SUBFLOW_STARTED: Shape = Shape {
+    row: "`step:subflow_started` *(ext 0016)*",
+    upstream: &[],
+    added: &[
+        "event_type",
+        "run_id",
+        "flow_slug",
+        "step_slug",
+        "task_index",
+        "child_run_id",
+        "child_flow_slug",
+        "depth",
+    ],
+};
+
 const SHAPES: &[&Shape] = &[
     &RUN_STARTED,
     &STEP_STARTED,
@@ -198,6 +213,7 @@ const SHAPES: &[&Shape] = &[
     &RUN_RETRIED,
     &STEP_SKIPPED,
     &STEP_SKIPPED_HANDLER_FAILED,
+    &STEP_SUBFLOW_STARTED,
 ];
 
 /// Checks one payload: exactly the keys of `shape`, each with the value that `values` or, for
@@ -819,6 +835,32 @@ async fn cancel_and_retry_send_their_events_with_every_documented_key() {
         json!({"event_type": "step:started", "run_id": run, "flow_slug": "f", "step_slug": "a",
                "status": "started", "remaining_tasks": 1, "remaining_deps": 0}),
         &[("started_at", started_at)],
+    );
+}
+
+#[tokio::test]
+async fn a_subflow_task_sends_subflow_started_with_every_documented_key() {
+    let engine = Engine::new().await;
+    fake_realtime(&engine).await;
+    engine.flow("child", &[("x", &[], "single")]).await;
+    engine.flow("parent", &[("s", &[], "single")]).await;
+    engine
+        .exec("SELECT pgflow.set_subflow('parent', 's', 'child')")
+        .await;
+    let run = engine.start("parent", json!({"n": 1})).await;
+    let sent = realtime_sent(&engine).await;
+    let child: Uuid = engine
+        .scalar(&format!(
+            "SELECT child_run_id FROM pgflow_ext.subflow_runs WHERE parent_run_id = '{run}'"
+        ))
+        .await;
+    assert_payload(
+        payload_of(&sent, "step:s:subflow_started"),
+        &STEP_SUBFLOW_STARTED,
+        json!({"event_type": "step:subflow_started", "run_id": run, "flow_slug": "parent",
+               "step_slug": "s", "task_index": 0, "child_run_id": child,
+               "child_flow_slug": "child", "depth": 1}),
+        &[],
     );
 }
 
