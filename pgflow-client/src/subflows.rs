@@ -22,7 +22,7 @@ use crate::{Client, Result, RunHandle, RunStatus};
 /// }
 /// # Ok(()) }
 /// ```
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 #[non_exhaustive]
 pub struct ChildRun {
     /// The child run.
@@ -44,7 +44,7 @@ pub struct ChildRun {
 }
 
 /// The parent of a child run ([`Client::parent`]): the run, step and task that started it.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 #[non_exhaustive]
 pub struct ParentLink {
     /// The parent run.

@@ -487,7 +487,13 @@ async fn runs_and_run_json_keep_the_documented_keys() {
 
     let text = stdout(&pgflow(db.url(), &["run", &run.to_string(), "--json"]));
     let state: Value = serde_json::from_str(&text).unwrap();
-    assert_eq!(keys(&state), ["run", "steps", "tasks"]);
+    assert_eq!(
+        keys(&state),
+        ["children", "parent", "run", "steps", "tasks"]
+    );
+    // A run no subflow step started, with no subflow step of its own.
+    assert_eq!(state["parent"], Value::Null);
+    assert_eq!(state["children"], json!([]));
     assert_eq!(
         keys(&state["run"]),
         [
@@ -585,7 +591,9 @@ async fn run_attempts_lists_every_failed_attempt_with_its_message() {
     .unwrap();
     assert_eq!(
         keys(&state),
-        ["attempts", "retries", "run", "steps", "tasks"]
+        [
+            "attempts", "children", "parent", "retries", "run", "steps", "tasks"
+        ]
     );
     assert_eq!(state["retries"], json!([]));
     assert_eq!(

@@ -463,6 +463,31 @@ async fn pgflow_run_shows_the_tree_of_child_runs() {
     );
     assert!(!text.contains("children:"), "{text}");
 
+    // `run --json` lists every direct child (not only the first 20) and the parent.
+    let json: serde_json::Value = serde_json::from_str(&stdout(&pgflow(
+        db.url(),
+        &["--json", "run", &run_id.to_string()],
+    )))
+    .unwrap();
+    assert_eq!(json["parent"], serde_json::Value::Null);
+    let listed = json["children"].as_array().expect("a children array");
+    assert_eq!(listed.len(), 25, "{json}");
+    assert_eq!(listed[0]["run_id"], kids[0].0.to_string());
+    assert_eq!(listed[0]["flow_slug"], "middle");
+    assert_eq!(listed[0]["step_slug"], "each");
+    assert_eq!(listed[0]["status"], "started");
+    assert_eq!(listed[0]["depth"], 1);
+    let json: serde_json::Value = serde_json::from_str(&stdout(&pgflow(
+        db.url(),
+        &["--json", "run", &first_grandchild.to_string()],
+    )))
+    .unwrap();
+    assert_eq!(json["parent"]["run_id"], kids[0].0.to_string());
+    assert_eq!(json["parent"]["step_slug"], "wait");
+    assert_eq!(json["parent"]["depth"], 2);
+    assert_eq!(json["children"], serde_json::json!([]));
+    assert_eq!(json["run"]["flow_slug"], "leaf");
+
     // Cancelling the top run cancels all 50 runs under it.
     client.cancel(run_id).await.unwrap();
     let started: i64 =

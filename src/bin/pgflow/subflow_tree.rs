@@ -70,6 +70,16 @@ pub(crate) async fn read(client: &Client, run_id: Uuid) -> Result<Tree, Failure>
     Ok(Tree { parent, entries })
 }
 
+/// The run's parent and its direct children, every one of them (`run --json`).
+pub(crate) async fn links(
+    client: &Client,
+    run_id: Uuid,
+) -> Result<(Option<ParentLink>, Vec<ChildRun>), Failure> {
+    let parent = client.parent(run_id).await.map_err(denied)?;
+    let children = client.children(run_id).await.map_err(denied)?;
+    Ok((parent, children))
+}
+
 fn denied(err: pgflow_client::Error) -> Failure {
     match &err {
         pgflow_client::Error::Database(sqlx::Error::Database(db))

@@ -1,7 +1,7 @@
 use std::io::Write;
 
 use chrono::{DateTime, Utc};
-use pgflow_client::{Client, RunRetry, RunState};
+use pgflow_client::{ChildRun, Client, ParentLink, RunRetry, RunState};
 use serde::Serialize;
 use uuid::Uuid;
 
@@ -25,14 +25,19 @@ pub(crate) struct FailedAttempt {
     pub(crate) last_worker_id: Option<Uuid>,
 }
 
-/// `run --json --attempts`: the run's state with its failed attempts under `attempts` and its
-/// retries under `retries`.
+/// `run --json`: the run's state, its parent and its direct child runs (subflows; each child's
+/// own children are one `run --json` of it away), and with `--attempts` its failed attempts
+/// under `attempts` and its retries under `retries`.
 #[derive(Serialize)]
-struct WithAttempts<'a> {
+struct RunJson<'a> {
     #[serde(flatten)]
     state: &'a RunState,
-    attempts: &'a [FailedAttempt],
-    retries: &'a [RunRetry],
+    parent: Option<ParentLink>,
+    children: Vec<ChildRun>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    attempts: Option<&'a [FailedAttempt]>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    retries: Option<&'a [RunRetry]>,
 }
 
 pub(crate) async fn show_run(
@@ -56,17 +61,17 @@ pub(crate) async fn show_run(
         None
     };
     if json {
-        return match &history {
-            Some((attempts, retries)) => print_json(
-                out,
-                &WithAttempts {
-                    state: &state,
-                    attempts,
-                    retries,
-                },
-            ),
-            None => print_json(out, &state),
-        };
+        let (parent, children) = crate::subflow_tree::links(client, run_id).await?;
+        return print_json(
+            out,
+            &RunJson {
+                state: &state,
+                parent,
+                children,
+                attempts: history.as_ref().map(|(attempts, _)| attempts.as_slice()),
+                retries: history.as_ref().map(|(_, retries)| retries.as_slice()),
+            },
+        );
     }
     let shape = client.flow_shape(&state.run.flow_slug).await?;
     write!(out, "{}", render_run(&state, shape.as_ref()))?;
