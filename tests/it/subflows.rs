@@ -339,6 +339,73 @@ async fn retrying_a_failed_parent_starts_a_new_child_and_keeps_the_failed_one() 
     assert_consistent(pool).await;
 }
 
+/// Slugs are case-sensitive names, while pgmq folds a queue's name to lower case: a slug that
+/// differs from a defined one only in case names nothing, for `set_subflow` and the limits
+/// alike, and is refused with the slug as given; nothing is stored.
+#[tokio::test]
+async fn slugs_that_differ_only_in_case_name_nothing_for_subflows_and_limits() {
+    let db = crate::support::database().await;
+    let pool = db.pool();
+    let exec = |sql: &'static str| async move { sqlx::raw_sql(sql).execute(pool).await };
+    exec(
+        "SELECT pgflow.create_flow('Child'); SELECT pgflow.add_step('Child', 'a');
+         SELECT pgflow.create_flow('Par'); SELECT pgflow.add_step('Par', 's');",
+    )
+    .await
+    .unwrap();
+    // A flow whose slug folds to an existing queue's name is refused outright.
+    let error = exec("SELECT pgflow.create_flow('child')")
+        .await
+        .unwrap_err();
+    assert!(error.to_string().contains("collides"), "{error}");
+
+    for (sql, message) in [
+        (
+            "SELECT pgflow.set_subflow('Par', 's', 'child')",
+            "child flow child of subflow step Par.s does not exist",
+        ),
+        (
+            "SELECT pgflow.set_subflow('par', 's', 'Child')",
+            "step s of flow par not found",
+        ),
+        (
+            "SELECT pgflow.set_subflow('Par', 'S', 'Child')",
+            "step S of flow Par not found",
+        ),
+        (
+            "SELECT pgflow.set_concurrency_limit('PAR', 's', 2)",
+            "step s of flow PAR not found",
+        ),
+        (
+            "SELECT pgflow.set_rate_limit('Par', 'S', 2, '1 second')",
+            "step S of flow Par not found",
+        ),
+    ] {
+        let error = exec(sql).await.unwrap_err();
+        assert!(error.to_string().contains(message), "{sql}: {error}");
+    }
+    let stored: i64 = sqlx::query_scalar(
+        "SELECT (SELECT count(*) FROM pgflow_ext.subflow_steps)
+              + (SELECT count(*) FROM pgflow_ext.step_limits)",
+    )
+    .fetch_one(pool)
+    .await
+    .unwrap();
+    assert_eq!(stored, 0);
+
+    // The exact slugs work.
+    exec("SELECT pgflow.set_subflow('Par', 's', 'Child')")
+        .await
+        .unwrap();
+    let child: String = sqlx::query_scalar(
+        "SELECT child_flow_slug FROM pgflow_ext.subflow_steps WHERE flow_slug = 'Par'",
+    )
+    .fetch_one(pool)
+    .await
+    .unwrap();
+    assert_eq!(child, "Child");
+}
+
 #[tokio::test]
 async fn the_engine_refuses_cycles_deep_chains_and_missing_or_deleted_children() {
     let db = crate::support::database().await;
