@@ -154,6 +154,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "queue_probe",
         sql: include_str!("../migrations/0017_queue_probe.sql"),
     },
+    Migration {
+        version: 18,
+        name: "start_tasks_by_key",
+        sql: include_str!("../migrations/0018_start_tasks_by_key.sql"),
+    },
 ];
 
 /// The schema version this build of pgflow installs: the last migration's version.
