@@ -10,6 +10,7 @@ mod events;
 mod flow_shapes;
 mod limits;
 mod maps;
+mod plans;
 mod retries;
 mod run_control;
 mod runs;
