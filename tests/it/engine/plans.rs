@@ -8,6 +8,7 @@
 //! depend on the machine's speed, against what a keyed lookup reads.
 
 use sqlx::{Connection, PgConnection, PgPool};
+use uuid::Uuid;
 
 use super::{Engine, WORKER};
 
@@ -32,23 +33,41 @@ async fn step_tasks_index_reads(conn: &mut PgConnection) -> i64 {
     .unwrap()
 }
 
-/// Reads up to `qty` messages of `flow` and starts their tasks on `conn`; the number started.
-async fn read_and_start(conn: &mut PgConnection, flow: &str, qty: i32) -> usize {
+/// Reads up to `qty` messages of `flow` and starts their tasks on `conn`.
+async fn read_and_start(conn: &mut PgConnection, flow: &str, qty: i32) -> Vec<(Uuid, String, i32)> {
     let msg_ids: Vec<i64> = sqlx::query_scalar("SELECT msg_id FROM pgmq.read($1, 30, $2)")
         .bind(flow)
         .bind(qty)
         .fetch_all(&mut *conn)
         .await
         .unwrap();
-    let started: Vec<i32> =
-        sqlx::query_scalar("SELECT task_index FROM pgflow.start_tasks($1, $2, $3)")
-            .bind(flow)
-            .bind(&msg_ids)
-            .bind(WORKER)
-            .fetch_all(&mut *conn)
-            .await
-            .unwrap();
-    started.len()
+    sqlx::query_as("SELECT run_id, step_slug, task_index FROM pgflow.start_tasks($1, $2, $3)")
+        .bind(flow)
+        .bind(&msg_ids)
+        .bind(WORKER)
+        .fetch_all(&mut *conn)
+        .await
+        .unwrap()
+}
+
+async fn complete(conn: &mut PgConnection, (run_id, step, index): &(Uuid, String, i32)) {
+    sqlx::query("SELECT pgflow.complete_task($1, $2, $3, '1'::jsonb)")
+        .bind(run_id)
+        .bind(step)
+        .bind(index)
+        .execute(&mut *conn)
+        .await
+        .unwrap();
+}
+
+async fn fail(conn: &mut PgConnection, (run_id, step, index): &(Uuid, String, i32)) {
+    sqlx::query("SELECT pgflow.fail_task($1, $2, $3, 'boom')")
+        .bind(run_id)
+        .bind(step)
+        .bind(index)
+        .execute(&mut *conn)
+        .await
+        .unwrap();
 }
 
 async fn start_runs(pool: &PgPool, flow: &str, input: &str, runs: i32) {
@@ -84,11 +103,11 @@ async fn starting_tasks_reads_a_few_index_entries_per_task_whatever_the_table_ho
     let mut session = PgConnection::connect(engine.url()).await.unwrap();
     start_runs(engine.pool(), "grown", "1", 1).await;
     // Caches the session's plans while the tables hold one run.
-    assert_eq!(read_and_start(&mut session, "grown", 10).await, 1);
+    assert_eq!(read_and_start(&mut session, "grown", 10).await.len(), 1);
 
     start_runs(engine.pool(), "grown", "1", 3000).await;
     let before = step_tasks_index_reads(&mut session).await;
-    assert_eq!(read_and_start(&mut session, "grown", 10).await, 10);
+    assert_eq!(read_and_start(&mut session, "grown", 10).await.len(), 10);
     let read = step_tasks_index_reads(&mut session).await - before;
     // Four entries per task when written (its message id and its key in each keyed query
     // and update): 40 for ten tasks. The plan of 0010 read 6,012: 3,000 per step walked.
@@ -107,16 +126,48 @@ async fn starting_map_tasks_does_not_read_the_whole_run_for_each_task() {
     engine.flow("wide", &[("each", &[], "map")]).await;
     let mut session = PgConnection::connect(engine.url()).await.unwrap();
     start_runs(engine.pool(), "wide", "[1]", 1).await;
-    assert_eq!(read_and_start(&mut session, "wide", 10).await, 1);
+    assert_eq!(read_and_start(&mut session, "wide", 10).await.len(), 1);
 
     let elements = serde_json::Value::from((0..3000).collect::<Vec<i32>>()).to_string();
     start_runs(engine.pool(), "wide", &elements, 1).await;
     let before = step_tasks_index_reads(&mut session).await;
-    assert_eq!(read_and_start(&mut session, "wide", 10).await, 10);
+    assert_eq!(read_and_start(&mut session, "wide", 10).await.len(), 10);
     let read = step_tasks_index_reads(&mut session).await - before;
     assert!(
         read <= 200,
         "starting 10 map tasks read {read} index entries of step_tasks"
+    );
+    session.close().await.unwrap();
+}
+
+/// Completing and failing tasks, the other two calls of a worker, from a session that cached
+/// their plans while the flow had one run: a few index entries per task after 3,000 more.
+#[tokio::test]
+async fn completing_and_failing_tasks_read_a_few_index_entries_per_task() {
+    let engine = Engine::new().await;
+    engine
+        .flow("both", &[("a", &[], "single"), ("b", &["a"], "single")])
+        .await;
+    let mut session = PgConnection::connect(engine.url()).await.unwrap();
+    start_runs(engine.pool(), "both", "1", 1).await;
+    let first = read_and_start(&mut session, "both", 10).await;
+    complete(&mut session, &first[0]).await;
+    let second = read_and_start(&mut session, "both", 10).await;
+    fail(&mut session, &second[0]).await;
+
+    start_runs(engine.pool(), "both", "1", 3000).await;
+    let tasks = read_and_start(&mut session, "both", 10).await;
+    assert_eq!(tasks.len(), 10);
+    let before = step_tasks_index_reads(&mut session).await;
+    for task in &tasks[..9] {
+        complete(&mut session, task).await;
+    }
+    fail(&mut session, &tasks[9]).await;
+    let read = step_tasks_index_reads(&mut session).await - before;
+    // 21 when written: completing and failing already join full keys (0010).
+    assert!(
+        read <= 200,
+        "completing 9 tasks and failing 1 read {read} index entries of step_tasks"
     );
     session.close().await.unwrap();
 }
