@@ -159,6 +159,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "start_tasks_by_key",
         sql: include_str!("../migrations/0018_start_tasks_by_key.sql"),
     },
+    Migration {
+        version: 19,
+        name: "caller_checks_cached",
+        sql: include_str!("../migrations/0019_caller_checks_cached.sql"),
+    },
 ];
 
 /// The schema version this build of pgflow installs: the last migration's version.
