@@ -164,6 +164,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "caller_checks_cached",
         sql: include_str!("../migrations/0019_caller_checks_cached.sql"),
     },
+    Migration {
+        version: 20,
+        name: "complete_tasks_one_check",
+        sql: include_str!("../migrations/0020_complete_tasks_one_check.sql"),
+    },
 ];
 
 /// The schema version this build of pgflow installs: the last migration's version.
