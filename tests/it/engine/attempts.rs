@@ -182,3 +182,69 @@ async fn complete_tasks_with_attempts_skips_only_the_stale_entries() {
         .await;
     assert!(error.contains("must have the same length"), "{error}");
 }
+
+/// Waits until one backend of this database waits on a row lock in a `complete_tasks` report.
+async fn a_report_waits_on_a_lock(engine: &Engine) {
+    for _ in 0..500 {
+        let waiting: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity \
+              WHERE datname = current_database() AND pid <> pg_backend_pid() \
+                AND wait_event_type = 'Lock' AND query LIKE '%complete_tasks%'",
+        )
+        .fetch_one(engine.pool())
+        .await
+        .unwrap();
+        if waiting == 1 {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    panic!("no report waited on the task's lock");
+}
+
+/// The batched report checks the attempt of the task version it locks (migration 0020): a
+/// report that waits on a task being retried meanwhile finds attempt 2 failed and changes
+/// nothing; once the holder lets go of the task unchanged, the same report completes it.
+#[tokio::test]
+async fn a_report_waiting_on_its_task_checks_the_version_it_gets() {
+    for retried in [true, false] {
+        let (engine, run) = on_second_attempt().await;
+        let mut holder = engine.pool().begin().await.unwrap();
+        sqlx::query("SELECT 1 FROM pgflow.step_tasks WHERE run_id = $1 FOR NO KEY UPDATE")
+            .bind(run)
+            .execute(&mut *holder)
+            .await
+            .unwrap();
+        let report = tokio::spawn({
+            let pool = engine.pool().clone();
+            async move {
+                let rows: Vec<(String,)> = sqlx::query_as(
+                    "SELECT status FROM pgflow.complete_tasks(ARRAY[$1]::uuid[], \
+                     ARRAY['work'], ARRAY[0], ARRAY['\"done\"'::jsonb], ARRAY[2], NULL)",
+                )
+                .bind(run)
+                .fetch_all(&pool)
+                .await
+                .unwrap();
+                rows
+            }
+        });
+        a_report_waits_on_a_lock(&engine).await;
+        if retried {
+            sqlx::query("SELECT * FROM pgflow.fail_task($1, 'work', 0, 'meanwhile', 2, NULL)")
+                .bind(run)
+                .execute(&mut *holder)
+                .await
+                .unwrap();
+        }
+        holder.commit().await.unwrap();
+        let rows = report.await.unwrap();
+        if retried {
+            assert!(rows.is_empty(), "a stale report completed: {rows:?}");
+            assert_eq!(engine.work_task(run).await, ("queued".to_owned(), 2));
+        } else {
+            assert_eq!(rows, vec![("completed".to_owned(),)]);
+            assert_eq!(engine.work_task(run).await, ("completed".to_owned(), 2));
+        }
+    }
+}
