@@ -504,7 +504,13 @@ async fn main() -> Result<(), Box<dyn Error + Send + Sync>> {
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_secs())
             .unwrap_or(0),
+        // The checkout's HEAD when the benchmark ran, which need not be what this binary was
+        // built from; the engine it installs is named by the schema version and fingerprint.
         "git_commit": git_commit(),
+        "engine": {
+            "schema_version": pgflow_core::schema::SCHEMA_VERSION,
+            "migrations_fingerprint": pgflow_core::schema::fingerprint(),
+        },
         "machine": machine,
         "load_average": { "before": load_before, "after": load_after },
         "server": server,
