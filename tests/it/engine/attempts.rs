@@ -2,11 +2,13 @@
 //! `fail_task` with the attempt that ran apply only while that attempt is the task's current
 //! one; the 0.8.1 forms keep their meaning.
 
+use std::time::Duration;
+
 use serde_json::json;
 use uuid::Uuid;
 
 use super::{Engine, WORKER};
-use crate::support::TaskRow;
+use crate::support::{TaskRow, eventually};
 
 impl Engine {
     /// `pgflow.complete_task` with the attempt (and worker) that ran.
@@ -185,21 +187,22 @@ async fn complete_tasks_with_attempts_skips_only_the_stale_entries() {
 
 /// Waits until one backend of this database waits on a row lock in a `complete_tasks` report.
 async fn a_report_waits_on_a_lock(engine: &Engine) {
-    for _ in 0..500 {
-        let waiting: i64 = sqlx::query_scalar(
-            "SELECT count(*) FROM pg_stat_activity \
+    eventually(
+        "a report to wait on the task's lock",
+        Duration::from_secs(5),
+        async || {
+            let waiting: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM pg_stat_activity \
               WHERE datname = current_database() AND pid <> pg_backend_pid() \
                 AND wait_event_type = 'Lock' AND query LIKE '%complete_tasks%'",
-        )
-        .fetch_one(engine.pool())
-        .await
-        .unwrap();
-        if waiting == 1 {
-            return;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-    }
-    panic!("no report waited on the task's lock");
+            )
+            .fetch_one(engine.pool())
+            .await
+            .unwrap();
+            waiting == 1
+        },
+    )
+    .await;
 }
 
 /// The batched report checks the attempt of the task version it locks (migration 0020): a
