@@ -1,0 +1,189 @@
+#!/usr/bin/env bash
+# The per-task protocol on three engines, side by side: this engine (`pgflow install`),
+# upstream pgflow 0.8.1 (its npm package's migrations) and the protocol's floor (floor.sql: the
+# least any engine must write). Each run is a fresh database with a chain of five steps and
+# RUNS runs queued (five tasks each: enough that no run drains them), drained by pgbench with CLIENTS clients for SECONDS seconds (task.sql: one
+# task = three transactions). The engines' order is reversed every other round.
+#
+#   DATABASE_URL=postgres://postgres@localhost/postgres examples/bench/protocol_floor/run.sh
+#
+# DATABASE_URL: a superuser of a server on this machine (its databases pgflow_floor_* are
+# dropped and created). Needs psql, pgbench, cargo, and npm unless the bench has already
+# fetched @pgflow/core@0.8.1 into target/bench-engines. Writes OUT (JSON) and prints a table.
+# Server CPU per task is the CPU of the server's backends that ended (the postmaster's reaped
+# children, from /proc): the run's connections, plus any autovacuum worker that ran meanwhile.
+set -euo pipefail
+
+here=$(cd "$(dirname "$0")" && pwd)
+root=$(cd "$here/../../.." && pwd)
+export PGOPTIONS="-c client_min_messages=warning"
+: "${DATABASE_URL:?set DATABASE_URL to a superuser connection of a local PostgreSQL server}"
+clients=${CLIENTS:-4}
+seconds=${SECONDS_PER_RUN:-20}
+rounds=${ROUNDS:-3}
+runs=${RUNS:-8000}
+out=${OUT:-$root/examples/bench/results/protocol-floor.json}
+engines=(floor upstream current)
+worker=00000000-0000-0000-0000-000000000001
+
+for tool in psql pgbench cargo; do
+  command -v "$tool" >/dev/null || { echo "run.sh: $tool not found" >&2; exit 1; }
+done
+
+# DATABASE_URL with its database replaced by $1 (query parameters such as host= kept).
+url_of() { sed -E "s#^(postgres(ql)?://[^/?]*)(/[^?]*)?#\\1/$1#" <<<"$DATABASE_URL"; }
+admin() { psql -X -q -v ON_ERROR_STOP=1 "$DATABASE_URL" "$@"; }
+in_db() { local db=$1; shift; psql -X -q -v ON_ERROR_STOP=1 "$(url_of "$db")" "$@"; }
+
+echo "building the pgflow CLI" >&2
+cargo build -q --manifest-path "$root/Cargo.toml" --features cli --bin pgflow
+pgflow="$root/target/debug/pgflow"
+
+cache="$root/target/bench-engines"
+migrations="$cache/pgflow-core-0.8.1/package/dist/supabase/migrations"
+if [[ ! -d $migrations ]]; then
+  echo "fetching @pgflow/core@0.8.1" >&2
+  mkdir -p "$cache/pgflow-core-0.8.1"
+  (cd "$cache" && npm pack --silent @pgflow/core@0.8.1 >/dev/null \
+     && tar -xzf pgflow-core-0.8.1.tgz -C pgflow-core-0.8.1)
+fi
+
+# A database with pgmq alone, as `pgflow install` installs it (the extension where the server
+# has it, else pgmq's SQL), the template of the upstream and floor databases.
+admin -c "DROP DATABASE IF EXISTS pgflow_floor_pgmq" -c "CREATE DATABASE pgflow_floor_pgmq"
+"$pgflow" --database-url "$(url_of pgflow_floor_pgmq)" install >/dev/null
+in_db pgflow_floor_pgmq -c "DROP SCHEMA pgflow, pgflow_private, pgflow_ext, pgflow_meta CASCADE" \
+  2>/dev/null
+
+chain="SELECT pgflow.create_flow('c5');
+SELECT pgflow.add_step('c5', 's1');
+SELECT pgflow.add_step('c5', 's2', ARRAY['s1']);
+SELECT pgflow.add_step('c5', 's3', ARRAY['s2']);
+SELECT pgflow.add_step('c5', 's4', ARRAY['s3']);
+SELECT pgflow.add_step('c5', 's5', ARRAY['s4']);
+INSERT INTO pgflow.workers (worker_id, queue_name, function_name)
+VALUES ('$worker', 'c5', 'protocol_floor');
+SELECT count(*) FROM (
+  SELECT pgflow.start_flow('c5', jsonb_build_object('i', g)) FROM generate_series(1, $runs) g
+) s;"
+
+# A fresh database pgflow_floor_$1 with engine $1, the chain, and the runs queued.
+prepare() {
+  local engine=$1 db=pgflow_floor_$1
+  admin -c "DROP DATABASE IF EXISTS $db"
+  case $engine in
+    current)
+      admin -c "CREATE DATABASE $db"
+      "$pgflow" --database-url "$(url_of "$db")" install >/dev/null
+      in_db "$db" -c "$chain" >/dev/null ;;
+    upstream)
+      admin -c "CREATE DATABASE $db TEMPLATE pgflow_floor_pgmq"
+      # Upstream targets Supabase: its broadcasts need realtime.send (a stand-in that drops
+      # them), and it creates pgmq as an extension, which the template already has.
+      in_db "$db" -c "CREATE SCHEMA realtime" -c "CREATE FUNCTION realtime.send(payload jsonb,
+        event text, topic text, private boolean DEFAULT true) RETURNS void LANGUAGE sql AS ''"
+      for f in "$migrations"/*.sql; do
+        sed 's/CREATE EXTENSION IF NOT EXISTS "pgmq" WITH SCHEMA "pgmq";//' "$f" \
+          | in_db "$db" >/dev/null
+      done
+      in_db "$db" -c "$chain" >/dev/null ;;
+    floor)
+      admin -c "CREATE DATABASE $db TEMPLATE pgflow_floor_pgmq"
+      in_db "$db" -f "$here/floor.sql" >/dev/null
+      in_db "$db" -c "SELECT pgflow.start_runs($runs)" >/dev/null ;;
+  esac
+  in_db "$db" -c "VACUUM ANALYZE"
+}
+
+# The postmaster's reaped children's CPU in clock ticks (its parent is the checkpointer's).
+checkpointer=$(admin -Atc "SELECT pid FROM pg_stat_activity WHERE backend_type = 'checkpointer'")
+postmaster=$(awk '/^PPid/ { print $2 }' "/proc/$checkpointer/status" 2>/dev/null || true)
+children_ticks() {
+  if [[ -n $postmaster && -r /proc/$postmaster/stat ]]; then
+    awk '{ print $16 + $17 }' "/proc/$postmaster/stat"
+  else
+    echo ""
+  fi
+}
+tick=$(getconf CLK_TCK)
+
+# The commit ceiling of the moment: one-row updates, each its own transaction, a row per client.
+admin -c "DROP DATABASE IF EXISTS pgflow_floor_ceiling" -c "CREATE DATABASE pgflow_floor_ceiling"
+in_db pgflow_floor_ceiling -c "CREATE TABLE c (id integer PRIMARY KEY, n integer)" \
+  -c "INSERT INTO c SELECT g, 0 FROM generate_series(1, 256) g"
+ceiling_sql=$(mktemp)
+trap 'rm -f "$ceiling_sql"' EXIT
+echo 'UPDATE c SET n = n + 1 WHERE id = :client_id + 1;' >"$ceiling_sql"
+
+rows=()
+for round in $(seq 1 "$rounds"); do
+  order=("${engines[@]}")
+  if ((round % 2 == 0)); then order=(current upstream floor); fi
+  ceiling=$(pgbench -n -M prepared -c "$clients" -j 2 -T 5 -f "$ceiling_sql" \
+    "$(url_of pgflow_floor_ceiling)" 2>&1 | sed -n 's/^tps = \([0-9]*\).*/\1/p')
+  for engine in "${order[@]}"; do
+    prepare "$engine"
+    load=$(cut -d' ' -f1 /proc/loadavg)
+    before=$(children_ticks)
+    result=$(pgbench -n -M prepared -c "$clients" -j 2 -T "$seconds" -f "$here/task.sql" \
+      "$(url_of "pgflow_floor_$engine")" 2>&1) || { echo "$result" >&2; exit 1; }
+    sleep 1
+    after=$(children_ticks)
+    tasks=$(sed -n 's/^number of transactions actually processed: \([0-9]*\).*/\1/p' <<<"$result")
+    tps=$(sed -n 's/^tps = \([0-9.]*\).*/\1/p' <<<"$result")
+    cpu=null
+    if [[ -n $before && -n $after && $tasks -gt 0 ]]; then
+      cpu=$(((after - before) * 1000000 / tick / tasks))
+    fi
+    printf '%-8s round %d: %8.1f tasks/s, server CPU %s us/task, ceiling %s tx/s, load %s\n' \
+      "$engine" "$round" "$tps" "$cpu" "$ceiling" "$load" >&2
+    rows+=("{\"engine\": \"$engine\", \"round\": $round, \"tasks\": $tasks, \"tasks_per_s\": $tps, \"server_cpu_us_per_task\": $cpu, \"ceiling_tx_per_s\": $ceiling, \"load_before\": $load}")
+  done
+done
+
+# Where one task's time goes on each engine: one client, pgbench's per-statement latencies
+# (ms, client side: the call, its commit and the round trip).
+calls=()
+for engine in "${engines[@]}"; do
+  prepare "$engine"
+  result=$(pgbench -n -r -M prepared -c 1 -T 10 -f "$here/task.sql" \
+    "$(url_of "pgflow_floor_$engine")" 2>&1) || { echo "$result" >&2; exit 1; }
+  latencies=$(awk '$3 == "select" { print $1 }' <<<"$result" | paste -sd' ')
+  read -r read_ms start_ms complete_ms <<<"$latencies"
+  printf '%-8s one client: read %s ms, start_tasks %s ms, complete_task %s ms\n' \
+    "$engine" "$read_ms" "$start_ms" "$complete_ms" >&2
+  calls+=("\"$engine\": {\"read\": $read_ms, \"start_tasks\": $start_ms, \"complete_task\": $complete_ms}")
+done
+
+median() { # engine field
+  for row in "${rows[@]}"; do
+    if [[ $row == *"\"engine\": \"$1\""* ]]; then
+      sed -E "s/.*\"$2\": ([0-9.]+).*/\\1/" <<<"$row"
+    fi
+  done | sort -g | awk '{ v[NR] = $1 } END { print (NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2 }'
+}
+medians=()
+for engine in "${engines[@]}"; do
+  medians+=("\"$engine\": {\"tasks_per_s\": $(median "$engine" tasks_per_s), \"server_cpu_us_per_task\": $(median "$engine" server_cpu_us_per_task)}")
+done
+ratio() { awk -v a="$(median "$1" tasks_per_s)" -v b="$(median "$2" tasks_per_s)" 'BEGIN { printf "%.2f", a / b }'; }
+echo "medians: current / upstream $(ratio current upstream), floor / upstream $(ratio floor upstream)" >&2
+
+join() { local IFS=,; echo "$*"; }
+cat >"$out" <<JSON
+{
+  "command": "DATABASE_URL=... CLIENTS=$clients SECONDS_PER_RUN=$seconds ROUNDS=$rounds RUNS=$runs examples/bench/protocol_floor/run.sh",
+  "git_commit": "$(git -C "$root" rev-parse --short HEAD)",
+  "server_version": "$(admin -Atc 'SHOW server_version')",
+  "clients": $clients,
+  "seconds": $seconds,
+  "runs": [
+    $(join "${rows[@]}")
+  ],
+  "medians": {$(join "${medians[@]}")},
+  "current_over_upstream": $(ratio current upstream),
+  "floor_over_upstream": $(ratio floor upstream),
+  "one_client_call_ms": {$(join "${calls[@]}")}
+}
+JSON
+echo "wrote $out" >&2
