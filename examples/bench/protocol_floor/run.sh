@@ -11,9 +11,14 @@
 #
 # DATABASE_URL: a superuser of a server on this machine (its databases pgflow_floor_* are
 # dropped and created). Needs psql, pgbench, cargo, and npm unless the bench has already
-# fetched @pgflow/core@0.8.1 into target/bench-engines. Writes OUT (JSON) and prints a table.
+# fetched @pgflow/core@0.8.1 into target/bench-engines. Writes OUT (JSON), prints a table on
+# standard error, and drops its databases (pgflow_floor_*) when done.
 # Server CPU per task is the CPU of the server's backends that ended (the postmaster's reaped
-# children, from /proc): the run's connections, plus any autovacuum worker that ran meanwhile.
+# children, from /proc): the run's connections, plus any autovacuum worker or other client's
+# backend that ended meanwhile; the WAL writer and checkpointer are not in it. Without access to
+# the postmaster (a remote server, another container) it is null.
+# Each run needs more tasks queued than it completes: with RUNS too small the queue runs dry and
+# pgbench stops ("expected one row, got 0"); raise RUNS or FANOUT_RUNS then.
 set -euo pipefail
 
 here=$(cd "$(dirname "$0")" && pwd)
@@ -23,16 +28,31 @@ export PGOPTIONS="-c client_min_messages=warning"
 clients=${CLIENTS:-4}
 seconds=${SECONDS_PER_RUN:-20}
 rounds=${ROUNDS:-3}
-runs=${RUNS:-8000}
-fanout_runs=${FANOUT_RUNS:-40}
+runs=${RUNS:-10000}
+fanout_runs=${FANOUT_RUNS:-60}
 IFS=, read -r -a workloads <<<"${WORKLOADS:-chain5,fanout1000}"
+# One client's per-call latencies take this long per engine and workload.
+one_client_seconds=$((seconds < 10 ? seconds : 10))
 out=${OUT:-$root/examples/bench/results/protocol-floor.json}
 engines=(floor upstream current)
 worker=00000000-0000-0000-0000-000000000001
 
+fail() { echo "run.sh: $*" >&2; exit 1; }
 for tool in psql pgbench cargo; do
-  command -v "$tool" >/dev/null || { echo "run.sh: $tool not found" >&2; exit 1; }
+  command -v "$tool" >/dev/null || fail "$tool not found"
 done
+for setting in CLIENTS=$clients SECONDS_PER_RUN=$seconds ROUNDS=$rounds RUNS=$runs \
+  FANOUT_RUNS=$fanout_runs; do
+  [[ ${setting#*=} =~ ^[1-9][0-9]*$ ]] || fail "$setting: a whole number above 0 expected"
+done
+for workload in "${workloads[@]}"; do
+  [[ $workload == chain5 || $workload == fanout1000 ]] ||
+    fail "unknown workload '$workload' in WORKLOADS (chain5, fanout1000)"
+done
+# Every database this script drops or writes is named pgflow_floor_*, reached through url_of.
+[[ $DATABASE_URL =~ ^postgres(ql)?:// ]] ||
+  fail "DATABASE_URL must be a postgres:// or postgresql:// URL (got another form)"
+[[ $DATABASE_URL != *dbname=* ]] || fail "DATABASE_URL must name its database in its path, not dbname="
 
 # DATABASE_URL with its database replaced by $1 (query parameters such as host= kept).
 url_of() { sed -E "s#^(postgres(ql)?://[^/?]*)(/[^?]*)?#\\1/$1#" <<<"$DATABASE_URL"; }
@@ -55,9 +75,13 @@ fi
 # A database with pgmq alone, as `pgflow install` installs it (the extension where the server
 # has it, else pgmq's SQL), the template of the upstream and floor databases.
 admin -c "DROP DATABASE IF EXISTS pgflow_floor_pgmq" -c "CREATE DATABASE pgflow_floor_pgmq"
+# Before anything is written through url_of: it must reach the database it names.
+reached=$(in_db pgflow_floor_pgmq -Atc "SELECT current_database()")
+[[ $reached == pgflow_floor_pgmq ]] ||
+  fail "DATABASE_URL with its database replaced reached '$reached', not pgflow_floor_pgmq"
 "$pgflow" --database-url "$(url_of pgflow_floor_pgmq)" install >/dev/null
-in_db pgflow_floor_pgmq -c "DROP SCHEMA pgflow, pgflow_private, pgflow_ext, pgflow_meta CASCADE" \
-  2>/dev/null
+in_db pgflow_floor_pgmq -c "DROP SCHEMA IF EXISTS pgflow, pgflow_private, pgflow_ext, pgflow_meta
+  CASCADE"
 
 # The flow of workload $1 and its runs, through the engine's definition API (the same calls
 # on this engine and upstream's).
@@ -120,6 +144,11 @@ prepare() {
 # The postmaster's reaped children's CPU in clock ticks (its parent is the checkpointer's).
 checkpointer=$(admin -Atc "SELECT pid FROM pg_stat_activity WHERE backend_type = 'checkpointer'")
 postmaster=$(awk '/^PPid/ { print $2 }' "/proc/$checkpointer/status" 2>/dev/null || true)
+# A process id from the server's own namespace may name another process here (containers).
+if [[ -z $postmaster || $(cat "/proc/$postmaster/comm" 2>/dev/null) != postgres* ]]; then
+  echo "run.sh: the server's postmaster is not visible here: no server CPU figures" >&2
+  postmaster=
+fi
 children_ticks() {
   if [[ -n $postmaster && -r /proc/$postmaster/stat ]]; then
     awk '{ print $16 + $17 }' "/proc/$postmaster/stat"
@@ -146,6 +175,15 @@ drain() {
     -f "$here/task.sql" "$(url_of "pgflow_floor_$engine")" 2>&1
 }
 
+# pgbench failed with output $1.
+dry() {
+  echo "$1" >&2
+  if [[ $1 == *"expected one row, got 0"* ]]; then
+    fail "the queue ran dry before the run ended: raise RUNS (chain5) or FANOUT_RUNS (fanout1000)"
+  fi
+  fail "pgbench failed"
+}
+
 rows=()
 for round in $(seq 1 "$rounds"); do
   order=("${engines[@]}")
@@ -155,9 +193,11 @@ for round in $(seq 1 "$rounds"); do
   for workload in "${workloads[@]}"; do
     for engine in "${order[@]}"; do
       prepare "$engine" "$workload"
+      # The server reaps a backend a moment after its client has gone: the set-up's last.
+      sleep 1
       load=$(cut -d' ' -f1 /proc/loadavg)
       before=$(children_ticks)
-      result=$(drain "$engine" "$workload" "$clients" "$seconds") || { echo "$result" >&2; exit 1; }
+      result=$(drain "$engine" "$workload" "$clients" "$seconds") || dry "$result"
       sleep 1
       after=$(children_ticks)
       tasks=$(sed -n 's/^number of transactions actually processed: \([0-9]*\).*/\1/p' <<<"$result")
@@ -180,7 +220,7 @@ for workload in "${workloads[@]}"; do
   per_engine=()
   for engine in "${engines[@]}"; do
     prepare "$engine" "$workload"
-    result=$(drain "$engine" "$workload" 1 10 -r) || { echo "$result" >&2; exit 1; }
+    result=$(drain "$engine" "$workload" 1 "$one_client_seconds" -r) || dry "$result"
     latencies=$(awk '$3 == "select" { print $1 }' <<<"$result" | paste -sd' ')
     read -r read_ms start_ms complete_ms <<<"$latencies"
     printf '%-10s %-8s one client: read %s ms, start_tasks %s ms, complete_task %s ms\n' \
@@ -193,9 +233,15 @@ done
 median() { # workload engine field
   for row in "${rows[@]}"; do
     if [[ $row == *"\"workload\": \"$1\", \"engine\": \"$2\""* ]]; then
-      sed -E "s/.*\"$3\": ([0-9.]+).*/\\1/" <<<"$row"
+      sed -E "s/.*\"$3\": ([0-9.]+|null).*/\\1/" <<<"$row"
     fi
-  done | sort -g | awk '{ v[NR] = $1 } END { print (NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2 }'
+  done | sort -g | awk '
+    $1 == "null" { missing = 1 }
+    { v[NR] = $1 }
+    END {
+      if (missing) print "null"
+      else print (NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2
+    }'
 }
 ratio() { # workload engine engine
   awk -v a="$(median "$1" "$2" tasks_per_s)" -v b="$(median "$1" "$3" tasks_per_s)" \
@@ -217,7 +263,7 @@ join() { local IFS=,; echo "$*"; }
 cat >"$out" <<JSON
 {
   "command": "DATABASE_URL=... CLIENTS=$clients SECONDS_PER_RUN=$seconds ROUNDS=$rounds RUNS=$runs FANOUT_RUNS=$fanout_runs WORKLOADS=$(IFS=,; echo "${workloads[*]}") examples/bench/protocol_floor/run.sh",
-  "git_commit": "$(git -C "$root" rev-parse --short HEAD)",
+  "git_commit": "$(git -C "$root" describe --always --dirty)",
   "server_version": "$(admin -Atc 'SHOW server_version')",
   "clients": $clients,
   "seconds": $seconds,
@@ -229,3 +275,6 @@ cat >"$out" <<JSON
 }
 JSON
 echo "wrote $out" >&2
+for db in floor upstream current ceiling pgmq; do
+  admin -c "DROP DATABASE IF EXISTS pgflow_floor_$db"
+done
