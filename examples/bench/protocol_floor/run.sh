@@ -52,12 +52,15 @@ done
 # Every database this script drops or writes is named pgflow_floor_*, reached through url_of.
 [[ $DATABASE_URL =~ ^postgres(ql)?:// ]] ||
   fail "DATABASE_URL must be a postgres:// or postgresql:// URL (got another form)"
-[[ $DATABASE_URL != *dbname=* ]] || fail "DATABASE_URL must name its database in its path, not dbname="
+[[ $DATABASE_URL != *dbname=* ]] ||
+  fail "DATABASE_URL must name its database in its path, not dbname="
 
 # DATABASE_URL with its database replaced by $1 (query parameters such as host= kept).
 url_of() { sed -E "s#^(postgres(ql)?://[^/?]*)(/[^?]*)?#\\1/$1#" <<<"$DATABASE_URL"; }
 admin() { psql -X -q -v ON_ERROR_STOP=1 "$DATABASE_URL" "$@"; }
 in_db() { local db=$1; shift; psql -X -q -v ON_ERROR_STOP=1 "$(url_of "$db")" "$@"; }
+# Its arguments joined with commas (JSON lists and objects).
+join() { local IFS=,; echo "$*"; }
 
 echo "building the pgflow CLI" >&2
 cargo build -q --manifest-path "$root/Cargo.toml" --features cli --bin pgflow
@@ -106,7 +109,6 @@ SELECT count(*) FROM (
   SELECT pgflow.start_flow('fo', (SELECT jsonb_agg(x + 0 * g) FROM generate_series(1, 1000) x))
     FROM generate_series(1, $fanout_runs) g
 ) s;" ;;
-    *) echo "run.sh: unknown workload $1 (chain5, fanout1000)" >&2; exit 1 ;;
   esac
 }
 flow_of() { if [[ $1 == chain5 ]]; then echo c5; else echo fo; fi; }
@@ -123,7 +125,9 @@ prepare() {
     upstream)
       admin -c "CREATE DATABASE $db TEMPLATE pgflow_floor_pgmq"
       # Upstream targets Supabase: its broadcasts need realtime.send (a stand-in that drops
-      # them), and it creates pgmq as an extension, which the template already has.
+      # them), and it creates pgmq as an extension, which the template already has. The same
+      # rule as Upstream::apply (pgflow-client/src/throwaway/upstream.rs), for the bench's
+      # engines: keep the two in step.
       in_db "$db" -c "CREATE SCHEMA realtime" -c "CREATE FUNCTION realtime.send(payload jsonb,
         event text, topic text, private boolean DEFAULT true) RETURNS void LANGUAGE sql AS ''"
       for f in "$migrations"/*.sql; do
@@ -227,7 +231,7 @@ for workload in "${workloads[@]}"; do
       "$workload" "$engine" "$read_ms" "$start_ms" "$complete_ms" >&2
     per_engine+=("\"$engine\": {\"read\": $read_ms, \"start_tasks\": $start_ms, \"complete_task\": $complete_ms}")
   done
-  calls+=("\"$workload\": {$(IFS=,; echo "${per_engine[*]}")}")
+  calls+=("\"$workload\": {$(join "${per_engine[@]}")}")
 done
 
 median() { # workload engine field
@@ -253,16 +257,16 @@ for workload in "${workloads[@]}"; do
   for engine in "${engines[@]}"; do
     per_engine+=("\"$engine\": {\"tasks_per_s\": $(median "$workload" "$engine" tasks_per_s), \"server_cpu_us_per_task\": $(median "$workload" "$engine" server_cpu_us_per_task)}")
   done
-  per_engine+=("\"current_over_upstream\": $(ratio "$workload" current upstream)")
-  per_engine+=("\"floor_over_upstream\": $(ratio "$workload" floor upstream)")
-  medians+=("\"$workload\": {$(IFS=,; echo "${per_engine[*]}")}")
-  echo "$workload medians: current / upstream $(ratio "$workload" current upstream), floor / upstream $(ratio "$workload" floor upstream)" >&2
+  current=$(ratio "$workload" current upstream)
+  floor=$(ratio "$workload" floor upstream)
+  per_engine+=("\"current_over_upstream\": $current" "\"floor_over_upstream\": $floor")
+  medians+=("\"$workload\": {$(join "${per_engine[@]}")}")
+  echo "$workload medians: current / upstream $current, floor / upstream $floor" >&2
 done
 
-join() { local IFS=,; echo "$*"; }
 cat >"$out" <<JSON
 {
-  "command": "DATABASE_URL=... CLIENTS=$clients SECONDS_PER_RUN=$seconds ROUNDS=$rounds RUNS=$runs FANOUT_RUNS=$fanout_runs WORKLOADS=$(IFS=,; echo "${workloads[*]}") examples/bench/protocol_floor/run.sh",
+  "command": "DATABASE_URL=... CLIENTS=$clients SECONDS_PER_RUN=$seconds ROUNDS=$rounds RUNS=$runs FANOUT_RUNS=$fanout_runs WORKLOADS=$(join "${workloads[@]}") examples/bench/protocol_floor/run.sh",
   "git_commit": "$(git -C "$root" describe --always --dirty)",
   "server_version": "$(admin -Atc 'SHOW server_version')",
   "clients": $clients,
